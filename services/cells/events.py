@@ -1,0 +1,46 @@
+"""Events cell processing publishes: harvest → lot → QC → infusion (autologous chain)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from shared.deviations import ProtocolDeviationDetected  # noqa: F401  (published here too)
+from shared.events import DomainEvent, event
+
+
+@event
+class AdiposeTissueHarvested(DomainEvent):
+    """Fat harvested from a patient; one harvest makes exactly one cell lot."""
+
+    subject_id: str
+    lot_id: str
+    harvested_on: date
+    fat_grams: float
+
+
+@event
+class CellLotReleased(DomainEvent):
+    subject_id: str
+    lot_id: str
+    cell_count: float
+    viability_pct: float
+
+
+@event
+class CellLotFailedQc(DomainEvent):
+    """QC refused the lot (e.g. viability below the threshold); it can never be infused."""
+
+    subject_id: str
+    lot_id: str
+    cell_count: float
+    viability_pct: float
+    reason: str
+
+
+@event
+class CellsInfused(DomainEvent):
+    subject_id: str
+    lot_id: str
+    given_on: date
+    cell_count: float
+    infusion_number: int

@@ -1,0 +1,76 @@
+"""Events enrollment publishes (its published language; other services decode these)."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.events import DomainEvent, event
+
+Sex = Literal["F", "M"]
+Group = Literal["A", "B", "control"]
+LeeGrade = Literal["I", "II", "III", "IV", "V"]
+
+
+class OxfordMestC(BaseModel):
+    """Oxford classification (MEST-C) of the diagnostic biopsy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    M: Literal[0, 1] | None = None
+    E: Literal[0, 1] | None = None
+    S: Literal[0, 1] | None = None
+    T: Literal[0, 1, 2] | None = None
+    C: Literal[0, 1, 2] | None = None
+
+
+@event
+class PatientEnrolled(DomainEvent):
+    subject_id: str
+    sex: Sex
+    age_years: int = Field(description="age at enrollment, whole years")
+    weight_kg: float
+    group: Group
+    enrolled_on: date
+    baseline_egfr: float | None = None
+    lee_grade: LeeGrade | None = None
+    mest_c: OxfordMestC | None = None
+
+
+@event
+class DialysisStarted(DomainEvent):
+    subject_id: str
+    on: date
+
+
+@event
+class KidneyTransplanted(DomainEvent):
+    subject_id: str
+    on: date
+
+
+@event
+class PatientDied(DomainEvent):
+    subject_id: str
+    on: date
+
+
+@event
+class PatientWithdrawn(DomainEvent):
+    subject_id: str
+    on: date
+
+
+@event
+class BiopsyRecorded(DomainEvent):
+    """Follow-up biopsy findings, so the abstract's biopsy outcomes can be counted."""
+
+    subject_id: str
+    performed_on: date
+    mesangial_deposits: bool | None = None
+    iga_immunofluorescence: Literal["negative", "trace", "1+", "2+", "3+"] | None = None
+    mesangial_proliferation: bool | None = None
+    foot_process_effacement: bool | None = None
+    lee_grade: LeeGrade | None = None
