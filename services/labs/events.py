@@ -74,3 +74,5 @@ class LabResultRejected(DomainEvent):
     raw: str
     message_id: str | None = None
     subject_id: str | None = None
+    code: str | None = None
+    """Stable machine label of the reason (e.g. ``unknown_loinc``), for metrics and alerts."""

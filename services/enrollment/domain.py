@@ -1,0 +1,377 @@
+"""Enrollment domain: the "patient" aggregate (one stream per subject id), as a decider.
+
+Pure functions only (no I/O, no clock): ``decide_*`` turn a command and the current state into
+new events or raise a :mod:`shared.errors` refusal; ``evolve``/``fold`` rebuild the state from
+events. The adapter loads the stream, folds it, decides, and appends what was decided.
+
+Commands are frozen pydantic models that are also the HTTP request bodies, so their field names
+are the contract's JSON names and their field-level validation (types, ranges) lives on them;
+rules that need the state or several fields live in the ``decide_*`` functions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import date
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.enrollment.events import (
+    BiopsyRecorded,
+    DialysisStarted,
+    Group,
+    KidneyTransplanted,
+    LeeGrade,
+    OxfordMestC,
+    PatientDied,
+    PatientEnrolled,
+    PatientWithdrawn,
+    Sex,
+)
+from shared.errors import Conflict, Invalid, NotFound
+from shared.events import DomainEvent
+
+GROUP_A_MAX_EGFR = 45.0
+"""Group A is CKD G3b–G5: baseline eGFR strictly below 45 mL/min/1.73m²."""
+
+GROUP_B_LEE_GRADES: frozenset[str] = frozenset({"IV", "V"})
+"""Group B is histologically severe disease: Lee grade IV or V."""
+
+ClinicalEventType = Literal["dialysis_started", "kidney_transplant", "death", "withdrawn"]
+IgaImmunofluorescence = Literal["negative", "trace", "1+", "2+", "3+"]
+PatientStatus = Literal["active", "withdrawn", "deceased"]
+
+_CLINICAL_EVENT_TYPES: dict[ClinicalEventType, type[DialysisStarted | KidneyTransplanted | PatientDied | PatientWithdrawn]] = {
+    "dialysis_started": DialysisStarted,
+    "kidney_transplant": KidneyTransplanted,
+    "death": PatientDied,
+    "withdrawn": PatientWithdrawn,
+}
+_TYPE_OF_CLINICAL_EVENT = {model: name for name, model in _CLINICAL_EVENT_TYPES.items()}
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class _Command(BaseModel):
+    # Unknown fields are refused so that a misspelt optional field is not silently dropped, and
+    # NaN/Infinity are refused because no clinical measurement can take those values.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class EnrollPatient(_Command):
+    """``POST /v1/patients``. ``subject_id`` is checked by :func:`check_pseudonym` in the decider
+    (not here) so the refusal carries a specific reason instead of a generic validation error."""
+
+    subject_id: str
+    sex: Sex
+    age_years: int = Field(ge=0, le=120, description="age at enrollment, whole years")
+    weight_kg: float = Field(gt=0)
+    group: Group
+    enrolled_on: date
+    baseline_egfr: float | None = Field(default=None, gt=0, description="mL/min/1.73m²")
+    lee_grade: LeeGrade | None = None
+    mest_c: OxfordMestC | None = None
+
+
+class RecordClinicalEvent(_Command):
+    """``POST /v1/patients/{subject_id}/events`` (the subject id comes from the path)."""
+
+    type: ClinicalEventType
+    on: date
+
+
+class RecordBiopsy(_Command):
+    """Follow-up biopsy findings (the subject id comes from the path)."""
+
+    performed_on: date
+    mesangial_deposits: bool | None = None
+    iga_immunofluorescence: IgaImmunofluorescence | None = None
+    mesangial_proliferation: bool | None = None
+    foot_process_effacement: bool | None = None
+    lee_grade: LeeGrade | None = None
+
+
+# --------------------------------------------------------------------------- pseudonyms
+
+_PSEUDONYM_SHAPE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+_EMAIL = re.compile(r"\S+@\S+")
+_DATE_TRIPLE = re.compile(r"(?<!\d)(\d{1,4})([-/.])(\d{1,2})\2(\d{1,4})(?!\d)", re.ASCII)
+_COMPACT_DATE = re.compile(
+    r"(?<!\d)(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
+    r"|(?:0[1-9]|[12]\d|3[01])(?:0[1-9]|1[0-2])(?:19|20)\d\d)(?!\d)",
+    re.ASCII,
+)
+_MONTH_NAME_DATE = re.compile(
+    r"\d{1,2}[-/._ ]?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*[-/._ ]?\d{2,4}",
+    re.ASCII | re.IGNORECASE,
+)
+_PHONE = re.compile(r"\+?[\d\s().-]+", re.ASCII)
+_PHONE_MIN_DIGITS = 7
+_MRN_WORD = re.compile(r"(?<![A-Za-z])MRN(?![A-Za-z])", re.IGNORECASE)
+_LONG_DIGIT_RUN = re.compile(r"\d{6,}", re.ASCII)
+_LETTER_WORDS = re.compile(r"[^\W\d_]+(?:[\s,.'_-]+[^\W\d_]+)*")
+
+
+def check_pseudonym(subject_id: str) -> None:
+    """Refuse a subject id that could identify a person; accept short study codes.
+
+    The study keeps no names, MRNs or birth dates anywhere, and the subject id is the one free
+    text that reaches every service, log and export: so personal-data shapes are refused here,
+    at the door, each with the pattern it matched. Accepted ids look like ``IGA-A-001``,
+    ``CTRL-01`` or ``P0007``: 1..64 ASCII letters, digits, ``-``, ``_`` or ``.``, with at least
+    one digit or dash (a bare word is more likely a name than a code). The reason never repeats
+    the refused id, since refusals end up in logs and responses.
+    """
+    reason = _personal_data_pattern(subject_id)
+    if reason is not None:
+        raise Invalid(f"the subject id looks like {reason}; use a pseudonymous study code such as IGA-A-001")
+    if not _PSEUDONYM_SHAPE.fullmatch(subject_id):
+        raise Invalid("the subject id must be 1 to 64 characters among ASCII letters, digits, '-', '_' and '.'")
+    if not any(ch.isdigit() or ch == "-" for ch in subject_id):
+        raise Invalid("the subject id must contain at least one digit or '-', like IGA-A-001")
+
+
+def _personal_data_pattern(text: str) -> str | None:
+    """Name the kind of personal data ``text`` resembles, or None. Most specific first."""
+    if _EMAIL.search(text):
+        return "an email address"
+    if _looks_like_date(text):
+        return "a date (birth dates must not be used as identifiers)"
+    if _looks_like_phone(text):
+        return "a phone number"
+    if _MRN_WORD.search(text) or _LONG_DIGIT_RUN.search(text):
+        return "a medical record number (contains 'MRN' or a run of 6 or more digits)"
+    if _looks_like_name(text):
+        return "a person's name (words of letters only)"
+    return None
+
+
+def _looks_like_date(text: str) -> bool:
+    """Any common written date: ISO ``1990-01-02``, ``02/01/1990``, ``19900102``, ``2 Jan 90``."""
+    if _COMPACT_DATE.search(text) or _MONTH_NAME_DATE.search(text):
+        return True
+    return any(_is_date_triple(m.group(1), m.group(3), m.group(4)) for m in _DATE_TRIPLE.finditer(text))
+
+
+def _is_date_triple(first: str, middle: str, last: str) -> bool:
+    """Whether three digit groups read as year-month-day, day-month-year or month-day-year."""
+    if len(first) == 4:
+        return len(last) <= 2 and _is_month_day(int(middle), int(last))
+    if len(first) <= 2 and len(last) in (2, 4):
+        a, b = int(first), int(middle)
+        return _is_month_day(b, a) or _is_month_day(a, b)
+    return False
+
+
+def _is_month_day(month: int, day: int) -> bool:
+    return 1 <= month <= 12 and 1 <= day <= 31
+
+
+def _looks_like_phone(text: str) -> bool:
+    """Digits with phone punctuation only (``+``, spaces, brackets, dashes), 7 digits or more."""
+    return bool(_PHONE.fullmatch(text)) and sum(ch.isdigit() for ch in text) >= _PHONE_MIN_DIGITS
+
+
+def _looks_like_name(text: str) -> bool:
+    """Words of letters only, written as people write names: with a space or comma between
+    words, or in lower/mixed case (study codes without digits are upper-case, like ``CTRL-A``)."""
+    if not _LETTER_WORDS.fullmatch(text.strip()):
+        return False
+    return any(ch in " ,'" or ch.islower() for ch in text)
+
+
+# --------------------------------------------------------------------------- state
+
+
+class ClinicalEvent(BaseModel):
+    """A dated clinical event under its contract ``type`` name (in the state and the view)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: ClinicalEventType
+    on: date
+
+
+@dataclass(frozen=True)
+class PatientState:
+    """What enrollment knows about one subject. ``enrollment`` is None until they are enrolled."""
+
+    enrollment: PatientEnrolled | None = None
+    clinical_events: tuple[ClinicalEvent, ...] = ()
+    biopsies: tuple[BiopsyRecorded, ...] = ()
+
+    def event_on(self, type_: ClinicalEventType) -> date | None:
+        """Date of the clinical event of this type, if recorded (each type happens at most once)."""
+        return next((e.on for e in self.clinical_events if e.type == type_), None)
+
+    @property
+    def status(self) -> PatientStatus:
+        if self.event_on("death") is not None:
+            return "deceased"
+        if self.event_on("withdrawn") is not None:
+            return "withdrawn"
+        return "active"
+
+    def latest_recorded_date(self) -> date | None:
+        """The latest date of anything recorded after enrollment (clinical events, biopsies)."""
+        dates = [e.on for e in self.clinical_events] + [b.performed_on for b in self.biopsies]
+        return max(dates, default=None)
+
+
+INITIAL_STATE = PatientState()
+
+
+def evolve(state: PatientState, event: DomainEvent) -> PatientState:
+    """Apply one event. Events this aggregate does not track leave the state unchanged."""
+    match event:
+        case PatientEnrolled():
+            return replace(state, enrollment=event)
+        case DialysisStarted() | KidneyTransplanted() | PatientDied() | PatientWithdrawn():
+            recorded = ClinicalEvent(type=_TYPE_OF_CLINICAL_EVENT[type(event)], on=event.on)
+            return replace(state, clinical_events=(*state.clinical_events, recorded))
+        case BiopsyRecorded():
+            return replace(state, biopsies=(*state.biopsies, event))
+    return state
+
+
+def fold(events: Iterable[DomainEvent]) -> PatientState:
+    """Rebuild a patient from their stream, oldest event first."""
+    state = INITIAL_STATE
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+# --------------------------------------------------------------------------- deciders
+
+
+def decide_enroll_patient(state: PatientState, command: EnrollPatient) -> list[DomainEvent]:
+    """Enroll a subject once, into a group whose eligibility criteria they meet."""
+    check_pseudonym(command.subject_id)
+    if state.enrollment is not None:
+        raise Conflict(
+            f"subject {command.subject_id} is already enrolled "
+            f"(group {state.enrollment.group}, on {state.enrollment.enrolled_on})"
+        )
+    _check_eligibility(command)
+    return [PatientEnrolled.model_validate(command.model_dump())]
+
+
+def _check_eligibility(command: EnrollPatient) -> None:
+    """Group A is advanced CKD (eGFR < 45, G3b–G5); group B is Lee grade IV–V; control: no criteria."""
+    if command.group == "A":
+        if command.baseline_egfr is None:
+            raise Invalid("group A requires a baseline eGFR below 45 mL/min/1.73m² (CKD G3b–G5); none was given")
+        if command.baseline_egfr >= GROUP_A_MAX_EGFR:
+            raise Invalid(
+                f"group A requires a baseline eGFR below 45 mL/min/1.73m² (CKD G3b–G5); "
+                f"{command.baseline_egfr:g} is not"
+            )
+    elif command.group == "B" and command.lee_grade not in GROUP_B_LEE_GRADES:
+        given = f"Lee grade {command.lee_grade}" if command.lee_grade else "no Lee grade"
+        raise Invalid(f"group B requires Lee grade IV or V; {given} was given")
+
+
+def decide_record_clinical_event(
+    state: PatientState, command: RecordClinicalEvent, subject_id: str
+) -> list[DomainEvent]:
+    """Record dialysis start, transplant, death or withdrawal, each at most once.
+
+    After death nothing more can be recorded. After withdrawal only death may still be
+    recorded: withdrawing consent stops study procedures, but vital status is still ascertained
+    (e.g. from registries) in most studies, and survival analyses need it. A death date may not
+    precede anything already recorded about the patient, because nothing happens after death.
+    """
+    enrollment = _enrolled(state, subject_id)
+    existing = state.event_on(command.type)
+    if existing is not None:
+        raise Conflict(f"{command.type} is already recorded for {subject_id} (on {existing})")
+    died_on = state.event_on("death")
+    if died_on is not None:
+        raise Conflict(f"{subject_id} died on {died_on}; nothing more can be recorded")
+    withdrawn_on = state.event_on("withdrawn")
+    if withdrawn_on is not None and command.type != "death":
+        raise Conflict(f"{subject_id} withdrew on {withdrawn_on}; only death may still be recorded")
+    if command.on < enrollment.enrolled_on:
+        raise Invalid(f"{command.type} on {command.on} is before enrollment on {enrollment.enrolled_on}")
+    latest = state.latest_recorded_date()
+    if command.type == "death" and latest is not None and command.on < latest:
+        raise Invalid(f"death on {command.on} precedes events already recorded for {subject_id} (latest on {latest})")
+    return [_CLINICAL_EVENT_TYPES[command.type](subject_id=subject_id, on=command.on)]
+
+
+def decide_record_biopsy(state: PatientState, command: RecordBiopsy, subject_id: str) -> list[DomainEvent]:
+    """Record a follow-up biopsy performed between enrollment and death or withdrawal.
+
+    A biopsy performed before a withdrawal may still be recorded afterwards (data collected
+    under consent are kept). One biopsy per date: a second one on the same date is taken to be
+    a retried request and refused as a conflict rather than counted twice.
+    """
+    enrollment = _enrolled(state, subject_id)
+    performed_on = command.performed_on
+    if performed_on < enrollment.enrolled_on:
+        raise Invalid(f"biopsy on {performed_on} is before enrollment on {enrollment.enrolled_on}")
+    died_on = state.event_on("death")
+    if died_on is not None and performed_on > died_on:
+        raise Invalid(f"biopsy on {performed_on} is after {subject_id}'s death on {died_on}")
+    withdrawn_on = state.event_on("withdrawn")
+    if withdrawn_on is not None and performed_on > withdrawn_on:
+        raise Invalid(f"biopsy on {performed_on} is after {subject_id} withdrew on {withdrawn_on}")
+    if any(b.performed_on == performed_on for b in state.biopsies):
+        raise Conflict(f"a biopsy on {performed_on} is already recorded for {subject_id}")
+    return [BiopsyRecorded(subject_id=subject_id, **command.model_dump())]
+
+
+def _enrolled(state: PatientState, subject_id: str) -> PatientEnrolled:
+    if state.enrollment is None:
+        raise NotFound(f"no patient is enrolled with subject id {subject_id}")
+    return state.enrollment
+
+
+# --------------------------------------------------------------------------- read model
+
+
+class Biopsy(RecordBiopsy):
+    """A recorded biopsy as the patient view shows it: the findings the command carried."""
+
+
+class PatientView(BaseModel):
+    """``GET /v1/patients/{subject_id}`` on enrollment: the patient as enrollment knows them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    subject_id: str
+    sex: Sex
+    age_years: int
+    weight_kg: float
+    group: Group
+    enrolled_on: date
+    baseline_egfr: float | None
+    lee_grade: LeeGrade | None
+    mest_c: OxfordMestC | None
+    status: PatientStatus
+    dialysis_started_on: date | None
+    kidney_transplant_on: date | None
+    died_on: date | None
+    withdrawn_on: date | None
+    clinical_events: list[ClinicalEvent]
+    biopsies: list[Biopsy]
+
+
+def patient_view(state: PatientState, subject_id: str) -> PatientView:
+    """The serialisable view of an enrolled patient; NotFound if they were never enrolled."""
+    enrollment = _enrolled(state, subject_id)
+    return PatientView(
+        **enrollment.model_dump(),
+        status=state.status,
+        dialysis_started_on=state.event_on("dialysis_started"),
+        kidney_transplant_on=state.event_on("kidney_transplant"),
+        died_on=state.event_on("death"),
+        withdrawn_on=state.event_on("withdrawn"),
+        clinical_events=list(state.clinical_events),
+        biopsies=[Biopsy(**b.model_dump(exclude={"subject_id"})) for b in state.biopsies],
+    )

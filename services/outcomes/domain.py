@@ -1,0 +1,356 @@
+"""Per-patient outcome values, computed from the facts other services publish.
+
+Why facts first and values second: events reach the outcomes service from four services over
+a broker, so they arrive in any order (a lab result can come before the first pulse dose is
+known). ``apply`` therefore only *records* facts — sets and per-key replacements, which commute
+— and ``compute_outcome`` derives every contract value from the whole set of facts each time.
+Nothing is computed incrementally, so the outcome never depends on arrival order.
+
+Why sets: the broker delivers at least once. Recording a fact as a member of a frozenset makes
+a redelivered event a no-op instead of a second dose or a second infusion.
+
+Definitions (contract, "Outcome statistics"): dates are UTC calendar dates, years are
+days / 365.25, nothing is rounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, date, datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from services.cells.events import CellsInfused
+from services.enrollment.events import (
+    BiopsyRecorded,
+    DialysisStarted,
+    Group,
+    KidneyTransplanted,
+    LeeGrade,
+    PatientDied,
+    PatientEnrolled,
+    PatientWithdrawn,
+    Sex,
+)
+from services.labs.events import EgfrComputed, Source, Status
+from services.pulse.events import PulseDoseAdministered
+from shared.deviations import ProtocolDeviationDetected
+from shared.events import DomainEvent
+
+DAYS_PER_YEAR = 365.25
+
+
+def years_between(start: date, end: date) -> float:
+    """Contract years: whole calendar days divided by 365.25 (not a datetime difference)."""
+    return (end - start).days / DAYS_PER_YEAR
+
+
+class EgfrPoint(BaseModel):
+    """The effective eGFR of one lab result id, as the labs service last published it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    result_id: str
+    egfr: float
+    collected_at: AwareDatetime
+    status: Status
+    counted: bool
+    source: Source
+    derived_from: Literal["creatinine", "reported"]
+
+    @property
+    def collected_on(self) -> date:
+        """The UTC calendar date: the contract compares dates, never times of day."""
+        return self.collected_at.astimezone(UTC).date()
+
+    @property
+    def order_key(self) -> tuple[datetime, str]:
+        """"Latest" is by collection time; equal times fall back to the result id so the
+        choice is deterministic whatever order the results arrived in."""
+        return (self.collected_at, self.result_id)
+
+
+class PatientFacts(BaseModel):
+    """Everything the outcomes service knows about one patient, as recorded facts.
+
+    Enrollment fields stay ``None`` until ``PatientEnrolled`` arrives, because other services'
+    events may arrive first. Serialisable with ``model_dump(mode="json")`` /
+    ``model_validate`` so an adapter can store it as a projection row.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    subject_id: str
+    group: Group | None = None
+    sex: Sex | None = None
+    age_years: int | None = None
+    weight_kg: float | None = None
+    enrolled_on: date | None = None
+    baseline_egfr: float | None = None
+    lee_grade: LeeGrade | None = None
+    egfr: dict[str, EgfrPoint] = {}
+    doses: frozenset[PulseDoseAdministered] = frozenset()
+    infusions: frozenset[CellsInfused] = frozenset()
+    dialysis_on: frozenset[date] = frozenset()
+    transplant_on: frozenset[date] = frozenset()
+    died_on: frozenset[date] = frozenset()
+    withdrawn_on: frozenset[date] = frozenset()
+    deviations: frozenset[ProtocolDeviationDetected] = frozenset()
+    biopsies: frozenset[BiopsyRecorded] = frozenset()
+
+    @property
+    def enrolled(self) -> bool:
+        return self.group is not None
+
+    @property
+    def first_dose_on(self) -> date | None:
+        return min((d.given_on for d in self.doses), default=None)
+
+    @property
+    def pulse_cycles(self) -> int:
+        return len({d.cycle for d in self.doses})
+
+    @property
+    def infusion_count(self) -> int:
+        return len(self.infusions)
+
+    @property
+    def cells_infused(self) -> float:
+        return sum(i.cell_count for i in self.infusions)
+
+    @property
+    def deviation_count(self) -> int:
+        return len(self.deviations)
+
+    @property
+    def biopsy_count(self) -> int:
+        return len(self.biopsies)
+
+    @property
+    def kidney_failure_on(self) -> date | None:
+        """The first of dialysis and transplant: kidney failure happens once, at its onset."""
+        return min(self.dialysis_on | self.transplant_on, default=None)
+
+    @property
+    def treatment_start(self) -> date | None:
+        """First MP pulse dose; for control patients, the enrollment date (contract)."""
+        if self.group == "control":
+            return self.enrolled_on
+        return self.first_dose_on
+
+    def counted_points(self) -> list[EgfrPoint]:
+        """Counted eGFRs, oldest first. ``counted`` is the labs service's decision (it is
+        false for preliminary results); outcomes does not second-guess it."""
+        return sorted((p for p in self.egfr.values() if p.counted), key=lambda p: p.order_key)
+
+
+class PatientOutcome(BaseModel):
+    """The contract's per-patient values plus the context analysts read next to them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    subject_id: str
+    group: Group
+    sex: Sex
+    age_years: int
+    enrolled_on: date
+    treatment_start: date | None
+    baseline_egfr: float | None
+    baseline_source: Literal["lab", "enrollment"] | None
+    post_egfr: float | None
+    post_egfr_on: date | None
+    followup_years: float | None
+    egfr_slope: float | None
+    egfr_change: float | None
+    egfr_change_pct: float | None
+    decline_40pct: bool | None
+    kidney_failure: bool
+    kidney_failure_on: date | None
+    kidney_failure_years: float | None
+    died_on: date | None
+    withdrawn_on: date | None
+    pulse_cycles: int
+    infusions: int
+    cells_infused: float
+    deviations: int
+    biopsies: int
+    counted_egfr_n: int
+
+
+class PatientNotEnrolled(ValueError):
+    """Outcomes need the enrollment facts (group, age, dates); they have not arrived yet."""
+
+
+# --- applying events --------------------------------------------------------------------------
+
+def _enrolled(facts: PatientFacts, e: PatientEnrolled) -> PatientFacts:
+    return facts.model_copy(update={
+        "group": e.group, "sex": e.sex, "age_years": e.age_years, "weight_kg": e.weight_kg,
+        "enrolled_on": e.enrolled_on, "baseline_egfr": e.baseline_egfr, "lee_grade": e.lee_grade,
+    })
+
+
+def _dose(facts: PatientFacts, e: PulseDoseAdministered) -> PatientFacts:
+    return facts.model_copy(update={"doses": facts.doses | {e}})
+
+
+def _infused(facts: PatientFacts, e: CellsInfused) -> PatientFacts:
+    return facts.model_copy(update={"infusions": facts.infusions | {e}})
+
+
+def _egfr(facts: PatientFacts, e: EgfrComputed) -> PatientFacts:
+    """Last writer wins per result id: the adapter only passes an ``EgfrComputed`` newer (by
+    labs stream version) than the one it stored, so the newest is the effective value."""
+    collected_at = e.collected_at if e.collected_at.tzinfo else e.collected_at.replace(tzinfo=UTC)
+    point = EgfrPoint(
+        result_id=e.result_id, egfr=e.egfr, collected_at=collected_at, status=e.status,
+        counted=e.counted, source=e.source, derived_from=e.derived_from,
+    )
+    return facts.model_copy(update={"egfr": {**facts.egfr, e.result_id: point}})
+
+
+def _dated(field: str) -> Callable[[PatientFacts, DomainEvent], PatientFacts]:
+    def record(facts: PatientFacts, e: DomainEvent) -> PatientFacts:
+        return facts.model_copy(update={field: getattr(facts, field) | {e.on}})  # type: ignore[attr-defined]
+
+    return record
+
+
+def _deviation(facts: PatientFacts, e: ProtocolDeviationDetected) -> PatientFacts:
+    return facts.model_copy(update={"deviations": facts.deviations | {e}})
+
+
+def _biopsy(facts: PatientFacts, e: BiopsyRecorded) -> PatientFacts:
+    return facts.model_copy(update={"biopsies": facts.biopsies | {e}})
+
+
+_HANDLERS: Mapping[type[DomainEvent], Callable[[PatientFacts, DomainEvent], PatientFacts]] = {
+    PatientEnrolled: _enrolled,  # type: ignore[dict-item]
+    PulseDoseAdministered: _dose,  # type: ignore[dict-item]
+    CellsInfused: _infused,  # type: ignore[dict-item]
+    EgfrComputed: _egfr,  # type: ignore[dict-item]
+    DialysisStarted: _dated("dialysis_on"),
+    KidneyTransplanted: _dated("transplant_on"),
+    PatientDied: _dated("died_on"),
+    PatientWithdrawn: _dated("withdrawn_on"),
+    ProtocolDeviationDetected: _deviation,  # type: ignore[dict-item]
+    BiopsyRecorded: _biopsy,  # type: ignore[dict-item]
+}
+
+CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = tuple(_HANDLERS)
+"""The event types ``apply`` records; the adapter subscribes to exactly these."""
+
+
+def apply(facts: PatientFacts, event: DomainEvent) -> PatientFacts:
+    """Record one event's fact and return the new facts (the input is never changed).
+
+    Events of other types leave the facts as they are, so an adapter may feed a whole stream.
+    Every consumed event carries ``subject_id``; a mismatch is a routing bug and raises.
+    """
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        return facts
+    subject_id = event.subject_id  # type: ignore[attr-defined]
+    if subject_id != facts.subject_id:
+        raise ValueError(f"event for {subject_id} applied to the facts of {facts.subject_id}")
+    return handler(facts, event)
+
+
+def fold(subject_id: str, events: Iterable[DomainEvent]) -> PatientFacts:
+    """The facts of one patient from scratch (rebuilds and tests)."""
+    facts = PatientFacts(subject_id=subject_id)
+    for e in events:
+        facts = apply(facts, e)
+    return facts
+
+
+# --- computing outcomes -----------------------------------------------------------------------
+
+def _latest(points: Iterable[EgfrPoint]) -> EgfrPoint | None:
+    return max(points, key=lambda p: p.order_key, default=None)
+
+
+def least_squares_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Ordinary least-squares slope; ``None`` with fewer than two distinct x (no line)."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def _baseline(facts: PatientFacts, start: date | None) -> tuple[float | None, Literal["lab", "enrollment"] | None]:
+    """Latest counted eGFR collected on or before the start date, else the enrollment value.
+    Without a treatment start no result can be "on or before" it, so enrollment's value."""
+    if start is not None:
+        before = _latest(p for p in facts.counted_points() if p.collected_on <= start)
+        if before is not None:
+            return before.egfr, "lab"
+    if facts.baseline_egfr is None:
+        return None, None
+    return facts.baseline_egfr, "enrollment"
+
+
+def _years_or_none(start: date | None, end: date | None) -> float | None:
+    return years_between(start, end) if start is not None and end is not None else None
+
+
+def _slope(start: date | None, after: list[EgfrPoint]) -> float | None:
+    """x is years since treatment start from calendar dates, as the contract says for all
+    of its dates; two results on the same day therefore share an x."""
+    if start is None:
+        return None
+    return least_squares_slope([years_between(start, p.collected_on) for p in after], [p.egfr for p in after])
+
+
+def _change(post: float | None, baseline: float | None) -> tuple[float | None, float | None, bool | None]:
+    """Change, percent change and the ≥40 % decline flag; undefined when either end is."""
+    if post is None or baseline is None:
+        return None, None, None
+    pct = (post - baseline) / baseline * 100 if baseline != 0 else None
+    return post - baseline, pct, post <= 0.6 * baseline
+
+
+def compute_outcome(facts: PatientFacts) -> PatientOutcome:
+    """Every contract value of one patient, from the facts alone (see module docstring)."""
+    if not facts.enrolled:
+        raise PatientNotEnrolled(f"{facts.subject_id} has no enrollment yet")
+    start = facts.treatment_start
+    baseline, baseline_source = _baseline(facts, start)
+    after = [p for p in facts.counted_points() if start is not None and p.collected_on > start]
+    post = _latest(after)
+    post_egfr = post.egfr if post is not None else None
+    change, change_pct, decline = _change(post_egfr, baseline)
+    failure_on = facts.kidney_failure_on
+    return PatientOutcome(
+        subject_id=facts.subject_id,
+        group=facts.group,
+        sex=facts.sex,
+        age_years=facts.age_years,
+        enrolled_on=facts.enrolled_on,
+        treatment_start=start,
+        baseline_egfr=baseline,
+        baseline_source=baseline_source,
+        post_egfr=post_egfr,
+        post_egfr_on=post.collected_on if post is not None else None,
+        followup_years=_years_or_none(start, post.collected_on if post is not None else None),
+        egfr_slope=_slope(start, after),
+        egfr_change=change,
+        egfr_change_pct=change_pct,
+        decline_40pct=decline,
+        kidney_failure=failure_on is not None,
+        kidney_failure_on=failure_on,
+        kidney_failure_years=_years_or_none(start, failure_on),
+        died_on=min(facts.died_on, default=None),
+        withdrawn_on=min(facts.withdrawn_on, default=None),
+        pulse_cycles=facts.pulse_cycles,
+        infusions=facts.infusion_count,
+        cells_infused=facts.cells_infused,
+        deviations=facts.deviation_count,
+        biopsies=facts.biopsy_count,
+        counted_egfr_n=len(facts.counted_points()),
+    )

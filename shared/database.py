@@ -1,0 +1,86 @@
+"""Engines and migrations for a service's own database (PostgreSQL or SQLite).
+
+SQLite is first-class for the embedded default, so it is configured for several processes and
+tasks writing at once: WAL journal, a busy timeout instead of instant "database is locked", and
+``BEGIN IMMEDIATE`` so a transaction takes the write lock up front rather than failing when it
+upgrades from read to write half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICES_DIR = Path(__file__).parent.parent / "services"
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def ensure_database(url: str) -> None:
+    """Create the PostgreSQL database named in ``url`` if it does not exist (one per service)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return
+    admin = create_async_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            exists = await connection.exec_driver_sql(
+                "SELECT 1 FROM pg_database WHERE datname = $1", (parsed.database,)
+            )
+            if exists.first() is None:
+                await connection.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+    finally:
+        await admin.dispose()
+
+
+def alembic_config(service: str, url: str) -> Config:
+    """Shared event-store migrations plus the service's own (``services/<svc>/migrations``)."""
+    config = Config()
+    config.set_main_option("script_location", str(SHARED_MIGRATIONS))
+    locations = [SHARED_MIGRATIONS / "versions"]
+    own = SERVICES_DIR / service / "migrations"
+    if own.is_dir():
+        locations.append(own)
+    config.set_main_option("path_separator", "os")
+    config.set_main_option("version_locations", ":".join(str(p) for p in locations))
+    config.attributes["url"] = url
+    return config
+
+
+def migrate(service: str, url: str) -> None:
+    """Bring the service's database to the newest schema. Synchronous: call it outside an
+    event loop (or via ``asyncio.to_thread``); Alembic runs its own loop for the async driver."""
+    asyncio.run(ensure_database(url))
+    command.upgrade(alembic_config(service, url), "heads")

@@ -1,0 +1,55 @@
+"""Prometheus metrics shared by every service (catalogue: docs/metrics.md).
+
+Labels are bounded by design: event types, consumer names, codes and reasons come from
+closed sets in the code; subject ids never appear in a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_APPENDED = Counter(
+    "nephrotrack_events_appended_total", "Events appended to this service's store.", ["event_type"]
+)
+EVENTS_PUBLISHED = Counter(
+    "nephrotrack_events_published_total", "Outbox events published to the broker.", ["subject_prefix"]
+)
+PUBLISH_FAILURES = Counter(
+    "nephrotrack_publish_failures_total", "Outbox publish attempts that failed (will be retried)."
+)
+OUTBOX_BACKLOG = Gauge("nephrotrack_outbox_backlog", "Outbox rows not yet published.")
+OUTBOX_OLDEST_AGE = Gauge(
+    "nephrotrack_outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished outbox row."
+)
+MESSAGES_CONSUMED = Counter(
+    "nephrotrack_messages_consumed_total", "Broker messages received by a durable consumer.", ["consumer"]
+)
+MESSAGES_ACKED = Counter(
+    "nephrotrack_messages_acked_total", "Broker messages handled and acknowledged.", ["consumer"]
+)
+MESSAGES_DUPLICATE = Counter(
+    "nephrotrack_messages_duplicate_total", "Messages skipped because the inbox had them already.", ["consumer"]
+)
+MESSAGES_REDELIVERED = Counter(
+    "nephrotrack_messages_redelivered_total", "Messages whose handling failed and that were scheduled again.", ["consumer"]
+)
+MESSAGES_DEAD_LETTERED = Counter(
+    "nephrotrack_messages_dead_lettered_total", "Messages sent to the dead-letter subject after the last try.", ["consumer"]
+)
+HANDLER_SECONDS = Histogram(
+    "nephrotrack_handler_duration_seconds",
+    "Time to handle one batch of messages in one transaction.",
+    ["consumer"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CONSUMER_PENDING = Gauge(
+    "nephrotrack_consumer_pending_messages", "Messages not yet delivered to a durable consumer (JetStream).", ["consumer"]
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "nephrotrack_consumer_ack_pending_messages", "Messages delivered but not yet acknowledged.", ["consumer"]
+)
+HTTP_REQUESTS = Histogram(
+    "nephrotrack_http_request_duration_seconds",
+    "HTTP requests by route template, method and status class.",
+    ["route", "method", "status"],
+)

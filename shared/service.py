@@ -1,0 +1,289 @@
+"""The service shell: what every nephrotrack service process is made of.
+
+A :class:`Service` owns its database (event store + outbox + inbox), its broker connection, the
+outbox relay and its durable consumers, and builds the FastAPI app that serves the service's
+routes next to ``/healthz``, ``/readyz`` and ``/metrics``. Services differ only in their routes,
+their consumers and their domain; everything operational is here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from faststream.nats import JStream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared import metrics
+from shared.asyncapi import asyncapi_document, envelope_schema
+from shared.broker import Topology, ensure_streams, make_broker
+from shared.consumer import DurableConsumer, Handler
+from shared.database import create_engine
+from shared.errors import Conflict, DomainError
+from shared.events import CommandContext, DomainEvent, Envelope
+from shared.logs import configure_logging
+from shared.relay import OutboxRelay
+from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
+from shared.store import ConcurrencyError, EventStore
+
+log = structlog.get_logger(__name__)
+
+Decide = Callable[[list[DomainEvent]], Sequence[DomainEvent]]
+BackgroundTask = Callable[[], Awaitable[None]]
+
+
+class Service:
+    def __init__(self, name: str, *, database: str | None = None) -> None:
+        self.name = name
+        self.settings = RuntimeSettings()
+        self.topology = Topology.from_env()
+        self.store = EventStore(create_engine(database or database_url(name, self.settings)), subject_for=self._subject_for)
+        self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}")
+        self.consumers: list[DurableConsumer] = []
+        self.background: list[BackgroundTask] = []
+        self.relay: OutboxRelay | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- events out -------------------------------------------------------------------------
+    def _subject_for(self, envelope: Envelope) -> str:
+        return self.topology.event_subject(self.name, envelope.event_type)
+
+    def committed(self) -> None:
+        """Wake the relay after a commit that wrote outbox rows."""
+        if self.relay is not None:
+            self.relay.notify()
+
+    async def execute(
+        self, stream_id: str, decide: Decide, context: CommandContext, *, retries: int = 10
+    ) -> list[Envelope]:
+        """Load a stream, decide on its history, append with optimistic concurrency.
+
+        A concurrent writer makes the append fail with ConcurrencyError; the command is then
+        decided again on the new history, so no write is ever lost and no rule is skipped.
+        """
+        for _ in range(retries):
+            try:
+                async with self.store.transaction() as uow:
+                    history = await uow.read_stream(stream_id)
+                    new_events = decide([envelope.decode() for envelope in history])
+                    envelopes = await uow.append(stream_id, new_events, len(history), context)
+                self.committed()
+                return envelopes
+            except ConcurrencyError:
+                await asyncio.sleep(0.005)
+        raise Conflict(f"stream {stream_id} is being changed concurrently; try again")
+
+    def publishes(self, *models: type[DomainEvent]) -> None:
+        """Declare the events this service publishes, for its AsyncAPI document (the relay does
+        the actual publishing, from the outbox)."""
+        for model in models:
+            self.broker.publisher(
+                self.topology.event_subject(self.name, model.event_type),
+                title=f"{self.name}.{model.event_type}",
+                description=(model.__doc__ or "").strip(),
+                schema=envelope_schema(model),
+            )
+
+    # --- events in --------------------------------------------------------------------------
+    def consume(self, source: str, stream: JStream, subject: str, handler: Handler, **options: Any) -> None:
+        """Subscribe a durable consumer named ``<service>-<source>`` to ``subject``."""
+        name = f"{self.topology.prefix}-{self.name}-{source}".replace(".", "-")
+        consumer = DurableConsumer(
+            name=name,
+            stream=stream,
+            subject=subject,
+            handler=handler,
+            store=self.store,
+            dead_letter_subject=self.topology.dead_letter_subject(name),
+            after_commit=self.committed,
+            **options,
+        )
+        consumer.attach(self.broker)
+        self.consumers.append(consumer)
+
+    def consume_service(self, source_service: str, handler: Handler, **options: Any) -> None:
+        self.consume(
+            source_service,
+            self.topology.service_stream(source_service),
+            self.topology.service_subjects(source_service),
+            handler,
+            **options,
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.broker.connect()
+        js = self.broker.connection.jetstream()
+        await ensure_streams(js, self.topology.all_streams(SERVICES))
+        await self.broker.start()
+        self.relay = OutboxRelay(self.store, js)
+        self._spawn(self.relay.run)
+        self._spawn(self._watch_consumer_lag)
+        for task in self.background:
+            self._spawn(task)
+        log.info("service started", service=self.name)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.broker.stop()
+        await self.store.engine.dispose()
+
+    def _spawn(self, factory: BackgroundTask) -> None:
+        self._tasks.append(asyncio.create_task(_forever(factory), name=getattr(factory, "__name__", "task")))
+
+    async def _watch_consumer_lag(self) -> None:
+        js = self.broker.connection.jetstream()
+        while True:
+            for consumer in self.consumers:
+                with contextlib.suppress(Exception):
+                    info = await js.consumer_info(consumer.stream.name, consumer.name)
+                    metrics.CONSUMER_PENDING.labels(consumer=consumer.name).set(info.num_pending or 0)
+                    metrics.CONSUMER_ACK_PENDING.labels(consumer=consumer.name).set(info.num_ack_pending or 0)
+            await asyncio.sleep(5)
+
+    async def ready(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self.store.ping(), 2)
+        except Exception as exc:
+            problems["store"] = repr(exc)
+        try:
+            if not self.broker.connection.is_connected:
+                problems["broker"] = "not connected"
+        except Exception as exc:
+            problems["broker"] = repr(exc)
+        return problems
+
+    # --- HTTP -------------------------------------------------------------------------------
+    def app(self, *routers: APIRouter, title: str, description: str = "", version: str = "1.0.0") -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop()
+
+        app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
+        app.state.service = self
+        install_error_handlers(app)
+        install_request_metrics(app)
+        app.include_router(self._operational_routes())
+        for router in routers:
+            app.include_router(router)
+        return app
+
+    def _operational_routes(self) -> APIRouter:
+        router = APIRouter(tags=["operations"])
+
+        @router.get("/healthz", summary="Process alive")
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok", "service": self.name}
+
+        @router.get("/readyz", summary="Store and broker reachable (503 otherwise)")
+        async def readyz() -> Response:
+            problems = await self.ready()
+            if problems:
+                return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+            return JSONResponse({"status": "ready", "service": self.name})
+
+        @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+        async def prometheus() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        @router.get("/asyncapi.json", summary="AsyncAPI 3 document of the events this service publishes and consumes")
+        async def asyncapi() -> Response:
+            return JSONResponse(asyncapi_document(self.broker, service=self.name))
+
+        return router
+
+    def serve(self, app: FastAPI) -> None:
+        """Run the app on the service's contract port until SIGINT/SIGTERM."""
+        configure_logging(self.name, self.settings.log_level)
+        uvicorn.run(
+            app,
+            host=self.settings.host,
+            port=service_port(self.name),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+
+
+async def _forever(factory: BackgroundTask) -> None:
+    """Run a background loop; if it crashes, log it and start it again (after a pause)."""
+    while True:
+        try:
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("background task crashed, restarting", task=getattr(factory, "__name__", "?"), error=repr(exc))
+            await asyncio.sleep(1)
+
+
+def command_context(request: Request) -> CommandContext:
+    """Who is acting (set by authentication when present) and the caller's correlation id."""
+    actor = getattr(request.state, "principal", None) or "anonymous"
+    raw = request.headers.get("x-correlation-id")
+    try:
+        return CommandContext(actor=actor, correlation_id=UUID(raw)) if raw else CommandContext(actor=actor)
+    except ValueError:
+        return CommandContext(actor=actor)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every refusal answers ``{"detail": "<specific reason>"}`` (the contract's error shape)."""
+
+    @app.exception_handler(DomainError)
+    async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse({"detail": exc.reason, "code": exc.code}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": describe_validation_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    parts = []
+    for error in errors:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body",))
+        message = str(error.get("msg", "invalid"))
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts) or "invalid request"
+
+
+def install_request_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")  # the template, never a subject id
+        metrics.HTTP_REQUESTS.labels(
+            route=template, method=request.method, status=f"{response.status_code // 100}xx"
+        ).observe(time.perf_counter() - started)
+        return response
+

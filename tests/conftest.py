@@ -1,0 +1,94 @@
+"""Fixtures for tests that talk to the machine's real PostgreSQL and NATS.
+
+Each test gets fresh databases (one per backend) and its own subject prefix, so tests never see
+each other's events even on a shared NATS server. Override the servers with
+``NEPHROTRACK_TEST_POSTGRES`` (an SQLAlchemy URL without a database) and ``NEPHROTRACK_TEST_NATS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from shared.broker import Topology
+from shared.database import create_engine, migrate
+from shared.store import EventStore
+
+POSTGRES = os.environ.get("NEPHROTRACK_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432")
+NATS_URL = os.environ.get("NEPHROTRACK_TEST_NATS", "nats://127.0.0.1:4222")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def new_database_url(backend: str, tmp_path: Path, service: str = "test") -> str:
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / f'{service}-{uuid.uuid4().hex[:8]}.db'}"
+    return f"{POSTGRES}/nt_{service}_{uuid.uuid4().hex[:12]}"
+
+
+async def drop_database(url: str) -> None:
+    if not url.startswith("postgresql"):
+        return
+    base, name = url.rsplit("/", 1)
+    admin = create_async_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    url = new_database_url(backend, tmp_path)
+    await asyncio.to_thread(migrate, "test", url)
+    yield url
+    await drop_database(url)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[EventStore]:
+    event_store = EventStore(create_engine(database_url), subject_for=lambda e: f"test.{e.event_type}")
+    yield event_store
+    await event_store.engine.dispose()
+
+
+@pytest.fixture
+def prefix(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    value = f"t{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("NEPHROTRACK_SUBJECT_PREFIX", value)
+    yield value
+
+
+@pytest.fixture
+async def nats_client(prefix: str) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(NATS_URL)
+    yield client
+    js = client.jetstream()
+    for name in [s.config.name for s in await js.streams_info()]:
+        if name.startswith(prefix.upper()):
+            await js.delete_stream(name)
+    await client.drain()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def topology(prefix: str) -> Topology:
+    return Topology(prefix)

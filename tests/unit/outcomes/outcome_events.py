@@ -1,0 +1,70 @@
+"""Small builders of the events the outcomes service consumes, for the outcomes unit tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+from services.cells.events import CellsInfused
+from services.enrollment.events import (
+    DialysisStarted,
+    KidneyTransplanted,
+    PatientDied,
+    PatientEnrolled,
+    PatientWithdrawn,
+)
+from services.labs.events import EgfrComputed
+from services.pulse.events import PulseDoseAdministered
+from shared.deviations import DeviationCode, ProtocolDeviationDetected
+
+SID = "IGA-A-900"
+
+
+def enrolled(group: str = "A", enrolled_on: date = date(2014, 3, 2), baseline: float | None = 27.0,
+             age: int = 58, sex: str = "F", sid: str = SID) -> PatientEnrolled:
+    return PatientEnrolled(subject_id=sid, sex=sex, age_years=age, weight_kg=48.0, group=group,
+                           enrolled_on=enrolled_on, baseline_egfr=baseline, lee_grade="IV")
+
+
+def dose(on: date, cycle: int = 1, day: int = 1, sid: str = SID) -> PulseDoseAdministered:
+    return PulseDoseAdministered(subject_id=sid, cycle=cycle, day=day, given_on=on, dose_mg=1000.0,
+                                 weight_kg=48.0, mg_per_kg=1000.0 / 48.0)
+
+
+def at(value: str) -> datetime:
+    """An ISO time; a bare date means 08:00 UTC that day."""
+    if "T" not in value:
+        value += "T08:00:00+00:00"
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def egfr(result_id: str, value: float, collected: str, status: str = "final", sid: str = SID,
+         derived_from: str = "reported") -> EgfrComputed:
+    return EgfrComputed(result_id=result_id, subject_id=sid, egfr=value, collected_at=at(collected),
+                        status=status, counted=status != "preliminary", source="broker",
+                        derived_from=derived_from)
+
+
+def infused(lot_id: str, on: date, cells: float = 3.0e7, number: int = 1, sid: str = SID) -> CellsInfused:
+    return CellsInfused(subject_id=sid, lot_id=lot_id, given_on=on, cell_count=cells, infusion_number=number)
+
+
+def dialysis(on: date, sid: str = SID) -> DialysisStarted:
+    return DialysisStarted(subject_id=sid, on=on)
+
+
+def transplant(on: date, sid: str = SID) -> KidneyTransplanted:
+    return KidneyTransplanted(subject_id=sid, on=on)
+
+
+def died(on: date, sid: str = SID) -> PatientDied:
+    return PatientDied(subject_id=sid, on=on)
+
+
+def withdrawn(on: date, sid: str = SID) -> PatientWithdrawn:
+    return PatientWithdrawn(subject_id=sid, on=on)
+
+
+def deviation(on: date, sid: str = SID) -> ProtocolDeviationDetected:
+    return ProtocolDeviationDetected(subject_id=sid, code=DeviationCode.DOSE_ABOVE_DAILY_MAX,
+                                     detail="1200 mg > 1000 mg", occurred_on=on, cycle=1, day=1)
