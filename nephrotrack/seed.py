@@ -259,7 +259,8 @@ def _lab_results(p: _Plan) -> list[Body]:
         loinc, value, unit = _lab_value(p, lab)
         message_id = f"{p.subject_id}-M{n:02d}"
         result = {
-            "message_id": message_id, "subject_id": p.subject_id, "lab_id": LAB_ID, "loinc": loinc, "value": value, "unit": unit,
+            "message_id": message_id, "subject_id": p.subject_id, "lab_id": LAB_ID,
+            "loinc": loinc, "value": value, "unit": unit,
             "collected_at": f"{p.day(lab.day).isoformat()}T07:30:00Z", "status": lab.status,
             "result_id": f"{p.subject_id}-R{n:02d}",
         }

@@ -12,6 +12,7 @@ stacks share one NATS server without seeing each other's events.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -106,5 +107,5 @@ def make_broker(url: str, *, name: str) -> NatsBroker:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
-        logger=None,
+        logger=None if os.environ.get("NEPHROTRACK_BROKER_LOG") is None else logging.getLogger("faststream"),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from faststream import Context
@@ -55,7 +56,23 @@ class InboundMessage:
         return Envelope.model_validate_json(self.data)
 
 
-Handler = Callable[[UnitOfWork, InboundMessage], Awaitable[None]]
+async def _undecoded(message: Any) -> None:
+    """Skip FastStream's body decoding: handlers read the raw bytes they need themselves."""
+    return None
+
+
+BatchHandler = Callable[[UnitOfWork, list[InboundMessage]], Awaitable[None]]
+MessageHandler = Callable[[UnitOfWork, InboundMessage], Awaitable[None]]
+
+
+def one_by_one(handler: MessageHandler) -> BatchHandler:
+    """Adapt a per-message handler; it still runs inside the batch's single transaction."""
+
+    async def handle(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
+        for message in messages:
+            await handler(uow, message)
+
+    return handle
 
 
 @dataclass
@@ -63,7 +80,7 @@ class DurableConsumer:
     name: str
     stream: JStream
     subject: str
-    handler: Handler
+    handler: BatchHandler
     store: EventStore
     dead_letter_subject: str
     max_deliver: int = 5
@@ -77,7 +94,7 @@ class DurableConsumer:
         """Declare the durable pull consumer on ``broker`` (idempotent at start)."""
         self._broker = broker
 
-        async def on_batch(body: list[bytes], message: NatsBatchMessage = Context("message")) -> None:
+        async def on_batch(body: Any, message: NatsBatchMessage = Context("message")) -> None:
             await self.handle_batch(message.raw_message)
 
         broker.subscriber(
@@ -86,6 +103,7 @@ class DurableConsumer:
             durable=self.name,
             pull_sub=PullSub(batch_size=self.batch_size, timeout=self.batch_timeout, batch=True),
             ack_policy=AckPolicy.MANUAL,
+            decoder=_undecoded,
             config=ConsumerConfig(
                 durable_name=self.name,
                 deliver_policy=DeliverPolicy.ALL,
@@ -104,8 +122,7 @@ class DurableConsumer:
         started = time.perf_counter()
         try:
             async with self.store.transaction() as uow:
-                for message in messages:
-                    await self._handle_once(uow, message)
+                await self._handle_new(uow, messages)
         except Exception as exc:
             log.info("batch failed, isolating messages", consumer=self.name, size=len(messages), error=repr(exc))
             for msg, message in zip(raw, messages, strict=True):
@@ -119,16 +136,22 @@ class DurableConsumer:
         if self.after_commit:
             self.after_commit()
 
-    async def _handle_once(self, uow: UnitOfWork, message: InboundMessage) -> None:
-        if await uow.claim_message(self.name, message.message_id):
-            await self.handler(uow, message)
-        else:
-            metrics.MESSAGES_DUPLICATE.labels(consumer=self.name).inc()
+    async def _handle_new(self, uow: UnitOfWork, messages: list[InboundMessage]) -> None:
+        fresh_ids = set(await uow.claim_messages(self.name, [m.message_id for m in messages]))
+        fresh: list[InboundMessage] = []
+        for message in messages:
+            if message.message_id in fresh_ids:
+                fresh.append(message)
+                fresh_ids.discard(message.message_id)  # a second copy in the same batch is a duplicate too
+            else:
+                metrics.MESSAGES_DUPLICATE.labels(consumer=self.name).inc()
+        if fresh:
+            await self.handler(uow, fresh)
 
     async def _handle_alone(self, msg: Msg, message: InboundMessage) -> None:
         try:
             async with self.store.transaction() as uow:
-                await self._handle_once(uow, message)
+                await self._handle_new(uow, [message])
         except Exception as exc:
             await self._retry_or_dead_letter(msg, message, exc)
         else:

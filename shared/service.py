@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared import metrics
 from shared.asyncapi import asyncapi_document, envelope_schema
 from shared.broker import Topology, ensure_streams, make_broker
-from shared.consumer import DurableConsumer, Handler
+from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine
 from shared.errors import Conflict, DomainError
 from shared.events import CommandContext, DomainEvent, Envelope
@@ -96,7 +96,7 @@ class Service:
             )
 
     # --- events in --------------------------------------------------------------------------
-    def consume(self, source: str, stream: JStream, subject: str, handler: Handler, **options: Any) -> None:
+    def consume(self, source: str, stream: JStream, subject: str, handler: BatchHandler, **options: Any) -> None:
         """Subscribe a durable consumer named ``<service>-<source>`` to ``subject``."""
         name = f"{self.topology.prefix}-{self.name}-{source}".replace(".", "-")
         consumer = DurableConsumer(
@@ -112,7 +112,7 @@ class Service:
         consumer.attach(self.broker)
         self.consumers.append(consumer)
 
-    def consume_service(self, source_service: str, handler: Handler, **options: Any) -> None:
+    def consume_service(self, source_service: str, handler: BatchHandler, **options: Any) -> None:
         self.consume(
             source_service,
             self.topology.service_stream(source_service),
@@ -287,3 +287,9 @@ def install_request_metrics(app: FastAPI) -> None:
         ).observe(time.perf_counter() - started)
         return response
 
+
+
+def run_service(name: str, create_app: Callable[[Service], FastAPI]) -> None:
+    """Entry point of a service process (``python -m services.<name>``)."""
+    service = Service(name)
+    service.serve(create_app(service))

@@ -282,22 +282,27 @@ class UnitOfWork:
             "payload": self.store.codec.encode(envelope.stream_id, envelope.payload),
         }
 
-    async def claim_message(self, consumer: str, message_id: str) -> bool:
-        """Record that ``consumer`` handles ``message_id`` in this transaction.
+    async def claim_messages(self, consumer: str, message_ids: Sequence[str]) -> list[str]:
+        """Record that ``consumer`` handles these messages in this transaction; return the ids
+        not handled before (first occurrence, in order), which the caller then handles.
 
-        Returns False when it was handled before, so the caller skips it. Because the row
-        commits with the handler's own writes, a crash can never leave a message half-handled
-        or handled twice.
+        Because the inbox rows commit with the handler's own writes, a crash can never leave a
+        message half-handled, and a redelivered message is never handled twice.
         """
-        exists = await self.connection.scalar(
-            select(literal(1)).where(and_(inbox.c.consumer == consumer, inbox.c.message_id == message_id))
-        )
-        if exists:
-            return False
-        await self.connection.execute(
-            insert(inbox).values(consumer=consumer, message_id=message_id, processed_at=datetime.now(UTC))
-        )
-        return True
+        unique = list(dict.fromkeys(message_ids))
+        seen: set[str] = set()
+        for chunk in _chunks(unique, 500):
+            rows = await self.connection.execute(
+                select(inbox.c.message_id).where(and_(inbox.c.consumer == consumer, inbox.c.message_id.in_(chunk)))
+            )
+            seen.update(rows.scalars())
+        fresh = [message_id for message_id in unique if message_id not in seen]
+        if fresh:
+            now = datetime.now(UTC)
+            await self.connection.execute(
+                insert(inbox), [{"consumer": consumer, "message_id": m, "processed_at": now} for m in fresh]
+            )
+        return fresh
 
     async def checkpoint(self, name: str) -> Position:
         row = (await self.connection.execute(select(checkpoints).where(checkpoints.c.name == name))).first()
@@ -321,6 +326,10 @@ async def _read_stream(store: EventStore, connection: AsyncConnection, stream_id
         select(events).where(events.c.stream_id == stream_id).order_by(events.c.stream_version)
     )
     return [store._envelope(row) for row in rows]
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _aware(value: datetime) -> datetime:

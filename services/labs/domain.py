@@ -63,7 +63,7 @@ _SUBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """The enrollment service's pseudonym shape (ASCII letters, digits, '-', '_', '.'); anything
 else cannot name an enrolled patient, so it is refused here with a reason instead of parked."""
 
-_OPAQUE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+=#-]{0,127}")
+OPAQUE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+=#-]{0,127}")
 """Result, message and lab ids are chosen by the labs, so they are allowed more punctuation
 (':', '/', '@', '+', '=', '#'), but never whitespace, quotes or ';': those only ever come from
 broken or hostile input, and ids end up in stream names, logs and ACKs."""
@@ -98,9 +98,10 @@ class LabRejection(Invalid):
 
 
 def show(value: object, limit: int = 60) -> str:
-    """``repr`` of untrusted input, shortened, for use inside a rejection reason (so a 1 MB
-    garbage field does not turn into a 1 MB reason)."""
-    text = repr(value)
+    """``ascii()`` of untrusted input, shortened, for use inside a rejection reason: quoted so
+    blanks and empty strings are visible, ASCII-only so the reason is safe in any charset (HL7
+    ACKs, logs), and short so a 1 MB garbage field does not turn into a 1 MB reason."""
+    text = ascii(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -289,14 +290,17 @@ def _check_ids(incoming: IncomingResult) -> None:
         )
     for name in ("result_id", "message_id"):
         value = getattr(incoming, name)
-        if not _OPAQUE_ID.fullmatch(value):
+        if not OPAQUE_ID.fullmatch(value):
             raise _rejection(
                 incoming,
                 f"{name} {show(value)} is empty or malformed (1-128 characters: letters, digits, ._:/@+=#-)",
                 f"bad_{name}",
             )
-    if incoming.lab_id is not None and not _OPAQUE_ID.fullmatch(incoming.lab_id):
-        raise _rejection(incoming, f"lab id {show(incoming.lab_id)} is malformed", "bad_lab_id")
+    lab_id = incoming.lab_id
+    if lab_id is not None and not (0 < len(lab_id) <= 128 and lab_id.isprintable()):
+        # Only informational (a lab's name may contain blanks or accents), but never control
+        # characters or unbounded length.
+        raise _rejection(incoming, f"lab id {show(lab_id)} is empty, too long or has control characters", "bad_lab_id")
     if not _LOINC_SHAPE.fullmatch(incoming.loinc):
         raise _rejection(incoming, f"LOINC {show(incoming.loinc)} is not a LOINC code (like 2160-0)", "unknown_loinc")
 

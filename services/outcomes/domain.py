@@ -15,9 +15,9 @@ days / 365.25, nothing is rounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import UTC, date, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -66,8 +66,8 @@ class EgfrPoint(BaseModel):
 
     @property
     def order_key(self) -> tuple[datetime, str]:
-        """"Latest" is by collection time; equal times fall back to the result id so the
-        choice is deterministic whatever order the results arrived in."""
+        """The order of "latest": collection time, then (for equal times) the result id, so
+        the choice is deterministic whatever order the results arrived in."""
         return (self.collected_at, self.result_id)
 
 
@@ -184,6 +184,9 @@ class PatientNotEnrolled(ValueError):
 
 # --- applying events --------------------------------------------------------------------------
 
+Handler = Callable[[PatientFacts, Any], PatientFacts]
+
+
 def _enrolled(facts: PatientFacts, e: PatientEnrolled) -> PatientFacts:
     return facts.model_copy(update={
         "group": e.group, "sex": e.sex, "age_years": e.age_years, "weight_kg": e.weight_kg,
@@ -191,17 +194,10 @@ def _enrolled(facts: PatientFacts, e: PatientEnrolled) -> PatientFacts:
     })
 
 
-def _dose(facts: PatientFacts, e: PulseDoseAdministered) -> PatientFacts:
-    return facts.model_copy(update={"doses": facts.doses | {e}})
-
-
-def _infused(facts: PatientFacts, e: CellsInfused) -> PatientFacts:
-    return facts.model_copy(update={"infusions": facts.infusions | {e}})
-
-
 def _egfr(facts: PatientFacts, e: EgfrComputed) -> PatientFacts:
     """Last writer wins per result id: the adapter only passes an ``EgfrComputed`` newer (by
-    labs stream version) than the one it stored, so the newest is the effective value."""
+    labs stream version) than the one it stored, so the newest is the effective value. A naive
+    collection time (labs always sends UTC) is read as UTC rather than dropped."""
     collected_at = e.collected_at if e.collected_at.tzinfo else e.collected_at.replace(tzinfo=UTC)
     point = EgfrPoint(
         result_id=e.result_id, egfr=e.egfr, collected_at=collected_at, status=e.status,
@@ -210,32 +206,30 @@ def _egfr(facts: PatientFacts, e: EgfrComputed) -> PatientFacts:
     return facts.model_copy(update={"egfr": {**facts.egfr, e.result_id: point}})
 
 
-def _dated(field: str) -> Callable[[PatientFacts, DomainEvent], PatientFacts]:
-    def record(facts: PatientFacts, e: DomainEvent) -> PatientFacts:
-        return facts.model_copy(update={field: getattr(facts, field) | {e.on}})  # type: ignore[attr-defined]
+def _collects(field: str, member: Callable[[Any], Hashable] = lambda e: e) -> Handler:
+    """A handler adding the event (or ``member`` of it) to the frozenset ``field``."""
+
+    def record(facts: PatientFacts, e: Any) -> PatientFacts:
+        return facts.model_copy(update={field: getattr(facts, field) | {member(e)}})
 
     return record
 
 
-def _deviation(facts: PatientFacts, e: ProtocolDeviationDetected) -> PatientFacts:
-    return facts.model_copy(update={"deviations": facts.deviations | {e}})
+def _on(e: Any) -> date:
+    return e.on
 
 
-def _biopsy(facts: PatientFacts, e: BiopsyRecorded) -> PatientFacts:
-    return facts.model_copy(update={"biopsies": facts.biopsies | {e}})
-
-
-_HANDLERS: Mapping[type[DomainEvent], Callable[[PatientFacts, DomainEvent], PatientFacts]] = {
-    PatientEnrolled: _enrolled,  # type: ignore[dict-item]
-    PulseDoseAdministered: _dose,  # type: ignore[dict-item]
-    CellsInfused: _infused,  # type: ignore[dict-item]
-    EgfrComputed: _egfr,  # type: ignore[dict-item]
-    DialysisStarted: _dated("dialysis_on"),
-    KidneyTransplanted: _dated("transplant_on"),
-    PatientDied: _dated("died_on"),
-    PatientWithdrawn: _dated("withdrawn_on"),
-    ProtocolDeviationDetected: _deviation,  # type: ignore[dict-item]
-    BiopsyRecorded: _biopsy,  # type: ignore[dict-item]
+_HANDLERS: Mapping[type[DomainEvent], Handler] = {
+    PatientEnrolled: _enrolled,
+    PulseDoseAdministered: _collects("doses"),
+    CellsInfused: _collects("infusions"),
+    EgfrComputed: _egfr,
+    DialysisStarted: _collects("dialysis_on", _on),
+    KidneyTransplanted: _collects("transplant_on", _on),
+    PatientDied: _collects("died_on", _on),
+    PatientWithdrawn: _collects("withdrawn_on", _on),
+    ProtocolDeviationDetected: _collects("deviations"),
+    BiopsyRecorded: _collects("biopsies"),
 }
 
 CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = tuple(_HANDLERS)
@@ -251,7 +245,7 @@ def apply(facts: PatientFacts, event: DomainEvent) -> PatientFacts:
     handler = _HANDLERS.get(type(event))
     if handler is None:
         return facts
-    subject_id = event.subject_id  # type: ignore[attr-defined]
+    subject_id = getattr(event, "subject_id")
     if subject_id != facts.subject_id:
         raise ValueError(f"event for {subject_id} applied to the facts of {facts.subject_id}")
     return handler(facts, event)

@@ -130,12 +130,13 @@ Finding = tuple[DeviationCode, str] | None
 
 
 def _rule_breaks(state: PulseCourse, dose: PulseDoseAdministered) -> list[tuple[DeviationCode, str]]:
-    """Every protocol rule ``dose`` breaks, given the doses already recorded, with its detail."""
+    """Every protocol rule ``dose`` breaks, given the doses already recorded, with its detail,
+    in the order :class:`DeviationCode` declares them (so consumers see a stable order)."""
     checks = (
         _daily_max,
         _mg_per_kg_range,
-        _repeated_day,
         _consecutive_days,
+        _repeated_day,
         _cycle_order,
         _cycle_limit,
     )

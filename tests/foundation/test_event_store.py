@@ -72,18 +72,18 @@ async def test_appended_events_get_outbox_rows_in_the_same_transaction(store: Ev
 
 async def test_inbox_claims_a_message_once(store: EventStore) -> None:
     async with store.transaction() as uow:
-        assert await uow.claim_message("c1", "m1") is True
-        assert await uow.claim_message("c1", "m1") is False
-        assert await uow.claim_message("c2", "m1") is True
+        assert await uow.claim_messages("c1", ["m1", "m2", "m1"]) == ["m1", "m2"]
+        assert await uow.claim_messages("c1", ["m2", "m3"]) == ["m3"]
+        assert await uow.claim_messages("c2", ["m1"]) == ["m1"]
 
 
 async def test_inbox_claim_rolls_back_with_the_handler(store: EventStore) -> None:
     with pytest.raises(RuntimeError):
         async with store.transaction() as uow:
-            assert await uow.claim_message("c1", "m1")
+            assert await uow.claim_messages("c1", ["m1"]) == ["m1"]
             raise RuntimeError("handler failed")
     async with store.transaction() as uow:
-        assert await uow.claim_message("c1", "m1") is True
+        assert await uow.claim_messages("c1", ["m1"]) == ["m1"]
 
 
 async def test_read_all_pages_in_order_and_resumes(store: EventStore) -> None:

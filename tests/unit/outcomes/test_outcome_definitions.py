@@ -71,14 +71,16 @@ def test_preliminary_results_never_count():
 
 
 def test_a_corrected_result_replaces_the_wrong_final_of_the_same_result_id():
-    o = outcome(enrolled(), dose(START), egfr("r1", 4.4, "2016-03-10"), egfr("r1", 44.0, "2016-03-10", status="corrected"))
+    o = outcome(enrolled(), dose(START), egfr("r1", 4.4, "2016-03-10"),
+                egfr("r1", 44.0, "2016-03-10", status="corrected"))
     assert o.post_egfr == 44.0
     assert o.counted_egfr_n == 1
 
 
 def test_a_superseding_preliminary_stops_the_result_counting():
     # Labs decides what counts; the newest EgfrComputed of a result id is its effective value.
-    o = outcome(enrolled(), dose(START), egfr("r1", 30.0, "2016-03-10"), egfr("r1", 31.0, "2016-03-10", status="preliminary"))
+    o = outcome(enrolled(), dose(START), egfr("r1", 30.0, "2016-03-10"),
+                egfr("r1", 31.0, "2016-03-10", status="preliminary"))
     assert o.post_egfr is None
 
 

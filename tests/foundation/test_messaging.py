@@ -1,0 +1,190 @@
+"""Outbox relay and durable consumers against the real NATS JetStream server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+
+from shared.broker import Topology, ensure_streams, make_broker
+from shared.consumer import DurableConsumer, InboundMessage, one_by_one
+from shared.relay import OutboxRelay
+from shared.store import EventStore, UnitOfWork
+from tests.conftest import NATS_URL
+from tests.foundation.test_event_store import things
+
+pytestmark = pytest.mark.usefixtures("nats_client")
+
+
+async def stream_messages(js: nats.js.JetStreamContext, stream: str) -> list[nats.aio.msg.Msg]:
+    info = await js.stream_info(stream)
+    return [await js.get_msg(stream, seq) for seq in range(info.state.first_seq, info.state.last_seq + 1)] if info.state.messages else []
+
+
+async def make_stream(js: nats.js.JetStreamContext, name: str, subject: str, duplicate_window: float = 600) -> None:
+    await js.add_stream(StreamConfig(name=name, subjects=[subject], duplicate_window=duplicate_window))
+
+
+async def test_relay_publishes_each_outbox_row_with_its_event_id(store: EventStore, nats_client: nats.NATS, prefix: str) -> None:
+    js = nats_client.jetstream()
+    await make_stream(js, f"{prefix}_OUT".upper(), "test.>")
+    written = await store.append("thing-1", things(1, 2, 3), expected_version=0)
+    relay = OutboxRelay(store, js, batch_size=2)
+    assert await relay.publish_batch() == 2
+    assert await relay.publish_batch() == 1
+    assert await relay.publish_batch() == 0
+    messages = await stream_messages(js, f"{prefix}_OUT".upper())
+    assert [m.headers["Nats-Msg-Id"] for m in messages] == [str(e.event_id) for e in written]
+    await js.delete_stream(f"{prefix}_OUT".upper())
+
+
+async def test_relay_crash_after_publish_before_delete_duplicates_nothing(
+    store: EventStore, nats_client: nats.NATS, prefix: str
+) -> None:
+    js = nats_client.jetstream()
+    stream = f"{prefix}_OUT".upper()
+    await make_stream(js, stream, "test.>")
+    await store.append("thing-1", things(1, 2), expected_version=0)
+
+    class CrashAfterPublish(OutboxRelay):
+        async def _delete(self, connection, acked):  # type: ignore[no-untyped-def]
+            raise ConnectionError("killed between publish and delete")
+
+    with pytest.raises(ConnectionError):
+        await CrashAfterPublish(store, js).publish_batch()
+    assert await OutboxRelay(store, js).publish_batch() == 2  # republished after "restart"
+    assert len(await stream_messages(js, stream)) == 2  # broker de-duplicated by Nats-Msg-Id
+    await js.delete_stream(stream)
+
+
+RELAY_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys, nats
+    from shared.database import create_engine
+    from shared.relay import OutboxRelay
+    from shared.store import EventStore
+
+    async def main():
+        client = await nats.connect(sys.argv[2])
+        store = EventStore(create_engine(sys.argv[1]))
+        relay = OutboxRelay(store, client.jetstream(), batch_size=50)
+        while await relay.publish_batch():
+            pass
+        print("drained", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_relay_process_killed_repeatedly_delivers_every_event_once(
+    store: EventStore, database_url: str, nats_client: nats.NATS, prefix: str, tmp_path: Path
+) -> None:
+    js = nats_client.jetstream()
+    stream = f"{prefix}_OUT".upper()
+    await make_stream(js, stream, "test.>")
+    total = 0
+    for batch in range(20):
+        written = await store.append(f"thing-{batch}", things(*range(100)), expected_version=0)
+        total += len(written)
+    script = tmp_path / "relay.py"
+    script.write_text(RELAY_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    kills = 0
+    for _ in range(30):
+        process = subprocess.Popen([sys.executable, str(script), database_url, NATS_URL], env=env, stdout=subprocess.PIPE)
+        try:
+            output, _ = process.communicate(timeout=1.0 + kills * 0.1)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            continue
+        if b"drained" in output:
+            break
+    else:
+        pytest.fail("relay never drained the outbox")
+    messages = await stream_messages(js, stream)
+    ids = [m.headers["Nats-Msg-Id"] for m in messages]
+    assert len(ids) == total and len(set(ids)) == total
+    await js.delete_stream(stream)
+
+
+async def _consume(
+    store: EventStore, topology: Topology, stream_name: str, handler, **options  # type: ignore[no-untyped-def]
+) -> tuple[object, DurableConsumer]:
+    broker = make_broker(NATS_URL, name="test")
+    consumer = DurableConsumer(
+        name=f"{topology.prefix}-c",
+        stream=topology.service_stream("src"),
+        subject=topology.service_subjects("src"),
+        handler=one_by_one(handler),
+        store=store,
+        dead_letter_subject=topology.dead_letter_subject(f"{topology.prefix}-c"),
+        **options,
+    )
+    consumer.attach(broker)
+    await broker.connect()
+    await ensure_streams(broker.connection.jetstream(), [topology.dead_letter_stream])
+    await broker.start()
+    return broker, consumer
+
+
+async def test_consumer_inbox_gives_one_effect_per_message_id(
+    store: EventStore, nats_client: nats.NATS, topology: Topology
+) -> None:
+    js = nats_client.jetstream()
+    stream = topology.service_stream("src").name
+    # A tiny duplicate window lets the same message id reach the stream twice, as after a
+    # relay restart long after the first publish: only the inbox can stop the second effect.
+    await make_stream(js, stream, topology.service_subjects("src"), duplicate_window=0.1)
+    effects: list[str] = []
+
+    async def handler(uow: UnitOfWork, message: InboundMessage) -> None:
+        effects.append(message.message_id)
+
+    broker, _ = await _consume(store, topology, stream, handler)
+    subject = topology.event_subject("src", "Thing")
+    for message_id in ["a", "b", "a", "c", "b"]:
+        await js.publish(subject, b"{}", headers={"Nats-Msg-Id": message_id})
+        await asyncio.sleep(0.15)
+    assert len(await stream_messages(js, stream)) == 5
+    for _ in range(100):
+        if len(effects) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await broker.stop()  # type: ignore[attr-defined]
+    assert sorted(effects) == ["a", "b", "c"]
+
+
+async def test_failing_message_is_retried_then_dead_lettered_without_blocking_others(
+    store: EventStore, nats_client: nats.NATS, topology: Topology
+) -> None:
+    js = nats_client.jetstream()
+    stream = topology.service_stream("src").name
+    await make_stream(js, stream, topology.service_subjects("src"))
+    async def handler(uow: UnitOfWork, message: InboundMessage) -> None:
+        # The effect is a write in the handler's transaction: rolled back with a failed batch.
+        await uow.append("handled", things(int(message.data)), await uow.stream_version("handled"))
+
+    broker, _ = await _consume(store, topology, stream, handler, max_deliver=3, backoff_seconds=(0.1, 0.2))
+    subject = topology.event_subject("src", "Thing")
+    for body in [b"1", b"poison", b"2"]:
+        await js.publish(subject, body, headers={"Nats-Msg-Id": body.decode()})
+    dead = await js.pull_subscribe(f"{topology.prefix}.dlq.>", durable=None, stream=topology.dead_letter_stream.name)
+    letters = await dead.fetch(1, timeout=10)
+    await broker.stop()  # type: ignore[attr-defined]
+    assert [e.decode().n for e in await store.read_stream("handled")] == [1, 2]
+    assert letters[0].data == b"poison"
+    assert "invalid literal for int" in letters[0].headers["Nephrotrack-Error"]
+    assert letters[0].headers["Nephrotrack-Deliveries"] == "3"
