@@ -38,6 +38,8 @@ class InboundMessage:
     headers: dict[str, str]
     message_id: str
     delivery: int
+    stream: str
+    stream_sequence: int
 
     @classmethod
     def from_nats(cls, msg: Msg) -> InboundMessage:
@@ -50,6 +52,8 @@ class InboundMessage:
             # Without a Nats-Msg-Id the stream sequence is the only stable identity.
             message_id=headers.get("Nats-Msg-Id") or f"seq:{stream_seq}",
             delivery=msg.metadata.num_delivered,
+            stream=msg.metadata.stream,
+            stream_sequence=stream_seq,
         )
 
     def envelope(self) -> Envelope:

@@ -36,9 +36,10 @@ RELEASE_MIN_VIABILITY_PCT = 70.0
 
 TARGET_INFUSION_CELLS = 3.0e7
 INFUSION_DOSE_TOLERANCE = 0.5
-"""An infusion more than 50% away from the 3×10^7-cell target is off target: the protocol's
-dose is approximate (cell counts are themselves ±20% or so), but outside 1.5–4.5×10^7 the
-patient got a materially different treatment, which the analysis must know."""
+"""An infusion more than 50% away from the 3×10^7-cell target (outside 1.5–4.5×10^7 cells) is
+flagged off target: the protocol's dose is approximate, so small differences are not
+deviations, but beyond that the patient received a materially different treatment, which the
+analysis must know. The infusion is still recorded; only the deviation is added."""
 MIN_INFUSION_CELLS = TARGET_INFUSION_CELLS * (1 - INFUSION_DOSE_TOLERANCE)
 MAX_INFUSION_CELLS = TARGET_INFUSION_CELLS * (1 + INFUSION_DOSE_TOLERANCE)
 MAX_INFUSIONS = 4

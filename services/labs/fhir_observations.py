@@ -242,10 +242,8 @@ def _subject(observation: Observation, raw: str, message_id: str) -> str:
 
 
 def _loinc(observation: Observation, reject: Reject) -> str:
-    codes = [
-        coding.code for coding in (observation.code.coding or [])
-        if coding.system == LOINC_SYSTEM and coding.code
-    ]
+    codings = (observation.code.coding if observation.code else None) or []
+    codes = [coding.code for coding in codings if coding.system == LOINC_SYSTEM and coding.code]
     if not codes:
         raise reject(f"Observation.code has no LOINC coding (system {LOINC_SYSTEM})", "unknown_loinc")
     return next((code for code in codes if code in ACCEPTED_CODES), codes[0])

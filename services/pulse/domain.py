@@ -28,7 +28,6 @@ MAX_DAILY_DOSE_MG = 1000.0
 MIN_MG_PER_KG = 20.0
 MAX_MG_PER_KG = 30.0
 MAX_CYCLES = 17
-DAYS_PER_CYCLE = 3
 
 
 @dataclass(frozen=True)
