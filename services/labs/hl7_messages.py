@@ -614,9 +614,10 @@ def _fallback_header(source: str | bytes | None) -> _Header:
     text = text.lstrip("\x0b\r\n\t ")
     if not text.startswith("MSH") or len(text) < 8:
         return _Header()
-    separator = text[3]
     first = re.split(r"[\r\n]", text, maxsplit=1)[0]
-    fields = first.split(separator)
+    fields = first.split(first[3]) if len(first) > 3 else []
+    if len(fields) < 2:
+        return _Header()
     component = fields[1][:1] or "^"
 
     def get(number: int) -> tuple[str, ...]:

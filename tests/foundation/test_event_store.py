@@ -141,3 +141,17 @@ async def test_many_writers_and_a_following_reader_see_every_event_exactly_once(
     expected = sorted(w * 1000 + i for w in range(writers) for i in range(per_writer))
     assert len(seen) == len(expected)  # nothing twice
     assert sorted(seen) == expected  # nothing skipped
+
+
+async def test_batch_read_and_append_across_streams(store: EventStore) -> None:
+    await store.append("a", things(1), expected_version=0)
+    async with store.transaction() as uow:
+        current = await uow.read_streams(["a", "b"])
+        assert [len(current["a"]), len(current["b"])] == [1, 0]
+        await uow.append_many([("a", things(2), 1), ("b", things(3, 4), 0)])
+    assert [e.decode().n for e in await store.read_stream("a")] == [1, 2]
+    assert [e.stream_version for e in await store.read_stream("b")] == [1, 2]
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as uow:
+            await uow.append_many([("b", things(5), 0)])  # stale expected version
+    assert len(await store.read_stream("b")) == 2

@@ -62,6 +62,9 @@ def test_anniversaries_are_exact_steps(start, years):
 
 
 @given(dates, dates)
-def test_whole_years_match_day_count_within_one(start, end):
+def test_whole_years_is_the_last_anniversary_passed(start, end):
     years = whole_years_between(start, end)
-    assert abs(years - (end - start).days / 365.2425) < 1
+    if end >= start:
+        assert anniversary(start, years) <= end < anniversary(start, years + 1)
+    else:
+        assert anniversary(start, years - 1) < end <= anniversary(start, years)
