@@ -53,3 +53,8 @@ HTTP_REQUESTS = Histogram(
     "HTTP requests by route template, method and status class.",
     ["route", "method", "status"],
 )
+PROTOCOL_DEVIATIONS = Counter(
+    "nephrotrack_protocol_deviations_total",
+    "ProtocolDeviationDetected events recorded by this service (pulse, cells), by deviation code.",
+    ["code"],
+)

@@ -277,6 +277,7 @@ def _check_header(msh: hl7.Segment, control_id: str, refuse: _Refuse) -> None:
 def _results(
     message: hl7.Message, control_id: str, lab_id: str | None, text: str, refuse: _Refuse
 ) -> list[IncomingResult | ObxError]:
+    """Walk the segments in order, so each OBX takes the PID and OBR above it."""
     items: list[IncomingResult | ObxError] = []
     subject: str | None = None
     order: hl7.Segment | None = None
@@ -289,17 +290,17 @@ def _results(
         elif name == "OBR":
             order = segment
         elif name == "OBX":
-            index = len(items) + 1
+            index, set_id = len(items) + 1, _field(segment, 1)
             try:
                 if not seen_pid:
                     raise _ObxProblem("OBX comes before any PID segment", "no_pid")
                 result = _obx_result(segment, order, subject, control_id, lab_id, text)
-                if result.result_id in result_ids:
-                    raise _ObxProblem(f"result id {result.result_id} appears twice in this message",
-                                      "duplicate_result_id", 21)
             except _ObxProblem as problem:
-                items.append(ObxError(index, _field(segment, 1), problem.reason, problem.code, problem.field,
-                                      subject, None))
+                items.append(ObxError(index, set_id, problem.reason, problem.code, problem.field, subject))
+                continue
+            if result.result_id in result_ids:
+                items.append(ObxError(index, set_id, f"result id {result.result_id} appears twice in this message",
+                                      "duplicate_result_id", 21, subject, result.result_id))
                 continue
             result_ids.add(result.result_id)
             items.append(result)

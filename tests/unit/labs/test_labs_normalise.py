@@ -15,6 +15,7 @@ from services.labs.domain import (
     LabRejection,
     measure,
     normalise_unit,
+    raw_for_report,
     rejection_event,
     validate_result,
 )
@@ -135,3 +136,10 @@ def test_collected_at_must_be_aware_and_is_stored_in_utc():
 @given(st.text(max_size=40))
 def test_normalise_unit_never_raises(unit):
     assert normalise_unit(unit) in (None, "mg/dL", "umol/L", "mL/min/1.73m2")
+
+
+def test_raw_for_report_keeps_bad_bytes_visible_and_bounded():
+    assert raw_for_report(b"ok \xff") == "ok \\xff"
+    assert raw_for_report(b"x" * 20, limit=8) == "xxxxxxxx... [12 more bytes]"
+    error = LabRejection("payload is not valid UTF-8", "bad_encoding")
+    assert rejection_event(error, source="broker", raw=raw_for_report(b"\xfe")).raw == "\\xfe"

@@ -1,0 +1,161 @@
+"""The analyst API: cohort statistics, patients, exports, survival, eGFR trajectories, rebuild.
+
+Every answer comes from the projection (never from the event log) and says how fresh it is in
+``X-Projection-Position`` / ``X-Projection-Updated-At`` / ``X-Projection-Generation`` headers,
+read in the same snapshot as the data. ``/v1/cohorts`` stays the contract's bare JSON array,
+so freshness lives in headers everywhere, and ``/v1/freshness`` details it per source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Response
+
+from services.enrollment.events import Group
+from services.outcomes import exports, statistics
+from services.outcomes.projections import read_state
+from services.outcomes.queries import Freshness, OutcomesQueries
+from services.outcomes.rebuild import BackgroundRebuild, RebuildBusy
+from services.outcomes.views import (
+    CohortRow,
+    EgfrTrajectories,
+    FreshnessView,
+    PatientDetail,
+    RebuildProgressView,
+    RebuildStatus,
+    SurvivalCurve,
+    freshness_view,
+    patient_detail,
+)
+from shared.service import Service
+
+_NOT_FOUND = {404: {"description": "unknown id, as `{\"detail\": \"<reason>\"}`"}}
+
+
+def _group(group: str) -> Group:
+    if group not in statistics.GROUPS:
+        raise HTTPException(404, f"unknown group {group!r}: the groups are A, B and control")
+    return group  # type: ignore[return-value]
+
+
+def _stamp(response: Response, freshness: Freshness) -> None:
+    response.headers.update(freshness.headers())
+
+
+def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["outcomes"])
+
+    @router.get("/cohorts", response_model=list[CohortRow], summary="Cohort statistics per group (contract)")
+    async def cohorts(response: Response) -> list[dict[str, Any]]:
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            outcomes = await queries.outcomes(connection)
+        return statistics.all_cohorts(outcomes)
+
+    @router.get("/patients/{subject_id}", response_model=PatientDetail, responses=_NOT_FOUND,
+                summary="A patient's outcome values and timeline (contract)")
+    async def patient(subject_id: str, response: Response) -> PatientDetail:
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            record = await queries.patient(connection, subject_id)
+        if record is None:
+            raise HTTPException(404, f"no patient with subject id {subject_id} is known to the outcomes service")
+        if record.outcome is None:
+            raise HTTPException(
+                404,
+                f"{len(record.timeline)} events about {subject_id} have arrived but not their enrollment yet; "
+                "outcome values need it",
+            )
+        return patient_detail(record, record.outcome)
+
+    @router.get("/export/patients.csv", response_class=Response, summary="One row per patient (contract), CSV",
+                responses={200: {"content": {"text/csv": {}}}})
+    async def export_csv() -> Response:
+        async with queries.snapshot() as connection:
+            freshness = await queries.freshness(connection)
+            outcomes = await queries.outcomes(connection)
+        return Response(
+            exports.patients_csv(outcomes), media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="patients.csv"', **freshness.headers()},
+        )
+
+    @router.get("/export/patients.parquet", response_class=Response, summary="One row per patient, Parquet",
+                responses={200: {"content": {"application/vnd.apache.parquet": {}}}})
+    async def export_parquet() -> Response:
+        async with queries.snapshot() as connection:
+            freshness = await queries.freshness(connection)
+            outcomes = await queries.outcomes(connection)
+        return Response(
+            exports.patients_parquet(outcomes), media_type="application/vnd.apache.parquet",
+            headers={"Content-Disposition": 'attachment; filename="patients.parquet"', **freshness.headers()},
+        )
+
+    @router.get("/cohorts/{group}/survival", response_model=SurvivalCurve, responses=_NOT_FOUND,
+                summary="Kaplan–Meier kidney-failure-free survival of a group")
+    async def survival(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            outcomes = await queries.outcomes(connection)
+        return statistics.kaplan_meier(outcomes, chosen)
+
+    @router.get("/cohorts/{group}/egfr", response_model=EgfrTrajectories, responses=_NOT_FOUND,
+                summary="eGFR trajectories of a group, for plots")
+    async def egfr(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            facts = await queries.facts(connection, chosen)
+        return statistics.egfr_trajectories(facts, chosen)
+
+    @router.get("/freshness", response_model=FreshnessView, summary="How far the projection has read each source")
+    async def freshness(response: Response) -> FreshnessView:
+        async with queries.snapshot() as connection:
+            current = await queries.freshness(connection)
+        _stamp(response, current)
+        return freshness_view(current, await _stream_heads(service, current))
+
+    @router.post("/admin/rebuild", status_code=202, response_model=RebuildStatus,
+                 responses={409: {"description": "a rebuild is already running"}},
+                 summary="Start a blue/green rebuild of the projection from the JetStream log")
+    async def start_rebuild(restart: bool = False) -> RebuildStatus:
+        try:
+            await rebuilds.start(restart=restart)
+        except RebuildBusy as exc:
+            raise HTTPException(409, str(exc)) from None
+        return await _rebuild_status(queries, rebuilds)
+
+    @router.get("/admin/rebuild", response_model=RebuildStatus, summary="Progress of the rebuild")
+    async def rebuild_status() -> RebuildStatus:
+        return await _rebuild_status(queries, rebuilds)
+
+    return router
+
+
+async def _stream_heads(service: Service, freshness: Freshness) -> dict[str, int | None]:
+    """Each source stream's last sequence, or nothing when the broker does not answer quickly."""
+    heads: dict[str, int | None] = {}
+    with contextlib.suppress(Exception):
+        js = service.broker.connection.jetstream()
+        for source in freshness.sources:
+            with contextlib.suppress(Exception):
+                heads[source.stream] = (await asyncio.wait_for(js.stream_info(source.stream), 1.0)).state.last_seq
+    return heads
+
+
+async def _rebuild_status(queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> RebuildStatus:
+    async with queries.snapshot() as connection:
+        state = await read_state(connection)
+    progress = rebuilds.progress
+    return RebuildStatus(
+        running_here=rebuilds.running,
+        progress=RebuildProgressView(**progress.as_dict()) if progress else None,
+        active_generation=state.active_generation,
+        rebuilding_generation=state.rebuilding_generation,
+        rebuild_started_at=state.rebuild_started_at,
+        rebuild_heartbeat_at=state.rebuild_heartbeat_at,
+        swapped_at=state.swapped_at,
+    )

@@ -1,0 +1,171 @@
+"""The live outcomes projection: every service's events, batch by batch, into SQL rows.
+
+Each batch is one transaction (opened by the durable consumer) holding the inbox rows that
+make redelivery harmless, the projection rows, and the per-stream checkpoint — so a crash
+leaves either all of a batch or none of it: nothing is counted twice and nothing is skipped.
+
+Concurrency. The four consumers (one per source service) run side by side. A batch first
+reads the active generation under ``FOR SHARE`` of the ``projection_state`` row, so a rebuild's
+swap (``FOR UPDATE``) waits for batches in flight and batches wait for the swap; then it locks
+the rows of the patients it touches (creating missing ones first, in subject order, so two
+consumers can neither lose each other's facts nor deadlock). SQLite serialises writers anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.outcomes import tables
+from services.outcomes.projector import SOURCES, Incoming, ProjectedPatient, ProjectionChanges, SourceMark
+from shared.consumer import InboundMessage
+from shared.service import Service
+from shared.store import UnitOfWork
+
+Lock = Literal["share", "update"] | None
+
+
+class ProjectionStateMissing(RuntimeError):
+    """The outcomes migration has not run on this database."""
+
+
+async def read_state(connection: AsyncConnection, lock: Lock = None) -> Any:
+    query = select(tables.projection_state).where(tables.projection_state.c.name == tables.PROJECTION)
+    if lock is not None:
+        query = query.with_for_update(read=lock == "share")
+    row = (await connection.execute(query)).first()
+    if row is None:
+        raise ProjectionStateMissing("projection_state has no 'outcomes' row: run `nephrotrack migrate outcomes`")
+    return row
+
+
+async def set_state(connection: AsyncConnection, **values: Any) -> None:
+    await connection.execute(
+        update(tables.projection_state).where(tables.projection_state.c.name == tables.PROJECTION).values(**values)
+    )
+
+
+def _insert(connection: AsyncConnection, table: Table) -> Any:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def _greatest(connection: AsyncConnection, current: Any, new: Any) -> Any:
+    """The larger of two values, a NULL losing to anything (PostgreSQL's GREATEST ignores
+    NULLs; SQLite's two-argument MAX returns NULL if either is, hence the COALESCEs)."""
+    if connection.dialect.name == "postgresql":
+        return func.greatest(current, new)
+    return func.max(func.coalesce(current, new), func.coalesce(new, current))
+
+
+def _patient(row: Any) -> ProjectedPatient:
+    return ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json)
+
+
+async def lock_patients(
+    connection: AsyncConnection, generation: int, subject_ids: Iterable[str]
+) -> dict[str, ProjectedPatient]:
+    """Load (creating empty ones first) and lock the rows of these patients for this transaction."""
+    ordered = sorted(set(subject_ids))
+    if not ordered:
+        return {}
+    placeholders = [{"generation": generation, **ProjectedPatient.new(s).row()} for s in ordered]
+    await connection.execute(_insert(connection, tables.patients).on_conflict_do_nothing(), placeholders)
+    p = tables.patients.c
+    rows = await connection.execute(
+        select(p.subject_id, p.facts_json, p.egfr_versions_json)
+        .where(p.generation == generation, p.subject_id.in_(ordered))
+        .order_by(p.subject_id)
+        .with_for_update()
+    )
+    return {row.subject_id: _patient(row) for row in rows}
+
+
+async def load_generation(
+    connection: AsyncConnection, generation: int
+) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
+    """Every patient and checkpoint of a generation (a rebuild resuming where it stopped)."""
+    p, s = tables.patients.c, tables.sources.c
+    patients = {
+        row.subject_id: _patient(row)
+        for row in await connection.execute(
+            select(p.subject_id, p.facts_json, p.egfr_versions_json).where(p.generation == generation)
+        )
+    }
+    marks = {
+        row.source: SourceMark(row.last_sequence, _aware(row.last_event_recorded_at))
+        for row in await connection.execute(select(tables.sources).where(s.generation == generation))
+    }
+    return patients, marks
+
+
+async def write_changes(connection: AsyncConnection, generation: int, changes: ProjectionChanges) -> None:
+    """Upsert the touched patients, insert new timeline rows (an event already there is left
+    alone), and move each stream's checkpoint forward (never back) — in the caller's transaction."""
+    rows = [{"generation": generation, **row} for row in changes.patient_rows()]
+    if rows:
+        insert = _insert(connection, tables.patients)
+        await connection.execute(
+            insert.on_conflict_do_update(
+                index_elements=["generation", "subject_id"],
+                set_={c: insert.excluded[c] for c in ("group", "facts_json", "outcome_json", "egfr_versions_json")},
+            ),
+            rows,
+        )
+    if changes.timeline:
+        await connection.execute(
+            _insert(connection, tables.timeline).on_conflict_do_nothing(),
+            [{"generation": generation, **row} for row in changes.timeline],
+        )
+    if changes.marks:
+        insert = _insert(connection, tables.sources)
+        c = tables.sources.c
+        await connection.execute(
+            insert.on_conflict_do_update(
+                index_elements=["generation", "source"],
+                set_={
+                    "last_sequence": _greatest(connection, c.last_sequence, insert.excluded.last_sequence),
+                    "last_event_recorded_at": _greatest(
+                        connection, c.last_event_recorded_at, insert.excluded.last_event_recorded_at
+                    ),
+                },
+            ),
+            [
+                {"generation": generation, "source": stream, "last_sequence": mark.last_sequence,
+                 "last_event_recorded_at": mark.last_event_recorded_at}
+                for stream, mark in sorted(changes.marks.items())
+            ],
+        )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class LiveProjection:
+    """The batch handler of the outcomes consumers (one per source service)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    async def __call__(self, uow: UnitOfWork, messages: list[InboundMessage]) -> None:
+        connection = uow.connection
+        generation = (await read_state(connection, lock="share")).active_generation
+        incoming = [Incoming.parse(m.stream, m.stream_sequence, self.source, m.data) for m in messages]
+        patients = await lock_patients(connection, generation, (s for i in incoming if (s := i.patient_subject)))
+        changes = ProjectionChanges(patients)
+        for item in incoming:
+            changes.add(item)
+        await write_changes(connection, generation, changes)
+
+
+def register(service: Service, **consumer_options: Any) -> None:
+    """Subscribe the outcomes service to every source service's events (durable consumers)."""
+    for source in SOURCES:
+        service.consume_service(source, LiveProjection(source), **consumer_options)

@@ -1,0 +1,250 @@
+"""What a run of broker messages changes in the outcomes projection — pure, no I/O.
+
+The live consumer and the rebuild both feed messages through :class:`ProjectionChanges`, so a
+rebuilt generation is the same function of the same messages as the live one. That is what
+makes "rebuild == live" true by construction rather than by luck.
+
+Why the result is independent of arrival order: :func:`services.outcomes.domain.apply` records
+facts in sets and per-key maps, and the one non-commutative fact — the effective eGFR of a lab
+result id — is guarded here by the labs stream version: an ``EgfrComputed`` older than the one
+already applied (a redelivery, or the four streams replayed one after another) is ignored.
+Every row is serialised canonically (sorted keys, sorted set members), so the same facts give
+byte-identical rows whatever order they were recorded in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import services.cells.events  # noqa: F401  (registers the models the broker carries)
+import services.enrollment.events  # noqa: F401
+import services.labs.events  # noqa: F401
+import services.pulse.events  # noqa: F401
+from services.cells.events import CellsInfused
+from services.enrollment.events import (
+    BiopsyRecorded,
+    DialysisStarted,
+    KidneyTransplanted,
+    PatientDied,
+    PatientEnrolled,
+    PatientWithdrawn,
+)
+from services.labs.events import EgfrComputed, LabResultCorrected
+from services.outcomes import domain
+from services.outcomes.domain import PatientFacts, PatientOutcome
+from services.pulse.events import PulseDoseAdministered
+from shared.deviations import ProtocolDeviationDetected
+from shared.events import DomainEvent, Envelope, registry
+
+SOURCES: tuple[str, ...] = ("enrollment", "pulse", "cells", "labs")
+"""The services whose event streams the outcomes service consumes."""
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, floats as their shortest exact repr."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _facts_json(facts: PatientFacts) -> str:
+    """Set-valued fields come out of a frozenset in hash order; sort them so equal facts are
+    equal strings (every list in the facts dump is a set)."""
+    dumped = facts.model_dump(mode="json")
+    for key, value in dumped.items():
+        if isinstance(value, list):
+            dumped[key] = sorted(value, key=canonical_json)
+    return canonical_json(dumped)
+
+
+@dataclass
+class ProjectedPatient:
+    """One patient's facts plus, per lab result id, the labs stream version of the applied
+    ``EgfrComputed`` (the guard that makes the newest version win whatever the arrival order)."""
+
+    facts: PatientFacts
+    egfr_versions: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, subject_id: str) -> ProjectedPatient:
+        return cls(PatientFacts(subject_id=subject_id))
+
+    def apply(self, envelope: Envelope, event: DomainEvent) -> None:
+        if isinstance(event, EgfrComputed):
+            applied = self.egfr_versions.get(event.result_id)
+            if applied is not None and applied >= envelope.stream_version:
+                return
+            self.egfr_versions[event.result_id] = envelope.stream_version
+        self.facts = domain.apply(self.facts, event)
+
+    def outcome(self) -> PatientOutcome | None:
+        """The contract values, once the enrollment is known (before it there are none)."""
+        return domain.compute_outcome(self.facts) if self.facts.enrolled else None
+
+    def row(self) -> dict[str, Any]:
+        outcome = self.outcome()
+        return {
+            "subject_id": self.facts.subject_id,
+            "group": self.facts.group,
+            "facts_json": _facts_json(self.facts),
+            "outcome_json": canonical_json(outcome.model_dump(mode="json")) if outcome else None,
+            "egfr_versions_json": canonical_json(self.egfr_versions),
+        }
+
+    @classmethod
+    def from_row(cls, facts_json: str, egfr_versions_json: str) -> ProjectedPatient:
+        return cls(PatientFacts.model_validate_json(facts_json), json.loads(egfr_versions_json))
+
+
+# --- the timeline -----------------------------------------------------------------------------
+
+def _utc_date(moment: datetime) -> date:
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).date()
+
+
+def _timeline_kind(event: DomainEvent, envelope: Envelope) -> tuple[str, date] | None:
+    """(kind, the date it happened) of the events a patient's timeline shows. Kinds reuse the
+    contract's names where it has them (``dialysis_started``, ``kidney_transplant``, …)."""
+    match event:
+        case PatientEnrolled():
+            return "enrolled", event.enrolled_on
+        case PulseDoseAdministered():
+            return "pulse_dose", event.given_on
+        case CellsInfused():
+            return "infusion", event.given_on
+        case EgfrComputed():
+            return "egfr", _utc_date(event.collected_at)
+        case LabResultCorrected():
+            # The event carries no collection date; the correction happened when it was recorded.
+            return "lab_correction", _utc_date(envelope.occurred_at)
+        case ProtocolDeviationDetected():
+            return "protocol_deviation", event.occurred_on
+        case BiopsyRecorded():
+            return "biopsy", event.performed_on
+        case DialysisStarted():
+            return "dialysis_started", event.on
+        case KidneyTransplanted():
+            return "kidney_transplant", event.on
+        case PatientDied():
+            return "death", event.on
+        case PatientWithdrawn():
+            return "withdrawn", event.on
+    return None
+
+
+def timeline_row(envelope: Envelope, event: DomainEvent, source: str) -> dict[str, Any] | None:
+    """The timeline row of one event, keyed by its event id (so inserting it twice is a no-op).
+    An eGFR row keeps its labs stream version, which tells the effective one from superseded."""
+    found = _timeline_kind(event, envelope)
+    if found is None:
+        return None
+    kind, occurred_on = found
+    detail = event.model_dump(mode="json", exclude={"subject_id"})
+    if isinstance(event, EgfrComputed):
+        detail["lab_stream_version"] = envelope.stream_version
+    return {
+        "event_id": envelope.event_id,
+        "subject_id": getattr(event, "subject_id"),
+        "occurred_on": occurred_on,
+        "recorded_at": envelope.recorded_at,
+        "kind": kind,
+        "source": source,
+        "detail_json": canonical_json(detail),
+    }
+
+
+# --- a run of messages ------------------------------------------------------------------------
+
+_CONSUMED = tuple(domain.CONSUMED_EVENTS)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One broker message as the projection sees it: where it sits in which stream, and the
+    decoded event (``None`` for event types outcomes does not read)."""
+
+    stream: str
+    sequence: int
+    source: str
+    envelope: Envelope
+    event: DomainEvent | None
+
+    @classmethod
+    def parse(cls, stream: str, sequence: int, source: str, data: bytes) -> Incoming:
+        """Raises on a message that is not a decodable envelope (the caller decides whether
+        that is a poison message to dead-letter or one to skip)."""
+        envelope = Envelope.model_validate_json(data)
+        event = envelope.decode() if registry.knows(envelope.event_type) else None
+        return cls(stream, sequence, source, envelope, event)
+
+    @property
+    def patient_subject(self) -> str | None:
+        """The subject whose facts this event changes (timeline-only events change none)."""
+        return getattr(self.event, "subject_id") if isinstance(self.event, _CONSUMED) else None
+
+
+@dataclass
+class SourceMark:
+    """How far into one stream the projection has applied, and the newest event time seen."""
+
+    last_sequence: int = 0
+    last_event_recorded_at: datetime | None = None
+
+    def advance(self, sequence: int, recorded_at: datetime | None) -> None:
+        self.last_sequence = max(self.last_sequence, sequence)
+        if recorded_at is not None:
+            recorded_at = recorded_at if recorded_at.tzinfo else recorded_at.replace(tzinfo=UTC)
+            if self.last_event_recorded_at is None or recorded_at > self.last_event_recorded_at:
+                self.last_event_recorded_at = recorded_at
+
+
+class ProjectionChanges:
+    """Applies messages to ``patients`` (the caller's map: the rows locked by a live batch, or
+    every patient during a rebuild) and collects what must be written: the touched patients,
+    new timeline rows and each stream's new mark. ``take`` hands them over and starts afresh."""
+
+    def __init__(self, patients: MutableMapping[str, ProjectedPatient]) -> None:
+        self.patients = patients
+        self.touched: set[str] = set()
+        self.timeline: list[dict[str, Any]] = []
+        self.marks: dict[str, SourceMark] = {}
+        self.applied = 0
+
+    def mark(self, stream: str) -> SourceMark:
+        return self.marks.setdefault(stream, SourceMark())
+
+    def add(self, item: Incoming) -> None:
+        self.mark(item.stream).advance(item.sequence, item.envelope.recorded_at)
+        self.applied += 1
+        if item.event is None:
+            return
+        row = timeline_row(item.envelope, item.event, item.source)
+        if row is not None:
+            self.timeline.append(row)
+        subject_id = item.patient_subject
+        if subject_id is not None:
+            patient = self.patients.get(subject_id)
+            if patient is None:
+                patient = self.patients[subject_id] = ProjectedPatient.new(subject_id)
+            patient.apply(item.envelope, item.event)
+            self.touched.add(subject_id)
+
+    def skip(self, stream: str, sequence: int) -> None:
+        """Count a message that could not be decoded as read, without any effect."""
+        self.mark(stream).advance(sequence, None)
+        self.applied += 1
+
+    def patient_rows(self) -> list[dict[str, Any]]:
+        return [self.patients[s].row() for s in sorted(self.touched)]
+
+    def clear(self) -> None:
+        """Forget what was written (the marks stay: they are cumulative positions)."""
+        self.touched.clear()
+        self.timeline.clear()
+
+    @property
+    def pending(self) -> int:
+        """Timeline rows and touched patients not yet written."""
+        return len(self.timeline) + len(self.touched)

@@ -1,0 +1,164 @@
+"""The read side of the outcomes projection: what the analyst API answers from.
+
+Every query joins ``projection_state`` so it reads the generation that is active *now*, and a
+request runs all its queries in one snapshot (REPEATABLE READ on PostgreSQL; SQLite's reader
+sees one snapshot per transaction) — a rebuild's swap can never hand a response half of the
+old projection and half of the new one. Nothing here reads events: cohort answers cost
+O(patients), whatever the length of the log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import and_, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.outcomes import tables
+from services.outcomes.domain import PatientFacts, PatientOutcome
+from services.outcomes.projector import ProjectedPatient
+
+_state = tables.projection_state.c
+
+
+def _active(table: Any) -> Any:
+    """Join condition: rows of the generation the projection currently serves."""
+    return and_(_state.name == tables.PROJECTION, table.c.generation == _state.active_generation)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@dataclass(frozen=True)
+class SourceFreshness:
+    source: str
+    stream: str
+    last_sequence: int
+    last_event_recorded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How far the projection has read each source stream, and the newest event it applied."""
+
+    generation: int
+    sources: list[SourceFreshness]
+
+    @property
+    def position(self) -> str:
+        """``enrollment:12,pulse:40,cells:9,labs:310``: the JetStream sequence applied per source."""
+        return ",".join(f"{s.source}:{s.last_sequence}" for s in self.sources)
+
+    @property
+    def updated_at(self) -> datetime | None:
+        return max((t for s in self.sources if (t := s.last_event_recorded_at) is not None), default=None)
+
+    def headers(self) -> dict[str, str]:
+        headers = {"X-Projection-Position": self.position, "X-Projection-Generation": str(self.generation)}
+        if self.updated_at is not None:
+            headers["X-Projection-Updated-At"] = self.updated_at.isoformat()
+        return headers
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    event_id: str
+    occurred_on: date
+    recorded_at: datetime
+    kind: str
+    source: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    patient: ProjectedPatient
+    outcome: PatientOutcome | None
+    timeline: list[TimelineEntry]
+
+
+class OutcomesQueries:
+    """``streams`` maps each source service to its stream name (checkpoints are kept by stream)."""
+
+    def __init__(self, engine: AsyncEngine, streams: Mapping[str, str]) -> None:
+        self.engine = engine
+        self.streams = dict(streams)
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        options = {"isolation_level": "REPEATABLE READ"} if self.engine.dialect.name == "postgresql" else {}
+        async with self.engine.connect() as connection:
+            connection = await connection.execution_options(**options)
+            async with connection.begin():
+                yield connection
+
+    async def freshness(self, connection: AsyncConnection) -> Freshness:
+        s = tables.sources.c
+        rows = await connection.execute(
+            select(_state.active_generation, s.source, s.last_sequence, s.last_event_recorded_at)
+            .select_from(tables.projection_state.outerjoin(tables.sources, _active(tables.sources)))
+            .where(_state.name == tables.PROJECTION)
+        )
+        generation, marks = 0, {}
+        for row in rows:
+            generation = row.active_generation
+            if row.source is not None:
+                marks[row.source] = row
+        sources = []
+        for service, stream in self.streams.items():
+            mark = marks.get(stream)
+            sources.append(SourceFreshness(
+                source=service, stream=stream,
+                last_sequence=mark.last_sequence if mark else 0,
+                last_event_recorded_at=_aware(mark.last_event_recorded_at) if mark else None,
+            ))
+        return Freshness(generation, sources)
+
+    async def outcomes(self, connection: AsyncConnection) -> list[PatientOutcome]:
+        """Every enrolled patient's values, by subject id."""
+        p = tables.patients.c
+        rows = await connection.execute(
+            select(p.outcome_json).join_from(tables.patients, tables.projection_state, _active(tables.patients))
+            .where(p.outcome_json.is_not(None)).order_by(p.subject_id)
+        )
+        return [PatientOutcome.model_validate_json(row.outcome_json) for row in rows]
+
+    async def facts(self, connection: AsyncConnection, group: str) -> list[PatientFacts]:
+        p = tables.patients.c
+        rows = await connection.execute(
+            select(p.facts_json).join_from(tables.patients, tables.projection_state, _active(tables.patients))
+            .where(p.group == group).order_by(p.subject_id)
+        )
+        return [PatientFacts.model_validate_json(row.facts_json) for row in rows]
+
+    async def patient(self, connection: AsyncConnection, subject_id: str) -> PatientRecord | None:
+        """The patient's row and timeline (oldest first), or None if no event named them."""
+        p, t = tables.patients.c, tables.timeline.c
+        row = (await connection.execute(
+            select(p.facts_json, p.egfr_versions_json, p.outcome_json)
+            .join_from(tables.patients, tables.projection_state, _active(tables.patients))
+            .where(p.subject_id == subject_id)
+        )).first()
+        if row is None:
+            return None
+        events = await connection.execute(
+            select(t.event_id, t.occurred_on, t.recorded_at, t.kind, t.source, t.detail_json)
+            .join_from(tables.timeline, tables.projection_state, _active(tables.timeline))
+            .where(t.subject_id == subject_id)
+            .order_by(t.occurred_on, t.recorded_at, t.event_id)
+        )
+        return PatientRecord(
+            patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json),
+            outcome=PatientOutcome.model_validate_json(row.outcome_json) if row.outcome_json else None,
+            timeline=[
+                TimelineEntry(str(e.event_id), e.occurred_on, _aware(e.recorded_at), e.kind, e.source,
+                              json.loads(e.detail_json))
+                for e in events
+            ],
+        )

@@ -1,0 +1,417 @@
+"""Rebuild: replay the whole log into a fresh generation, then swap it in atomically.
+
+Where the log comes from. The outcomes service may not read other services' databases, and it
+does not need to: every service stream in JetStream keeps every message (limits retention, no
+age limit; see ``shared.broker.ensure_streams``), so the broker is the shared record of
+everything published. The rebuild reads each source stream from sequence 1 with an ephemeral
+pull consumer (no acks, no durable state on the server) — the same messages, in the same
+stream order, that the live consumers read.
+
+How. Patients are few and events are many: the rebuild keeps every patient's facts in memory
+and streams the events past them, never holding more than one flush of timeline rows. Every
+``flush_every`` events (or few seconds) the touched patients, the new timeline rows and each
+stream's position are written to generation N+1 in one transaction, so an interrupted rebuild
+resumes from those positions (``projection_state.rebuilding_generation`` stays set). The live
+projection keeps serving generation N meanwhile. The swap, in ONE transaction that locks
+``projection_state`` (live batches wait, readers do not): apply whatever was published since
+the last flush, up to the streams' current heads, then make N+1 the active generation.
+Afterwards older generations are deleted. Reading the four streams one after another is correct
+because applying events is order-insensitive across streams (see ``projector``).
+
+A lease (owner + heartbeat in ``projection_state``) keeps two rebuilds — the CLI and the admin
+endpoint, say — from writing one generation at once; a rebuild killed without releasing it is
+taken over once its heartbeat is ``LEASE_SECONDS`` old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import nats
+import structlog
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.outcomes import tables
+from services.outcomes.projections import load_generation, read_state, set_state, write_changes
+from services.outcomes.projector import SOURCES, Incoming, ProjectedPatient, ProjectionChanges, SourceMark
+from shared.broker import Topology
+from shared.database import create_engine
+
+log = structlog.get_logger(__name__)
+
+LEASE_SECONDS = 30.0
+FLUSH_EVERY_EVENTS = 20_000
+FLUSH_EVERY_SECONDS = 5.0
+FETCH_BATCH = 2_000
+FETCH_TIMEOUT_SECONDS = 10.0
+
+
+class RebuildError(RuntimeError):
+    """The rebuild cannot go on; the reason says why. The live projection is untouched."""
+
+
+class RebuildBusy(RebuildError):
+    """Another rebuild holds the lease."""
+
+
+def default_streams(topology: Topology | None = None) -> dict[str, str]:
+    """Source service -> JetStream stream name, for this stack's subject prefix."""
+    topology = topology or Topology.from_env()
+    return {source: topology.service_stream(source).name for source in SOURCES}
+
+
+@dataclass(frozen=True)
+class RebuildProgress:
+    """A snapshot for progress bars and ``GET /v1/admin/rebuild``."""
+
+    phase: str  # starting | replaying | catching up | swapping | cleaning up | done | failed
+    generation: int
+    applied: int
+    total: int
+    elapsed_seconds: float
+    resumed: bool = False
+    error: str | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.applied / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.events_per_second
+        return max(self.total - self.applied, 0) / rate if rate > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase, "generation": self.generation, "applied": self.applied,
+            "total": self.total, "elapsed_seconds": self.elapsed_seconds,
+            "events_per_second": self.events_per_second, "eta_seconds": self.eta_seconds,
+            "resumed": self.resumed, "error": self.error,
+        }
+
+
+ProgressCallback = Callable[[RebuildProgress], None]
+
+
+@dataclass
+class _Run:
+    """The mutable state of one rebuild run."""
+
+    generation: int
+    resumed: bool
+    changes: ProjectionChanges
+    started: float = field(default_factory=time.monotonic)
+    total: int = 0
+    skipped: int = 0
+    last_flush: float = field(default_factory=time.monotonic)
+    unflushed: int = 0
+
+
+class Rebuild:
+    """One rebuild of the outcomes projection into generation ``active + 1`` (or the one an
+    interrupted rebuild left, which it resumes)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        js: JetStreamContext,
+        streams: Mapping[str, str],
+        *,
+        on_progress: ProgressCallback | None = None,
+        flush_every: int = FLUSH_EVERY_EVENTS,
+        flush_seconds: float = FLUSH_EVERY_SECONDS,
+        fetch_batch: int = FETCH_BATCH,
+    ) -> None:
+        self.engine = engine
+        self.js = js
+        self.streams = dict(streams)
+        self.on_progress = on_progress or (lambda progress: None)
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.fetch_batch = fetch_batch
+        self.owner = uuid.uuid4().hex
+        self.progress = RebuildProgress("starting", 0, 0, 0, 0.0)
+
+    async def run(self, *, restart: bool = False) -> RebuildProgress:
+        """Rebuild and swap; returns the final progress. ``restart`` discards an interrupted
+        rebuild instead of resuming it."""
+        run: _Run | None = None
+        try:
+            run = await self._claim(restart)
+            await self._replay_all(run, "replaying")
+            await self._flush(run)
+            await self._replay_all(run, "catching up")  # what arrived meanwhile, outside the lock
+            await self._flush(run)
+            await self._swap(run)
+            self._report(run, "cleaning up")
+            await self._delete_older_than(run.generation)
+            self._report(run, "done")
+            log.info("rebuild done", generation=run.generation, events=run.changes.applied, skipped=run.skipped)
+            return self.progress
+        except BaseException as exc:
+            self.progress = replace(self.progress, phase="failed", error=_describe(exc))
+            self.on_progress(self.progress)
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._release())
+            raise
+
+    # --- the lease and the generation ---------------------------------------------------------
+
+    async def _claim(self, restart: bool) -> _Run:
+        async with self.engine.begin() as connection:
+            state = await read_state(connection, lock="update")
+            _check_lease(state)
+            now = datetime.now(UTC)
+            resumed = state.rebuilding_generation is not None and not restart
+            if resumed:
+                generation = state.rebuilding_generation
+                patients, marks = await load_generation(connection, generation)
+            else:
+                generation = max(state.active_generation, await _newest_generation(connection)) + 1
+                await _delete_generations(connection, lambda g: g != state.active_generation)
+                patients, marks = {}, {}
+                await set_state(connection, rebuilding_generation=generation, rebuild_started_at=now)
+            await set_state(connection, rebuild_owner=self.owner, rebuild_heartbeat_at=now)
+        changes = ProjectionChanges(patients)
+        changes.marks.update(marks)
+        log.info("rebuild started", generation=generation, resumed=resumed, patients=len(patients))
+        run = _Run(generation, resumed, changes)
+        self._report(run, "starting")
+        return run
+
+    async def _heartbeat(self, connection: AsyncConnection, run: _Run) -> None:
+        state = await read_state(connection)
+        if state.rebuild_owner != self.owner or state.rebuilding_generation != run.generation:
+            raise RebuildError(
+                f"the rebuild of generation {run.generation} was taken over or restarted by another process"
+            )
+        await set_state(connection, rebuild_heartbeat_at=datetime.now(UTC))
+
+    async def _release(self) -> None:
+        """Give the lease back on interruption; the generation stays, to be resumed."""
+        async with self.engine.begin() as connection:
+            state = await read_state(connection, lock="update")
+            if state.rebuild_owner == self.owner:
+                await set_state(connection, rebuild_owner=None, rebuild_heartbeat_at=None)
+
+    # --- replaying ----------------------------------------------------------------------------
+
+    async def _heads(self) -> dict[str, int]:
+        heads = {}
+        for stream in self.streams.values():
+            try:
+                heads[stream] = (await self.js.stream_info(stream)).state.last_seq
+            except nats.js.errors.NotFoundError:
+                heads[stream] = 0  # nothing was ever published by that service
+        return heads
+
+    async def _replay_all(self, run: _Run, phase: str, connection: AsyncConnection | None = None) -> None:
+        """Apply every stream from its mark up to its head as of now. With ``connection`` (the
+        swap) nothing is flushed on the way: everything is written in that one transaction."""
+        heads = await self._heads()
+        run.total += sum(max(heads[s] - run.changes.mark(s).last_sequence, 0) for s in self.streams.values())
+        self._report(run, phase)
+        for source, stream in self.streams.items():
+            await self._replay(run, phase, source, stream, heads[stream], flush=connection is None)
+
+    async def _replay(self, run: _Run, phase: str, source: str, stream: str, head: int, *, flush: bool) -> None:
+        after = run.changes.mark(stream).last_sequence
+        if head <= after:
+            return
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+        consumer = await self.js.add_consumer(stream, config)
+        subscription = await self.js.pull_subscribe_bind(consumer=consumer.name, stream=stream)
+        try:
+            while after < head:
+                try:
+                    messages = await subscription.fetch(min(self.fetch_batch, head - after), timeout=FETCH_TIMEOUT_SECONDS)
+                except (NatsTimeout, TimeoutError):
+                    raise RebuildError(
+                        f"stream {stream} delivered nothing after sequence {after} within "
+                        f"{FETCH_TIMEOUT_SECONDS:.0f} s although its head was {head}"
+                    ) from None
+                for message in messages:
+                    sequence = message.metadata.sequence.stream
+                    if sequence <= head:
+                        self._apply(run, stream, sequence, source, message.data)
+                    after = max(after, sequence)
+                self._report(run, phase)
+                if flush and (run.unflushed >= self.flush_every or time.monotonic() - run.last_flush >= self.flush_seconds):
+                    await self._flush(run)
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(stream, consumer.name)
+
+    def _apply(self, run: _Run, stream: str, sequence: int, source: str, data: bytes) -> None:
+        """Apply one message. One that is not a decodable envelope is skipped (the live consumer
+        dead-letters it, with the same absence of effect) and logged."""
+        try:
+            item = Incoming.parse(stream, sequence, source, data)
+        except Exception as exc:
+            run.skipped += 1
+            run.changes.skip(stream, sequence)
+            log.warning("rebuild skipped an undecodable message", stream=stream, sequence=sequence, error=repr(exc))
+        else:
+            run.changes.add(item)
+        run.unflushed += 1
+
+    async def _flush(self, run: _Run) -> None:
+        async with self.engine.begin() as connection:
+            await self._heartbeat(connection, run)
+            await write_changes(connection, run.generation, run.changes)
+        run.changes.clear()
+        run.unflushed = 0
+        run.last_flush = time.monotonic()
+
+    # --- the swap -----------------------------------------------------------------------------
+
+    async def _swap(self, run: _Run) -> None:
+        async with self.engine.begin() as connection:
+            state = await read_state(connection, lock="update")
+            if state.rebuild_owner != self.owner or state.rebuilding_generation != run.generation:
+                raise RebuildError(f"the rebuild of generation {run.generation} was taken over before its swap")
+            await self._replay_all(run, "swapping", connection)
+            await write_changes(connection, run.generation, run.changes)
+            await set_state(
+                connection, active_generation=run.generation, rebuilding_generation=None,
+                rebuild_started_at=None, rebuild_owner=None, rebuild_heartbeat_at=None,
+                swapped_at=datetime.now(UTC),
+            )
+        run.changes.clear()
+        log.info("rebuild swapped in", generation=run.generation)
+
+    async def _delete_older_than(self, generation: int) -> None:
+        async with self.engine.begin() as connection:
+            await _delete_generations(connection, lambda g: g < generation)
+
+    def _report(self, run: _Run, phase: str) -> None:
+        self.progress = RebuildProgress(
+            phase=phase, generation=run.generation, applied=run.changes.applied,
+            total=max(run.total, run.changes.applied), elapsed_seconds=time.monotonic() - run.started,
+            resumed=run.resumed,
+        )
+        self.on_progress(self.progress)
+
+
+async def ensure_no_lease(engine: AsyncEngine) -> None:
+    """Refuse early (RebuildBusy) when another process holds a live rebuild lease."""
+    async with engine.connect() as connection:
+        _check_lease(await read_state(connection))
+
+
+def _check_lease(state: Any) -> None:
+    now = datetime.now(UTC)
+    heartbeat = _aware(state.rebuild_heartbeat_at)
+    if state.rebuild_owner and heartbeat and now - heartbeat < timedelta(seconds=LEASE_SECONDS):
+        raise RebuildBusy(
+            f"another rebuild of generation {state.rebuilding_generation} is running "
+            f"(last heartbeat {(now - heartbeat).total_seconds():.0f} s ago); wait for it to finish"
+        )
+
+
+async def _newest_generation(connection: AsyncConnection) -> int:
+    newest = 0
+    for table in tables.GENERATION_TABLES:
+        newest = max(newest, await connection.scalar(select(func.max(table.c.generation))) or 0)
+    return newest
+
+
+async def _delete_generations(connection: AsyncConnection, doomed: Callable[[Any], Any]) -> None:
+    """Delete the rows whose generation matches ``doomed(generation column)``."""
+    for table in tables.GENERATION_TABLES:
+        await connection.execute(delete(table).where(doomed(table.c.generation)))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        return "interrupted; run the rebuild again to resume it"
+    return str(exc) or repr(exc)
+
+
+async def rebuild(
+    nats_url: str,
+    database_url: str,
+    streams: Mapping[str, str] | None = None,
+    *,
+    restart: bool = False,
+    on_progress: ProgressCallback | None = None,
+    flush_every: int = FLUSH_EVERY_EVENTS,
+) -> RebuildProgress:
+    """Rebuild the outcomes projection in ``database_url`` from the JetStream streams at
+    ``nats_url`` (``streams``: source service -> stream name; default: this stack's)."""
+    engine = create_engine(database_url)
+    client = await nats.connect(nats_url)
+    try:
+        job = Rebuild(engine, client.jetstream(), streams or default_streams(), on_progress=on_progress,
+                      flush_every=flush_every)
+        return await job.run(restart=restart)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+        await engine.dispose()
+
+
+class BackgroundRebuild:
+    """The rebuild the admin endpoint starts inside the outcomes process (one at a time)."""
+
+    def __init__(self, engine: AsyncEngine, js: Callable[[], JetStreamContext], streams: Mapping[str, str]) -> None:
+        self.engine = engine
+        self.js = js
+        self.streams = dict(streams)
+        self.task: asyncio.Task[RebuildProgress] | None = None
+        self.progress: RebuildProgress | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def start(self, *, restart: bool = False) -> None:
+        if self.running:
+            raise RebuildBusy("a rebuild started by this outcomes process is still running")
+        await ensure_no_lease(self.engine)
+        job = Rebuild(self.engine, self.js(), self.streams, on_progress=self._track)
+        self.progress = job.progress
+        self.task = asyncio.create_task(self._run(job, restart), name="outcomes-rebuild")
+
+    def _track(self, progress: RebuildProgress) -> None:
+        self.progress = progress
+
+    async def _run(self, job: Rebuild, restart: bool) -> RebuildProgress:
+        """The outcome is in ``progress`` (phase ``failed`` with the error); nobody awaits it."""
+        try:
+            return await job.run(restart=restart)
+        except RebuildError as exc:
+            log.warning("rebuild refused or failed", error=str(exc))
+        except Exception:
+            log.exception("rebuild failed")
+        return job.progress
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task

@@ -1,0 +1,64 @@
+"""The outcomes service's projection tables (created by ``migrations/0001_outcomes.py``).
+
+Why a ``generation`` column on every row instead of one table per generation: a rebuild writes
+generation N+1 next to the live generation N, and the swap is one update of
+``projection_state.active_generation`` — no DDL, no renames, so it is atomic on PostgreSQL and
+SQLite alike and a reader sees either the old projection or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Date, DateTime, Integer, MetaData, String, Table, Text, Uuid
+
+metadata = MetaData()
+
+PROJECTION = "outcomes"
+"""The name of the one row of ``projection_state``."""
+
+projection_state = Table(
+    "projection_state",
+    metadata,
+    Column("name", String(50), primary_key=True),
+    Column("active_generation", Integer, nullable=False),
+    Column("rebuilding_generation", Integer, nullable=True),
+    Column("rebuild_started_at", DateTime(timezone=True), nullable=True),
+    # A lease, so two rebuilds (CLI and admin endpoint) never write one generation at once.
+    Column("rebuild_owner", String(64), nullable=True),
+    Column("rebuild_heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("swapped_at", DateTime(timezone=True), nullable=True),
+)
+
+patients = Table(
+    "outcome_patients",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("subject_id", String(64), primary_key=True),
+    Column("group", String(16), nullable=True),
+    Column("facts_json", Text, nullable=False),
+    Column("outcome_json", Text, nullable=True),
+    Column("egfr_versions_json", Text, nullable=False),
+)
+
+timeline = Table(
+    "outcome_timeline",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("event_id", Uuid, primary_key=True),
+    Column("subject_id", String(64), nullable=False),
+    Column("occurred_on", Date, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("source", String(20), nullable=False),
+    Column("detail_json", Text, nullable=False),
+)
+
+sources = Table(
+    "outcome_sources",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("source", String(100), primary_key=True),
+    Column("last_sequence", BigInteger, nullable=False),
+    Column("last_event_recorded_at", DateTime(timezone=True), nullable=True),
+)
+
+GENERATION_TABLES = (patients, timeline, sources)

@@ -1,0 +1,4 @@
+from services.pulse.app import create_app
+from shared.service import run_service
+
+run_service("pulse", create_app)
