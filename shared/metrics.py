@@ -58,3 +58,22 @@ PROTOCOL_DEVIATIONS = Counter(
     "ProtocolDeviationDetected events recorded by this service (pulse, cells), by deviation code.",
     ["code"],
 )
+LAB_RESULTS_ACCEPTED = Counter(
+    "nephrotrack_lab_results_accepted_total",
+    "Lab results the labs service accepted (recorded; duplicates and parked results not included), by source.",
+    ["source"],
+)
+LAB_RESULTS_REJECTED = Counter(
+    "nephrotrack_lab_results_rejected_total",
+    "Lab inputs refused and published on labs.rejected, by source and rejection code (a closed set).",
+    ["source", "reason"],
+)
+LAB_RESULTS_DUPLICATE = Counter(
+    "nephrotrack_lab_results_duplicate_total",
+    "Lab results that had been seen before (same message id for the result id): no effect, by source.",
+    ["source"],
+)
+LAB_RESULTS_PARKED = Gauge(
+    "nephrotrack_lab_results_parked",
+    "Lab results held because their subject is not enrolled (yet) with the labs service.",
+)

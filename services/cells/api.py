@@ -41,7 +41,7 @@ from services.cells.domain import (
     infusions,
     qc_refusal,
 )
-from services.pulse.projections import (
+from shared.clinical import (
     ClinicalSettings,
     check_within_study,
     count_deviations,
@@ -162,11 +162,13 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     )
     async def harvest(subject_id: str, command: HarvestAdiposeTissue, request: Request) -> LotOut:
         enrolled = await known_patient(service.store, subject_id, settings)
-        patient = (
-            KnownPatient(subject_id=enrolled.subject_id, group=enrolled.group, enrolled_on=enrolled.enrolled_on)  # type: ignore[arg-type]
-            if enrolled
-            else None
-        )
+        patient = None
+        if enrolled is not None:
+            patient = KnownPatient(
+                subject_id=enrolled.subject_id,
+                group=enrolled.group,  # type: ignore[arg-type]  # a Group, stored as text
+                enrolled_on=enrolled.enrolled_on,
+            )
         lot_id = new_lot_id()
         context = command_context(request)
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from services.cells import events
 from services.cells.api import LOT_STREAM_PREFIX, routes
-from services.pulse.projections import (
+from shared.clinical import (
     STATUS_STREAM_PREFIX,
     ClinicalSettings,
     expose_deviation_codes,

@@ -12,8 +12,15 @@ from uuid import UUID
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from services.pulse.domain import AdministerPulseDose, KnownPatient, PulseCycles, cycles, decide_administer_pulse_dose, fold
-from services.pulse.projections import (
+from services.pulse.domain import (
+    AdministerPulseDose,
+    KnownPatient,
+    PulseCycles,
+    cycles,
+    decide_administer_pulse_dose,
+    fold,
+)
+from shared.clinical import (
     ClinicalSettings,
     check_within_study,
     count_deviations,
@@ -67,11 +74,13 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     )
     async def administer(subject_id: str, command: AdministerPulseDose, request: Request) -> RecordedDose:
         enrolled = await known_patient(service.store, subject_id, settings)
-        patient = (
-            KnownPatient(subject_id=enrolled.subject_id, group=enrolled.group, enrolled_on=enrolled.enrolled_on)  # type: ignore[arg-type]
-            if enrolled
-            else None
-        )
+        patient = None
+        if enrolled is not None:
+            patient = KnownPatient(
+                subject_id=enrolled.subject_id,
+                group=enrolled.group,  # type: ignore[arg-type]  # a Group, stored as text
+                enrolled_on=enrolled.enrolled_on,
+            )
         end = await study_end(service.store, subject_id)
 
         def decide(history: list[DomainEvent]) -> list[DomainEvent]:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from services.pulse import events
 from services.pulse.api import routes
-from services.pulse.projections import (
+from shared.clinical import (
     STATUS_STREAM_PREFIX,
     ClinicalSettings,
     expose_deviation_codes,

@@ -27,6 +27,7 @@ from services.cells.domain import fold_lot, fold_patient, infusions
 from services.pulse.domain import cycles, fold
 from shared.broker import Topology
 from shared.database import create_engine
+from shared.events import Envelope
 from shared.store import EventStore
 from tests.conftest import BACKENDS, NATS_URL
 from tests.stack import Stack, eventually
@@ -65,15 +66,20 @@ class Clinical:
         body = {"cycle": 1, "day": 1, "given_on": "2014-03-10", "dose_mg": 1000, "weight_kg": 45.0, **overrides}
         return await self.post("pulse", f"/v1/patients/{subject_id}/pulse-doses", body)
 
+    async def post_harvest(
+        self, subject_id: str, harvested_on: str = "2014-06-01", fat_grams: float = 120
+    ) -> httpx.Response:
+        body = {"harvested_on": harvested_on, "fat_grams": fat_grams}
+        return await self.post("cells", f"/v1/patients/{subject_id}/harvests", body)
+
     async def harvest(self, subject_id: str, harvested_on: str = "2014-06-01", fat_grams: float = 120) -> str:
-        response = await self.post(
-            "cells", f"/v1/patients/{subject_id}/harvests", {"harvested_on": harvested_on, "fat_grams": fat_grams}
-        )
+        response = await self.post_harvest(subject_id, harvested_on, fat_grams)
         assert response.status_code == 201, response.text
         return response.json()["lot_id"]
 
     async def release(self, lot_id: str, cell_count: float = 3.1e7, viability_pct: float = 92) -> httpx.Response:
-        return await self.post("cells", f"/v1/lots/{lot_id}/release", {"cell_count": cell_count, "viability_pct": viability_pct})
+        body = {"cell_count": cell_count, "viability_pct": viability_pct}
+        return await self.post("cells", f"/v1/lots/{lot_id}/release", body)
 
     async def released_lot(self, subject_id: str, **harvest: Any) -> str:
         lot_id = await self.harvest(subject_id, **harvest)
@@ -181,7 +187,9 @@ async def test_contract_requests_through_every_service(clinical: Clinical) -> No
     assert [d["code"] for d in recorded["deviations"]] == ["DOSE_OUTSIDE_MG_PER_KG"]
     assert "16.26 mg/kg" in recorded["deviations"][0]["detail"]
 
-    harvest = await clinical.post("cells", f"/v1/patients/{subject}/harvests", {"harvested_on": "2014-06-01", "fat_grams": 120})
+    harvest = await clinical.post(
+        "cells", f"/v1/patients/{subject}/harvests", {"harvested_on": "2014-06-01", "fat_grams": 120}
+    )
     assert harvest.status_code == 201, harvest.text
     lot_id = harvest.json()["lot_id"]
     assert lot_id.startswith("LOT-") and subject not in lot_id
@@ -251,16 +259,22 @@ async def test_non_consecutive_cycle_days_raise_a_deviation(clinical: Clinical) 
     assert [(d["code"], d["day"]) for d in cycle["deviations"]] == [("CYCLE_DAYS_NOT_CONSECUTIVE", 2)]
 
 
-async def test_a_retried_dose_is_a_conflict_and_a_control_patient_gets_none(clinical: Clinical) -> None:
+async def test_a_retried_dose_is_a_conflict_even_concurrently_and_control_patients_get_none(
+    clinical: Clinical,
+) -> None:
     subject = await clinical.enroll()
     assert (await clinical.dose(subject)).status_code == 201
     again = await clinical.dose(subject)
     assert again.status_code == 409 and "already recorded" in again.json()["detail"]
 
+    concurrent = await asyncio.gather(*(clinical.dose(subject, day=2, given_on="2014-03-11") for _ in range(5)))
+    assert sorted(r.status_code for r in concurrent) == [201, 409, 409, 409, 409]
+    assert (await clinical.get("pulse", f"/v1/patients/{subject}/pulse-cycles")).json()["doses_count"] == 2
+
     control = await clinical.enroll("control")
     refused = await clinical.dose(control)
     assert refused.status_code == 422 and "control group" in refused.json()["detail"]
-    harvest = await clinical.post("cells", f"/v1/patients/{control}/harvests", {"harvested_on": "2014-06-01", "fat_grams": 1})
+    harvest = await clinical.post_harvest(control)
     assert harvest.status_code == 422 and "control group" in harvest.json()["detail"]
 
 
@@ -273,7 +287,7 @@ async def test_commands_sent_right_after_enrolling_wait_for_the_enrollment(clini
         await clinical.enroll(subject_id=subject)
         dose, harvest = await asyncio.gather(
             clinical.dose(subject),
-            clinical.post("cells", f"/v1/patients/{subject}/harvests", {"harvested_on": "2014-06-01", "fat_grams": 100}),
+            clinical.post_harvest(subject),
         )
         return dose.status_code, harvest.status_code
 
@@ -300,7 +314,8 @@ async def test_never_enrolled_patient_is_404_after_the_configured_wait(clinical:
 async def test_nothing_is_recorded_after_death_or_withdrawal(clinical: Clinical) -> None:
     died, withdrew = await clinical.enroll(), await clinical.enroll()
     for subject, kind in ((died, "death"), (withdrew, "withdrawn")):
-        response = await clinical.post("enrollment", f"/v1/patients/{subject}/events", {"type": kind, "on": "2015-01-01"})
+        body = {"type": kind, "on": "2015-01-01"}
+        response = await clinical.post("enrollment", f"/v1/patients/{subject}/events", body)
         assert response.status_code == 201, response.text
     lot_id = await clinical.released_lot(died, harvested_on="2014-12-01")
 
@@ -322,7 +337,7 @@ async def test_nothing_is_recorded_after_death_or_withdrawal(clinical: Clinical)
     assert late_infusion.status_code == 422 and "after" in late_infusion.json()["detail"]
     assert (await clinical.infuse(died, lot_id, given_on="2014-12-31")).status_code == 201
 
-    harvest = await clinical.post("cells", f"/v1/patients/{withdrew}/harvests", {"harvested_on": "2015-03-01", "fat_grams": 100})
+    harvest = await clinical.post_harvest(withdrew, harvested_on="2015-03-01")
     assert harvest.status_code == 422 and f"{withdrew} withdrew on 2015-01-01" in harvest.json()["detail"]
     assert (await clinical.dose(withdrew, given_on="2015-01-02")).status_code == 422
     assert (await clinical.dose(withdrew, given_on="2014-12-20")).status_code == 201  # before: a fact to keep
@@ -407,7 +422,9 @@ async def test_concurrent_infusions_of_one_lot_exactly_one_wins(clinical: Clinic
     assert sorted(r.status_code for r in same) == [201, 409, 409, 409, 409]
 
     lot_id = await clinical.released_lot(subject, harvested_on="2014-06-02")
-    different = await asyncio.gather(*(clinical.infuse(subject, lot_id, given_on=f"2014-07-{d:02d}") for d in range(1, 6)))
+    different = await asyncio.gather(
+        *(clinical.infuse(subject, lot_id, given_on=f"2014-07-{d:02d}") for d in range(1, 6))
+    )
     statuses = Counter(r.status_code for r in different)
     assert statuses == {201: 1, 422: 4}, [r.text for r in different]
 
@@ -443,14 +460,17 @@ async def test_off_target_infusion_is_recorded_and_flagged(clinical: Clinical) -
 async def test_asyncapi_documents_the_published_events(clinical: Clinical) -> None:
     for service, types in (
         ("pulse", ["PulseDoseAdministered", "ProtocolDeviationDetected"]),
-        ("cells", ["AdiposeTissueHarvested", "CellLotReleased", "CellLotFailedQc", "CellsInfused", "ProtocolDeviationDetected"]),
+        (
+            "cells",
+            ["AdiposeTissueHarvested", "CellLotReleased", "CellLotFailedQc", "CellsInfused", "ProtocolDeviationDetected"],
+        ),
     ):
         document = (await clinical.get(service, "/asyncapi.json")).text
         for event_type in types:
             assert f"{clinical.prefix}.{service}.{event_type}" in document
 
 
-async def test_replaying_the_store_rebuilds_what_the_api_shows(clinical: Clinical) -> None:
+async def test_replaying_the_store_or_the_broker_rebuilds_what_the_api_shows(clinical: Clinical) -> None:
     subject = await clinical.enroll()
     for cycle, first in ((1, 10), (2, 12)):
         for day in (1, 2, 3):
@@ -466,7 +486,24 @@ async def test_replaying_the_store_rebuilds_what_the_api_shows(clinical: Clinica
     assert replayed.model_copy(update={"subject_id": subject}).model_dump(mode="json") == api
     assert api["cycles_count"] == 2 and api["doses_count"] == 6 and api["deviations_count"] >= 6
 
+    async def published(service: str, stream_id: str, count: int) -> list[Any]:
+        """The stream's events as a consumer of the broker sees them, once all are there."""
+        async def check() -> list[Any]:
+            envelopes = [Envelope.model_validate_json(m.data) for m in await clinical.broker_messages(service)]
+            mine = sorted((e for e in envelopes if e.stream_id == stream_id), key=lambda e: e.stream_version)
+            assert len(mine) == count
+            return [e.decode() for e in mine]
+
+        return await eventually(check)
+
+    stored = await clinical.stream_events("pulse", f"pulse-{subject}")
+    from_broker = cycles(fold(await published("pulse", f"pulse-{subject}", len(stored))))
+    assert from_broker.model_copy(update={"subject_id": subject}).model_dump(mode="json") == api
+
     api = (await clinical.get("cells", f"/v1/patients/{subject}/infusions")).json()
+    stored = await clinical.stream_events("cells", f"cells-patient-{subject}")
+    from_broker = fold_patient(await published("cells", f"cells-patient-{subject}", len(stored)))
+    assert infusions(from_broker).model_dump(mode="json") == api
     patient = fold_patient(await clinical.stream_events("cells", f"cells-patient-{subject}"))
     assert infusions(patient).model_dump(mode="json") == api
     assert [lot["status"] for lot in api["lots"]] == ["infused", "infused", "failed_qc"]
@@ -509,5 +546,6 @@ async def test_every_published_event_reaches_the_broker_exactly_once(clinical: C
         if m.subject.endswith(".CellsInfused") and subject.encode() in m.data
     ]
     assert len(infused) == 1
-    private_lot_copies = [e async for e in clinical.stores["cells"].read_all() if e.envelope.stream_id == f"lot-{lot_id}"]
-    assert [e.envelope.event_type for e in private_lot_copies] == ["AdiposeTissueHarvested", "CellLotReleased", "CellsInfused"]
+    lot_stream = f"lot-{lot_id}"
+    lot_copies = [e.envelope async for e in clinical.stores["cells"].read_all() if e.envelope.stream_id == lot_stream]
+    assert [e.event_type for e in lot_copies] == ["AdiposeTissueHarvested", "CellLotReleased", "CellsInfused"]

@@ -1,5 +1,5 @@
-"""What pulse (and cell processing) learn from enrollment's events, and the adapter plumbing
-both clinical services share.
+"""What the clinical command services (pulse, cells) learn from enrollment's events, and the
+adapter plumbing they share.
 
 Enrollment's events are read from the broker by a durable consumer (``learn_from_enrollment``)
 and kept locally, in the service's own database, so no command ever calls enrollment:
@@ -13,9 +13,6 @@ and kept locally, in the service's own database, so no command ever calls enroll
   harvest or infusion dated after the patient's death or withdrawal is refused
   (:func:`check_within_study`), by the rule enrollment applies to its own records: after death
   nothing, after withdrawal only death. Replaying the store rebuilds it like any other stream.
-
-Cell processing imports this module rather than keeping a second copy (both services run from
-this repository); it belongs in :mod:`shared.patients` if a third service needs it.
 """
 
 from __future__ import annotations
@@ -96,7 +93,9 @@ async def study_end(reader: EventStore | UnitOfWork, subject_id: str) -> StudyEn
 def check_within_study(end: StudyEnd, subject_id: str, on: date, what: str) -> None:
     """Refuse a fact dated after the patient died or withdrew (the day itself is allowed)."""
     if end.died_on is not None and on > end.died_on:
-        raise Invalid(f"{what} on {on} is after {subject_id}'s death on {end.died_on}; nothing after death can be recorded")
+        raise Invalid(
+            f"{what} on {on} is after {subject_id}'s death on {end.died_on}; nothing after death can be recorded"
+        )
     if end.withdrawn_on is not None and on > end.withdrawn_on:
         raise Invalid(
             f"{what} on {on} is after {subject_id} withdrew on {end.withdrawn_on}; "
