@@ -28,5 +28,37 @@ def migrate(service: list[str] = typer.Argument(None, help="services to migrate 
         typer.echo(f"{name}: migrated")
 
 
+@app.command()
+def demo(timeout: float = typer.Option(120.0, help="seconds to wait for the outcomes service to show the cohort")) -> None:
+    """Send the seed study through the running stack's public interfaces and print the cohort table."""
+    from nephrotrack.demo import DemoError, run_demo
+
+    try:
+        run_demo(timeout=timeout)
+    except DemoError as exc:
+        typer.secho(f"demo failed: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def rebuild(restart: bool = typer.Option(False, help="discard an interrupted rebuild instead of resuming it")) -> None:
+    """Replay the JetStream log into a fresh outcomes projection, then swap it in (blue/green)."""
+    from nephrotrack.rebuild import run_rebuild
+    from services.outcomes.rebuild import RebuildError
+
+    try:
+        done = run_rebuild(restart=restart)
+    except RebuildError as exc:
+        typer.secho(f"rebuild failed: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.secho("rebuild interrupted; run `nephrotrack rebuild` again to resume it", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    typer.echo(
+        f"outcomes projection rebuilt: generation {done.generation} is live "
+        f"({done.applied:,} events in {done.elapsed_seconds:.1f} s, {done.events_per_second:,.0f} events/s)"
+    )
+
+
 if __name__ == "__main__":
     app()

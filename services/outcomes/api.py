@@ -9,13 +9,12 @@ so freshness lives in headers everywhere, and ``/v1/freshness`` details it per s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
 
 from services.enrollment.events import Group
-from services.outcomes import exports, statistics
+from services.outcomes import exports, statistics, tables
 from services.outcomes.projections import read_state
 from services.outcomes.queries import Freshness, OutcomesQueries
 from services.outcomes.rebuild import BackgroundRebuild, RebuildBusy
@@ -136,14 +135,14 @@ def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebui
 
 
 async def _stream_heads(service: Service, freshness: Freshness) -> dict[str, int | None]:
-    """Each source stream's last sequence, or nothing when the broker does not answer quickly."""
-    heads: dict[str, int | None] = {}
-    with contextlib.suppress(Exception):
+    """Each source stream's last sequence; nothing when the broker does not answer within 1 s."""
+    streams = [source.stream for source in freshness.sources]
+    try:
         js = service.broker.connection.jetstream()
-        for source in freshness.sources:
-            with contextlib.suppress(Exception):
-                heads[source.stream] = (await asyncio.wait_for(js.stream_info(source.stream), 1.0)).state.last_seq
-    return heads
+        infos = await asyncio.wait_for(asyncio.gather(*(js.stream_info(s) for s in streams)), 1.0)
+    except Exception:
+        return {}
+    return {stream: info.state.last_seq for stream, info in zip(streams, infos, strict=True)}
 
 
 async def _rebuild_status(queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> RebuildStatus:
@@ -155,7 +154,7 @@ async def _rebuild_status(queries: OutcomesQueries, rebuilds: BackgroundRebuild)
         progress=RebuildProgressView(**progress.as_dict()) if progress else None,
         active_generation=state.active_generation,
         rebuilding_generation=state.rebuilding_generation,
-        rebuild_started_at=state.rebuild_started_at,
-        rebuild_heartbeat_at=state.rebuild_heartbeat_at,
-        swapped_at=state.swapped_at,
+        rebuild_started_at=tables.utc(state.rebuild_started_at),
+        rebuild_heartbeat_at=tables.utc(state.rebuild_heartbeat_at),
+        swapped_at=tables.utc(state.swapped_at),
     )

@@ -15,6 +15,7 @@ days / 365.25, nothing is rounded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -117,7 +118,8 @@ class PatientFacts(BaseModel):
 
     @property
     def cells_infused(self) -> float:
-        return sum(i.cell_count for i in self.infusions)
+        """Exact sum: a set's iteration order varies, and the projection's rows must not."""
+        return math.fsum(i.cell_count for i in self.infusions)
 
     @property
     def deviation_count(self) -> int:

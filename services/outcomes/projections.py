@@ -14,7 +14,6 @@ consumers can neither lose each other's facts nor deadlock). SQLite serialises w
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Table, func, select, update
@@ -98,7 +97,7 @@ async def load_generation(
         )
     }
     marks = {
-        row.source: SourceMark(row.last_sequence, _aware(row.last_event_recorded_at))
+        row.source: SourceMark(row.last_sequence, tables.utc(row.last_event_recorded_at))
         for row in await connection.execute(select(tables.sources).where(s.generation == generation))
     }
     return patients, marks
@@ -142,10 +141,6 @@ async def write_changes(connection: AsyncConnection, generation: int, changes: P
             ],
         )
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class LiveProjection:

@@ -13,11 +13,11 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import and_, event, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.outcomes import tables
 from services.outcomes.domain import PatientFacts, PatientOutcome
@@ -30,9 +30,6 @@ def _active(table: Any) -> Any:
     """Join condition: rows of the generation the projection currently serves."""
     return and_(_state.name == tables.PROJECTION, table.c.generation == _state.active_generation)
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,31 @@ class PatientRecord:
     timeline: list[TimelineEntry]
 
 
+def reading_engine(engine: AsyncEngine) -> AsyncEngine:
+    """An engine for the API's reads. On SQLite the service's engine begins every transaction
+    with ``BEGIN IMMEDIATE`` (right for writers), which would make each read wait for the write
+    lock — behind every projection batch and rebuild flush. In WAL mode a plain ``BEGIN`` reads
+    a consistent snapshot without any lock, so readers get their own engine. On PostgreSQL
+    readers never block writers anyway: the service's engine is returned as is."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    reader = create_async_engine(engine.url, connect_args={"timeout": 30})
+
+    @event.listens_for(reader.sync_engine, "connect")
+    def on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    @event.listens_for(reader.sync_engine, "begin")
+    def on_begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN")
+
+    return reader
+
+
 class OutcomesQueries:
     """``streams`` maps each source service to its stream name (checkpoints are kept by stream)."""
 
@@ -116,7 +138,7 @@ class OutcomesQueries:
             sources.append(SourceFreshness(
                 source=service, stream=stream,
                 last_sequence=mark.last_sequence if mark else 0,
-                last_event_recorded_at=_aware(mark.last_event_recorded_at) if mark else None,
+                last_event_recorded_at=tables.utc(mark.last_event_recorded_at) if mark else None,
             ))
         return Freshness(generation, sources)
 
@@ -157,7 +179,7 @@ class OutcomesQueries:
             patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json),
             outcome=PatientOutcome.model_validate_json(row.outcome_json) if row.outcome_json else None,
             timeline=[
-                TimelineEntry(str(e.event_id), e.occurred_on, _aware(e.recorded_at), e.kind, e.source,
+                TimelineEntry(str(e.event_id), e.occurred_on, tables.utc(e.recorded_at), e.kind, e.source,
                               json.loads(e.detail_json))
                 for e in events
             ],

@@ -44,7 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.outcomes import tables
 from services.outcomes.projections import load_generation, read_state, set_state, write_changes
-from services.outcomes.projector import SOURCES, Incoming, ProjectedPatient, ProjectionChanges, SourceMark
+from services.outcomes.projector import SOURCES, Incoming, ProjectionChanges
 from shared.broker import Topology
 from shared.database import create_engine
 
@@ -217,14 +217,14 @@ class Rebuild:
                 heads[stream] = 0  # nothing was ever published by that service
         return heads
 
-    async def _replay_all(self, run: _Run, phase: str, connection: AsyncConnection | None = None) -> None:
-        """Apply every stream from its mark up to its head as of now. With ``connection`` (the
-        swap) nothing is flushed on the way: everything is written in that one transaction."""
+    async def _replay_all(self, run: _Run, phase: str, *, flush: bool = True) -> None:
+        """Apply every stream from its mark up to its head as of now. Without ``flush`` (the
+        swap) nothing is written on the way: the caller writes it all in its one transaction."""
         heads = await self._heads()
         run.total += sum(max(heads[s] - run.changes.mark(s).last_sequence, 0) for s in self.streams.values())
         self._report(run, phase)
         for source, stream in self.streams.items():
-            await self._replay(run, phase, source, stream, heads[stream], flush=connection is None)
+            await self._replay(run, phase, source, stream, heads[stream], flush=flush)
 
     async def _replay(self, run: _Run, phase: str, source: str, stream: str, head: int, *, flush: bool) -> None:
         after = run.changes.mark(stream).last_sequence
@@ -290,7 +290,7 @@ class Rebuild:
             state = await read_state(connection, lock="update")
             if state.rebuild_owner != self.owner or state.rebuilding_generation != run.generation:
                 raise RebuildError(f"the rebuild of generation {run.generation} was taken over before its swap")
-            await self._replay_all(run, "swapping", connection)
+            await self._replay_all(run, "swapping", flush=False)
             await write_changes(connection, run.generation, run.changes)
             await set_state(
                 connection, active_generation=run.generation, rebuilding_generation=None,
@@ -321,7 +321,7 @@ async def ensure_no_lease(engine: AsyncEngine) -> None:
 
 def _check_lease(state: Any) -> None:
     now = datetime.now(UTC)
-    heartbeat = _aware(state.rebuild_heartbeat_at)
+    heartbeat = tables.utc(state.rebuild_heartbeat_at)
     if state.rebuild_owner and heartbeat and now - heartbeat < timedelta(seconds=LEASE_SECONDS):
         raise RebuildBusy(
             f"another rebuild of generation {state.rebuilding_generation} is running "
@@ -341,9 +341,6 @@ async def _delete_generations(connection: AsyncConnection, doomed: Callable[[Any
     for table in tables.GENERATION_TABLES:
         await connection.execute(delete(table).where(doomed(table.c.generation)))
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _describe(exc: BaseException) -> str:

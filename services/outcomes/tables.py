@@ -8,6 +8,8 @@ SQLite alike and a reader sees either the old projection or the new one, never a
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy import BigInteger, Column, Date, DateTime, Integer, MetaData, String, Table, Text, Uuid
 
 metadata = MetaData()
@@ -62,3 +64,8 @@ sources = Table(
 )
 
 GENERATION_TABLES = (patients, timeline, sources)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime (SQLite hands them back naive; all are UTC)."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -38,8 +38,9 @@ class Feed:
 
     STREAMS = {"enrollment": "T_ENROLLMENT", "pulse": "T_PULSE", "cells": "T_CELLS", "labs": "T_LABS"}
 
-    def __init__(self) -> None:
-        self.sequences = {stream: itertools.count(1) for stream in self.STREAMS.values()}
+    def __init__(self, streams: Mapping[str, str] | None = None) -> None:
+        self.streams = dict(streams or self.STREAMS)
+        self.sequences = {stream: itertools.count(1) for stream in self.streams.values()}
         self.versions: dict[str, int] = {}
 
     def envelope(self, event: DomainEvent, stream_id: str | None = None, version: int | None = None) -> Envelope:
@@ -49,7 +50,7 @@ class Feed:
         return Envelope.wrap(event, stream_id=stream_id, stream_version=version, context=CommandContext())
 
     def message(self, source: str, envelope: Envelope) -> InboundMessage:
-        stream = self.STREAMS[source]
+        stream = self.streams[source]
         return InboundMessage(
             subject=f"t.{source}.{envelope.event_type}", data=envelope.model_dump_json().encode(), headers={},
             message_id=str(envelope.event_id), delivery=1, stream=stream, stream_sequence=next(self.sequences[stream]),

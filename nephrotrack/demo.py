@@ -1,0 +1,307 @@
+"""``nephrotrack demo``: send the seed study through the public interfaces of a running stack,
+wait until the outcomes service shows the whole cohort, and print the cohort table.
+
+Why only public interfaces: the numbers printed must be the ones the system computes from
+records sent exactly as study sites would send them — HTTP commands to enrollment, pulse and
+cells, lab results as JSON on the NATS subject ``labs.results`` — not numbers computed here.
+
+Running it twice against one stack is harmless: enrollment answers 409 for a patient already
+enrolled, which means "already loaded", so that patient's commands are skipped; lab messages
+are sent again and deduplicated by their message id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
+from rich.console import Console
+from rich.table import Table
+
+from nephrotrack.seed import ABSTRACT, EXPECTED_COHORTS, SEED, Body, SeedPatient
+from shared.broker import LAB_RESULTS_SUBJECT
+from shared.settings import DEFAULT_PORTS
+
+WAIT_SECONDS = 120.0
+NOT_YET_KNOWN_RETRIES = 5
+NOT_YET_KNOWN_PAUSE = 0.5
+
+
+CREDENTIALS = ("NEPHROTRACK_STAFF_KEY", "NEPHROTRACK_ANALYST_KEY", "NEPHROTRACK_LAB_NATS_USER",
+               "NEPHROTRACK_LAB_NATS_PASSWORD")
+"""What the demo needs once the stack requires authentication (contract, "Auth")."""
+
+
+class DemoError(RuntimeError):
+    """The demo could not load the study or see its cohort; the message says what to check."""
+
+
+# --- where the stack is -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stack:
+    """The addresses and credentials of a running stack, from the environment ``nephrotrack run``
+    reads (``NEPHROTRACK_<SERVICE>_PORT``, ``NEPHROTRACK_HOST``, ``NATS_URL`` /
+    ``NEPHROTRACK_NATS_PORT``, API keys from the environment or ``<var>/api-keys.env``)."""
+
+    urls: Mapping[str, str]
+    nats_url: str
+    keys: Mapping[str, str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Stack:
+        env = os.environ if env is None else env
+        host = env.get("NEPHROTRACK_HOST") or "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a listen-everywhere address
+        urls = {
+            service: f"http://{host}:{env.get(f'NEPHROTRACK_{service.upper()}_PORT') or default}"
+            for service, default in DEFAULT_PORTS.items()
+        }
+        nats_url = env.get("NATS_URL") or f"nats://127.0.0.1:{env.get('NEPHROTRACK_NATS_PORT') or 4222}"
+        written = _key_file(Path(env.get("NEPHROTRACK_VAR") or "var") / "api-keys.env")
+        keys = {name: value for name in CREDENTIALS if (value := env.get(name) or written.get(name))}
+        return cls(urls, nats_url, keys)
+
+    def headers(self, role: str) -> dict[str, str]:
+        """``Authorization: Bearer`` with the role's key, once the stack has keys."""
+        key = self.keys.get(f"NEPHROTRACK_{role.upper()}_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _key_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {name.strip(): value.strip().strip("'\"") for name, value in pairs}
+
+
+# --- loading the seed -------------------------------------------------------------------------
+
+class _Commands:
+    """POSTs to the services as study staff, with the contract's error shape turned into DemoError."""
+
+    def __init__(self, http: httpx.AsyncClient, stack: Stack) -> None:
+        self.http = http
+        self.stack = stack
+
+    async def post(self, service: str, path: str, body: Body, *, accept: Sequence[int] = ()) -> httpx.Response:
+        """POST, retrying a 404 a few times: pulse and cells learn of a patient from
+        enrollment's events, which may still be on their way."""
+        url = self.stack.urls[service] + path
+        for attempt in range(NOT_YET_KNOWN_RETRIES):
+            try:
+                response = await self.http.post(url, json=body, headers=self.stack.headers("staff"))
+            except httpx.HTTPError as exc:
+                raise DemoError(f"cannot reach {service} at {url} ({exc!r}); is `nephrotrack run` running?") from exc
+            if response.is_success or response.status_code in accept:
+                return response
+            if response.status_code == 404 and attempt < NOT_YET_KNOWN_RETRIES - 1:
+                await asyncio.sleep(NOT_YET_KNOWN_PAUSE)
+                continue
+            break
+        raise DemoError(f"{service} refused POST {path} with {response.status_code}: {_detail(response)}")
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except (ValueError, AttributeError):
+        return response.text[:500]
+
+
+async def _load_patient(commands: _Commands, js: JetStreamContext, patient: SeedPatient) -> bool:
+    """Send one patient's records; False if enrollment says they were loaded before."""
+    sid = patient.subject_id
+    enrolled = await commands.post("enrollment", "/v1/patients", patient.enrollment, accept=(409,))
+    for result in patient.lab_results:  # labs parks results for patients it does not know yet
+        await _publish_lab_result(js, result)
+    if enrolled.status_code == 409:
+        return False
+    for dose in patient.pulse_doses:
+        await commands.post("pulse", f"/v1/patients/{sid}/pulse-doses", dose)
+    for harvest, release, infusion in patient.harvests:
+        lot_id = (await commands.post("cells", f"/v1/patients/{sid}/harvests", harvest)).json()["lot_id"]
+        await commands.post("cells", f"/v1/lots/{lot_id}/release", release)
+        await commands.post("cells", f"/v1/patients/{sid}/infusions", {**infusion, "lot_id": lot_id})
+    for clinical_event in patient.clinical_events:
+        await commands.post("enrollment", f"/v1/patients/{sid}/events", clinical_event)
+    return True
+
+
+async def _publish_lab_result(js: JetStreamContext, result: Body) -> None:
+    try:
+        await js.publish(LAB_RESULTS_SUBJECT, json.dumps(result).encode(), headers={"Nats-Msg-Id": result["message_id"]})
+    except NoStreamResponseError:
+        raise DemoError(f"no JetStream stream stores {LAB_RESULTS_SUBJECT}; are the services running?") from None
+
+
+@asynccontextmanager
+async def _lab_broker(stack: Stack) -> Any:
+    user = stack.keys.get("NEPHROTRACK_LAB_NATS_USER")
+    password = stack.keys.get("NEPHROTRACK_LAB_NATS_PASSWORD")
+    try:
+        client = await nats.connect(stack.nats_url, user=user, password=password, connect_timeout=5,
+                                    max_reconnect_attempts=0)
+    except Exception as exc:
+        raise DemoError(f"cannot reach NATS at {stack.nats_url} ({exc!r}); is `nephrotrack run` running?") from exc
+    try:
+        yield client.jetstream()
+    finally:
+        await client.close()
+
+
+async def load_seed(stack: Stack, patients: Sequence[SeedPatient] = SEED, *, console: Console | None = None) -> list[str]:
+    """Send every patient (concurrently); returns the subject ids that were already loaded."""
+    console = console or Console(stderr=True)
+    async with httpx.AsyncClient(timeout=30) as http, _lab_broker(stack) as js:
+        commands = _Commands(http, stack)
+
+        async def load(patient: SeedPatient) -> bool:
+            loaded = await _load_patient(commands, js, patient)
+            console.print(f"{patient.subject_id}: {'sent' if loaded else 'already loaded, commands skipped'}")
+            return loaded
+
+        loaded = await asyncio.gather(*(load(p) for p in patients))
+    return [p.subject_id for p, fresh in zip(patients, loaded, strict=True) if not fresh]
+
+
+# --- waiting for the cohort -------------------------------------------------------------------
+
+_EXACT = ("n", "kidney_failure_count")
+_MEANS = ("mean_age", "mean_baseline_egfr", "mean_post_egfr", "mean_followup_years", "mean_egfr_slope")
+
+
+def cohort_differences(rows: Sequence[Mapping[str, Any]], expected: Mapping[str, Mapping[str, Any]] = EXPECTED_COHORTS) -> list[str]:
+    """What still differs between ``GET /v1/cohorts`` and the seed's expected cohort (empty: done).
+    Means compare to floating-point precision: creatinine-derived eGFRs make the slope's last
+    digits differ from the seed's own arithmetic."""
+    by_group = {row.get("group"): row for row in rows}
+    differences = []
+    for group, want in expected.items():
+        row = by_group.get(group)
+        if row is None:
+            differences.append(f"group {group} is missing")
+            continue
+        for key in _EXACT:
+            if row.get(key) != want[key]:
+                differences.append(f"group {group} {key} is {row.get(key)} (expected {want[key]})")
+        for key in _MEANS:
+            got, goal = row.get(key), want[key]
+            if (got is None) != (goal is None) or (goal is not None and not math.isclose(got, goal, rel_tol=1e-6)):
+                differences.append(f"group {group} {key} is {got} (expected {goal})")
+    return differences
+
+
+async def wait_for_cohort(stack: Stack, *, timeout: float = WAIT_SECONDS, poll: float = 0.5) -> list[dict[str, Any]]:
+    """Poll the outcomes service until its cohorts are the seed's; DemoError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    url = stack.urls["outcomes"] + "/v1/cohorts"
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            try:
+                response = await http.get(url, headers=stack.headers("analyst"))
+                rows = response.json() if response.status_code == 200 else []
+                problems = cohort_differences(rows) if response.status_code == 200 else [
+                    f"GET /v1/cohorts answered {response.status_code}: {_detail(response)}"]
+            except (httpx.HTTPError, ValueError) as exc:
+                rows, problems = [], [f"cannot read {url} ({exc!r})"]
+            if not problems:
+                return rows
+            if time.monotonic() >= deadline:
+                raise DemoError(
+                    f"the outcomes service did not show the seed cohort within {timeout:.0f} s: "
+                    + "; ".join(problems[:8]) + ". Check the services' logs under <var>/logs."
+                )
+            await asyncio.sleep(poll)
+
+
+# --- the table --------------------------------------------------------------------------------
+
+def abstract_round(value: float | None, places: int) -> str:
+    """Round half up, as the abstract does (Python's ``round`` rounds half to even), from the
+    shortest repr so 2.675 rounds as written rather than as its binary neighbour 2.67499…"""
+    if value is None:
+        return "—"
+    quantum = Decimal(1).scaleb(-places)
+    return str(Decimal(repr(float(value))).quantize(quantum, rounding=ROUND_HALF_UP))
+
+
+COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("n", "n", None),
+    ("mean age", "mean_age", 0),
+    ("mean baseline eGFR", "mean_baseline_egfr", 0),
+    ("mean post eGFR", "mean_post_egfr", 0),
+    ("mean follow-up (years)", "mean_followup_years", 1),
+    ("mean eGFR slope (/year)", "mean_egfr_slope", 1),
+    ("kidney failure", "kidney_failure_count", None),
+)
+"""(heading, cohort key, decimals as the abstract rounds them; None: a count, shown as is)."""
+
+
+def cohort_cells(row: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(rounded as in the abstract, raw value) for each column of one group."""
+    cells = []
+    for _, key, places in COLUMNS:
+        value = row.get(key)
+        if places is None:
+            cells.append((str(value), str(value)))
+        else:
+            cells.append((abstract_round(value, places), "—" if value is None else repr(float(value))))
+    return cells
+
+
+def _abstract_caption() -> str:
+    a, b, c = ABSTRACT["A"], ABSTRACT["B"], ABSTRACT["control"]
+    return (
+        f"Published abstract: group A n = {a['n']}, age {a['mean_age']}, eGFR {a['mean_baseline_egfr']} → "
+        f"{a['mean_post_egfr']} over {a['mean_followup_years']} years; group B n = {b['n']}, age {b['mean_age']}, "
+        f"eGFR {b['mean_baseline_egfr']} → {b['mean_post_egfr']} over {b['mean_followup_years']} years; "
+        f"control eGFR {c['baseline_egfr']}, dialysis within {c['dialysis_within_years']} years."
+    )
+
+
+def cohort_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="nephrotrack cohort (rounded as in the abstract; raw value below)",
+                  caption=_abstract_caption(), show_lines=True)
+    table.add_column("group", style="bold")
+    for heading, _, _ in COLUMNS:
+        table.add_column(heading, justify="right", overflow="fold")  # raw values wrap, never "…"
+    for row in rows:
+        table.add_row(str(row["group"]), *(
+            f"[bold]{rounded}[/]" if rounded == raw else f"[bold]{rounded}[/]\n[dim]{raw}[/]"
+            for rounded, raw in cohort_cells(row)
+        ))
+    return table
+
+
+# --- the command ------------------------------------------------------------------------------
+
+async def demo(stack: Stack, *, timeout: float = WAIT_SECONDS, console: Console | None = None) -> list[dict[str, Any]]:
+    """Load the seed and wait for its cohort; returns ``GET /v1/cohorts`` as the demo saw it."""
+    console = console or Console(stderr=True)
+    already = await load_seed(stack, console=console)
+    if already:
+        console.print(f"{len(already)} of {len(SEED)} patients were loaded before; waiting for the cohort")
+    return await wait_for_cohort(stack, timeout=timeout)
+
+
+def run_demo(env: Mapping[str, str] | None = None, *, timeout: float = WAIT_SECONDS,
+             console: Console | None = None) -> list[dict[str, Any]]:
+    """``nephrotrack demo``: load, wait, print the table; returns the cohorts (for tests)."""
+    console = console or Console()
+    rows = asyncio.run(demo(Stack.from_env(env), timeout=timeout, console=console))
+    console.print(cohort_table(rows))
+    return rows

@@ -1,0 +1,45 @@
+"""``nephrotrack rebuild``: rebuild the outcomes projection from the JetStream log, with a
+progress bar (events/s, ETA). Interrupted, it resumes where it stopped when run again."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.outcomes.rebuild import RebuildProgress, default_streams, rebuild
+from shared.database import migrate
+from shared.settings import RuntimeSettings, database_url
+
+
+def _eta(progress: RebuildProgress) -> str:
+    seconds = progress.eta_seconds
+    if seconds is None:
+        return "ETA –"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"ETA {minutes}:{seconds:02d}"
+
+
+def run_rebuild(*, restart: bool = False, console: Console | None = None) -> RebuildProgress:
+    """Migrate the outcomes database if needed, rebuild, swap; returns the final progress."""
+    console = console or Console(stderr=True)
+    settings = RuntimeSettings()
+    url = database_url("outcomes", settings)
+    migrate("outcomes", url)
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} events/s"), TextColumn("{task.fields[eta]}"), TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("starting", total=None, rate="0", eta="ETA –")
+
+        def show(progress: RebuildProgress) -> None:
+            bar.update(
+                task, completed=progress.applied, total=progress.total or None,
+                description=f"{progress.phase} (generation {progress.generation}"
+                + (", resumed)" if progress.resumed else ")"),
+                rate=f"{progress.events_per_second:,.0f}", eta=_eta(progress),
+            )
+
+        return asyncio.run(rebuild(settings.broker_url(), url, default_streams(), restart=restart, on_progress=show))

@@ -1,0 +1,98 @@
+"""The analyst dashboard: what the study found, as pages, drawn from the analyst API.
+
+``dashboard_routes(service)`` serves two HTML pages and their assets, all from
+``services/outcomes/static`` (hand-written HTML, CSS and vanilla JavaScript; the charts are SVG
+drawn by that JavaScript — no framework, no build step, no CDN):
+
+- ``GET /`` — cohort overview: the cohort table, eGFR trajectories, Kaplan–Meier
+  kidney-failure-free survival, the patient list, filters and the export downloads;
+- ``GET /patients/{subject_id}`` — one patient's timeline;
+- ``GET /static/{name}`` — the assets.
+
+The pages hold no data. Their JavaScript reads the JSON API on the same origin
+(``/v1/cohorts``, ``/v1/cohorts/{group}/egfr``, ``/v1/cohorts/{group}/survival``,
+``/v1/patients/{id}``, ``/v1/export/patients.csv``) and polls ``/v1/freshness`` every two
+seconds, refetching when the projection's position moves, so new lab results appear without a
+reload. Every number on a page names the endpoint and field it came from (``data-source`` /
+``data-field`` attributes, a tooltip, and a "show sources" switch), so each is traceable to
+the API. Because the pages carry no data, they need no key; once the API requires the analyst
+role, the JavaScript asks for the analyst key and sends it as ``Authorization: Bearer``.
+Pass the auth dependency as ``dependencies`` to put the pages themselves behind it too.
+
+A Content-Security-Policy limits the pages to this origin, so a stray external URL fails
+loudly in the browser instead of quietly needing the internet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, params
+from fastapi.responses import FileResponse, HTMLResponse
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+}
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _page(name: str) -> HTMLResponse:
+    return HTMLResponse((STATIC / name).read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+
+
+def static_file(name: str) -> Path:
+    """The asset ``name`` under the static directory; 404 for anything else (no ``..``, no
+    directories, no dotfiles, only the content types above)."""
+    path = (STATIC / name).resolve()
+    if (
+        not path.is_relative_to(STATIC)
+        or not path.is_file()
+        or any(part.startswith(".") for part in path.relative_to(STATIC).parts)
+        or path.suffix not in CONTENT_TYPES
+    ):
+        raise HTTPException(404, f"no dashboard asset {name!r}")
+    return path
+
+
+def dashboard_routes(service: Any = None, *, dependencies: Sequence[params.Depends] = ()) -> APIRouter:
+    """The dashboard's routes. ``service`` is the outcomes :class:`~shared.service.Service`
+    (unused for now: the pages read everything through the API); ``dependencies`` guard every
+    route (e.g. the analyst-role check once auth exists)."""
+    router = APIRouter(tags=["dashboard"], dependencies=list(dependencies))
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def overview() -> HTMLResponse:
+        return _page("index.html")
+
+    @router.get("/patients/{subject_id}", response_class=HTMLResponse, include_in_schema=False)
+    async def patient_page(subject_id: str) -> HTMLResponse:  # noqa: ARG001 - the page reads it from its URL
+        return _page("patient.html")
+
+    @router.get("/static/{name:path}", include_in_schema=False)
+    async def asset(name: str) -> FileResponse:
+        path = static_file(name)
+        return FileResponse(
+            path, media_type=CONTENT_TYPES[path.suffix],
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"},
+        )
+
+    return router

@@ -1,0 +1,112 @@
+"""The demo runner without a stack: rounding, the table, the finish line, idempotent loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from rich.console import Console
+
+from nephrotrack import demo
+from nephrotrack.demo import Stack, abstract_round, cohort_cells, cohort_differences, cohort_table
+from nephrotrack.seed import EXPECTED_COHORTS, SEED
+
+
+@pytest.mark.parametrize(("value", "places", "shown"), [
+    (24.5, 0, "25"), (25.5, 0, "26"),  # half up, not Python's half to even
+    (6.800039032169749, 1, "6.8"), (9.299566050695871, 1, "9.3"), (2.675, 2, "2.68"),
+    (-7.177, 1, "-7.2"), (60.0, 0, "60"), (None, 1, "—"),
+])
+def test_values_are_rounded_the_way_the_abstract_rounds(value: float | None, places: int, shown: str) -> None:
+    assert abstract_round(value, places) == shown
+
+
+def test_each_cell_shows_the_abstract_rounding_and_the_raw_value() -> None:
+    cells = cohort_cells(EXPECTED_COHORTS["A"])
+    assert cells[:5] == [("7", "7"), ("60", "60.0"), ("28", "28.0"), ("39", "39.0"),
+                         ("6.8", repr(EXPECTED_COHORTS["A"]["mean_followup_years"]))]
+    assert cells[-1] == ("0", "0")
+    console = Console(record=True, width=250)
+    console.print(cohort_table([EXPECTED_COHORTS[g] for g in ("A", "B", "control")]))
+    text = console.export_text()
+    assert "9.3" in text and "106.0" in text and repr(EXPECTED_COHORTS["B"]["mean_followup_years"]) in text
+
+
+def test_the_demo_waits_until_every_group_has_its_final_values() -> None:
+    final = [dict(EXPECTED_COHORTS[g]) for g in ("A", "B", "control")]
+    assert cohort_differences(final) == []
+    final[0]["mean_egfr_slope"] *= 1 + 1e-12  # creatinine-derived eGFRs: float noise only
+    assert cohort_differences(final) == []
+    early = [dict(final[0], n=6, mean_post_egfr=37.5), final[1]]
+    assert cohort_differences(early) == [
+        "group A n is 6 (expected 7)",
+        "group A mean_post_egfr is 37.5 (expected 39.0)",
+        "group control is missing",
+    ]
+
+
+def test_the_stack_is_found_from_the_run_environment(tmp_path: Path) -> None:
+    (tmp_path / "api-keys.env").write_text("NEPHROTRACK_STAFF_KEY=s3cret\nNEPHROTRACK_ANALYST_KEY='a-key'\n")
+    stack = Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path), "NEPHROTRACK_PULSE_PORT": "9002",
+                            "NEPHROTRACK_HOST": "0.0.0.0", "NEPHROTRACK_NATS_PORT": "4333",
+                            "NEPHROTRACK_ANALYST_KEY": "from-env"})
+    assert stack.urls["pulse"] == "http://127.0.0.1:9002" and stack.urls["outcomes"] == "http://127.0.0.1:8000"
+    assert stack.nats_url == "nats://127.0.0.1:4333"
+    assert stack.headers("staff") == {"Authorization": "Bearer s3cret"}
+    assert stack.headers("analyst") == {"Authorization": "Bearer from-env"}
+    assert Stack.from_env({"NATS_URL": "nats://broker:4222"}).nats_url == "nats://broker:4222"
+
+
+class FakeJetStream:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict, str]] = []
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        self.published.append((subject, json.loads(data), headers["Nats-Msg-Id"]))
+
+
+def stack_answering(handler) -> tuple[demo._Commands, list[str]]:  # type: ignore[no-untyped-def]
+    seen: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.port} {request.url.path}")
+        return handler(request, seen)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(record))
+    return demo._Commands(http, Stack.from_env({})), seen
+
+
+async def test_an_already_enrolled_patient_is_skipped_but_its_lab_results_are_resent() -> None:
+    commands, seen = stack_answering(lambda request, seen: httpx.Response(409, json={"detail": "already enrolled"}))
+    js = FakeJetStream()
+    patient = SEED[1]
+    assert await demo._load_patient(commands, js, patient) is False  # type: ignore[arg-type]
+    assert seen == ["8001 /v1/patients"]
+    assert [m[2] for m in js.published] == [r["message_id"] for r in patient.lab_results]
+    assert {m[0] for m in js.published} == {"labs.results"}
+
+
+async def test_a_patient_the_pulse_service_does_not_know_yet_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "NOT_YET_KNOWN_PAUSE", 0)
+
+    def answer(request: httpx.Request, seen: list[str]) -> httpx.Response:
+        if request.url.path.endswith("/harvests"):
+            return httpx.Response(201, json={"lot_id": "LOT-9"})
+        if request.url.path.endswith("/pulse-doses") and len(seen) == 2:
+            return httpx.Response(404, json={"detail": "no patient is enrolled with subject id IGA-A-001"})
+        return httpx.Response(201, json={})
+
+    commands, seen = stack_answering(answer)
+    patient = SEED[0]
+    assert await demo._load_patient(commands, FakeJetStream(), patient) is True  # type: ignore[arg-type]
+    doses = [s for s in seen if s.endswith("/pulse-doses")]
+    assert len(doses) == len(patient.pulse_doses) + 1  # the first one twice
+    assert "8003 /v1/lots/LOT-9/release" in seen
+
+
+async def test_a_refusal_stops_the_demo_with_the_services_reason() -> None:
+    commands, _ = stack_answering(lambda request, seen: httpx.Response(422, json={"detail": "group A requires …"}))
+    with pytest.raises(demo.DemoError, match="enrollment refused POST /v1/patients with 422: group A requires"):
+        await demo._load_patient(commands, FakeJetStream(), SEED[0])  # type: ignore[arg-type]

@@ -1,0 +1,175 @@
+"""Rebuild == live, on the real NATS JetStream and both database backends.
+
+A long mixed run is published to the service streams. Two outcomes projections consume it
+live: a reference that is never rebuilt, and one that is rebuilt (blue/green) while half of
+the run is still being published and while it keeps answering queries. At the end the rebuilt
+projection's active rows equal the reference's row for row — facts, outcomes, timeline and
+per-source checkpoints — and a second, quiet rebuild reproduces its own live rows exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.outcomes import projections
+from services.outcomes.queries import OutcomesQueries
+from services.outcomes.rebuild import Rebuild, RebuildBusy, RebuildProgress, default_streams
+from shared.broker import Topology
+from shared.database import create_engine, migrate
+from shared.service import Service
+from tests.conftest import NATS_URL, drop_database, new_database_url
+from tests.outcomes.mixed_run import mixed_run, publish
+from tests.outcomes.rows import generation_rows, state
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def broker_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_URL", NATS_URL)
+
+
+@contextlib.asynccontextmanager
+async def live_outcomes(name: str, url: str) -> AsyncIterator[Service]:
+    service = Service(name, database=url)
+    projections.register(service)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+async def caught_up(engine: AsyncEngine, js: nats.js.JetStreamContext, topology: Topology, timeout: float = 40) -> None:
+    """Wait until the active generation's checkpoints reach every stream's head."""
+    queries = OutcomesQueries(engine, default_streams(topology))
+    deadline = time.monotonic() + timeout
+    while True:
+        heads = {s: (await js.stream_info(s)).state.last_seq for s in queries.streams.values()}
+        async with queries.snapshot() as connection:
+            marks = {s.stream: s.last_sequence for s in (await queries.freshness(connection)).sources}
+        if marks == heads:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"projection stuck at {marks}, streams at {heads}")
+        await asyncio.sleep(0.1)
+
+
+async def active_rows(engine: AsyncEngine) -> dict[str, list[tuple]]:
+    return await generation_rows(engine, (await state(engine)).active_generation)
+
+
+async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
+    backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology
+) -> None:
+    urls = [new_database_url(backend, tmp_path, "outcomes") for _ in range(2)]
+    for url in urls:
+        await asyncio.to_thread(migrate, "outcomes", url)
+    reference_url, rebuilt_url = urls
+    js = nats_client.jetstream()
+    run = mixed_run(patients=9, results=120)
+    before, during, after = run[: len(run) // 2], run[len(run) // 2 : 3 * len(run) // 4], run[3 * len(run) // 4 :]
+    engine = create_engine(rebuilt_url)
+    reference_engine = create_engine(reference_url)
+    try:
+        async with live_outcomes("outcomes-reference", reference_url), live_outcomes("outcomes", rebuilt_url):
+            await publish(js, topology, before)
+            await caught_up(engine, js, topology)
+            queries = OutcomesQueries(engine, default_streams(topology))
+            phases: list[str] = []
+            replaying = asyncio.Event()
+
+            def track(progress: RebuildProgress) -> None:
+                phases.append(progress.phase)
+                if progress.phase == "replaying":
+                    replaying.set()
+
+            async def publish_during_rebuild() -> None:
+                await replaying.wait()
+                await publish(js, topology, during, pause=0.01)
+
+            job = Rebuild(engine, js, queries.streams, on_progress=track, flush_every=300, fetch_batch=100)
+            rebuilding = asyncio.create_task(job.run())
+            publishing = asyncio.create_task(publish_during_rebuild())
+            answered_during_rebuild = 0
+            while not rebuilding.done():
+                async with queries.snapshot() as connection:
+                    outcomes = await queries.outcomes(connection)
+                assert len(outcomes) == 9  # the live generation keeps serving every patient
+                if phases and phases[-1] in ("replaying", "catching up"):
+                    answered_during_rebuild += 1
+                await asyncio.sleep(0.02)
+            final = await rebuilding
+            await publishing
+            assert final.phase == "done" and final.generation == 2
+            assert answered_during_rebuild > 0
+            assert (await state(engine)).active_generation == 2
+            await publish(js, topology, after)  # the live projection goes on, into the new generation
+            await caught_up(engine, js, topology)
+            await caught_up(reference_engine, js, topology)
+            reference = await generation_rows(reference_engine, 1)
+            assert sum(len(rows) for rows in reference.values()) > 1500
+            assert await active_rows(engine) == reference
+            assert await generation_rows(engine, 1) == {table: [] for table in reference}  # old generation dropped
+
+        # Quiet now: a rebuild of the reference reproduces its live rows exactly.
+        await Rebuild(reference_engine, js, default_streams(topology)).run()
+        assert (await state(reference_engine)).active_generation == 2
+        assert await generation_rows(reference_engine, 2) == reference
+    finally:
+        await engine.dispose()
+        await reference_engine.dispose()
+        for url in urls:
+            await drop_database(url)
+
+
+async def test_an_interrupted_rebuild_resumes_and_a_second_one_is_refused(
+    backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology
+) -> None:
+    url = new_database_url(backend, tmp_path, "outcomes")
+    await asyncio.to_thread(migrate, "outcomes", url)
+    js = nats_client.jetstream()
+    engine = create_engine(url)
+    try:
+        async with live_outcomes("outcomes", url):
+            events = mixed_run(patients=4, results=60, seed=3)
+            await publish(js, topology, events)
+            await caught_up(engine, js, topology)
+            live = await generation_rows(engine, 1)
+
+            flushed = asyncio.Event()
+
+            class StopsAfterItsFirstFlush(Rebuild):
+                async def _flush(self, run):  # type: ignore[no-untyped-def]
+                    await super()._flush(run)
+                    flushed.set()
+                    await asyncio.Event().wait()  # until Ctrl-C
+
+            first = StopsAfterItsFirstFlush(engine, js, default_streams(topology), flush_every=200, fetch_batch=100)
+            task = asyncio.create_task(first.run())
+            await flushed.wait()
+            with pytest.raises(RebuildBusy):  # the first one holds the lease
+                await Rebuild(engine, js, default_streams(topology)).run()
+            task.cancel()  # Ctrl-C
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            interrupted = await state(engine)
+            assert (interrupted.active_generation, interrupted.rebuilding_generation) == (1, 2)
+            assert interrupted.rebuild_owner is None  # the lease was given back
+            assert (await generation_rows(engine, 2))["outcome_sources"]  # flushed checkpoints to resume from
+
+            resumed = await Rebuild(engine, js, default_streams(topology)).run()
+            assert resumed.resumed and resumed.generation == 2 and resumed.phase == "done"
+            assert resumed.applied < len(events)  # it did not start over
+            assert await generation_rows(engine, 2) == live
+    finally:
+        await engine.dispose()
+        await drop_database(url)
