@@ -24,6 +24,12 @@ from tests.conftest import NATS_URL, drop_database, free_port, new_database_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One key holding every role, so a test's client can do what the test needs; tests of the
+# roles themselves configure separate keys.
+TEST_API_KEY = "nephrotrack-test-key"
+TEST_API_KEYS = ",".join(f"{role}:{TEST_API_KEY}" for role in ("staff", "analyst", "operator"))
+AUTH_HEADERS = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
 
 class Stack:
     def __init__(
@@ -48,11 +54,16 @@ class Stack:
             "NEPHROTRACK_SUBJECT_PREFIX": prefix,
             "NEPHROTRACK_VAR": str(tmp_path / "var"),
             "NEPHROTRACK_MLLP_PORT": str(self.mllp_port),
+            "NEPHROTRACK_API_KEYS": TEST_API_KEYS,
             **{f"NEPHROTRACK_{s.upper()}_PORT": str(p) for s, p in self.ports.items()},
             **{f"DATABASE_URL_{s.upper()}": url for s, url in self.database_urls.items()},
             **(extra_env or {}),
         }
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def client(self, **options: object) -> httpx.AsyncClient:
+        """An HTTP client that authenticates with the test key (every role)."""
+        return httpx.AsyncClient(headers=AUTH_HEADERS, **options)  # type: ignore[arg-type]
 
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
