@@ -38,6 +38,7 @@ from services.labs.events import (
     Source,
     Status,
 )
+from services.labs.redaction import personal_data_kind
 from shared.errors import Invalid
 from shared.events import DomainEvent
 
@@ -162,6 +163,10 @@ _EGFR = (
         "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, creatinine-based formula (CKD-EPI 2021, race-free)",
     ),
     AcceptedCode(
+        "98980-6", "egfr", _EGFR_UNIT,
+        "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, creatinine and cystatin C-based formula (CKD-EPI 2021)",
+    ),
+    AcceptedCode(
         "33914-3", "egfr", _EGFR_UNIT,
         "GFR/1.73 sq M.predicted, Serum or Plasma, creatinine-based formula (MDRD)",
     ),
@@ -205,9 +210,10 @@ _EGFR = (
 ACCEPTED_CODES: dict[str, AcceptedCode] = {code.loinc: code for code in (*_CREATININE, *_EGFR)}
 """Every LOINC code we accept. Creatinine arrives as 2160-0 (mg/dL) or 14682-9 (µmol/L) and is
 turned into a CKD-EPI 2021 eGFR here. A reported eGFR is taken as the lab computed it, whatever
-its equation: 98979-8 is the current race-free CKD-EPI 2021 code, the others are the older codes
-labs still send (MDRD, CKD-EPI 2009 with or without race, cystatin-based, unspecified). All
-eGFRs are in mL/min/1.73m². The code's meaning is kept on each entry for documentation."""
+its equation: 98979-8 is the current race-free CKD-EPI 2021 code and 98980-6 its creatinine +
+cystatin C form; the others are the older codes labs still send (MDRD, CKD-EPI 2009 with or
+without race, cystatin-based 2012, unspecified). All eGFRs are in mL/min/1.73m². The code's
+meaning is kept on each entry for documentation."""
 
 _CANONICAL_UNIT: dict[Analyte, CanonicalUnit] = {"creatinine": "mg/dL", "egfr": "mL/min/1.73m2"}
 _TO_CANONICAL = {"mg/dL": 1.0, "umol/L": 1.0 / CREATININE_UMOL_PER_MG_DL, _EGFR_UNIT: 1.0}
@@ -281,6 +287,15 @@ def validate_result(incoming: IncomingResult, now: datetime) -> Measurement:
 
 
 def _check_ids(incoming: IncomingResult) -> None:
+    kind = personal_data_kind(incoming.subject_id)
+    if kind is not None:
+        # Enrollment refuses such ids, so no enrollment can ever make this result's subject known:
+        # refused at once (never parked), and neither the reason nor the refusal repeats the value.
+        raise LabRejection(
+            f"subject id looks like {kind}: only study pseudonyms (such as IGA-A-001) are accepted; "
+            "the value is not recorded",
+            "personal_identifier", message_id=incoming.message_id, subject_id=None, raw=incoming.raw,
+        )
     if not _SUBJECT_ID.fullmatch(incoming.subject_id):
         raise _rejection(
             incoming,

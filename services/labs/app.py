@@ -1,0 +1,201 @@
+"""The labs service process: lab results in (NATS ``labs.results``, HL7 v2 over MLLP, FHIR R4, HTTP
+JSON), one ingestion core, eGFR (CKD-EPI 2021) out; every refusal published on ``labs.rejected``.
+
+See docs/labs.md for the inputs, mappings, rejection codes and limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from faststream.nats import JStream
+
+from services.labs import api, fhir_api
+from services.labs.broker_messages import parse_broker_result
+from services.labs.domain import LabRejection, raw_for_report
+from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRecorded, LabResultRejected
+from services.labs.ingest import LabIngestion, LabsSettings, Refusal, after_commit
+from services.labs.mllp import MllpServer
+from services.labs.redaction import carries_personal_data
+from shared import metrics
+from shared.asyncapi import envelope_schema
+from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT
+from shared.consumer import BatchHandler, DurableConsumer, InboundMessage
+from shared.events import CommandContext, Envelope
+from shared.patients import remember_enrollments
+from shared.service import Service
+from shared.settings import mllp_port
+from shared.store import UnitOfWork
+
+log = structlog.get_logger(__name__)
+
+# The pull loops of consume_in_parallel are one consumer: FastStream's AsyncAPI generator notes
+# that they share a channel name (and documents it once, which is right).
+warnings.filterwarnings("ignore", message="Overwrite channel handler", category=RuntimeWarning)
+
+
+def broker_handler(labs: LabIngestion, forget: Forget | None = None) -> BatchHandler:
+    """``labs.results`` batches (already de-duplicated by the inbox): parse, then one ingest.
+    ``forget``: what to do with messages that carried personal identifiers (delete them from
+    the inbound stream once what was kept of them committed, see :func:`forget_after_commit`)."""
+
+    async def on_results(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
+        now = datetime.now(UTC)
+        results = []
+        refusals = []
+        personal = []
+        for message in messages:
+            try:
+                result = parse_broker_result(message.data, message.headers)
+                results.append(result)
+                if carries_personal_data(None, result.raw):  # identifiers in fields we do not read
+                    personal.append(message)
+            except LabRejection as rejection:
+                raw = rejection.raw if rejection.raw is not None else raw_for_report(message.data)
+                refusals.append(Refusal(rejection, "broker", raw))
+                if carries_personal_data(rejection.code, raw):
+                    personal.append(message)
+        await labs.record_rejections(uow, refusals, now)
+        await labs.ingest(uow, results, now, context=CommandContext(actor="labs:broker"))
+        if personal and forget is not None:
+            forget(uow, personal)
+
+    return on_results
+
+
+Forget = Callable[[UnitOfWork, list[InboundMessage]], None]
+
+
+def forget_after_commit(service: Service) -> Forget:
+    """``labs.results`` messages that carried personal identifiers (a subject id that is personal
+    data, or names, birth dates, MRNs in fields we do not read) are deleted from the inbound stream
+    (JetStream erases them) once what labs keeps of them has committed: the result, or the refusal
+    with its raw payload redacted (the record the contract asks for on ``labs.rejected``). So no
+    copy with the identifiers stays in the broker (docs/robustness.md). Messages without
+    identifiers are left alone; a failed deletion is logged (the labs NATS user needs
+    ``$JS.API.STREAM.MSG.DELETE.LABS_RESULTS``)."""
+    pending: set[asyncio.Task[None]] = set()
+
+    async def delete(stream: str, sequence: int) -> None:
+        try:
+            await service.broker.connection.jetstream().delete_msg(stream, sequence)
+        except Exception as error:  # noqa: BLE001 - best effort; the refusal is recorded anyway
+            log.warning("refused message with personal data not deleted from the inbound stream",
+                        stream=stream, sequence=sequence, error=type(error).__name__)
+
+    def forget(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
+        def on_commit() -> None:
+            for message in messages:
+                task = asyncio.get_running_loop().create_task(delete(message.stream, message.stream_sequence))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        after_commit(uow, on_commit)
+
+    return forget
+
+
+def enrollment_handler(labs: LabIngestion) -> BatchHandler:
+    """Learn enrolled patients, and in the same transaction ingest what was parked for them."""
+
+    async def on_enrollment(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
+        enrolled = await remember_enrollments(uow, messages)
+        if enrolled:
+            await labs.release_parked(uow, [patient.subject_id for patient in enrolled], datetime.now(UTC))
+
+    return on_enrollment
+
+
+def sweeper(service: Service, labs: LabIngestion, interval: float):  # type: ignore[no-untyped-def]
+    async def sweep_parked_results() -> None:
+        while True:
+            async with service.store.transaction() as uow:
+                released, expired = await labs.sweep(uow, datetime.now(UTC))
+                parked = await labs.parked_count(uow)
+            if released or expired:
+                service.committed()
+                log.info("parked lab results swept", released=len(released), expired=expired, parked=parked)
+            metrics.LAB_RESULTS_PARKED.set(parked)
+            await asyncio.sleep(interval)
+
+    return sweep_parked_results
+
+
+def route_rejections(service: Service) -> None:
+    """``LabResultRejected`` goes to the contract's fixed ``labs.rejected`` (the ingestion core
+    adds a second outbox row for ``<prefix>.labs.LabResultRejected``)."""
+    publish = service.store.subject_for
+
+    def subject_for(envelope: Envelope) -> str | None:
+        if envelope.event_type == LabResultRejected.event_type:
+            return LAB_REJECTED_SUBJECT
+        return publish(envelope)
+
+    service.store.subject_for = subject_for
+
+
+def consume_in_parallel(
+    service: Service, source: str, stream: JStream, subject: str, handler: BatchHandler, *, workers: int,
+    **options: Any,
+) -> None:
+    """:meth:`Service.consume` with ``workers`` pull loops sharing ONE durable consumer.
+
+    JetStream hands each message to one of them, so batches are fetched and handled
+    concurrently (one transaction each): while one waits for the database, another fetches or
+    decides. Results for the same result id in two concurrent batches make the later commit
+    fail on the stream's version; that batch is then retried message by message (the
+    consumer's usual isolation), so concurrency never changes the outcome, only the speed.
+    """
+    if workers == 1:
+        service.consume(source, stream, subject, handler, **options)
+        return
+    name = f"{service.topology.prefix}-{service.name}-{source}".replace(".", "-")
+    for _ in range(workers):
+        consumer = DurableConsumer(
+            name=name, stream=stream, subject=subject, handler=handler, store=service.store,
+            dead_letter_subject=service.topology.dead_letter_subject(name), after_commit=service.committed,
+            **options,
+        )
+        consumer.attach(service.broker)
+        service.consumers.append(consumer)
+
+
+def create_app(service: Service) -> FastAPI:
+    settings = LabsSettings()
+    labs = LabIngestion(
+        unknown_patient_wait=settings.unknown_patient_wait_seconds,
+        rejected_also_on=service.topology.event_subject(service.name, LabResultRejected.event_type),
+    )
+    route_rejections(service)
+    service.publishes(LabResultRecorded, EgfrComputed, LabResultCorrected, LabResultRejected)
+    service.broker.publisher(
+        LAB_REJECTED_SUBJECT,
+        title="labs.rejected",
+        description="Every lab input that was not accepted, with its raw payload, source and reason (contract).",
+        schema=envelope_schema(LabResultRejected),
+    )
+    consume_in_parallel(
+        service, "results", service.topology.lab_results_stream, LAB_RESULTS_SUBJECT,
+        broker_handler(labs, forget_after_commit(service)),
+        workers=settings.consumer_workers, batch_size=settings.batch_size,
+    )
+    service.consume_service("enrollment", enrollment_handler(labs))
+    mllp = MllpServer(
+        service.store, labs,
+        host=service.settings.host, port=mllp_port(),
+        idle_timeout=settings.mllp_idle_timeout_seconds, read_timeout=settings.mllp_read_timeout_seconds,
+        max_connections=settings.mllp_max_connections, committed=service.committed,
+    )
+    service.background.append(mllp.run)
+    service.background.append(sweeper(service, labs, settings.sweep_interval))
+    for source in ("broker", "mllp", "fhir"):  # the series exist (at 0) before the first result
+        metrics.LAB_RESULTS_ACCEPTED.labels(source=source)
+    return service.app(
+        api.routes(service, labs), fhir_api.routes(service, labs), title="nephrotrack labs", description=__doc__ or ""
+    )

@@ -1,0 +1,218 @@
+"""FHIR R4 lab results over HTTP: ``POST /fhir/Observation`` and ``POST /fhir`` (transaction or
+batch Bundle of Observation POSTs), on the labs HTTP port.
+
+Answers (``Content-Type: application/fhir+json``):
+
+- created: ``201`` with the Observation as received (or, with ``Prefer: return=OperationOutcome``,
+  an informational OperationOutcome; ``Prefer: return=minimal``, no body);
+- the same Observation again (same ``meta.versionId``, or same content): ``200``, no effect;
+- subject not enrolled yet: ``202`` with an informational OperationOutcome (the result is held
+  until the enrollment arrives or the wait expires, see docs/labs.md);
+- refused: an OperationOutcome with the reason, ``400`` (not JSON, not an Observation, not valid
+  FHIR), ``413`` (body over 1 MiB), ``415`` (content type), ``422`` (valid FHIR, but not a result
+  we accept: code, unit, value, time, subject, …). Every refusal is also published on
+  ``labs.rejected``.
+
+A Bundle is answered ``200`` with a ``transaction-response`` (``batch-response``) Bundle whose
+``entry[i].response.status`` is per entry (``201 Created``, ``200 OK``, ``202 Accepted``,
+``422 Unprocessable Entity`` with ``response.outcome``). Entries are judged one by one: a
+transaction is not all-or-nothing here (each result is independently idempotent, and a bad
+entry must be reported rather than take its good neighbours down with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.labs.domain import IncomingResult, LabRejection, raw_for_report
+from services.labs.fhir_observations import MAX_BODY_BYTES, outcome_for, parse_bundle, parse_observation
+from services.labs.ingest import LabIngestion, Outcome, Refusal
+from shared.events import CommandContext
+from shared.service import Service
+from shared.store import ConcurrencyError
+
+FHIR_JSON = "application/fhir+json"
+_ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+_BAD_REQUEST = frozenset({"malformed_json", "bad_encoding", "wrong_type", "wrong_resource_type", "invalid_resource"})
+_STATUS_LINE = {200: "200 OK", 201: "201 Created", 202: "202 Accepted", 400: "400 Bad Request",
+                413: "413 Payload Too Large", 422: "422 Unprocessable Entity"}
+
+
+class BodyProblem(Exception):
+    def __init__(self, status: int, rejection: LabRejection, raw: str) -> None:
+        super().__init__(rejection.reason)
+        self.status, self.rejection, self.raw = status, rejection, raw
+
+
+def fhir_response(body: dict[str, Any] | None, status: int) -> Response:
+    if body is None:
+        return Response(status_code=status, media_type=FHIR_JSON)
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+
+
+def information(text: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational", "diagnostics": text}]}
+
+
+def status_for(rejection: LabRejection) -> int:
+    if rejection.code == "payload_too_large":
+        return 413
+    return 400 if rejection.code in _BAD_REQUEST else 422
+
+
+async def read_body(request: Request, source: str = "fhir") -> bytes:
+    """The request body, refused (415/413) before it is read when its type or size is wrong."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in _ACCEPTED_TYPES:
+        rejection = LabRejection(
+            f"Content-Type {content_type or '(none)'!r} is not application/fhir+json or application/json",
+            "unsupported_media_type",
+        )
+        raise BodyProblem(415, rejection, "")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BodyProblem(413, _too_large(int(declared)), "")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyProblem(413, _too_large(len(body)), raw_for_report(bytes(body), 4096))
+    return bytes(body)
+
+
+def _too_large(size: int) -> LabRejection:
+    return LabRejection(f"body is at least {size} bytes; the limit is {MAX_BODY_BYTES}", "payload_too_large")
+
+
+class Ingestor:
+    """Run ingestion + refusals in one transaction (retrying a concurrent-writer conflict)."""
+
+    def __init__(self, service: Service, labs: LabIngestion, actor: str) -> None:
+        self.service, self.labs, self.actor = service, labs, actor
+
+    async def run(
+        self, results: Sequence[IncomingResult], refusals: Sequence[Refusal], where: Sequence[str | None] | None = None
+    ) -> list[Outcome]:
+        context = CommandContext(actor=self.actor)
+        for attempt in range(5):
+            try:
+                async with self.service.store.transaction() as uow:
+                    now = datetime.now(UTC)
+                    outcomes = await self.labs.ingest(uow, results, now, where=where, context=context)
+                    await self.labs.record_rejections(uow, refusals, now)
+                self.service.committed()
+                return outcomes
+            except ConcurrencyError:
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise ConcurrencyError("labresult-*", 0)
+
+
+def routes(service: Service, labs: LabIngestion) -> APIRouter:
+    router = APIRouter(prefix="/fhir", tags=["fhir"])
+    ingestor = Ingestor(service, labs, "labs:fhir")
+    wait = labs.unknown_patient_wait.total_seconds()
+
+    def parked_text(result: IncomingResult) -> str:
+        return (f"subject {result.subject_id} is not enrolled yet; the result is held for up to {wait:g} s "
+                "and recorded when the enrollment arrives (else refused as unknown_subject on labs.rejected)")
+
+    @router.post(
+        "/Observation",
+        summary="Submit one lab result as a FHIR R4 Observation",
+        responses={201: {"description": "recorded"}, 200: {"description": "already recorded (no effect)"},
+                   202: {"description": "subject not enrolled yet: held"},
+                   400: {"description": "not a FHIR Observation (OperationOutcome)"},
+                   413: {"description": "body over 1 MiB"}, 415: {"description": "content type"},
+                   422: {"description": "refused (OperationOutcome with the reason)"}},
+    )
+    async def post_observation(request: Request) -> Response:
+        try:
+            body = await read_body(request)
+        except BodyProblem as problem:
+            await ingestor.run([], [Refusal(problem.rejection, "fhir", problem.raw)])
+            return fhir_response(outcome_for(problem.rejection), problem.status)
+        try:
+            result = parse_observation(body)
+        except LabRejection as rejection:
+            raw = rejection.raw if rejection.raw is not None else raw_for_report(body)
+            await ingestor.run([], [Refusal(rejection, "fhir", raw)])
+            return fhir_response(outcome_for(rejection), status_for(rejection))
+        (outcome,) = await ingestor.run([result], [])
+        if outcome.kind == "rejected":
+            assert outcome.rejection is not None
+            return fhir_response(outcome_for(outcome.rejection), 422)
+        if outcome.kind == "parked":
+            return fhir_response(information(parked_text(result)), 202)
+        status = 201 if outcome.kind == "accepted" else 200
+        prefer = request.headers.get("prefer", "").replace(" ", "").lower()
+        if "return=minimal" in prefer:
+            return fhir_response(None, status)
+        if "return=operationoutcome" in prefer:
+            done = "recorded" if status == 201 else "already recorded; no effect"
+            return fhir_response(information(f"result {result.result_id} {done}"), status)
+        return fhir_response(_echo(body), status)
+
+    @router.post(
+        "",
+        summary="Submit a transaction (or batch) Bundle of Observation POSTs",
+        responses={200: {"description": "transaction-response Bundle, per-entry status"},
+                   400: {"description": "not a Bundle (OperationOutcome)"}},
+    )
+    async def post_bundle(request: Request) -> Response:
+        try:
+            body = await read_body(request)
+        except BodyProblem as problem:
+            await ingestor.run([], [Refusal(problem.rejection, "fhir", problem.raw)])
+            return fhir_response(outcome_for(problem.rejection), problem.status)
+        try:
+            items = parse_bundle(body)
+        except LabRejection as rejection:
+            raw = rejection.raw if rejection.raw is not None else raw_for_report(body)
+            await ingestor.run([], [Refusal(rejection, "fhir", raw)])
+            return fhir_response(outcome_for(rejection), status_for(rejection))
+        kind = _bundle_type(body)
+        results = [item for item in items if isinstance(item, IncomingResult)]
+        where = [f"entry[{index}]" for index, item in enumerate(items) if isinstance(item, IncomingResult)]
+        refusals = [Refusal(item, "fhir") for item in items if isinstance(item, LabRejection)]
+        outcomes = iter(await ingestor.run(results, refusals, where))
+        entries = []
+        for item in items:
+            if isinstance(item, LabRejection):
+                entries.append(_entry(422, outcome_for(item)))
+                continue
+            outcome = next(outcomes)
+            if outcome.kind == "rejected":
+                assert outcome.rejection is not None
+                entries.append(_entry(422, outcome_for(outcome.rejection)))
+            elif outcome.kind == "parked":
+                entries.append(_entry(202, information(parked_text(item))))
+            else:
+                entries.append(_entry(201 if outcome.kind == "accepted" else 200, None))
+        response = {"resourceType": "Bundle", "type": f"{kind}-response", "entry": entries}
+        return fhir_response(response, 200)
+
+    return router
+
+
+def _entry(status: int, outcome: dict[str, Any] | None) -> dict[str, Any]:
+    response: dict[str, Any] = {"status": _STATUS_LINE[status]}
+    if outcome is not None:
+        response["outcome"] = outcome
+    return {"response": response}
+
+
+def _echo(body: bytes) -> Any:
+    return json.loads(body)
+
+
+def _bundle_type(body: bytes) -> str:
+    kind = json.loads(body).get("type")
+    return kind if kind in ("transaction", "batch") else "transaction"
