@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-faults bench demo migrate rebuild lint clean
+.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -27,16 +27,40 @@ migrate: $(STAMP)
 rebuild: $(STAMP)
 	$(BIN)/nephrotrack rebuild
 
-test: $(STAMP)  ## every test, against the machine's PostgreSQL and NATS (see tests/conftest.py)
+test: $(STAMP) browsers  ## every test, against the machine's PostgreSQL and NATS (see tests/conftest.py)
 	$(BIN)/python -m tests.preflight
 	$(BIN)/pytest -p no:cacheprovider
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (pip package, in the dev
+# extras; `playwright install` is never needed). Installed here when missing, as root with apt;
+# otherwise a loud warning, and tests/dashboard skips its browser test saying why.
+CHROMIUM ?= /usr/bin/chromium
+
+browsers:  ## Chromium for the dashboard browser tests (Debian package, root + apt only)
+	@if [ -x "$(CHROMIUM)" ]; then \
+		echo "browsers: $$($(CHROMIUM) --version 2>/dev/null || echo "$(CHROMIUM)")"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "browsers: installing Debian's chromium for the dashboard browser tests"; \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+		  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; } \
+		|| echo "!!!!! WARNING: apt-get could not install chromium: the dashboard browser tests will be SKIPPED !!!!!" >&2; \
+	else \
+		echo "!!!!! WARNING: no $(CHROMIUM), and not root with apt-get to install it (apt-get install chromium):" >&2; \
+		echo "!!!!! the dashboard browser tests will be SKIPPED !!!!!" >&2; \
+	fi
 
 test-fast: $(STAMP)  ## pure domain tests only: no servers needed
 	$(BIN)/pytest -p no:cacheprovider tests/unit
 
-test-faults: $(STAMP)  ## the fault-injection suite (kills services, restarts the broker)
+# The long fault scenarios (thousands of inputs each; about 15 min on two cores) and the full fuzz
+# budgets (tens of thousands of cases; about 30 min). `make test` runs the short versions.
+test-faults: $(STAMP)  ## the fault-injection suite (kills services, restarts the broker, cuts the database)
 	$(BIN)/python -m tests.preflight
-	$(BIN)/pytest -p no:cacheprovider tests/fault
+	NEPHROTRACK_FAULTS=full $(BIN)/pytest -p no:cacheprovider -s -o timeout=1800 tests/fault
+
+test-fuzz: $(STAMP)  ## every entry point fuzzed with the full budget (docs/robustness.md)
+	$(BIN)/python -m tests.preflight
+	NEPHROTRACK_FUZZ=full $(BIN)/pytest -p no:cacheprovider -s -o timeout=7200 tests/fuzz
 
 bench: $(STAMP)  ## benchmarks; results appended to bench/RESULTS.md
 	$(BIN)/python -m bench

@@ -15,9 +15,13 @@ The pages hold no data. Their JavaScript reads the JSON API on the same origin
 seconds, refetching when the projection's position moves, so new lab results appear without a
 reload. Every number on a page names the endpoint and field it came from (``data-source`` /
 ``data-field`` attributes, a tooltip, and a "show sources" switch), so each is traceable to
-the API. Because the pages carry no data, they need no key; once the API requires the analyst
-role, the JavaScript asks for the analyst key and sends it as ``Authorization: Bearer``.
-Pass the auth dependency as ``dependencies`` to put the pages themselves behind it too.
+the API.
+
+Auth: the pages and assets carry no data, so they are served without a key — wire them as
+``public(dashboard_routes(service))`` (``shared.auth.public``); a browser cannot send a bearer
+key when it navigates anyway. Every number comes from the API, which requires the analyst role:
+on a 401 the page asks for the analyst key (kept in the tab's ``sessionStorage`` only) and sends
+it as ``Authorization: Bearer`` on every request, downloads included.
 
 A Content-Security-Policy limits the pages to this origin, so a stray external URL fails
 loudly in the browser instead of quietly needing the internet.
@@ -75,8 +79,8 @@ def static_file(name: str) -> Path:
 
 def dashboard_routes(service: Any = None, *, dependencies: Sequence[params.Depends] = ()) -> APIRouter:
     """The dashboard's routes. ``service`` is the outcomes :class:`~shared.service.Service`
-    (unused for now: the pages read everything through the API); ``dependencies`` guard every
-    route (e.g. the analyst-role check once auth exists)."""
+    (unused for now: the pages read everything through the API); ``dependencies`` are added to
+    every route."""
     router = APIRouter(tags=["dashboard"], dependencies=list(dependencies))
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)

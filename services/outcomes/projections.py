@@ -13,6 +13,7 @@ consumers can neither lose each other's facts nor deadlock). SQLite serialises w
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -116,11 +117,7 @@ async def write_changes(connection: AsyncConnection, generation: int, changes: P
             ),
             rows,
         )
-    if changes.timeline:
-        await connection.execute(
-            _insert(connection, tables.timeline).on_conflict_do_nothing(),
-            [{"generation": generation, **row} for row in changes.timeline],
-        )
+    await write_timeline(connection, generation, changes.timeline)
     if changes.marks:
         insert = _insert(connection, tables.sources)
         c = tables.sources.c
@@ -141,6 +138,42 @@ async def write_changes(connection: AsyncConnection, generation: int, changes: P
             ],
         )
 
+
+
+_TIMELINE_COLUMNS = tuple(column.name for column in tables.timeline.columns)
+COPY_AT_LEAST = 500
+"""Timeline writes of this many rows go through COPY on PostgreSQL (the rebuild's); fewer rows
+(a live batch) through INSERT."""
+
+
+async def write_timeline(connection: AsyncConnection, generation: int, rows: list[dict[str, Any]]) -> None:
+    """Insert timeline rows, leaving alone any event already there (same rows either way).
+
+    Many rows on PostgreSQL: COPY (binary, encoded by asyncpg) into a temporary table, then one
+    ``INSERT … SELECT … ON CONFLICT DO NOTHING`` — several times faster than a multi-row INSERT
+    whose parameters SQLAlchemy processes row by row."""
+    if not rows:
+        return
+    if connection.dialect.name != "postgresql" or len(rows) < COPY_AT_LEAST:
+        await connection.execute(
+            _insert(connection, tables.timeline).on_conflict_do_nothing(),
+            [{"generation": generation, **row} for row in rows],
+        )
+        return
+    driver = (await connection.get_raw_connection()).driver_connection  # asyncpg, in this transaction
+    columns = ", ".join(f'"{name}"' for name in _TIMELINE_COLUMNS)
+    await driver.execute(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS outcome_timeline_load "
+        f"(LIKE {tables.timeline.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    values = operator.itemgetter(*_TIMELINE_COLUMNS[1:])
+    await driver.copy_records_to_table(
+        "outcome_timeline_load", records=[(generation, *values(row)) for row in rows], columns=list(_TIMELINE_COLUMNS)
+    )
+    await driver.execute(
+        f"INSERT INTO {tables.timeline.name} ({columns}) SELECT {columns} FROM outcome_timeline_load "
+        "ON CONFLICT DO NOTHING"
+    )
 
 
 class LiveProjection:

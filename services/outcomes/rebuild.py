@@ -8,15 +8,26 @@ pull consumer (no acks, no durable state on the server) — the same messages, i
 stream order, that the live consumers read.
 
 How. Patients are few and events are many: the rebuild keeps every patient's facts in memory
-and streams the events past them, never holding more than one flush of timeline rows. Every
-``flush_every`` events (or few seconds) the touched patients, the new timeline rows and each
-stream's position are written to generation N+1 in one transaction, so an interrupted rebuild
-resumes from those positions (``projection_state.rebuilding_generation`` stays set). The live
-projection keeps serving generation N meanwhile. The swap, in ONE transaction that locks
-``projection_state`` (live batches wait, readers do not): apply whatever was published since
-the last flush, up to the streams' current heads, then make N+1 the active generation.
+and streams the events past them. Timeline rows go to the database every ``write_every`` events
+(or few seconds), in the background while the next messages are applied (one write in flight
+at most, so at most two batches of rows are ever held). Every ``flush_every`` events (or
+``flush_seconds``) a *checkpoint* writes the touched patients, the remaining timeline rows and
+each stream's position to generation N+1 in one transaction, so an interrupted rebuild resumes
+from those positions (``projection_state.rebuilding_generation`` stays set); timeline rows
+written after the last checkpoint are simply written again, which inserting by event id makes a
+no-op. Checkpoints are rare because serialising every patient's facts is the costly part of a
+write. The live projection keeps serving generation N meanwhile. The swap, in ONE transaction
+that locks ``projection_state`` (live batches wait, readers do not): apply whatever was
+published since the last checkpoint, up to the streams' current heads, then make N+1 the
+active generation.
 Afterwards older generations are deleted. Reading the four streams one after another is correct
 because applying events is order-insensitive across streams (see ``projector``).
+
+Reading. Messages come from an ephemeral pull consumer (no acks, memory storage) through a
+plain subscription with up to two pull requests outstanding, rather than nats-py's
+``PullSubscription.fetch``, which waits for each message separately (an asyncio timer per
+message: profiled at more than the whole decoding and projecting cost). docs/performance.md
+has the measurements.
 
 A lease (owner + heartbeat in ``projection_state``) keeps two rebuilds — the CLI and the admin
 endpoint, say — from writing one generation at once; a rebuild killed without releasing it is
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -36,14 +48,14 @@ from typing import Any
 
 import nats
 import structlog
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.outcomes import tables
-from services.outcomes.projections import load_generation, read_state, set_state, write_changes
+from services.outcomes.projections import load_generation, read_state, set_state, write_changes, write_timeline
 from services.outcomes.projector import SOURCES, Incoming, ProjectionChanges
 from shared.broker import Topology
 from shared.database import create_engine
@@ -51,8 +63,14 @@ from shared.database import create_engine
 log = structlog.get_logger(__name__)
 
 LEASE_SECONDS = 30.0
-FLUSH_EVERY_EVENTS = 20_000
-FLUSH_EVERY_SECONDS = 5.0
+FLUSH_EVERY_EVENTS = 2_000_000
+"""Checkpoint (patients + positions) at least this often, in events ..."""
+FLUSH_EVERY_SECONDS = 60.0
+"""... or in seconds (an interrupted rebuild redoes at most this much)."""
+WRITE_EVERY_EVENTS = 20_000
+"""Timeline rows are written in batches of this many events (bounds the rows held in memory) ..."""
+WRITE_EVERY_SECONDS = 5.0
+"""... or after this many seconds, whichever comes first; each write renews the lease."""
 FETCH_BATCH = 2_000
 FETCH_TIMEOUT_SECONDS = 10.0
 
@@ -116,6 +134,8 @@ class _Run:
     skipped: int = 0
     last_flush: float = field(default_factory=time.monotonic)
     unflushed: int = 0
+    last_write: float = field(default_factory=time.monotonic)
+    writer: asyncio.Task[None] | None = None
 
 
 class Rebuild:
@@ -132,6 +152,8 @@ class Rebuild:
         flush_every: int = FLUSH_EVERY_EVENTS,
         flush_seconds: float = FLUSH_EVERY_SECONDS,
         fetch_batch: int = FETCH_BATCH,
+        write_every: int = WRITE_EVERY_EVENTS,
+        write_seconds: float = WRITE_EVERY_SECONDS,
     ) -> None:
         self.engine = engine
         self.js = js
@@ -140,6 +162,8 @@ class Rebuild:
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.fetch_batch = fetch_batch
+        self.write_every = write_every
+        self.write_seconds = write_seconds
         self.owner = uuid.uuid4().hex
         self.progress = RebuildProgress("starting", 0, 0, 0, 0.0)
 
@@ -163,6 +187,10 @@ class Rebuild:
             self.progress = replace(self.progress, phase="failed", error=_describe(exc))
             self.on_progress(self.progress)
             if run is not None:
+                if run.writer is not None:
+                    run.writer.cancel()
+                    with contextlib.suppress(BaseException):
+                        await run.writer
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._release())
             raise
@@ -230,37 +258,26 @@ class Rebuild:
         after = run.changes.mark(stream).last_sequence
         if head <= after:
             return
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after + 1,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=60.0,
-            mem_storage=True,
-        )
-        consumer = await self.js.add_consumer(stream, config)
-        subscription = await self.js.pull_subscribe_bind(consumer=consumer.name, stream=stream)
-        try:
+        async with _PullReader(self.js, stream, after + 1, self.fetch_batch) as reader:
             while after < head:
-                try:
-                    messages = await subscription.fetch(min(self.fetch_batch, head - after), timeout=FETCH_TIMEOUT_SECONDS)
-                except (NatsTimeout, TimeoutError):
+                messages = await reader.next_batch(head - after)
+                if messages is None:
                     raise RebuildError(
                         f"stream {stream} delivered nothing after sequence {after} within "
                         f"{FETCH_TIMEOUT_SECONDS:.0f} s although its head was {head}"
-                    ) from None
+                    )
                 for message in messages:
-                    sequence = message.metadata.sequence.stream
+                    sequence = _stream_sequence(message)
                     if sequence <= head:
                         self._apply(run, stream, sequence, source, message.data)
                     after = max(after, sequence)
                 self._report(run, phase)
-                if flush and (run.unflushed >= self.flush_every or time.monotonic() - run.last_flush >= self.flush_seconds):
-                    await self._flush(run)
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self.js.delete_consumer(stream, consumer.name)
+                if flush:
+                    now = time.monotonic()
+                    if run.unflushed >= self.flush_every or now - run.last_flush >= self.flush_seconds:
+                        await self._flush(run)
+                    elif len(run.changes.timeline) >= self.write_every or now - run.last_write >= self.write_seconds:
+                        await self._write_timeline(run)
 
     def _apply(self, run: _Run, stream: str, sequence: int, source: str, data: bytes) -> None:
         """Apply one message. One that is not a decodable envelope is skipped (the live consumer
@@ -276,12 +293,35 @@ class Rebuild:
         run.unflushed += 1
 
     async def _flush(self, run: _Run) -> None:
+        """A checkpoint: the touched patients, the timeline rows not written yet and every
+        stream's position, in one transaction (after the timeline write in flight, if any)."""
+        await self._await_writer(run)
         async with self.engine.begin() as connection:
             await self._heartbeat(connection, run)
             await write_changes(connection, run.generation, run.changes)
         run.changes.clear()
         run.unflushed = 0
-        run.last_flush = time.monotonic()
+        run.last_flush = run.last_write = time.monotonic()
+
+    async def _write_timeline(self, run: _Run) -> None:
+        """Hand the timeline rows gathered so far to a background write (after the previous
+        one finished: one in flight at most) and go on applying messages meanwhile."""
+        await self._await_writer(run)
+        rows = run.changes.take_timeline()
+        run.last_write = time.monotonic()
+        run.writer = asyncio.create_task(self._insert_timeline(run, rows), name="rebuild-timeline-write")
+
+    async def _insert_timeline(self, run: _Run, rows: list[dict[str, Any]]) -> None:
+        async with self.engine.begin() as connection:
+            await self._heartbeat(connection, run)
+            await write_timeline(connection, run.generation, rows)
+
+    @staticmethod
+    async def _await_writer(run: _Run) -> None:
+        """Wait for the background timeline write; its failure is the rebuild's failure."""
+        writer, run.writer = run.writer, None
+        if writer is not None:
+            await writer
 
     # --- the swap -----------------------------------------------------------------------------
 
@@ -311,6 +351,97 @@ class Rebuild:
             resumed=run.resumed,
         )
         self.on_progress(self.progress)
+
+
+class _PullReader:
+    """Reads one stream from ``start`` with an ephemeral pull consumer, a batch at a time.
+
+    Pull requests (``CONSUMER.MSG.NEXT``) go out on the JetStream API with a plain subscription
+    as their reply inbox; its callback only appends, so a batch costs one wake-up instead of
+    one asyncio timer per message. Up to two requests are outstanding, so the server sends the
+    next batch while this one is applied; never more, so at most two batches are held."""
+
+    def __init__(self, js: JetStreamContext, stream: str, start: int, batch: int) -> None:
+        self.js = js
+        self.nc = js._nc  # the JetStream context's connection (no public accessor)
+        self.stream = stream
+        self.start = start
+        self.batch = batch
+        self.buffer: list[Msg] = []
+        self.arrived = asyncio.Event()
+        self.requested = 0  # messages asked for, in total
+        self.taken = 0  # messages handed out, in total
+        self.consumer: str | None = None
+        self.subscription: Any = None
+
+    async def __aenter__(self) -> _PullReader:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.start,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+        self.consumer = (await self.js.add_consumer(self.stream, config)).name
+        self.inbox = self.nc.new_inbox()
+        self.subscription = await self.nc.subscribe(self.inbox, cb=self._received)
+        self.next_subject = f"{self.js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await self.subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.js.delete_consumer(self.stream, self.consumer)
+
+    async def _received(self, msg: Msg) -> None:
+        if not msg.reply:
+            # A status message (404/408: a request ended unfilled; 409: refused): count what
+            # was asked for as answered, so the next call asks again.
+            self.requested = self.taken + len(self.buffer)
+        else:
+            self.buffer.append(msg)
+        self.arrived.set()
+
+    async def _request(self, remaining: int) -> None:
+        """Keep up to two batches asked for, never more than ``remaining`` (an upper bound of
+        the messages left up to the head: sequences may have gaps)."""
+        while True:
+            outstanding = self.requested - self.taken
+            size = min(self.batch, remaining - outstanding)
+            if outstanding >= 2 * self.batch or size <= 0:
+                return
+            request = {"batch": size, "expires": int(FETCH_TIMEOUT_SECONDS * 1e9)}
+            await self.nc.publish(self.next_subject, json.dumps(request).encode(), reply=self.inbox)
+            self.requested += size
+
+    async def next_batch(self, remaining: int) -> list[Msg] | None:
+        """The messages that have arrived (waiting for at least one), or None when nothing
+        came within ``FETCH_TIMEOUT_SECONDS``."""
+        deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
+        while not self.buffer:
+            self.arrived.clear()  # before asking: a status answer arriving meanwhile wakes the wait
+            await self._request(remaining)
+            if self.buffer:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+        batch, self.buffer = self.buffer, []
+        self.taken += len(batch)
+        await self._request(max(remaining - len(batch), 0))
+        return batch
+
+
+def _stream_sequence(message: Msg) -> int:
+    """The stream sequence from the reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.
+    <stream seq>.…`` (nats-py's ``metadata`` parses every field and builds three objects)."""
+    tokens = message.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5])
+    return message.metadata.sequence.stream
 
 
 async def ensure_no_lease(engine: AsyncEngine) -> None:

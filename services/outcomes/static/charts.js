@@ -10,7 +10,7 @@ function frame(id, width, height, titleText, descText) {
   const n = ++chartIds;
   return s("svg", {
     id, viewBox: `0 0 ${width} ${height}`, role: "img",
-    "aria-labelledby": `${id}-title-${n} ${id}-desc-${n}`,
+    "aria-labelledby": `${id}-title-${n}`, "aria-describedby": `${id}-desc-${n}`,
     preserveAspectRatio: "xMidYMid meet",
   },
   s("title", { id: `${id}-title-${n}` }, titleText),
@@ -71,12 +71,12 @@ function linePath(points) {
 function legendItem(group, kind) {
   const icon = s("svg", { viewBox: "0 0 36 16", "aria-hidden": "true", focusable: "false" });
   if (kind === "mean") {
-    icon.append(s("path", { d: "M2,8H34", class: `group-${group} dash-${group}`, "stroke-width": 3.5, fill: "none" }));
+    icon.append(s("path", { d: "M2,8H34", class: `legend-line group-${group} dash-${group}`, "stroke-width": 3.5 }));
     icon.append(marker(group, 18, 8, 3.5, { class: `group-${group}` }));
   } else if (kind === "km") {
-    icon.append(s("path", { d: "M2,4H16V12H34", class: `group-${group} dash-${group}`, "stroke-width": 2.6, fill: "none" }));
+    icon.append(s("path", { d: "M2,4H16V12H34", class: `legend-line group-${group} dash-${group}`, "stroke-width": 2.6 }));
   } else {
-    icon.append(s("path", { d: "M2,12L18,6L34,9", class: `group-${group} dash-${group}`, "stroke-width": 1.5, fill: "none", "stroke-opacity": 0.7 }));
+    icon.append(s("path", { d: "M2,12L18,6L34,9", class: `legend-line group-${group} dash-${group}`, "stroke-width": 1.5, "stroke-opacity": 0.7 }));
   }
   return icon;
 }
@@ -204,7 +204,7 @@ export function survivalChart(curves) {
   const H = plotBottom + 64 + rowsBelow * 19;
   const maxTime = Math.max(1, ...curves.flatMap((c) => c.steps.map((st) => st.time)));
   const x = linear([0, Math.ceil(maxTime)], [M.left, W - M.right]);
-  const y = linear([0, 1], [plotBottom, M.top]);
+  const y = linear([0, 1.04], [plotBottom, M.top]); // headroom: curves at 100 % stay visible
   const svg = frame("survival-chart", W, H, "Kaplan–Meier kidney-failure-free survival by group",
     curves.map((c) => `${GROUP_LABEL[c.group]}: ${c.n} patients, ${c.events} kidney failures, ` +
       `survival ${round(100 * (c.steps.at(-1)?.survival ?? 1), 0)} % at ${round(c.steps.at(-1)?.time ?? 0, 1)} years`).join("; ") +
@@ -220,11 +220,7 @@ export function survivalChart(curves) {
     const g = s("g", { class: "km-curve", "data-group": c.group, "data-source": source, "data-field": "steps" },
       s("title", {}, `${GROUP_LABEL[c.group]}: n = ${c.n}, ${c.events} kidney failures — from ${source}`));
     let d = `M${x(0)},${y(1)}`;
-    let last = 1;
-    for (const step of c.steps) {
-      d += `H${x(step.time).toFixed(1)}V${y(step.survival).toFixed(1)}`;
-      last = step.survival;
-    }
+    for (const step of c.steps) d += `H${x(step.time).toFixed(1)}V${y(step.survival).toFixed(1)}`;
     if (c.steps.length) d += `H${x(c.steps.at(-1).time).toFixed(1)}`;
     g.append(s("path", { class: `line group-${c.group} dash-${c.group}`, d }));
     c.steps.forEach((step, i) => {
@@ -241,9 +237,22 @@ export function survivalChart(curves) {
         g.lastChild.append(s("title", {}, tip));
       }
     });
-    void last;
     svg.append(g);
   });
+
+  // direct labels at each curve's end (curves often coincide at 100 %), stacked when they would collide
+  const placed = [];
+  for (const c of [...curves].sort((a, b) => (b.steps.at(-1)?.time ?? 0) - (a.steps.at(-1)?.time ?? 0))) {
+    const lastStep = c.steps.at(-1);
+    if (!lastStep) continue;
+    let ly = y(lastStep.survival) + (lastStep.survival > 0.5 ? 16 : -8);
+    while (placed.some((p) => Math.abs(p - ly) < 14)) ly += lastStep.survival > 0.5 ? 14 : -14;
+    placed.push(ly);
+    svg.append(s("text", {
+      class: `curve-label group-${c.group}`, x: Math.min(x(lastStep.time), W - M.right) - 4, y: ly, "text-anchor": "end",
+      "data-source": `GET /v1/cohorts/${c.group}/survival`, "data-field": `steps[${c.steps.length - 1}].survival`, "data-raw": lastStep.survival,
+    }, `${GROUP_LABEL[c.group]} ${round(100 * lastStep.survival, 0)} %`));
+  }
 
   const riskTop = plotBottom + 52;
   const risk = s("g", { class: "at-risk-table" });

@@ -217,9 +217,9 @@ export function round(x, places = 0, { signed = false } = {}) {
     for (; i >= 0 && digits[i] === 9; i--) digits[i] = 0;
     if (i < 0) digits.unshift(1); else digits[i] += 1;
   }
-  let text = digits.join("");
-  let int = text.slice(0, text.length - places).replace(/^0+(?=\d)/, "") || "0";
-  const out = places > 0 ? `${int}.${text.slice(text.length - places)}` : int;
+  const text = digits.join("");
+  const integer = text.slice(0, text.length - places).replace(/^0+(?=\d)/, "") || "0";
+  const out = places > 0 ? `${integer}.${text.slice(text.length - places)}` : integer;
   const zero = !/[1-9]/.test(out);
   if (x < 0 && !zero) return `−${out}`;
   return signed && !zero ? `+${out}` : out;
