@@ -50,8 +50,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+PREAMBLE = "# Benchmark results\n\nNewest run first. Produced by `make bench` (`python -m bench [module …]`).\n"
+
+
 def write(sections: list[str]) -> None:
     header = f"## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\nMachine: {machine()}  \nVersions: {versions()}\n"
-    previous = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nNewest run first. Produced by `make bench`.\n"
-    title, _, rest = previous.partition("\n\n")
-    RESULTS.write_text(f"{title}\n\n{header}\n" + "\n".join(sections) + "\n\n" + rest)
+    previous = RESULTS.read_text() if RESULTS.exists() else ""
+    runs = previous[previous.find("## Run of") :] if "## Run of" in previous else ""
+    RESULTS.write_text(f"{PREAMBLE}\n{header}\n" + "\n\n".join(sections) + "\n\n" + runs)

@@ -7,6 +7,10 @@ from 127.0.0.1 on the port of the service this container runs: the service is fo
 process table (``python -m services.<name>``), its port from ``NEPHROTRACK_<NAME>_PORT`` or the
 contract default. Exit status 0 on HTTP 200, 1 otherwise, as Docker expects. Standard library
 only: the slim image has no curl, and a health check must not depend on the application importing.
+
+``/readyz`` needs the operator role: the probe sends ``Authorization: Bearer`` with
+``NEPHROTRACK_OPERATOR_KEY`` when set, else with the first operator key of ``NEPHROTRACK_API_KEYS``
+(the container's own configuration); ``/healthz`` is open and ignores it.
 """
 
 from __future__ import annotations
@@ -51,9 +55,23 @@ def probe_url(target: str, proc: Path = Path("/proc")) -> str:
     return f"http://127.0.0.1:{service_port(service)}{target}"
 
 
-def check(url: str, timeout: float = 4.0) -> bool:
+def operator_key(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """The key to probe with: NEPHROTRACK_OPERATOR_KEY, else NEPHROTRACK_API_KEYS' first operator key."""
+    explicit = environ.get("NEPHROTRACK_OPERATOR_KEY", "").strip()
+    if explicit:
+        return explicit
+    for entry in environ.get("NEPHROTRACK_API_KEYS", "").split(","):
+        role, _, key = entry.strip().partition(":")
+        if role.strip().lower() == "operator" and key.strip():
+            return key.strip()
+    return None
+
+
+def check(url: str, timeout: float = 4.0, key: str | None = None) -> bool:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - local probe
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - local probe
             return response.status == 200
     except urllib.error.HTTPError as exc:  # 503 from /readyz lands here
         print(f"healthcheck: {url} answered {exc.code}: {exc.read(500).decode(errors='replace')}", file=sys.stderr)
@@ -65,7 +83,7 @@ def check(url: str, timeout: float = 4.0) -> bool:
 
 def main(argv: list[str]) -> int:
     target = argv[1] if len(argv) > 1 else "/healthz"
-    return 0 if check(probe_url(target)) else 1
+    return 0 if check(probe_url(target), key=operator_key()) else 1
 
 
 if __name__ == "__main__":

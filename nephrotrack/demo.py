@@ -31,7 +31,10 @@ from nats.js.errors import NoStreamResponseError
 from rich.console import Console
 from rich.table import Table
 
+from nephrotrack.credentials import API_KEYS_FILE, read_env_file
 from nephrotrack.seed import ABSTRACT, EXPECTED_COHORTS, SEED, Body, SeedPatient
+from shared.auth import ENV_VAR as API_KEYS_VAR
+from shared.auth import first_key_with_role
 from shared.broker import LAB_RESULTS_SUBJECT
 from shared.settings import DEFAULT_PORTS
 
@@ -55,7 +58,10 @@ class DemoError(RuntimeError):
 class Stack:
     """The addresses and credentials of a running stack, from the environment ``nephrotrack run``
     reads (``NEPHROTRACK_<SERVICE>_PORT``, ``NEPHROTRACK_HOST``, ``NATS_URL`` /
-    ``NEPHROTRACK_NATS_PORT``, API keys from the environment or ``<var>/api-keys.env``)."""
+    ``NEPHROTRACK_NATS_PORT``). Each credential comes from its own variable
+    (``NEPHROTRACK_STAFF_KEY``, ``NEPHROTRACK_LAB_NATS_USER``, …), else for a key from the first
+    key with that role in ``NEPHROTRACK_API_KEYS``, else from ``<var>/api-keys.env`` (what
+    ``nephrotrack run`` generates)."""
 
     urls: Mapping[str, str]
     nats_url: str
@@ -71,21 +77,20 @@ class Stack:
             for service, default in DEFAULT_PORTS.items()
         }
         nats_url = env.get("NATS_URL") or f"nats://127.0.0.1:{env.get('NEPHROTRACK_NATS_PORT') or 4222}"
-        written = _key_file(Path(env.get("NEPHROTRACK_VAR") or "var") / "api-keys.env")
-        keys = {name: value for name in CREDENTIALS if (value := env.get(name) or written.get(name))}
+        written = read_env_file(Path(env.get("NEPHROTRACK_VAR") or "var") / API_KEYS_FILE)
+        configured = env.get(API_KEYS_VAR)
+        keys = {}
+        for name in CREDENTIALS:
+            role = name.removeprefix("NEPHROTRACK_").removesuffix("_KEY").lower() if name.endswith("_KEY") else None
+            value = env.get(name) or (role and first_key_with_role(configured, role)) or written.get(name)
+            if value:
+                keys[name] = value
         return cls(urls, nats_url, keys)
 
     def headers(self, role: str) -> dict[str, str]:
         """``Authorization: Bearer`` with the role's key, once the stack has keys."""
         key = self.keys.get(f"NEPHROTRACK_{role.upper()}_KEY")
         return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _key_file(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
-    return {name.strip(): value.strip().strip("'\"") for name, value in pairs}
 
 
 # --- loading the seed -------------------------------------------------------------------------

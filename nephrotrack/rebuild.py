@@ -8,6 +8,7 @@ import asyncio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from nephrotrack.runtime import local_broker_url
 from services.outcomes.rebuild import RebuildProgress, default_streams, rebuild
 from shared.database import migrate
 from shared.settings import RuntimeSettings, database_url
@@ -42,4 +43,6 @@ def run_rebuild(*, restart: bool = False, console: Console | None = None) -> Reb
                 rate=f"{progress.events_per_second:,.0f}", eta=_eta(progress),
             )
 
-        return asyncio.run(rebuild(settings.broker_url(), url, default_streams(), restart=restart, on_progress=show))
+        # As the outcomes service's NATS user (it may create the replay consumers).
+        broker = local_broker_url("outcomes", settings)
+        return asyncio.run(rebuild(broker, url, default_streams(), restart=restart, on_progress=show))

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import structlog
 from faststream import Context
 from faststream.middlewares import AckPolicy
@@ -23,12 +24,38 @@ from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from shared import metrics
 from shared.events import Envelope
 from shared.store import EventStore, UnitOfWork
 
 log = structlog.get_logger(__name__)
+
+
+def _fetch_timeouts_as_nats_errors() -> None:
+    """nats-py 2.16's ``PullSubscription.fetch`` raises the builtin ``TimeoutError`` when its
+    deadline runs out between its two pull requests, but FastStream's batch pull loop only
+    catches ``nats.errors.TimeoutError``: the builtin one kills the loop, which drops the partial
+    batch it had fetched — left unacknowledged until ``ack_wait`` (60 s) redelivers it. Re-raise
+    it as the nats subclass (still a ``TimeoutError`` for every other caller)."""
+    original = JetStreamContext.PullSubscription.fetch
+    if getattr(original, "nephrotrack_shim", False):
+        return
+
+    async def fetch(self: JetStreamContext.PullSubscription, *args: Any, **kwargs: Any) -> list[Msg]:
+        try:
+            return await original(self, *args, **kwargs)
+        except nats.errors.TimeoutError:
+            raise
+        except TimeoutError as exc:
+            raise nats.errors.TimeoutError from exc
+
+    fetch.nephrotrack_shim = True  # type: ignore[attr-defined]
+    JetStreamContext.PullSubscription.fetch = fetch  # type: ignore[method-assign]
+
+
+_fetch_timeouts_as_nats_errors()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ reader (aggregates, projections, rebuilds) only ever sees the current version.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -19,6 +20,11 @@ from shared.ids import new_event_id
 
 Payload = dict[str, Any]
 Upcaster = Callable[[Payload], Payload]
+
+request_principal: ContextVar[str | None] = ContextVar("nephrotrack_request_principal", default=None)
+"""The authenticated caller (``<role>:<key fingerprint>``) of the HTTP request being served, set by
+:mod:`shared.auth`. Every event recorded while serving it names that caller as its ``actor``,
+whatever channel label the code passed (``labs:fhir``, ``anonymous``): who did it is the caller."""
 
 
 def utcnow() -> datetime:
@@ -140,7 +146,7 @@ class Envelope(BaseModel):
             occurred_at=occurred_at or utcnow(),
             correlation_id=context.correlation_id,
             causation_id=context.causation_id,
-            actor=context.actor,
+            actor=request_principal.get() or context.actor,
             payload=domain_event.model_dump(mode="json"),
         )
 

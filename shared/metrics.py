@@ -77,3 +77,14 @@ LAB_RESULTS_PARKED = Gauge(
     "nephrotrack_lab_results_parked",
     "Lab results held because their subject is not enrolled (yet) with the labs service.",
 )
+PROJECTION_LAG_EVENTS = Gauge(
+    "nephrotrack_projection_lag_events",
+    "Outcomes projection: messages in a source service's stream not yet applied to the projection "
+    "the API serves (stream head sequence minus the last applied sequence), by source service.",
+    ["source"],
+)
+PROJECTION_LAG_SECONDS = Gauge(
+    "nephrotrack_projection_lag_seconds",
+    "Outcomes projection: 0 when every source stream is applied up to its head; otherwise how long "
+    "the oldest event not yet applied has been waiting (now minus its recorded_at), over all sources.",
+)

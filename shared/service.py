@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -18,15 +20,20 @@ from uuid import UUID
 
 import structlog
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from faststream.nats import JStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shared import metrics
 from shared.asyncapi import asyncapi_document, envelope_schema
+from shared.audit import audit_routes
+from shared.auth import AuthConfigError, Authorizer, AuthMiddleware, KeyRing, is_public_endpoint, route_patterns
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine
@@ -42,12 +49,29 @@ log = structlog.get_logger(__name__)
 Decide = Callable[[list[DomainEvent]], Sequence[DomainEvent]]
 BackgroundTask = Callable[[], Awaitable[None]]
 
+# Documents the bearer scheme in OpenAPI (the "Authorize" button of /docs); enforcement is
+# AuthMiddleware's, before routing, so this never refuses anything itself.
+_bearer_doc = Depends(HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>` (NEPHROTRACK_API_KEYS)"))
+
+
+class ServiceApp(FastAPI):
+    """A service's FastAPI app, with authentication as the outermost layer of the middleware stack
+    (so no middleware added later — metrics, freshness stamps — runs for a refused request)."""
+
+    service: Service
+
+    def build_middleware_stack(self) -> Any:
+        inner = super().build_middleware_stack()
+        public = route_patterns(route for route in self.routes if is_public_endpoint(getattr(route, "endpoint", None)))
+        return AuthMiddleware(inner, Authorizer(self.service.name, self.service.keys, public))
+
 
 class Service:
     def __init__(self, name: str, *, database: str | None = None) -> None:
         self.name = name
         self.settings = RuntimeSettings()
         self.topology = Topology.from_env()
+        self.keys = KeyRing.from_env()  # AuthConfigError (naming the bad entry) if malformed
         self.store = EventStore(create_engine(database or database_url(name, self.settings)), subject_for=self._subject_for)
         self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}")
         self.consumers: list[DurableConsumer] = []
@@ -123,6 +147,7 @@ class Service:
 
     # --- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        self._announce_keys()
         await self.broker.connect()
         js = self.broker.connection.jetstream()
         await ensure_streams(js, self.topology.all_streams(SERVICES))
@@ -133,6 +158,19 @@ class Service:
         for task in self.background:
             self._spawn(task)
         log.info("service started", service=self.name)
+
+    def _announce_keys(self) -> None:
+        if not self.keys.configured:
+            log.warning(
+                "NEPHROTRACK_API_KEYS is not set: failing closed, every HTTP request but /healthz is refused "
+                "with 401. Set NEPHROTRACK_API_KEYS=role:key,... (roles staff, analyst, operator); "
+                "`nephrotrack run` sets it for you.",
+                service=self.name,
+            )
+            return
+        log.info("API keys loaded", service=self.name, keys=self.keys.roles())  # fingerprints, never keys
+        if self.keys.short_keys:
+            log.warning("short API keys (under 16 characters): use long random keys", fingerprints=self.keys.short_keys)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -181,34 +219,43 @@ class Service:
             finally:
                 await self.stop()
 
-        app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
+        app = ServiceApp(title=title, description=description, version=version, lifespan=lifespan)
+        app.service = self
         app.state.service = self
         install_error_handlers(app)
+        # Innermost (added first): its refusals, raised from `receive`, must reach the exception
+        # handlers directly, not through a BaseHTTPMiddleware's task group. docs/robustness.md
+        app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_SECONDS)
         install_request_metrics(app)
         app.include_router(self._operational_routes())
+        app.include_router(audit_routes(self), dependencies=[_bearer_doc])
         for router in routers:
-            app.include_router(router)
+            public = all(is_public_endpoint(getattr(route, "endpoint", None)) for route in router.routes)
+            app.include_router(router, dependencies=[] if public else [_bearer_doc])
         return app
 
     def _operational_routes(self) -> APIRouter:
         router = APIRouter(tags=["operations"])
 
-        @router.get("/healthz", summary="Process alive")
+        @router.get("/healthz", summary="Process alive (open: no key needed)")
         async def healthz() -> dict[str, str]:
             return {"status": "ok", "service": self.name}
 
-        @router.get("/readyz", summary="Store and broker reachable (503 otherwise)")
+        @router.get("/readyz", summary="Store and broker reachable (503 otherwise); role operator",
+                    dependencies=[_bearer_doc])
         async def readyz() -> Response:
             problems = await self.ready()
             if problems:
                 return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
             return JSONResponse({"status": "ready", "service": self.name})
 
-        @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+        @router.get("/metrics", summary="Prometheus metrics; role operator", response_class=PlainTextResponse,
+                    dependencies=[_bearer_doc])
         async def prometheus() -> Response:
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-        @router.get("/asyncapi.json", summary="AsyncAPI 3 document of the events this service publishes and consumes")
+        @router.get("/asyncapi.json", dependencies=[_bearer_doc],
+                    summary="AsyncAPI 3 document of the events this service publishes and consumes; role operator")
         async def asyncapi() -> Response:
             return JSONResponse(asyncapi_document(self.broker, service=self.name))
 
@@ -224,6 +271,8 @@ class Service:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=5,
+            http=_HeadTimeoutProtocol,
+            limit_concurrency=MAX_CONCURRENCY,
         )
 
 
@@ -241,7 +290,7 @@ async def _forever(factory: BackgroundTask) -> None:
 
 
 def command_context(request: Request) -> CommandContext:
-    """Who is acting (set by authentication when present) and the caller's correlation id."""
+    """Who is acting (``<role>:<key fingerprint>``, set by shared.auth) and the caller's correlation id."""
     actor = getattr(request.state, "principal", None) or "anonymous"
     raw = request.headers.get("x-correlation-id")
     try:
@@ -264,6 +313,20 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        # Text PostgreSQL cannot hold (a NUL character in an id): the request's fault, 422.
+        if getattr(exc.orig, "sqlstate", None) in ("22021", "22P05"):
+            return JSONResponse({"detail": "the request holds a character no text field can store (NUL, \\u0000)"},
+                                status_code=422)
+        # A lost database connection (server restart, connection cut) is not the request's fault:
+        # 503 with a reason and Retry-After, rather than an anonymous 500. Anything else is a bug.
+        if not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)):
+            raise exc
+        log.warning("database unavailable during a request", error=type(exc.orig).__name__)
+        return JSONResponse({"detail": "the service's database is temporarily unavailable; retry shortly"},
+                            status_code=503, headers={"Retry-After": "1"})
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:
@@ -289,7 +352,95 @@ def install_request_metrics(app: FastAPI) -> None:
 
 
 
+# --- bounds on what a client can make a service hold (docs/robustness.md) ---------------------
+
+MAX_BODY_BYTES = int(os.environ.get("NEPHROTRACK_MAX_BODY_BYTES") or 2 * 1024 * 1024)
+"""Largest request body any service reads (413 beyond); labs' FHIR (1 MiB) and JSON (64 KiB)
+endpoints refuse less, with their own reasons, before this."""
+BODY_TIMEOUT_SECONDS = float(os.environ.get("NEPHROTRACK_BODY_TIMEOUT_SECONDS") or 30)
+"""A request body must arrive within this (408 otherwise): a client sending 1 byte a second
+does not hold a request open for hours."""
+HEAD_TIMEOUT_SECONDS = float(os.environ.get("NEPHROTRACK_HEAD_TIMEOUT_SECONDS") or 15)
+"""A connection must send a complete request line and headers within this after it opened (or
+after its previous response); else it is closed (slowloris)."""
+MAX_CONCURRENCY = int(os.environ.get("NEPHROTRACK_HTTP_MAX_CONCURRENCY") or 500)
+"""Connections plus requests in progress per service process; uvicorn answers 503 beyond."""
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over ``max_bytes`` (declared: 413 before reading; streamed:
+    413 once past it) or one that does not arrive within ``timeout`` seconds (408), with the
+    contract's ``{"detail": …}``. Raised as FastAPI's HTTPException from ``receive``, which
+    FastAPI passes through body parsing untouched (anything else there becomes a 400)."""
+
+    def __init__(self, app: Any, *, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            body = json.dumps({"detail": f"request body is {int(declared)} bytes; the limit is {self.max_bytes}"})
+            await send({"type": "http.response.start", "status": 413, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body.encode()})
+            return
+        received = 0
+        deadline = time.monotonic() + self.timeout
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.timeout:g} s",
+                                    headers={"Connection": "close"}) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, f"request body is over {self.max_bytes} bytes, the limit",
+                                        headers={"Connection": "close"})
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class _HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus a deadline for each request's line and headers."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self.transport.close)
+
+
 def run_service(name: str, create_app: Callable[[Service], FastAPI]) -> None:
     """Entry point of a service process (``python -m services.<name>``)."""
-    service = Service(name)
+    try:
+        service = Service(name)
+    except AuthConfigError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
     service.serve(create_app(service))

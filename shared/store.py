@@ -272,9 +272,12 @@ class UnitOfWork:
         rows = [self._event_row(envelope) for envelope in envelopes]
         try:
             if store.is_postgres:
-                tx = text("pg_current_xact_id()::text::bigint")
-                values = [{**row, "tx_id": tx} for row in rows] if store.gap_strategy is GapStrategy.XMIN else rows
-                await self.connection.execute(insert(events).values(values))
+                # executemany of one cached statement (tx_id as a SQL expression, the same for
+                # every row): a multi-row .values() would be compiled afresh for every batch.
+                statement = insert(events)
+                if store.gap_strategy is GapStrategy.XMIN:
+                    statement = statement.values(tx_id=_CURRENT_XACT_ID)
+                await self.connection.execute(statement, rows)
             else:
                 await self.connection.execute(insert(events), rows)
         except IntegrityError as exc:
@@ -356,6 +359,9 @@ async def _read_stream(store: EventStore, connection: AsyncConnection, stream_id
         select(events).where(events.c.stream_id == stream_id).order_by(events.c.stream_version)
     )
     return [store._envelope(row) for row in rows]
+
+
+_CURRENT_XACT_ID = text("pg_current_xact_id()::text::bigint")
 
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:

@@ -89,7 +89,7 @@ class Stack:
     async def wait_ready(self, services: Iterable[str], timeout: float = 40.0) -> None:
         deadline = time.monotonic() + timeout
         pending = set(services)
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with self.client(timeout=2) as client:  # /readyz needs the operator role
             while pending:
                 for service in list(pending):
                     if self.processes[service].poll() is not None:

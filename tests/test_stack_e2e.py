@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -48,7 +47,7 @@ async def test_the_published_cohort_is_reproduced_through_the_whole_stack(tmp_pa
         assert control["n"] == 1 and control["mean_baseline_egfr"] == 33.0 and control["kidney_failure_count"] == 1
         assert a["kidney_failure_count"] == 0 and b["kidney_failure_count"] == 0
 
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with stack.client(timeout=5) as client:
             patient = (await client.get(f"{stack.url('outcomes')}/v1/patients/IGA-C-001")).json()
             assert patient["kidney_failure"] is True and patient["kidney_failure_years"] < 2
             for service in SERVICES:

@@ -145,7 +145,7 @@ async def clinical(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     try:
         await stack.start()
         stores = {s: EventStore(create_engine(stack.database_urls[s])) for s in ("pulse", "cells")}
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with stack.client(timeout=30) as http:
             yield Clinical(stack, prefix, http, client.jetstream(), stores)
     finally:
         for store in stores.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import threading
@@ -50,9 +51,11 @@ def service_port() -> Iterator[int]:
     server.shutdown()
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # As Docker runs it: a fresh interpreter, the script by path, only the standard library.
-    return subprocess.run([sys.executable, "-S", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+    environ = {k: v for k, v in os.environ.items() if k not in ("NEPHROTRACK_API_KEYS", "NEPHROTRACK_OPERATOR_KEY")}
+    return subprocess.run([sys.executable, "-S", str(SCRIPT), *args], capture_output=True, text=True, timeout=30,
+                          env={**environ, **(env or {})})
 
 
 def test_exit_status_follows_the_probe(service_port: int) -> None:
@@ -60,6 +63,34 @@ def test_exit_status_follows_the_probe(service_port: int) -> None:
     not_ready = _run(f"http://127.0.0.1:{service_port}/readyz")
     assert not_ready.returncode == 1
     assert "503" in not_ready.stderr and "broker" in not_ready.stderr
+
+
+class _GuardedProbe(_Probe):
+    """/readyz answers 200 only to the operator key, as a service does."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/readyz" and self.headers.get("Authorization") != "Bearer op-key-0123456789":
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_readyz_is_probed_with_the_operator_key() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GuardedProbe)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/readyz"
+    try:
+        keys = {"NEPHROTRACK_API_KEYS": "staff:s-key-0123456789,operator:op-key-0123456789"}
+        assert _run(url, env=keys).returncode == 0
+        assert _run(url, env={"NEPHROTRACK_OPERATOR_KEY": "op-key-0123456789"}).returncode == 0
+        refused = _run(url, env={"NEPHROTRACK_API_KEYS": "staff:s-key-0123456789"})
+        assert refused.returncode == 1 and "401" in refused.stderr
+    finally:
+        server.shutdown()
 
 
 def test_unreachable_service_is_unhealthy() -> None:

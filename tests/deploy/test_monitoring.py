@@ -102,8 +102,37 @@ def test_rule_files_resolve(prometheus_config: dict[str, Any]) -> None:
         assert (PROMETHEUS_DIR / pattern).is_file(), f"{pattern} (relative to prometheus.yml) does not exist"
 
 
-def test_promtool_check_config() -> None:
-    result = _run([_promtool(), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")])
+OPERATOR_KEY_SECRET = "/run/secrets/nephrotrack_operator_key"
+
+
+def test_services_are_scraped_and_probed_as_operator(prometheus_config: dict[str, Any]) -> None:
+    """/metrics and /readyz need the operator role: Prometheus and the blackbox exporter send the
+    operator key, a compose secret made from NEPHROTRACK_OPERATOR_KEY, mounted into both."""
+    scrape = _job(prometheus_config, "nephrotrack")["authorization"]
+    assert (scrape.get("type", "Bearer"), scrape["credentials_file"]) == ("Bearer", OPERATOR_KEY_SECRET)
+    module = _job(prometheus_config, "nephrotrack-readiness")["params"]["module"][0]
+    probe = load_yaml(PROMETHEUS_DIR / "blackbox.yml")["modules"][module]["http"]["authorization"]
+    assert (probe.get("type", "Bearer"), probe["credentials_file"]) == ("Bearer", OPERATOR_KEY_SECRET)
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    secret = OPERATOR_KEY_SECRET.rsplit("/", 1)[1]
+    assert compose["secrets"][secret] == {"environment": "NEPHROTRACK_OPERATOR_KEY"}
+    for name in ("prometheus", "blackbox"):
+        assert secret in compose["services"][name]["secrets"], f"{name} does not get the operator key"
+    for name in SERVICES:
+        keys = compose["services"][name]["environment"]["NEPHROTRACK_API_KEYS"]
+        assert "operator:${NEPHROTRACK_OPERATOR_KEY" in keys, f"{name}: the scrape key is not one of its operator keys"
+
+
+def test_promtool_check_config(tmp_path: Path) -> None:
+    # promtool insists that credentials files exist; the operator key is a compose secret that only
+    # exists in the container, so the check runs on a copy pointing at a stand-in file.
+    promtool = _promtool()
+    stand_in = tmp_path / "operator_key"
+    stand_in.write_text("stand-in\n")
+    (tmp_path / "alerts.yml").write_text((PROMETHEUS_DIR / "alerts.yml").read_text())
+    config = tmp_path / "prometheus.yml"
+    config.write_text((PROMETHEUS_DIR / "prometheus.yml").read_text().replace(OPERATOR_KEY_SECRET, str(stand_in)))
+    result = _run([promtool, "check", "config", str(config)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 

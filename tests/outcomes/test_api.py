@@ -25,6 +25,7 @@ from shared.service import Service
 from tests.conftest import NATS_URL, drop_database, free_port, new_database_url
 from tests.outcomes.conftest import Feed
 from tests.outcomes.mixed_run import Published, publish
+from tests.stack import AUTH_HEADERS, TEST_API_KEYS
 from tests.unit.outcomes.outcome_events import dialysis, dose, egfr, enrolled
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,6 +65,7 @@ def cohort() -> list[Published]:
 async def api(backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology,
               monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setenv("NATS_URL", NATS_URL)
+    monkeypatch.setenv("NEPHROTRACK_API_KEYS", TEST_API_KEYS)
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
     port = free_port()
@@ -73,7 +75,7 @@ async def api(backend: str, tmp_path: Path, nats_client: nats.NATS, topology: To
     while not server.started:
         await asyncio.sleep(0.05)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=AUTH_HEADERS) as client:
             await publish(nats_client.jetstream(), topology, cohort())
             await caught_up(client)
             yield client

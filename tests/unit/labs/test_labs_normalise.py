@@ -41,7 +41,7 @@ def rejection_code(**changes) -> str:
 
 def test_accepted_codes_table():
     egfr_codes = {"98979-8", "33914-3", "48642-3", "48643-1", "62238-1", "69405-9", "50044-7", "88293-6",
-                  "88294-4", "77147-7", "94677-2"}
+                  "88294-4", "77147-7", "94677-2", "98980-6"}
     assert {code for code, entry in ACCEPTED_CODES.items() if entry.analyte == "egfr"} == egfr_codes
     assert ACCEPTED_CODES["2160-0"].unit == "mg/dL"
     assert ACCEPTED_CODES["14682-9"].unit == "umol/L"
