@@ -298,6 +298,17 @@ async def _refuse(send: Send, refusal: Refusal) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def leaf_routes(routes: Iterable[Any]) -> Iterable[Any]:
+    """The routes themselves: FastAPI ≥ 0.16x keeps an included router as one entry holding the
+    ``original_router`` (its paths unprefixed — Service.app includes routers without a prefix)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from leaf_routes(inner.routes)
+        else:
+            yield route
+
+
 def route_patterns(routes: Iterable[Any]) -> list[tuple[frozenset[str] | None, Any]]:
     """(methods, path regex) of Starlette routes, for :attr:`Authorizer.public`."""
     found = []

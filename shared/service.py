@@ -33,7 +33,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from shared import metrics
 from shared.asyncapi import asyncapi_document, envelope_schema
 from shared.audit import audit_routes
-from shared.auth import AuthConfigError, Authorizer, AuthMiddleware, KeyRing, is_public_endpoint, route_patterns
+from shared.auth import (
+    AuthConfigError,
+    Authorizer,
+    AuthMiddleware,
+    KeyRing,
+    is_public_endpoint,
+    leaf_routes,
+    route_patterns,
+)
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine
@@ -62,7 +70,9 @@ class ServiceApp(FastAPI):
 
     def build_middleware_stack(self) -> Any:
         inner = super().build_middleware_stack()
-        public = route_patterns(route for route in self.routes if is_public_endpoint(getattr(route, "endpoint", None)))
+        public = route_patterns(
+            route for route in leaf_routes(self.routes) if is_public_endpoint(getattr(route, "endpoint", None))
+        )
         return AuthMiddleware(inner, Authorizer(self.service.name, self.service.keys, public))
 
 

@@ -104,10 +104,17 @@ async def load_generation(
     return patients, marks
 
 
-async def write_changes(connection: AsyncConnection, generation: int, changes: ProjectionChanges) -> None:
+async def write_changes(
+    connection: AsyncConnection, generation: int, changes: ProjectionChanges,
+    patient_rows: list[dict[str, Any]] | None = None,
+) -> None:
     """Upsert the touched patients, insert new timeline rows (an event already there is left
-    alone), and move each stream's checkpoint forward (never back) — in the caller's transaction."""
-    rows = [{"generation": generation, **row} for row in changes.patient_rows()]
+    alone), and move each stream's checkpoint forward (never back) — in the caller's transaction.
+    ``patient_rows``: ``changes.patient_rows()`` computed beforehand, outside the transaction
+    (the rebuild's checkpoints: serialising thousands of patients takes seconds)."""
+    if patient_rows is None:
+        patient_rows = changes.patient_rows()
+    rows = [{"generation": generation, **row} for row in patient_rows]
     if rows:
         insert = _insert(connection, tables.patients)
         await connection.execute(

@@ -66,7 +66,10 @@ LEASE_SECONDS = 30.0
 FLUSH_EVERY_EVENTS = 2_000_000
 """Checkpoint (patients + positions) at least this often, in events ..."""
 FLUSH_EVERY_SECONDS = 60.0
-"""... or in seconds (an interrupted rebuild redoes at most this much)."""
+"""... or in seconds (an interrupted rebuild redoes about this much) — stretched so that
+checkpoints take at most ``CHECKPOINT_SHARE`` of the time: each one writes every patient touched
+since the last, and with lab results arriving round the cohort that is all of them."""
+CHECKPOINT_SHARE = 0.1
 WRITE_EVERY_EVENTS = 20_000
 """Timeline rows are written in batches of this many events (bounds the rows held in memory) ..."""
 WRITE_EVERY_SECONDS = 5.0
@@ -136,6 +139,7 @@ class _Run:
     unflushed: int = 0
     last_write: float = field(default_factory=time.monotonic)
     writer: asyncio.Task[None] | None = None
+    checkpoint_seconds: float = 0.0  # how long the last checkpoint took
 
 
 class Rebuild:
@@ -274,7 +278,8 @@ class Rebuild:
                 self._report(run, phase)
                 if flush:
                     now = time.monotonic()
-                    if run.unflushed >= self.flush_every or now - run.last_flush >= self.flush_seconds:
+                    spacing = max(self.flush_seconds, run.checkpoint_seconds / CHECKPOINT_SHARE)
+                    if run.unflushed >= self.flush_every or now - run.last_flush >= spacing:
                         await self._flush(run)
                     elif len(run.changes.timeline) >= self.write_every or now - run.last_write >= self.write_seconds:
                         await self._write_timeline(run)
@@ -296,12 +301,17 @@ class Rebuild:
         """A checkpoint: the touched patients, the timeline rows not written yet and every
         stream's position, in one transaction (after the timeline write in flight, if any)."""
         await self._await_writer(run)
+        started = time.monotonic()
+        patient_rows = run.changes.patient_rows()  # before the transaction: it is the slow part
         async with self.engine.begin() as connection:
+            await write_changes(connection, run.generation, run.changes, patient_rows)
+            # Last, so projection_state stays locked (live batches read it FOR SHARE) only for
+            # the end of the transaction; if the lease was lost, it raises and all is rolled back.
             await self._heartbeat(connection, run)
-            await write_changes(connection, run.generation, run.changes)
         run.changes.clear()
         run.unflushed = 0
         run.last_flush = run.last_write = time.monotonic()
+        run.checkpoint_seconds = run.last_flush - started
 
     async def _write_timeline(self, run: _Run) -> None:
         """Hand the timeline rows gathered so far to a background write (after the previous
@@ -313,8 +323,8 @@ class Rebuild:
 
     async def _insert_timeline(self, run: _Run, rows: list[dict[str, Any]]) -> None:
         async with self.engine.begin() as connection:
-            await self._heartbeat(connection, run)
             await write_timeline(connection, run.generation, rows)
+            await self._heartbeat(connection, run)  # last: see _flush
 
     @staticmethod
     async def _await_writer(run: _Run) -> None:
