@@ -19,6 +19,7 @@ its profile there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -100,6 +101,17 @@ async def wait_drained(js: nats.js.JetStreamContext, stream: str, consumer: str,
     raise TimeoutError(f"consumer {consumer} did not drain the existing backlog")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs: how much of the machine was left to others."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -138,7 +150,7 @@ stop()
 """
 
 
-async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[str, bytes]]) -> tuple[float, float, int]:
+async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[str, bytes]]) -> dict[str, float]:
     js = nc.jetstream()
     topology = Topology(prefix)
     stack = _Stack(Path(tmp), prefix, ["labs"], backend="postgresql")
@@ -155,6 +167,8 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[
         await wait_drained(js, topology.lab_results_stream.name, f"{prefix}-labs-results")
         service_stream = topology.service_stream("labs").name
 
+        pid = stack.processes["labs"].pid
+        cpu_before, idle_before = process_cpu_seconds(pid), machine_idle()
         started = time.perf_counter()
         sequences = await publish_all(js, LAB_RESULTS_SUBJECT, payloads)
         while True:
@@ -165,6 +179,9 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[
                 raise TimeoutError(f"only {info.state.messages} of {2 * len(payloads)} events published")
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
+        cpu = process_cpu_seconds(pid) - cpu_before
+        idle_after = machine_idle()
+        idle = (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
         subject = f"{prefix}.labs.EgfrComputed"
         info = await js.stream_info(service_stream, subjects_filter=subject)
         published = (info.state.subjects or {}).get(subject, 0)
@@ -174,13 +191,18 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[
             )
         await engine.dispose()
         assert stored == len(payloads) == published, (stored, published)
-        return len(payloads) / elapsed, peak_rss_mib(stack.processes["labs"].pid), stored
+        return {
+            "rate": len(payloads) / elapsed, "rss": peak_rss_mib(pid), "stored": stored,
+            "cpu_us": 1e6 * cpu / len(payloads), "cpu_share": cpu / elapsed, "idle": idle,
+        }
     finally:
         await stack.stop()
         await _delete(js, topology.lab_results_stream.name, sequences)
         for name in [s.config.name for s in await js.streams_info()]:
             if name.startswith(prefix.upper()):
                 await js.delete_stream(name)
+        with contextlib.suppress(Exception):  # the durable consumer on the shared stream outlives the stack
+            await js.delete_consumer(topology.lab_results_stream.name, f"{prefix}-labs-results")
 
 
 async def _delete(js: nats.js.JetStreamContext, stream: str, sequences: list[int]) -> None:
@@ -196,18 +218,21 @@ async def run(tmp: str) -> str:
     nc = await nats.connect(NATS_URL)
     try:
         raw = await raw_rate(nc, payloads)
-        e2e, rss, stored = await end_to_end(tmp, nc, prefix, payloads)
+        e2e = await end_to_end(tmp, nc, prefix, payloads)
     finally:
         await nc.drain()
+    rate = e2e["rate"]
     return "\n".join([
         f"### Lab ingestion: {N:,} contract JSON results on `labs.results` (creatinine, one result id each)",
         "",
         "| path | results/s |",
         "|---|---|",
         f"| raw: bare nats-py JetStream pull consumer (fetch {FETCH}, ack each) | {raw:,.0f} |",
-        f"| end to end: labs process on PostgreSQL, until all {stored:,} EgfrComputed are stored and published "
-        f"(2 events/result) | {e2e:,.0f} |",
+        f"| end to end: labs process on PostgreSQL, until all {e2e['stored']:,.0f} EgfrComputed are stored and "
+        f"published (2 events/result) | {rate:,.0f} |",
         "",
-        f"End to end ÷ raw: {e2e / raw:.0%}. Patients known beforehand ({PATIENTS} rows inserted into the labs "
-        f"service's `known_patients`). Peak RSS of the labs process (VmHWM): {rss:.0f} MiB.",
+        f"End to end ÷ raw: {rate / raw:.0%}. Patients known beforehand ({PATIENTS} rows inserted into the labs "
+        f"service's `known_patients`). Labs process: {e2e['cpu_us']:,.0f} µs CPU per result "
+        f"({e2e['cpu_share']:.0%} of a core), peak RSS (VmHWM) {e2e['rss']:.0f} MiB. Machine CPU idle during the "
+        f"end-to-end run: {e2e['idle']:.0%} (low idle = other work on the machine competed for the 2 cores).",
     ])

@@ -86,7 +86,7 @@ class Stack:
         process.send_signal(sig)
         process.wait(10)
 
-    async def wait_ready(self, services: Iterable[str], timeout: float = 40.0) -> None:
+    async def wait_ready(self, services: Iterable[str], timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         pending = set(services)
         async with self.client(timeout=2) as client:  # /readyz needs the operator role

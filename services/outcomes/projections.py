@@ -167,17 +167,22 @@ async def write_timeline(connection: AsyncConnection, generation: int, rows: lis
             [{"generation": generation, **row} for row in rows],
         )
         return
-    driver = (await connection.get_raw_connection()).driver_connection  # asyncpg, in this transaction
     columns = ", ".join(f'"{name}"' for name in _TIMELINE_COLUMNS)
-    await driver.execute(
+    # Through SQLAlchemy first: that is what begins the transaction on the driver's connection
+    # (lazily, at the first statement); COPY on the bare asyncpg connection before it would
+    # autocommit — and ON COMMIT DELETE ROWS would empty the load table at once.
+    await connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE IF NOT EXISTS outcome_timeline_load "
         f"(LIKE {tables.timeline.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
+    driver = (await connection.get_raw_connection()).driver_connection  # asyncpg
+    if not driver.is_in_transaction():
+        raise RuntimeError("write_timeline needs the caller's transaction to have begun on the driver connection")
     values = operator.itemgetter(*_TIMELINE_COLUMNS[1:])
     await driver.copy_records_to_table(
         "outcome_timeline_load", records=[(generation, *values(row)) for row in rows], columns=list(_TIMELINE_COLUMNS)
     )
-    await driver.execute(
+    await connection.exec_driver_sql(
         f"INSERT INTO {tables.timeline.name} ({columns}) SELECT {columns} FROM outcome_timeline_load "
         "ON CONFLICT DO NOTHING"
     )

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import nats
@@ -202,14 +201,6 @@ async def cut_database_connections(url: str) -> int:
             return sum(1 for row in rows if row[0])
     finally:
         await admin.dispose()
-
-
-def pids_of(processes: Iterable[subprocess.Popen[bytes]]) -> list[int]:
-    return [p.pid for p in processes if p.poll() is None]
-
-
-def env_flag(name: str, value: str) -> bool:
-    return os.environ.get(name, "").lower() == value
 
 
 class EmbeddedRun:

@@ -11,6 +11,7 @@ its own messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import random
@@ -30,7 +31,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from hl7.client import MLLPClient
 
 from services.labs.domain import ckd_epi_2021
-from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT
+from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
 from shared.database import create_engine
 from shared.store import EventStore
 from tests.conftest import BACKENDS, NATS_URL
@@ -186,7 +187,15 @@ async def labs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         for name in [s.config.name for s in await js.streams_info()]:
             if name.startswith(prefix.upper()):
                 await js.delete_stream(name)
+        await forget_lab_consumer(js, prefix)
         await nc.drain()
+
+
+async def forget_lab_consumer(js: Any, prefix: str) -> None:
+    """The stack's durable consumer on the shared LABS_RESULTS stream outlives its stack; left
+    there, every later message on ``labs.results`` would be tracked for it forever."""
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(Topology(prefix).lab_results_stream.name, f"{prefix}-labs-results")
 
 
 def lab_json(labs: Labs, subject_id: str, **changes: Any) -> dict[str, Any]:

@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import NATS_URL
+from tests.labs.test_labs_service import forget_lab_consumer
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -29,13 +32,20 @@ VALID = (
 @pytest.fixture(scope="module")
 async def mllp_port(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[int]:
     tmp_path: Path = tmp_path_factory.mktemp("mllp-fuzz")
-    stack = Stack(tmp_path, f"t{uuid.uuid4().hex[:10]}", ["labs"], backend="sqlite",
-                  extra_env={"NEPHROTRACK_MLLP_READ_TIMEOUT_SECONDS": "5"})
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    stack = Stack(tmp_path, prefix, ["labs"], backend="sqlite", extra_env={"NEPHROTRACK_MLLP_READ_TIMEOUT_SECONDS": "5"})
     try:
         await stack.start()
         yield stack.mllp_port
     finally:
         await stack.stop()
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        for name in [s.config.name for s in await js.streams_info()]:
+            if name.startswith(prefix.upper()):
+                await js.delete_stream(name)
+        await forget_lab_consumer(js, prefix)
+        await nc.drain()
 
 
 def exchange(port: int, data: bytes, *, half_close: bool) -> bytes:
