@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import Any
 
-from lifelines import KaplanMeierFitter
 
 from services.enrollment.events import Group
 from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome, compute_outcome, years_between
@@ -121,6 +120,10 @@ def kaplan_meier(outcomes: Iterable[PatientOutcome], group: Group) -> dict[str, 
     with events and censored at that time; and ``at_risk_by_year``: patients still followed
     (time ≥ t) at t = 0, 1, … up to the longest time. An empty group yields empty tables.
     """
+    # Imported here: lifelines pulls in pandas and matplotlib machinery, seconds of start-up
+    # that every outcomes process would pay before serving its first request.
+    from lifelines import KaplanMeierFitter
+
     times = [t for o in _of_group(outcomes, group) if (t := survival_time(o)) is not None]
     result: dict[str, Any] = {
         "group": group,
