@@ -213,8 +213,9 @@ async def run(tmp: str) -> str:
                   f" ({last['filled']['patients']:,} vs {first['filled']['patients']:,} patients)."]
         same = [r for r in results[:-1] if r["filled"]["patients"] == last["filled"]["patients"]]
         if same:
-            lines[-1] += (f" With the same patients, {last['total']:,} ÷ {same[-1]['total']:,} events: "
-                          f"{p50[last['total']] / p50[same[-1]['total']]:.2f} — the latency follows patients, not events.")
+            lines[-1] += (f" Same {last['filled']['patients']:,} patients, {last['total'] // same[-1]['total']}× the events "
+                          f"({last['total']:,} ÷ {same[-1]['total']:,}): p50 × {p50[last['total']] / p50[same[-1]['total']]:.2f}"
+                          " — the answer reads one row per patient, never events.")
     return "\n".join(lines)
 
 

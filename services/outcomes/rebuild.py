@@ -140,6 +140,8 @@ class _Run:
     last_write: float = field(default_factory=time.monotonic)
     writer: asyncio.Task[None] | None = None
     checkpoint_seconds: float = 0.0  # how long the last checkpoint took
+    checkpoints_total: float = 0.0  # seconds spent in checkpoints, in all
+    waited_for_writes: float = 0.0  # seconds the replay waited for a background write
 
 
 class Rebuild:
@@ -185,7 +187,11 @@ class Rebuild:
             self._report(run, "cleaning up")
             await self._delete_older_than(run.generation)
             self._report(run, "done")
-            log.info("rebuild done", generation=run.generation, events=run.changes.applied, skipped=run.skipped)
+            log.info(
+                "rebuild done", generation=run.generation, events=run.changes.applied, skipped=run.skipped,
+                seconds=round(time.monotonic() - run.started, 1), checkpoint_seconds=round(run.checkpoints_total, 1),
+                waited_for_writes_seconds=round(run.waited_for_writes, 1),
+            )
             return self.progress
         except BaseException as exc:
             self.progress = replace(self.progress, phase="failed", error=_describe(exc))
@@ -312,6 +318,7 @@ class Rebuild:
         run.unflushed = 0
         run.last_flush = run.last_write = time.monotonic()
         run.checkpoint_seconds = run.last_flush - started
+        run.checkpoints_total += run.checkpoint_seconds
 
     async def _write_timeline(self, run: _Run) -> None:
         """Hand the timeline rows gathered so far to a background write (after the previous
@@ -331,7 +338,9 @@ class Rebuild:
         """Wait for the background timeline write; its failure is the rebuild's failure."""
         writer, run.writer = run.writer, None
         if writer is not None:
+            started = time.monotonic()
             await writer
+            run.waited_for_writes += time.monotonic() - started
 
     # --- the swap -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from tests.fault.conftest import full_only, target_of
 from tests.fault.infra import EmbeddedRun, FaultStack, NatsServer, cut_database_connections
 from tests.fault.load import PatientPlan, make_plan
 from tests.fault.send import Ledger, Sender, Target
-from tests.fault.verify import Report, converge, rebuild_and_compare
+from tests.fault.verify import Report, check, converge, rebuild_and_compare
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -93,6 +93,14 @@ async def test_sigkill_short(stack: FaultStack, nats_server: NatsServer) -> None
 
     ledger = await run_load(target, plans, faults)
     await verify(target, plans, ledger, "sigkill labs+outcomes, short")
+
+    # the checker is not blind: an input it believes accepted but that never reached the stack
+    # (a dose of a cycle 99 nobody gave) is counted lost
+    ghost = plans[0]
+    ghost.doses.append({**ghost.doses[0], "cycle": 99})
+    ledger.accepted[f"dose:{ghost.subject_id}:{len(ghost.doses) - 1}"] = "never sent"
+    report = await check(target, plans, ledger)
+    assert report.lost == 1 and not report.ok, report.summary()
 
 
 # --------------------------------------------------------------------------- make test-faults

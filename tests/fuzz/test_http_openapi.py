@@ -35,7 +35,8 @@ REFUSALS = {400, 401, 403, 404, 405, 408, 409, 413, 415, 422}
 """Refusal statuses every operation may answer, documented or not (contract: 404, 409, 422;
 auth: 401/403; limits: 408/413; FHIR: 400/415)."""
 SKIPPED = {("outcomes", "POST", "/v1/admin/rebuild")}
-"""Starting a rebuild hundreds of times only queues 409s; it is exercised by tests/fault."""
+"""Rebuilding the projection hundreds of times over proves nothing more (a running rebuild
+answers 409); rebuilds are exercised by tests/fault."""
 
 
 def reason_of(response: Any) -> str:
@@ -50,16 +51,15 @@ def reason_of(response: Any) -> str:
     return ""
 
 
-def fuzz_service(base_url: str, examples: int) -> tuple[Counter[str], list[str]]:
+def fuzz_service(service: str, base_url: str, examples: int) -> tuple[Counter[str], list[str]]:
     """Run every operation of one service; returns (cases by status class, problems)."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", headers=AUTH_HEADERS, timeout=30)
     tally: Counter[str] = Counter()
     problems: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
-        service = base_url
         label = (operation.method.upper(), operation.path)
-        if any((s, *label) == skip for skip in SKIPPED for s in SERVICES if s in service) or label[1] == "/metrics":
+        if (service, *label) in SKIPPED or label[1] == "/metrics":  # Prometheus text: no schema to check
             continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             strategy = operation.as_strategy(generation_mode=mode)
@@ -98,7 +98,7 @@ def fuzz_service(base_url: str, examples: int) -> tuple[Counter[str], list[str]]
 
 @pytest.mark.parametrize("service", SERVICES)
 async def test_every_http_operation(fuzz_stack: FaultStack, service: str) -> None:
-    tally, problems = await asyncio.to_thread(fuzz_service, fuzz_stack.url(service), budget(20, 300))
+    tally, problems = await asyncio.to_thread(fuzz_service, service, fuzz_stack.url(service), budget(20, 300))
     print(f"\nHTTP fuzzing of {service}: {sum(tally.values())} cases {dict(tally)}; {len(problems)} problems")
     async with httpx.AsyncClient(timeout=5) as client:
         for each in SERVICES:  # nothing another service was sent took this one down
