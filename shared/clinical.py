@@ -30,7 +30,7 @@ from shared.consumer import InboundMessage
 from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Invalid
 from shared.events import CommandContext, Envelope
-from shared.patients import EnrolledPatient, remember_enrollments, wait_for_patient
+from shared.patients import EnrolledPatient, forget_erased, readable, remember_enrollments, wait_for_patient
 from shared.service import Service
 from shared.store import EventStore, UnitOfWork
 
@@ -104,14 +104,15 @@ def check_within_study(end: StudyEnd, subject_id: str, on: date, what: str) -> N
 
 
 async def learn_from_enrollment(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
-    """Batch handler of enrollment's events: remember enrollments, keep deaths and withdrawals.
+    """Batch handler of enrollment's events: remember enrollments, keep deaths and withdrawals,
+    forget erased patients (their private status stream is sealed with their deleted key).
 
     Runs in the consumer's transaction with its inbox claims, so a redelivered message has no
     second effect; a death or withdrawal already kept (at most one of each) is skipped too.
     """
     await remember_enrollments(uow, messages)
-    for message in messages:
-        envelope = message.envelope()
+    await forget_erased(uow, messages)
+    for _, envelope in readable(messages):
         if envelope.event_type not in _END_OF_STUDY:
             continue
         fact = envelope.decode()

@@ -28,7 +28,7 @@ from nats.js.client import JetStreamContext
 
 from shared import metrics
 from shared.events import Envelope
-from shared.store import EventStore, UnitOfWork
+from shared.store import JSON_CODEC, Codec, EventStore, UnitOfWork
 
 log = structlog.get_logger(__name__)
 
@@ -67,9 +67,11 @@ class InboundMessage:
     delivery: int
     stream: str
     stream_sequence: int
+    codec: Codec = field(default=JSON_CODEC, compare=False, repr=False)
+    """Opens the envelope: the consuming store's codec, which unseals patients' payloads."""
 
     @classmethod
-    def from_nats(cls, msg: Msg) -> InboundMessage:
+    def from_nats(cls, msg: Msg, codec: Codec = JSON_CODEC) -> InboundMessage:
         headers = dict(msg.headers or {})
         stream_seq = msg.metadata.sequence.stream
         return cls(
@@ -81,10 +83,11 @@ class InboundMessage:
             delivery=msg.metadata.num_delivered,
             stream=msg.metadata.stream,
             stream_sequence=stream_seq,
+            codec=codec,
         )
 
     def envelope(self) -> Envelope:
-        return Envelope.model_validate_json(self.data)
+        return self.codec.open(self.data)
 
 
 async def _undecoded(message: Any) -> None:
@@ -148,7 +151,7 @@ class DurableConsumer:
         )(on_batch)
 
     async def handle_batch(self, raw: Sequence[Msg]) -> None:
-        messages = [InboundMessage.from_nats(m) for m in raw]
+        messages = [InboundMessage.from_nats(m, self.store.codec) for m in raw]
         metrics.MESSAGES_CONSUMED.labels(consumer=self.name).inc(len(messages))
         started = time.perf_counter()
         try:

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.consumer import InboundMessage
+from shared.events import Envelope
+from shared.keys import KeyErased
 from shared.schema import known_patients
 from shared.store import EventStore, UnitOfWork
 
 ENROLLED = "PatientEnrolled"
+ERASED = "PatientDataErased"
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,7 @@ class EnrolledPatient:
 async def remember_enrollments(uow: UnitOfWork, messages: list[InboundMessage]) -> list[EnrolledPatient]:
     """Batch handler step: record every ``PatientEnrolled`` among ``messages``; returns them."""
     enrolled = []
-    for message in messages:
-        envelope = message.envelope()
+    for _, envelope in readable(messages):
         if envelope.event_type != ENROLLED:
             continue
         payload = envelope.payload
@@ -56,6 +59,28 @@ async def remember_enrollments(uow: UnitOfWork, messages: list[InboundMessage]) 
         rows = [patient.__dict__ for patient in enrolled]
         await uow.connection.execute(insert(known_patients).values(rows).on_conflict_do_nothing())
     return enrolled
+
+
+def readable(messages: list[InboundMessage]) -> Iterator[tuple[InboundMessage, Envelope]]:
+    """Each message with its envelope, except those about an erased patient (their key is
+    deleted: nothing can be read from them, and nothing should be — they are skipped)."""
+    for message in messages:
+        try:
+            yield message, message.envelope()
+        except KeyErased:
+            continue
+
+
+async def forget_erased(uow: UnitOfWork, messages: list[InboundMessage]) -> list[str]:
+    """Batch handler step: drop every patient whose ``PatientDataErased`` is among ``messages``
+    from the register, and their key from this process's mirror at once (the key bucket's
+    watch would too, a moment later). Returns their subject ids."""
+    erased = [envelope.payload["subject_id"] for _, envelope in readable(messages) if envelope.event_type == ERASED]
+    if erased:
+        await uow.connection.execute(delete(known_patients).where(known_patients.c.subject_id.in_(erased)))
+        for subject_id in erased:
+            uow.store.codec.forget(subject_id)
+    return erased
 
 
 async def find_patient(connection: AsyncConnection, subject_id: str) -> EnrolledPatient | None:

@@ -47,8 +47,10 @@ from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine
 from shared.errors import Conflict, DomainError
 from shared.events import CommandContext, DomainEvent, Envelope
+from shared.keys import KeyVault, bucket_name
 from shared.logs import configure_logging
 from shared.relay import OutboxRelay
+from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
 from shared.store import ConcurrencyError, EventStore
 
@@ -82,7 +84,12 @@ class Service:
         self.settings = RuntimeSettings()
         self.topology = Topology.from_env()
         self.keys = KeyRing.from_env()  # AuthConfigError (naming the bad entry) if malformed
-        self.store = EventStore(create_engine(database or database_url(name, self.settings)), subject_for=self._subject_for)
+        self.vault = KeyVault(bucket_name(self.topology))  # patients' data keys (shared.keys)
+        self.store = EventStore(
+            create_engine(database or database_url(name, self.settings)),
+            subject_for=self._subject_for,
+            codec=SealingCodec(self.vault),
+        )
         self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}")
         self.consumers: list[DurableConsumer] = []
         self.background: list[BackgroundTask] = []
@@ -161,6 +168,9 @@ class Service:
         await self.broker.connect()
         js = self.broker.connection.jetstream()
         await ensure_streams(js, self.topology.all_streams(SERVICES))
+        await self.vault.connect(js)
+        self._spawn(self.vault.watch)
+        await self.vault.synced()  # every key and erasure known before the first message or request
         await self.broker.start()
         self.relay = OutboxRelay(self.store, js)
         self._spawn(self.relay.run)

@@ -30,7 +30,7 @@ for comparison (see ``bench/``).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,11 +76,24 @@ START = Position(0, 0)
 
 class Codec(Protocol):
     """Turns a payload into stored bytes and back; per stream, so a stream can be encrypted
-    with its own key (crypto-shredding) without any caller knowing."""
+    with its own key (crypto-shredding) without any caller knowing. It also writes the broker
+    body of an event (``wire``) and reads one (``open``), so a payload sealed in the store stays
+    sealed on the broker (:mod:`shared.sealing`). ``encode``/``decode`` are synchronous (they
+    run row by row); ``prepare`` runs before a batch of them and may do I/O (fetch keys)."""
 
     def encode(self, stream_id: str, payload: Payload) -> bytes: ...
 
     def decode(self, stream_id: str, data: bytes) -> Payload: ...
+
+    def wire(self, envelope: Envelope, stored: bytes) -> bytes: ...
+
+    def open(self, body: bytes) -> Envelope: ...
+
+    async def prepare(self, *, payloads: Iterable[tuple[str, Payload]] = (), stored: Iterable[bytes] = ()) -> None: ...
+
+    def is_erased(self, subject_id: str) -> bool: ...
+
+    def forget(self, subject_id: str) -> None: ...
 
 
 class JsonCodec:
@@ -89,6 +102,24 @@ class JsonCodec:
 
     def decode(self, stream_id: str, data: bytes) -> Payload:
         return json.loads(data)
+
+    def wire(self, envelope: Envelope, stored: bytes) -> bytes:
+        return envelope.model_dump_json().encode()
+
+    def open(self, body: bytes) -> Envelope:
+        return Envelope.model_validate_json(body)
+
+    async def prepare(self, *, payloads: Iterable[tuple[str, Payload]] = (), stored: Iterable[bytes] = ()) -> None:
+        return None
+
+    def is_erased(self, subject_id: str) -> bool:
+        return False
+
+    def forget(self, subject_id: str) -> None:
+        return None
+
+
+JSON_CODEC = JsonCodec()
 
 
 @dataclass(frozen=True)
@@ -110,7 +141,7 @@ class EventStore:
         gap_strategy: GapStrategy = GapStrategy.XMIN,
     ) -> None:
         self.engine = engine
-        self.codec: Codec = codec or JsonCodec()
+        self.codec: Codec = codec or JSON_CODEC
         self.subject_for = subject_for or (lambda envelope: None)
         self.gap_strategy = gap_strategy
         self.is_postgres = engine.dialect.name == "postgresql"
@@ -144,6 +175,7 @@ class EventStore:
             size = batch_size if remaining is None else min(batch_size, remaining)
             async with self.engine.connect() as connection:
                 rows = (await connection.execute(self._read_all_query(after, size))).all()
+            await self.codec.prepare(stored=(row.payload for row in rows))
             for row in rows:
                 stored = StoredEvent(Position(row.tx_id, row.position), self._envelope(row))
                 yield stored
@@ -206,9 +238,12 @@ class UnitOfWork:
         """Several streams in one query per 500 ids (batch handlers: one round trip, not N)."""
         found: dict[str, list[Envelope]] = {stream_id: [] for stream_id in stream_ids}
         for chunk in _chunks(list(found), 500):
-            rows = await self.connection.execute(
-                select(events).where(events.c.stream_id.in_(chunk)).order_by(events.c.stream_id, events.c.stream_version)
-            )
+            rows = (
+                await self.connection.execute(
+                    select(events).where(events.c.stream_id.in_(chunk)).order_by(events.c.stream_id, events.c.stream_version)
+                )
+            ).all()
+            await self.store.codec.prepare(stored=(row.payload for row in rows))
             for row in rows:
                 found[row.stream_id].append(self.store._envelope(row))
         return found
@@ -269,6 +304,7 @@ class UnitOfWork:
         store = self.store
         if store.is_postgres and store.gap_strategy is GapStrategy.TABLE_LOCK:
             await self.connection.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+        await store.codec.prepare(payloads=((envelope.stream_id, envelope.payload) for envelope in envelopes))
         rows = [self._event_row(envelope) for envelope in envelopes]
         try:
             if store.is_postgres:
@@ -284,14 +320,14 @@ class UnitOfWork:
             first = envelopes[0]
             raise ConcurrencyError(first.stream_id, first.stream_version - 1) from exc
         outgoing = []
-        for envelope in envelopes:
+        for envelope, row in zip(envelopes, rows, strict=True):
             subject = store.subject_for(envelope)
             if subject:
                 outgoing.append(
                     {
                         "event_id": envelope.event_id,
                         "subject": subject,
-                        "body": envelope.model_dump_json().encode(),
+                        "body": store.codec.wire(envelope, row["payload"]),
                         "created_at": envelope.recorded_at,
                     }
                 )
@@ -355,9 +391,10 @@ class UnitOfWork:
 
 
 async def _read_stream(store: EventStore, connection: AsyncConnection, stream_id: str) -> list[Envelope]:
-    rows = await connection.execute(
-        select(events).where(events.c.stream_id == stream_id).order_by(events.c.stream_version)
-    )
+    rows = (
+        await connection.execute(select(events).where(events.c.stream_id == stream_id).order_by(events.c.stream_version))
+    ).all()
+    await store.codec.prepare(stored=(row.payload for row in rows))
     return [store._envelope(row) for row in rows]
 
 

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from services.enrollment.domain import (
     EnrollPatient,
     PatientView,
     RecordBiopsy,
     RecordClinicalEvent,
+    check_enrollable,
     decide_enroll_patient,
+    decide_erase_patient,
     decide_record_biopsy,
     decide_record_clinical_event,
     fold,
     patient_view,
 )
+from shared.errors import Conflict
+from shared.keys import KeyErased
 from shared.service import Service, command_context
+from shared.store import ConcurrencyError
 
 
 def stream_id(subject_id: str) -> str:
     return f"patient-{subject_id}"
+
+
+def erasure_stream_id(subject_id: str) -> str:
+    """The erasure event's own stream: recorded in clear (shared.sealing), apart from the
+    patient's sealed stream, which is unreadable once the key is gone."""
+    return f"erasure-{subject_id}"
 
 
 def routes(service: Service) -> APIRouter:
@@ -29,6 +41,14 @@ def routes(service: Service) -> APIRouter:
 
     @router.post("/patients", status_code=201, response_model=PatientView, summary="Enroll a patient")
     async def enroll(command: EnrollPatient, request: Request) -> PatientView:
+        check_enrollable(command)
+        try:
+            await service.vault.create(command.subject_id)  # before any payload needs it
+        except KeyErased:
+            raise Conflict(
+                f"subject {command.subject_id} was erased and cannot be enrolled again; use a new pseudonym",
+                code="erased",
+            ) from None
         await service.execute(
             stream_id(command.subject_id),
             lambda history: decide_enroll_patient(fold(history), command),
@@ -53,6 +73,33 @@ def routes(service: Service) -> APIRouter:
             command_context(request),
         )
         return {"subject_id": subject_id, "performed_on": command.performed_on, "event_id": envelopes[0].event_id}
+
+    @router.post("/patients/{subject_id}/erasure", status_code=201,
+                 summary="Erase a withdrawn patient's data (crypto-shredding); repeated: 200, same event")
+    async def erase(subject_id: str, request: Request, response: Response) -> dict[str, Any]:
+        """Record ``PatientDataErased``, then delete the patient's data key. Idempotent: a
+        repeated call answers 200 with the first erasure and deletes the key again if a crash
+        left it (the event commits first, so the erasure is never lost, only finished late)."""
+        context = command_context(request)
+        for _ in range(10):
+            try:
+                async with service.store.transaction() as uow:
+                    done = await uow.read_stream(erasure_stream_id(subject_id))
+                    if done:
+                        erased, response.status_code = done[0], 200
+                    else:
+                        history = await uow.read_stream(stream_id(subject_id))
+                        today = datetime.now(UTC).date()
+                        new_events = decide_erase_patient(fold(e.decode() for e in history), subject_id, today)
+                        [erased] = await uow.append(erasure_stream_id(subject_id), new_events, 0, context)
+                break
+            except ConcurrencyError:  # a concurrent erasure of the same patient committed first
+                continue
+        else:
+            raise Conflict(f"the erasure of {subject_id} is being recorded concurrently; try again")
+        service.committed()
+        await service.vault.erase(subject_id)
+        return {**erased.payload, "event_id": erased.event_id}
 
     @router.get("/patients/{subject_id}", response_model=PatientView, summary="The patient, from their own stream")
     async def get_patient(subject_id: str) -> PatientView:

@@ -17,5 +17,6 @@ def create_app(service: Service) -> FastAPI:
         events.PatientDied,
         events.PatientWithdrawn,
         events.BiopsyRecorded,
+        events.PatientDataErased,
     )
     return service.app(routes(service), title="nephrotrack enrollment", description=__doc__ or "")

@@ -26,6 +26,7 @@ from services.enrollment.events import (
     KidneyTransplanted,
     LeeGrade,
     OxfordMestC,
+    PatientDataErased,
     PatientDied,
     PatientEnrolled,
     PatientWithdrawn,
@@ -324,6 +325,30 @@ def decide_record_biopsy(state: PatientState, command: RecordBiopsy, subject_id:
     if any(b.performed_on == performed_on for b in state.biopsies):
         raise Conflict(f"a biopsy on {performed_on} is already recorded for {subject_id}")
     return [BiopsyRecorded(subject_id=subject_id, **command.model_dump())]
+
+
+def check_enrollable(command: EnrollPatient) -> None:
+    """The checks of an enrollment that need no state: run before the patient's data key is
+    created, so no key is ever made for an id that could identify a person."""
+    check_pseudonym(command.subject_id)
+    _check_eligibility(command)
+
+
+def decide_erase_patient(state: PatientState, subject_id: str, today: date) -> list[DomainEvent]:
+    """Erase the data of a patient who withdrew consent (``withdrawn`` recorded first).
+
+    Erasure follows a withdrawal and never replaces it: the withdrawal is the recorded decision
+    of the patient, the erasure what is done with their data afterwards. A patient still in the
+    study (or who died without withdrawing) is refused, so a slip of the finger cannot destroy a
+    participant's data. The caller handles a repeated erasure (idempotent) before deciding.
+    """
+    _enrolled(state, subject_id)
+    if state.event_on("withdrawn") is None:
+        raise Conflict(
+            f"{subject_id} has not withdrawn consent: erasure is only possible after a withdrawal "
+            "(record the event type 'withdrawn' first)"
+        )
+    return [PatientDataErased(subject_id=subject_id, erased_on=today)]
 
 
 def _enrolled(state: PatientState, subject_id: str) -> PatientEnrolled:

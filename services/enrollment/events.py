@@ -74,3 +74,15 @@ class BiopsyRecorded(DomainEvent):
     mesangial_proliferation: bool | None = None
     foot_process_effacement: bool | None = None
     lee_grade: LeeGrade | None = None
+
+
+@event
+class PatientDataErased(DomainEvent):
+    """The patient withdrew consent and their data were erased: their data key is deleted, so
+    every payload about them, in every store and stream, is unreadable from now on
+    (docs/erasure.md). Recorded in clear — only the pseudonymous subject id and the date — on its
+    own stream ``erasure-<subject_id>``, so every service can act on it: drop the patient from its
+    register, its parked results and its projections."""
+
+    subject_id: str
+    erased_on: date

@@ -15,12 +15,13 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from faststream.nats import JStream
+from sqlalchemy import delete
 
 from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRecorded, LabResultRejected
-from services.labs.ingest import LabIngestion, LabsSettings, Refusal, after_commit
+from services.labs.ingest import LabIngestion, LabsSettings, Refusal, after_commit, parked_results
 from services.labs.mllp import MllpServer
 from services.labs.redaction import carries_personal_data
 from shared import metrics
@@ -28,7 +29,7 @@ from shared.asyncapi import envelope_schema
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT
 from shared.consumer import BatchHandler, DurableConsumer, InboundMessage
 from shared.events import CommandContext, Envelope
-from shared.patients import remember_enrollments
+from shared.patients import forget_erased, remember_enrollments
 from shared.service import Service
 from shared.settings import mllp_port
 from shared.store import UnitOfWork
@@ -102,12 +103,16 @@ def forget_after_commit(service: Service) -> Forget:
 
 
 def enrollment_handler(labs: LabIngestion) -> BatchHandler:
-    """Learn enrolled patients, and in the same transaction ingest what was parked for them."""
+    """Learn enrolled patients, and in the same transaction ingest what was parked for them;
+    forget erased patients, with any result still parked for them (docs/erasure.md)."""
 
     async def on_enrollment(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         enrolled = await remember_enrollments(uow, messages)
         if enrolled:
             await labs.release_parked(uow, [patient.subject_id for patient in enrolled], datetime.now(UTC))
+        erased = await forget_erased(uow, messages)
+        if erased:
+            await uow.connection.execute(delete(parked_results).where(parked_results.c.subject_id.in_(erased)))
 
     return on_enrollment
 

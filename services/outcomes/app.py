@@ -34,7 +34,9 @@ def create_app(service: Service) -> FastAPI:
     projections.register(service)
     streams = default_streams(service.topology)
     queries = OutcomesQueries(reading_engine(service.store.engine), streams)
-    rebuilds = BackgroundRebuild(service.store.engine, lambda: service.broker.connection.jetstream(), streams)
+    rebuilds = BackgroundRebuild(
+        service.store.engine, lambda: service.broker.connection.jetstream(), streams, codec=service.store.codec
+    )
     service.background.append(_on_shutdown(rebuilds, queries))
     service.background.append(_watch_projection_lag(service, queries))
     app = service.app(

@@ -17,13 +17,14 @@ import operator
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.outcomes import tables
 from services.outcomes.projector import SOURCES, Incoming, ProjectedPatient, ProjectionChanges, SourceMark
 from shared.consumer import InboundMessage
+from shared.keys import KeyErased
 from shared.service import Service
 from shared.store import UnitOfWork
 
@@ -114,6 +115,8 @@ async def write_changes(
     (the rebuild's checkpoints: serialising thousands of patients takes seconds)."""
     if patient_rows is None:
         patient_rows = changes.patient_rows()
+    if changes.erased:
+        await delete_patients(connection, generation, changes.erased)
     rows = [{"generation": generation, **row} for row in patient_rows]
     if rows:
         insert = _insert(connection, tables.patients)
@@ -145,6 +148,13 @@ async def write_changes(
             ],
         )
 
+
+
+async def delete_patients(connection: AsyncConnection, generation: int, subject_ids: Iterable[str]) -> None:
+    """Delete erased patients' rows (facts, outcome, timeline) from a generation."""
+    ids = sorted(subject_ids)
+    for table in (tables.patients, tables.timeline):
+        await connection.execute(delete(table).where(table.c.generation == generation, table.c.subject_id.in_(ids)))
 
 
 _TIMELINE_COLUMNS = tuple(column.name for column in tables.timeline.columns)
@@ -197,11 +207,22 @@ class LiveProjection:
     async def __call__(self, uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         connection = uow.connection
         generation = (await read_state(connection, lock="share")).active_generation
-        incoming = [Incoming.parse(m.stream, m.stream_sequence, self.source, m.data) for m in messages]
+        codec = uow.store.codec
+        incoming: list[Incoming] = []
+        unreadable: list[InboundMessage] = []  # payloads of erased patients: skipped, as in a rebuild
+        for m in messages:
+            try:
+                incoming.append(Incoming.parse(m.stream, m.stream_sequence, self.source, m.data, codec))
+            except KeyErased:
+                unreadable.append(m)
         patients = await lock_patients(connection, generation, (s for i in incoming if (s := i.patient_subject)))
-        changes = ProjectionChanges(patients)
+        changes = ProjectionChanges(patients, codec.is_erased)
+        for m in unreadable:
+            changes.skip(m.stream, m.stream_sequence)
         for item in incoming:
             changes.add(item)
+        for subject_id in changes.erased:  # before commit: batches waiting on these rows see it
+            codec.forget(subject_id)
         await write_changes(connection, generation, changes)
 
 

@@ -15,7 +15,7 @@ byte-identical rows whatever order they were recorded in.
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -29,6 +29,7 @@ from services.enrollment.events import (
     BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
+    PatientDataErased,
     PatientDied,
     PatientEnrolled,
     PatientWithdrawn,
@@ -39,6 +40,7 @@ from services.outcomes.domain import PatientFacts, PatientOutcome
 from services.pulse.events import PulseDoseAdministered
 from shared.deviations import ProtocolDeviationDetected
 from shared.events import DomainEvent, Envelope, registry
+from shared.store import JSON_CODEC, Codec
 
 SOURCES: tuple[str, ...] = ("enrollment", "pulse", "cells", "labs")
 """The services whose event streams the outcomes service consumes."""
@@ -169,7 +171,7 @@ def timeline_row(envelope: Envelope, event: DomainEvent, source: str) -> dict[st
 # --- a run of messages ------------------------------------------------------------------------
 
 _CONSUMED = tuple(domain.CONSUMED_EVENTS)
-_READ = (*_CONSUMED, *_TIMELINE_EVENTS)
+_READ = (*_CONSUMED, *_TIMELINE_EVENTS, PatientDataErased)
 _reads: dict[str, bool] = {}
 
 
@@ -197,11 +199,12 @@ class Incoming:
     event: DomainEvent | None
 
     @classmethod
-    def parse(cls, stream: str, sequence: int, source: str, data: bytes) -> Incoming:
+    def parse(cls, stream: str, sequence: int, source: str, data: bytes, codec: Codec = JSON_CODEC) -> Incoming:
         """Raises on a message that is not a decodable envelope, or whose event the projection
         reads but cannot decode (the caller decides whether that is a poison message to
-        dead-letter or one to skip)."""
-        envelope = Envelope.model_validate_json(data)
+        dead-letter or one to skip); ``KeyErased`` for a payload of an erased patient.
+        ``codec`` opens sealed payloads (shared.sealing)."""
+        envelope = codec.open(data)
         event = envelope.decode() if _projection_reads(envelope.event_type) else None
         return cls(stream, sequence, source, envelope, event)
 
@@ -209,6 +212,11 @@ class Incoming:
     def patient_subject(self) -> str | None:
         """The subject whose facts this event changes (timeline-only events change none)."""
         return getattr(self.event, "subject_id") if isinstance(self.event, _CONSUMED) else None
+
+    @property
+    def subject(self) -> str | None:
+        """The subject the event is about (facts, timeline or erasure), if it was decoded."""
+        return getattr(self.event, "subject_id", None)
 
 
 @dataclass
@@ -229,12 +237,21 @@ class SourceMark:
 class ProjectionChanges:
     """Applies messages to ``patients`` (the caller's map: the rows locked by a live batch, or
     every patient during a rebuild) and collects what must be written: the touched patients,
-    new timeline rows and each stream's new mark. ``take`` hands them over and starts afresh."""
+    new timeline rows, the erased patients whose rows go, and each stream's new mark.
 
-    def __init__(self, patients: MutableMapping[str, ProjectedPatient]) -> None:
+    Erasure. ``PatientDataErased`` removes the patient from what is held and marks them erased;
+    any later event about them is ignored — as is any event about a subject ``is_erased`` names
+    (the key mirror's answer: an event opened a moment before its key was deleted, by a batch
+    that commits after the erasure's)."""
+
+    def __init__(
+        self, patients: MutableMapping[str, ProjectedPatient], is_erased: Callable[[str], bool] = lambda s: False
+    ) -> None:
         self.patients = patients
+        self.is_erased = is_erased
         self.touched: set[str] = set()
         self.timeline: list[dict[str, Any]] = []
+        self.erased: set[str] = set()
         self.marks: dict[str, SourceMark] = {}
         self.applied = 0
 
@@ -246,6 +263,12 @@ class ProjectionChanges:
         self.applied += 1
         if item.event is None:
             return
+        subject_id = item.subject
+        if subject_id is not None and (
+            isinstance(item.event, PatientDataErased) or subject_id in self.erased or self.is_erased(subject_id)
+        ):
+            self.erase(subject_id)
+            return
         row = timeline_row(item.envelope, item.event, item.source)
         if row is not None:
             self.timeline.append(row)
@@ -256,6 +279,15 @@ class ProjectionChanges:
                 patient = self.patients[subject_id] = ProjectedPatient.new(subject_id)
             patient.apply(item.envelope, item.event)
             self.touched.add(subject_id)
+
+    def erase(self, subject_id: str) -> None:
+        """Forget the patient: nothing of theirs is written, and their rows are deleted."""
+        if subject_id in self.erased:
+            return
+        self.erased.add(subject_id)
+        self.patients.pop(subject_id, None)
+        self.touched.discard(subject_id)
+        self.timeline = [row for row in self.timeline if row["subject_id"] != subject_id]
 
     def skip(self, stream: str, sequence: int) -> None:
         """Count a message that could not be decoded as read, without any effect."""
@@ -272,7 +304,8 @@ class ProjectionChanges:
         return rows
 
     def clear(self) -> None:
-        """Forget what was written (the marks stay: they are cumulative positions)."""
+        """Forget what was written (the marks stay: they are cumulative positions; so do the
+        erased subjects, whose later events must stay ignored)."""
         self.touched.clear()
         self.timeline.clear()
 

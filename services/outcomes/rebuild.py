@@ -59,6 +59,9 @@ from services.outcomes.projections import load_generation, read_state, set_state
 from services.outcomes.projector import SOURCES, Incoming, ProjectionChanges
 from shared.broker import Topology
 from shared.database import create_engine
+from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
+from shared.sealing import SealingCodec
+from shared.store import JSON_CODEC, Codec
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +106,8 @@ class RebuildProgress:
     elapsed_seconds: float
     resumed: bool = False
     error: str | None = None
+    skipped_erased: int = 0
+    """Messages whose payload belongs to an erased patient (key deleted): skipped by design."""
 
     @property
     def events_per_second(self) -> float:
@@ -118,7 +123,7 @@ class RebuildProgress:
             "phase": self.phase, "generation": self.generation, "applied": self.applied,
             "total": self.total, "elapsed_seconds": self.elapsed_seconds,
             "events_per_second": self.events_per_second, "eta_seconds": self.eta_seconds,
-            "resumed": self.resumed, "error": self.error,
+            "resumed": self.resumed, "error": self.error, "skipped_erased": self.skipped_erased,
         }
 
 
@@ -135,6 +140,7 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     total: int = 0
     skipped: int = 0
+    skipped_erased: int = 0
     last_flush: float = field(default_factory=time.monotonic)
     unflushed: int = 0
     last_write: float = field(default_factory=time.monotonic)
@@ -155,6 +161,7 @@ class Rebuild:
         streams: Mapping[str, str],
         *,
         on_progress: ProgressCallback | None = None,
+        codec: Codec = JSON_CODEC,
         flush_every: int = FLUSH_EVERY_EVENTS,
         flush_seconds: float = FLUSH_EVERY_SECONDS,
         fetch_batch: int = FETCH_BATCH,
@@ -165,6 +172,7 @@ class Rebuild:
         self.js = js
         self.streams = dict(streams)
         self.on_progress = on_progress or (lambda progress: None)
+        self.codec = codec
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.fetch_batch = fetch_batch
@@ -189,6 +197,7 @@ class Rebuild:
             self._report(run, "done")
             log.info(
                 "rebuild done", generation=run.generation, events=run.changes.applied, skipped=run.skipped,
+                skipped_erased=run.skipped_erased,
                 seconds=round(time.monotonic() - run.started, 1), checkpoint_seconds=round(run.checkpoints_total, 1),
                 waited_for_writes_seconds=round(run.waited_for_writes, 1),
             )
@@ -222,7 +231,7 @@ class Rebuild:
                 patients, marks = {}, {}
                 await set_state(connection, rebuilding_generation=generation, rebuild_started_at=now)
             await set_state(connection, rebuild_owner=self.owner, rebuild_heartbeat_at=now)
-        changes = ProjectionChanges(patients)
+        changes = ProjectionChanges(patients, self.codec.is_erased)
         changes.marks.update(marks)
         log.info("rebuild started", generation=generation, resumed=resumed, patients=len(patients))
         run = _Run(generation, resumed, changes)
@@ -292,9 +301,16 @@ class Rebuild:
 
     def _apply(self, run: _Run, stream: str, sequence: int, source: str, data: bytes) -> None:
         """Apply one message. One that is not a decodable envelope is skipped (the live consumer
-        dead-letters it, with the same absence of effect) and logged."""
+        dead-letters it, with the same absence of effect) and logged. One about an erased
+        patient is skipped and counted (``skipped_erased``), as the live projection skips it; a
+        missing key (``KeyMissing``) fails the rebuild rather than lose a patient."""
         try:
-            item = Incoming.parse(stream, sequence, source, data)
+            item = Incoming.parse(stream, sequence, source, data, self.codec)
+        except KeyErased:
+            run.skipped_erased += 1
+            run.changes.skip(stream, sequence)
+        except KeyMissing as exc:
+            raise RebuildError(f"{exc} (stream {stream}, sequence {sequence}); run the rebuild again") from exc
         except Exception as exc:
             run.skipped += 1
             run.changes.skip(stream, sequence)
@@ -367,7 +383,7 @@ class Rebuild:
         self.progress = RebuildProgress(
             phase=phase, generation=run.generation, applied=run.changes.applied,
             total=max(run.total, run.changes.applied), elapsed_seconds=time.monotonic() - run.started,
-            resumed=run.resumed,
+            resumed=run.resumed, skipped_erased=run.skipped_erased,
         )
         self.on_progress(self.progress)
 
@@ -512,11 +528,20 @@ async def rebuild(
     ``nats_url`` (``streams``: source service -> stream name; default: this stack's)."""
     engine = create_engine(database_url)
     client = await nats.connect(nats_url)
+    vault = KeyVault(bucket_name(Topology.from_env()))
+    watch: asyncio.Task[None] | None = None
     try:
+        await vault.connect(client.jetstream())
+        watch = asyncio.create_task(vault.watch(), name="rebuild-key-watch")
+        await vault.synced()
         job = Rebuild(engine, client.jetstream(), streams or default_streams(), on_progress=on_progress,
-                      flush_every=flush_every)
+                      codec=SealingCodec(vault), flush_every=flush_every)
         return await job.run(restart=restart)
     finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
         with contextlib.suppress(Exception):
             await client.close()
         await engine.dispose()
@@ -525,10 +550,14 @@ async def rebuild(
 class BackgroundRebuild:
     """The rebuild the admin endpoint starts inside the outcomes process (one at a time)."""
 
-    def __init__(self, engine: AsyncEngine, js: Callable[[], JetStreamContext], streams: Mapping[str, str]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, js: Callable[[], JetStreamContext], streams: Mapping[str, str],
+        codec: Codec = JSON_CODEC,
+    ) -> None:
         self.engine = engine
         self.js = js
         self.streams = dict(streams)
+        self.codec = codec
         self.task: asyncio.Task[RebuildProgress] | None = None
         self.progress: RebuildProgress | None = None
 
@@ -540,7 +569,7 @@ class BackgroundRebuild:
         if self.running:
             raise RebuildBusy("a rebuild started by this outcomes process is still running")
         await ensure_no_lease(self.engine)
-        job = Rebuild(self.engine, self.js(), self.streams, on_progress=self._track)
+        job = Rebuild(self.engine, self.js(), self.streams, on_progress=self._track, codec=self.codec)
         self.progress = job.progress
         self.task = asyncio.create_task(self._run(job, restart), name="outcomes-rebuild")
 

@@ -1,0 +1,128 @@
+"""Sealed payloads: the one place where patients' payloads are encrypted and decrypted.
+
+:class:`SealingCodec` is the event store's codec in every service (``shared.store.Codec``), and
+the same object opens the envelopes that arrive from the broker, so a payload about a patient is
+sealed with that patient's key (:mod:`shared.keys`) wherever it is kept:
+
+- in a service's ``events`` table, ``payload`` holds a sealed blob (below) instead of JSON;
+- on the broker, the envelope's metadata stays readable (type, stream, times, actor — what
+  routing, audit and lag need) and its ``payload`` is ``{"$sealed": "<base64 blob>"}``.
+
+Which payloads are sealed: those naming a ``subject_id``, except in the streams whose events
+must stay readable after an erasure — the erasure event itself (``erasure-…``, every service
+acts on it) and lab rejections (``rejection-…``: published in clear on the contract's
+``labs.rejected``, raw payloads redacted; docs/erasure.md says why and how long they are kept).
+
+The blob: ``MAGIC | len(subject id) | subject id | 12-byte nonce | AES-256-GCM ciphertext+tag``.
+It starts with a NUL byte, so it can never be mistaken for JSON; it names its subject, so a
+reader finds the key without knowing how the stream is named (labs streams are named by result
+id); the subject id is bound in as associated data, so a blob moved to another subject fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shared.events import Envelope, Payload
+from shared.keys import KeyVault
+from shared.store import JsonCodec
+
+MAGIC = b"\x00nts1"
+NONCE_BYTES = 12
+SEALED_FIELD = "$sealed"
+CLEAR_STREAM_PREFIXES = ("erasure-", "rejection-")
+
+
+class SealBroken(ValueError):
+    """A sealed payload failed authentication: a wrong key, or bytes altered after sealing."""
+
+
+def seal(subject_id: str, key: bytes, plaintext: bytes) -> bytes:
+    kid = subject_id.encode()
+    if len(kid) > 255:
+        raise ValueError("a subject id longer than 255 bytes cannot be sealed")
+    header = MAGIC + bytes([len(kid)]) + kid
+    nonce = os.urandom(NONCE_BYTES)
+    return header + nonce + AESGCM(key).encrypt(nonce, plaintext, header)
+
+
+def sealed_subject(blob: bytes) -> str | None:
+    """The subject a blob is sealed for, or None if ``blob`` is not sealed (plain JSON)."""
+    if not blob.startswith(MAGIC):
+        return None
+    length = blob[len(MAGIC)]
+    return blob[len(MAGIC) + 1 : len(MAGIC) + 1 + length].decode()
+
+
+def unseal(blob: bytes, key: bytes) -> bytes:
+    kid_end = len(MAGIC) + 1 + blob[len(MAGIC)]
+    header, nonce, ciphertext = blob[:kid_end], blob[kid_end : kid_end + NONCE_BYTES], blob[kid_end + NONCE_BYTES :]
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, header)
+    except InvalidTag:
+        raise SealBroken(
+            f"a payload sealed for subject {sealed_subject(blob)} does not open with that subject's key "
+            "(wrong key, or altered after sealing)"
+        ) from None
+
+
+class SealingCodec(JsonCodec):
+    """JSON payloads, sealed with the patient's key when they name a patient (see module doc).
+
+    ``encode``/``decode``/``open`` look keys up in the vault's in-memory mirror (no I/O);
+    ``prepare`` fetches, before a batch, the keys the mirror does not hold yet. A lookup fails
+    with ``KeyErased`` for an erased subject (readers skip those payloads) and ``KeyMissing``
+    for a subject without a key (never written in clear instead: that would defeat erasure).
+    """
+
+    def __init__(self, vault: KeyVault) -> None:
+        self.vault = vault
+
+    def subject_of(self, stream_id: str, payload: Payload) -> str | None:
+        if stream_id.startswith(CLEAR_STREAM_PREFIXES):
+            return None
+        subject_id = payload.get("subject_id")
+        return subject_id if isinstance(subject_id, str) else None
+
+    def encode(self, stream_id: str, payload: Payload) -> bytes:
+        plaintext = super().encode(stream_id, payload)
+        subject_id = self.subject_of(stream_id, payload)
+        if subject_id is None:
+            return plaintext
+        return seal(subject_id, self.vault.key(subject_id), plaintext)
+
+    def decode(self, stream_id: str, data: bytes) -> Payload:
+        subject_id = sealed_subject(data)
+        if subject_id is None:
+            return json.loads(data)
+        return json.loads(unseal(data, self.vault.key(subject_id)))
+
+    def wire(self, envelope: Envelope, stored: bytes) -> bytes:
+        if sealed_subject(stored) is None:
+            return super().wire(envelope, stored)
+        sealed = {SEALED_FIELD: base64.b64encode(stored).decode()}
+        return envelope.model_copy(update={"payload": sealed}).model_dump_json().encode()
+
+    def open(self, body: bytes) -> Envelope:
+        envelope = Envelope.model_validate_json(body)
+        sealed = envelope.payload.get(SEALED_FIELD)
+        if not isinstance(sealed, str):
+            return envelope
+        return envelope.model_copy(update={"payload": self.decode(envelope.stream_id, base64.b64decode(sealed))})
+
+    async def prepare(self, *, payloads: Iterable[tuple[str, Payload]] = (), stored: Iterable[bytes] = ()) -> None:
+        wanted = {s for stream_id, payload in payloads if (s := self.subject_of(stream_id, payload))}
+        wanted.update(s for blob in stored if (s := sealed_subject(blob)))
+        await self.vault.load(wanted)
+
+    def is_erased(self, subject_id: str) -> bool:
+        return self.vault.is_erased(subject_id)
+
+    def forget(self, subject_id: str) -> None:
+        self.vault.forget(subject_id)

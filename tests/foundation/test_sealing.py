@@ -1,0 +1,168 @@
+"""Sealed payloads and the key vault (crypto-shredding), on the real NATS key-value store and
+both database backends: round trips, the specific error of each failure, and erasure."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from shared.broker import Topology
+from shared.events import CommandContext, DomainEvent, event
+from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
+from shared.schema import events, outbox
+from shared.sealing import SEALED_FIELD, SealBroken, SealingCodec, seal, sealed_subject, unseal
+from shared.store import EventStore
+from shared.database import create_engine
+
+
+@event
+class SubjectNoted(DomainEvent):
+    """A test event about a subject."""
+
+    subject_id: str
+    note: str
+
+
+@pytest.fixture
+async def vault(nats_client: nats.NATS, topology: Topology) -> AsyncIterator[KeyVault]:
+    js = nats_client.jetstream()
+    keys = KeyVault(bucket_name(topology))
+    await keys.connect(js)
+    watch = asyncio.create_task(keys.watch())
+    await keys.synced()
+    yield keys
+    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
+    await js.delete_stream(keys.stream)
+
+
+@pytest.fixture
+async def sealed_store(database_url: str, vault: KeyVault) -> AsyncIterator[EventStore]:
+    store = EventStore(create_engine(database_url), subject_for=lambda e: f"test.{e.event_type}", codec=SealingCodec(vault))
+    yield store
+    await store.engine.dispose()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(subject=st.text(min_size=1, max_size=64), payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6))
+def test_seal_round_trip_property(subject: str, payload: dict[str, object]) -> None:
+    key = os.urandom(32)
+    plaintext = json.dumps(payload).encode()
+    blob = seal(subject, key, plaintext)
+    assert sealed_subject(blob) == subject
+    assert json.loads(unseal(blob, key)) == payload
+    with pytest.raises(ValueError):  # never readable as JSON
+        json.loads(blob)
+
+
+def test_wrong_key_or_altered_blob_is_refused_specifically() -> None:
+    key = os.urandom(32)
+    blob = seal("IGA-A-001", key, b'{"value": 2.1}')
+    with pytest.raises(SealBroken, match="IGA-A-001"):
+        unseal(blob, os.urandom(32))
+    altered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(SealBroken):
+        unseal(altered, key)
+    moved = blob.replace(b"IGA-A-001", b"IGA-A-002")  # sealed for one subject, claimed for another
+    with pytest.raises(SealBroken):
+        unseal(moved, key)
+
+
+async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nats_client: nats.NATS, topology: Topology) -> None:
+    key = await vault.create("IGA-A-001")
+    assert len(key) == 32 and await vault.create("IGA-A-001") == key  # get-or-create
+    with pytest.raises(KeyMissing):
+        vault.key("IGA-A-999")
+
+    # Another process (its own vault) reads the same key, and learns of the erasure by its watch.
+    other = KeyVault(bucket_name(topology))
+    await other.connect(nats_client.jetstream())
+    watch = asyncio.create_task(other.watch())
+    try:
+        await other.synced()
+        assert other.key("IGA-A-001") == key
+        await vault.erase("IGA-A-001")
+        for _ in range(100):
+            if other.is_erased("IGA-A-001"):
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(KeyErased):
+            other.key("IGA-A-001")
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+
+    with pytest.raises(KeyErased):
+        vault.key("IGA-A-001")
+    with pytest.raises(KeyErased):  # an erased subject never gets a new key
+        await vault.create("IGA-A-001")
+    await vault.erase("IGA-A-001")  # idempotent
+    # The bucket keeps only the purge marker: the key's bytes are gone from the stream.
+    js = nats_client.jetstream()
+    info = await js.stream_info(vault.stream)
+    assert info.state.messages == 1
+    marker = await js.get_msg(vault.stream, subject=f"$KV.{vault.bucket}.{'IGA-A-001'.encode().hex()}")
+    assert not marker.data and marker.headers["KV-Operation"] == "PURGE"
+
+
+async def test_store_seals_patient_payloads_in_the_table_and_the_outbox(sealed_store: EventStore, vault: KeyVault) -> None:
+    await vault.create("IGA-B-007")
+    context = CommandContext(actor="tester")
+    written = await sealed_store.append("note-1", [SubjectNoted(subject_id="IGA-B-007", note="plaintext-marker")], 0, context)
+    await sealed_store.append("erasure-IGA-B-007", [SubjectNoted(subject_id="IGA-B-007", note="clear")], 0, context)
+    assert await sealed_store.read_stream("note-1") == written
+    assert [s.envelope for s in [s async for s in sealed_store.read_all()]][0] == written[0]
+
+    async with sealed_store.engine.connect() as connection:
+        stored = dict((await connection.execute(select(events.c.stream_id, events.c.payload))).all())
+        bodies = [json.loads(b) for b in (await connection.execute(select(outbox.c.body).order_by(outbox.c.id))).scalars()]
+    assert b"plaintext-marker" not in stored["note-1"] and sealed_subject(stored["note-1"]) == "IGA-B-007"
+    assert json.loads(stored["erasure-IGA-B-007"])["note"] == "clear"  # the clear streams stay JSON
+    sealed_body, clear_body = bodies
+    assert set(sealed_body["payload"]) == {SEALED_FIELD}
+    assert b"plaintext-marker" not in json.dumps(sealed_body).encode()
+    assert clear_body["payload"]["note"] == "clear"
+    codec = sealed_store.codec
+    assert codec.open(json.dumps(sealed_body).encode()) == written[0]
+
+    await vault.erase("IGA-B-007")
+    with pytest.raises(KeyErased):
+        await sealed_store.read_stream("note-1")
+    with pytest.raises(KeyErased):
+        codec.open(json.dumps(sealed_body).encode())
+    with pytest.raises(KeyErased):  # and nothing new is written for an erased patient
+        await sealed_store.append("note-2", [SubjectNoted(subject_id="IGA-B-007", note="x")], 0, context)
+    assert (await sealed_store.read_stream("erasure-IGA-B-007"))[0].payload["note"] == "clear"
+
+
+async def test_a_subject_without_a_key_is_never_written_in_clear(sealed_store: EventStore) -> None:
+    with pytest.raises(KeyMissing):
+        await sealed_store.append("note-3", [SubjectNoted(subject_id="NOBODY-1", note="x")], 0)
+    assert await sealed_store.read_stream("note-3") == []
+
+
+async def test_a_key_created_by_another_process_is_fetched_on_first_use(
+    sealed_store: EventStore, nats_client: nats.NATS, topology: Topology
+) -> None:
+    """The mirror may lag the bucket by a moment; the store fetches a key it does not hold yet."""
+    creator = KeyVault(bucket_name(topology))
+    await creator.connect(nats_client.jetstream())
+    await creator.create("IGA-C-003")
+    await sealed_store.append("note-4", [SubjectNoted(subject_id="IGA-C-003", note="x")], 0)
+    assert (await sealed_store.read_stream("note-4"))[0].payload["note"] == "x"
