@@ -206,6 +206,7 @@ class RebuildProgressView(BaseModel):
     eta_seconds: float | None
     resumed: bool
     error: str | None
+    skipped_erased: int = Field(0, description="messages about erased patients, skipped: their key is deleted")
 
 
 class RebuildStatus(BaseModel):

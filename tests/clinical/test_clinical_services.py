@@ -27,9 +27,9 @@ from services.cells.domain import fold_lot, fold_patient, infusions
 from services.pulse.domain import cycles, fold
 from shared.broker import Topology
 from shared.database import create_engine
-from shared.events import Envelope
 from shared.store import EventStore
 from tests.conftest import BACKENDS, NATS_URL
+from tests.keys import stack_codec
 from tests.stack import Stack, eventually
 
 pytestmark = pytest.mark.slow
@@ -144,8 +144,8 @@ async def clinical(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     stores: dict[str, EventStore] = {}
     try:
         await stack.start()
-        stores = {s: EventStore(create_engine(stack.database_urls[s])) for s in ("pulse", "cells")}
-        async with stack.client(timeout=30) as http:
+        async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
+            stores = {s: EventStore(create_engine(stack.database_urls[s]), codec=codec) for s in ("pulse", "cells")}
             yield Clinical(stack, prefix, http, client.jetstream(), stores)
     finally:
         for store in stores.values():
@@ -489,7 +489,8 @@ async def test_replaying_the_store_or_the_broker_rebuilds_what_the_api_shows(cli
     async def published(service: str, stream_id: str, count: int) -> list[Any]:
         """The stream's events as a consumer of the broker sees them, once all are there."""
         async def check() -> list[Any]:
-            envelopes = [Envelope.model_validate_json(m.data) for m in await clinical.broker_messages(service)]
+            opened = clinical.stores[service].codec.open
+            envelopes = [opened(m.data) for m in await clinical.broker_messages(service)]
             mine = sorted((e for e in envelopes if e.stream_id == stream_id), key=lambda e: e.stream_version)
             assert len(mine) == count
             return [e.decode() for e in mine]

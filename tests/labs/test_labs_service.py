@@ -35,6 +35,7 @@ from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
 from shared.database import create_engine
 from shared.store import EventStore
 from tests.conftest import BACKENDS, NATS_URL
+from tests.keys import stack_codec
 from tests.stack import Stack, eventually
 
 pytestmark = pytest.mark.slow
@@ -166,12 +167,12 @@ async def labs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     store: EventStore | None = None
     try:
         await stack.start()
-        store = EventStore(create_engine(stack.database_urls["labs"]))
-        async with stack.client(timeout=30) as http:
+        async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
+            store = EventStore(create_engine(stack.database_urls["labs"]), codec=codec)
             labs = Labs(stack, prefix, http, nc, store)
 
-            async def on_event(msg: Any) -> None:
-                labs.published.append(json.loads(msg.data))
+            async def on_event(msg: Any) -> None:  # payloads opened as the services open them
+                labs.published.append(codec.open(msg.data).model_dump(mode="json"))
 
             async def on_rejected(msg: Any) -> None:
                 labs.rejected.append(json.loads(msg.data))
