@@ -29,6 +29,9 @@ Each service also serves this as an AsyncAPI 3 document at `GET /asyncapi.json`.
 Every event travels in an **envelope** (JSON): `event_id` (UUIDv7, also the `Nats-Msg-Id`
 header), `event_type`, `schema_version`, `stream_id`, `stream_version`, `occurred_at`,
 `recorded_at`, `correlation_id`, `causation_id`, `actor`, `payload` (the fields below).
+A payload about a patient (one with a `subject_id`) is sealed with that patient's data key:
+on the broker it reads `{"$sealed": "<base64>"}`, which the services open transparently; only
+`PatientDataErased` and `LabResultRejected` travel in clear (docs/erasure.md).
 `actor` is who did it: `<role>:<key fingerprint>` (first 8 hex digits of the API key's SHA-256,
 never the key) for an HTTP command, else the channel or service that reacted (`labs:broker`,
 `labs:mllp`, `enrollment`). `GET /v1/audit` (role operator) lists a service's events by actor.

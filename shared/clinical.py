@@ -13,6 +13,8 @@ and kept locally, in the service's own database, so no command ever calls enroll
   harvest or infusion dated after the patient's death or withdrawal is refused
   (:func:`check_within_study`), by the rule enrollment applies to its own records: after death
   nothing, after withdrawal only death. Replaying the store rebuilds it like any other stream.
+- ``PatientDataErased`` → the patient leaves the register (docs/erasure.md): their commands
+  answer 404, and what was kept about them is sealed with their deleted key.
 """
 
 from __future__ import annotations

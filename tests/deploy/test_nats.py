@@ -320,6 +320,28 @@ async def test_service_and_lab_permissions(server: RunningServer, passwords: dic
         assert await outcomes.js.delete_consumer("NEPHROTRACK_PULSE", consumer.name)
         assert "nephrotrack_labs" in await _refused(clients["pulse"], clients["pulse"].js.add_consumer("NEPHROTRACK_LABS", replay))
 
+        # The patients' data keys (shared/keys.py): every service declares the bucket and reads
+        # it (a key, and a watch of the bucket), only enrollment writes and erases a key, and the
+        # lab systems cannot reach it at all.
+        from shared.keys import KeyVault, bucket_name
+
+        vaults = {name: KeyVault(bucket_name(topology)) for name in SERVICES}
+        for name in SERVICES:
+            await vaults[name].connect(clients[name].js)
+        key = await vaults["enrollment"].create("IGA-A-001")
+        for name in ("pulse", "outcomes"):
+            await vaults[name].load({"IGA-A-001"})
+            assert vaults[name].key("IGA-A-001") == key
+            watcher = await vaults[name].kv.watchall()
+            assert (await watcher.updates(timeout=3)).value == key
+            await watcher.stop()
+        bucket = vaults["pulse"].bucket
+        assert "$kv." in await _refused(clients["pulse"], clients["pulse"].js.publish(f"$KV.{bucket}.x", b"k"))
+        assert "msg.delete" in await _refused(clients["labs"], clients["labs"].js.delete_msg(vaults["labs"].stream, 1))
+        assert "$kv." in await _refused(lab, lab.nc.subscribe(f"$KV.{bucket}.>"))
+        await _refused(lab, lab.js.get_msg(vaults["labs"].stream, 1))
+        await vaults["enrollment"].erase("IGA-A-001")
+
         # Nobody but the operator may delete or purge.
         assert "stream.delete" in await _refused(clients["outcomes"], clients["outcomes"].js.delete_stream("NEPHROTRACK_ENROLLMENT"))
         assert "stream.purge" in await _refused(clients["labs"], clients["labs"].js.purge_stream("LABS_RESULTS"))
