@@ -10,18 +10,21 @@ The apps run without their lifespan (no broker): "let through" means the answer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import importlib
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from sqlalchemy import select
 
@@ -40,7 +43,7 @@ from shared.database import create_engine, migrate
 from shared.schema import events
 from shared.service import Service
 from shared.settings import SERVICES
-from tests.conftest import drop_database, free_port, new_database_url
+from tests.conftest import NATS_URL, drop_database, free_port, new_database_url
 from tests.stack import ROOT
 
 KEYS = {
@@ -116,12 +119,29 @@ ROUTES: dict[str, list[Call]] = {
 
 # --- the apps -----------------------------------------------------------------------------------------
 
+_key_buckets: list[tuple[Any, Service]] = []
+
+
 async def _app(name: str, tmp_path: Path, backend: str = "sqlite") -> tuple[Any, Service, str]:
     url = new_database_url(backend, tmp_path, name)
     await asyncio.to_thread(migrate, name, url)
     service = Service(name, database=url)
     app = importlib.import_module(f"services.{name}.app").create_app(service)
+    # No lifespan (no broker) here, but enrollment needs the patients' key bucket to enrol.
+    client = await nats.connect(NATS_URL)
+    _key_buckets.append((client, service))
+    await service.vault.connect(client.jetstream())
     return app, service, url
+
+
+@pytest.fixture(autouse=True)
+async def _forget_key_buckets() -> AsyncIterator[None]:
+    yield
+    while _key_buckets:
+        client, service = _key_buckets.pop()
+        with contextlib.suppress(Exception):
+            await client.jetstream().delete_stream(service.vault.stream)
+        await client.close()
 
 
 def _client(app: Any) -> httpx.AsyncClient:
@@ -134,6 +154,7 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[str | None
     monkeypatch.setenv("NEPHROTRACK_VAR", str(tmp_path / "var"))
     monkeypatch.setenv("NEPHROTRACK_MLLP_PORT", str(free_port()))
     monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")  # never connected: no lifespan here
+    monkeypatch.setenv("NEPHROTRACK_SUBJECT_PREFIX", f"t{uuid.uuid4().hex[:10]}")  # its own key bucket
     monkeypatch.setenv("NEPHROTRACK_UNKNOWN_PATIENT_WAIT_SECONDS", "0")  # unknown patients: 404 at once
 
     def set_keys(spec: str | None) -> None:
