@@ -68,6 +68,8 @@ def render() -> str:
         for model in _event_models(module_name):
             subject = "labs.rejected (also " if model.event_type == "LabResultRejected" else ""
             subject += f"`<prefix>.{service}.{model.event_type}`" + (")" if subject else "")
+            if not model.published:
+                subject = f"none: kept in the {service} store, not published"
             doc = " ".join((model.__doc__ or "").split())
             parts.append(f"\n### {model.event_type} (v{model.schema_version})\n\nSubject: {subject}\n")
             if doc:

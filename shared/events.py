@@ -42,6 +42,9 @@ class DomainEvent(BaseModel):
 
     event_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
+    published: ClassVar[bool] = True
+    """False for an event that stays in its service's store (no outbox row, no broker subject):
+    a fact only its own aggregate needs, whose publishing would cost every write for no reader."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

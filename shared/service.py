@@ -46,7 +46,7 @@ from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine
 from shared.errors import Conflict, DomainError
-from shared.events import CommandContext, DomainEvent, Envelope
+from shared.events import CommandContext, DomainEvent, Envelope, registry
 from shared.keys import KeyVault, bucket_name
 from shared.logs import configure_logging
 from shared.relay import OutboxRelay
@@ -97,7 +97,9 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- events out -------------------------------------------------------------------------
-    def _subject_for(self, envelope: Envelope) -> str:
+    def _subject_for(self, envelope: Envelope) -> str | None:
+        if registry.knows(envelope.event_type) and not registry.model(envelope.event_type).published:
+            return None
         return self.topology.event_subject(self.name, envelope.event_type)
 
     def committed(self) -> None:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,8 +137,11 @@ def check_pseudonym(subject_id: str) -> None:
         raise Invalid("the subject id must contain at least one digit or '-', like IGA-A-001")
 
 
+@lru_cache(maxsize=65_536)
 def _personal_data_pattern(text: str) -> str | None:
-    """Name the kind of personal data ``text`` resembles, or None. Most specific first."""
+    """Name the kind of personal data ``text`` resembles, or None. Most specific first.
+
+    Cached: labs asks it of every result's subject id, and a study has few subjects."""
     if _EMAIL.search(text):
         return "an email address"
     if _looks_like_date(text):

@@ -20,7 +20,7 @@ from sqlalchemy import delete
 from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
-from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRecorded, LabResultRejected
+from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
 from services.labs.ingest import LabIngestion, LabsSettings, Refusal, after_commit, parked_results
 from services.labs.mllp import MllpServer
 from services.labs.redaction import carries_personal_data
@@ -178,7 +178,7 @@ def create_app(service: Service) -> FastAPI:
         rejected_also_on=service.topology.event_subject(service.name, LabResultRejected.event_type),
     )
     route_rejections(service)
-    service.publishes(LabResultRecorded, EgfrComputed, LabResultCorrected, LabResultRejected)
+    service.publishes(EgfrComputed, LabResultCorrected, LabResultRejected)
     service.broker.publisher(
         LAB_REJECTED_SUBJECT,
         title="labs.rejected",

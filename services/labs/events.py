@@ -9,7 +9,7 @@ by stream version, and count it only when ``counted`` is true.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 from shared.events import DomainEvent, event
 
@@ -19,7 +19,14 @@ Status = Literal["final", "corrected", "preliminary"]
 
 @event
 class LabResultRecorded(DomainEvent):
-    """A result as the lab sent it, normalised (value in the canonical unit of its analyte)."""
+    """A result as the lab sent it, normalised (value in the canonical unit of its analyte).
+
+    Kept in the labs store, not published: it is the result aggregate's record of arrivals (which
+    message ids it has seen, the value and unit as sent), readable at ``GET /v1/results/{id}``.
+    Other services read :class:`EgfrComputed`, which carries everything they use; publishing this
+    too doubled the relay's work per result for no reader (bench/RESULTS.md)."""
+
+    published: ClassVar[bool] = False
 
     result_id: str
     message_id: str

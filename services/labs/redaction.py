@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from services.enrollment.domain import _personal_data_pattern
@@ -38,6 +39,8 @@ REDACTED = "[redacted]"
 
 _HL7_SEGMENT = re.compile(r"(?:^|(?<=[\r\n\x0b]))([A-Z][A-Z0-9]{2})([|^~\\&#!$%*+,./:;=?@_`-])([^\r\n]*)")
 _WHOLE_SEGMENTS = frozenset({"NK1", "GT1", "IN1", "IN2", "IN3", "PD1", "MRG"})
+_HL7_TRIGGERS = ("PID", "NTE", *_WHOLE_SEGMENTS)
+"""Segments redacted: without one of these names in the text no segment needs looking at."""
 _SENSITIVE_KEYS = frozenset(k.lower() for k in (
     "name", "given", "family", "prefix", "suffix", "birthDate", "birth_date", "dateOfBirth", "date_of_birth", "dob",
     "deceasedDateTime", "telecom", "phone", "email", "address", "display", "text", "div", "photo", "contact",
@@ -78,17 +81,44 @@ def looks_personal(value: str, *, loose_names: bool = True) -> bool:
 def redact(text: str | None, *, also: tuple[str, ...] = ()) -> str | None:
     """``text`` with personal identifiers replaced by ``[redacted]`` (``also``: literal values
     to remove wherever they appear, e.g. a subject id refused as personal data)."""
+    return _redact(text, also, screen=True)
+
+
+def _redact(text: str | None, also: tuple[str, ...], *, screen: bool) -> str | None:
+    """:func:`redact`; ``screen`` skips the MRN and birth-date patterns when the text cannot hold
+    them — every accepted broker message is checked, and running each pattern over each value
+    cost more than parsing and deciding the result. Without escapes, ``MRN`` needs the letters
+    ``mrn`` and a labelled birth date ``dob``/``born``/``birth`` (any case); with a backslash a
+    JSON escape could spell them, so everything runs. ``screen=False`` runs everything always
+    (the reference a property test holds the screened path to)."""
     if not text:
         return text
     out = text
     for value in also:
         if value and len(value) >= 3:
             out = out.replace(value, REDACTED)
-    if _HL7_SEGMENT.search(out) and ("PID" in out or any(s in out for s in _WHOLE_SEGMENTS) or "NTE" in out):
+    if any(s in out for s in _HL7_TRIGGERS) and _HL7_SEGMENT.search(out):
         out = _HL7_SEGMENT.sub(_redact_segment, out)
-    out = _redact_json(out)
-    out = _MRN.sub(REDACTED, out)
-    return _LABELLED_DOB.sub(lambda m: m.group(1) + REDACTED, out)
+    lowered = out.lower()
+    every = not screen or "\\" in out
+    labels = _Labels(
+        mrn=every or "mrn" in lowered,
+        dob=every or "dob" in lowered or "born" in lowered or "birth" in lowered,
+    )
+    out = _redact_json(out, labels)
+    if labels.mrn:
+        out = _MRN.sub(REDACTED, out)
+    if labels.dob:
+        out = _LABELLED_DOB.sub(lambda m: m.group(1) + REDACTED, out)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Labels:
+    """Which labelled identifiers (MRN, birth date) the text may hold, so may need looking for."""
+
+    mrn: bool
+    dob: bool
 
 
 def redact_reason(reason: str | None, *, also: tuple[str, ...] = ()) -> str | None:
@@ -141,13 +171,13 @@ def _redact_segment(match: re.Match[str]) -> str:
 # --------------------------------------------------------------------------- JSON
 
 
-def _redact_json(text: str) -> str:
+def _redact_json(text: str, labels: _Labels) -> str:
     stripped = text.lstrip()
     if not stripped.startswith(("{", "[")):
         return text
     try:
         loaded = json.loads(text)
-        changed, cleaned = _walk(loaded)
+        changed, cleaned = _walk(loaded, labels)
         return json.dumps(cleaned, ensure_ascii=False) if changed else text
     except (ValueError, RecursionError, TypeError):
         return _QUOTED.sub(_redact_quoted, text)  # not JSON (or too odd): judge each quoted string
@@ -161,7 +191,7 @@ def _redact_quoted(match: re.Match[str]) -> str:
     return f'"{REDACTED}"' if looks_personal(match.group(1)) else match.group(0)
 
 
-def _walk(node: Any, key: str = "") -> tuple[bool, Any]:
+def _walk(node: Any, labels: _Labels, key: str = "") -> tuple[bool, Any]:
     if isinstance(node, dict):
         if isinstance(node.get("resourceType"), str) and node["resourceType"] in _PERSON_RESOURCES:
             kept = {k: v for k, v in node.items() if k in ("resourceType", "id")}
@@ -175,22 +205,23 @@ def _walk(node: Any, key: str = "") -> tuple[bool, Any]:
                 out[name] = REDACTED
                 changed = True
                 continue
-            sub_changed, out[name] = _walk(value, name if isinstance(name, str) else "")
+            sub_changed, out[name] = _walk(value, labels, name if isinstance(name, str) else "")
             changed |= sub_changed
         return changed, out
     if isinstance(node, list):
         changed = False
         items = []
         for item in node:
-            sub_changed, cleaned = _walk(item, key)
+            sub_changed, cleaned = _walk(item, labels, key)
             changed |= sub_changed
             items.append(cleaned)
         return changed, items
     if isinstance(node, str):
         if key in _ID_KEYS and looks_personal(node):
             return True, REDACTED
-        cleaned = _MRN.sub(REDACTED, node)
-        cleaned = _LABELLED_DOB.sub(lambda m: m.group(1) + REDACTED, cleaned)
+        cleaned = _MRN.sub(REDACTED, node) if labels.mrn else node
+        if labels.dob:
+            cleaned = _LABELLED_DOB.sub(lambda m: m.group(1) + REDACTED, cleaned)
         return cleaned != node, cleaned
     return False, node
 
