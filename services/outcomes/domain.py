@@ -186,79 +186,123 @@ class PatientNotEnrolled(ValueError):
 
 # --- applying events --------------------------------------------------------------------------
 
-Handler = Callable[[PatientFacts, Any], PatientFacts]
-
-
-def _enrolled(facts: PatientFacts, e: PatientEnrolled) -> PatientFacts:
-    return facts.model_copy(update={
-        "group": e.group, "sex": e.sex, "age_years": e.age_years, "weight_kg": e.weight_kg,
-        "enrolled_on": e.enrolled_on, "baseline_egfr": e.baseline_egfr, "lee_grade": e.lee_grade,
-    })
-
-
-def _egfr(facts: PatientFacts, e: EgfrComputed) -> PatientFacts:
-    """Last writer wins per result id: the adapter only passes an ``EgfrComputed`` newer (by
-    labs stream version) than the one it stored, so the newest is the effective value. A naive
-    collection time (labs always sends UTC) is read as UTC rather than dropped."""
-    collected_at = e.collected_at if e.collected_at.tzinfo else e.collected_at.replace(tzinfo=UTC)
-    point = EgfrPoint(
-        result_id=e.result_id, egfr=e.egfr, collected_at=collected_at, status=e.status,
-        counted=e.counted, source=e.source, derived_from=e.derived_from,
-    )
-    return facts.model_copy(update={"egfr": {**facts.egfr, e.result_id: point}})
-
-
-def _collects(field: str, member: Callable[[Any], Hashable] = lambda e: e) -> Handler:
-    """A handler adding the event (or ``member`` of it) to the frozenset ``field``."""
-
-    def record(facts: PatientFacts, e: Any) -> PatientFacts:
-        return facts.model_copy(update={field: getattr(facts, field) | {member(e)}})
-
-    return record
+_ENROLLMENT_FIELDS = ("group", "sex", "age_years", "weight_kg", "enrolled_on", "baseline_egfr", "lee_grade")
+_SET_FIELDS = ("doses", "infusions", "dialysis_on", "transplant_on", "died_on", "withdrawn_on", "deviations", "biopsies")
 
 
 def _on(e: Any) -> date:
     return e.on
 
 
-_HANDLERS: Mapping[type[DomainEvent], Handler] = {
-    PatientEnrolled: _enrolled,
-    PulseDoseAdministered: _collects("doses"),
-    CellsInfused: _collects("infusions"),
-    EgfrComputed: _egfr,
-    DialysisStarted: _collects("dialysis_on", _on),
-    KidneyTransplanted: _collects("transplant_on", _on),
-    PatientDied: _collects("died_on", _on),
-    PatientWithdrawn: _collects("withdrawn_on", _on),
-    ProtocolDeviationDetected: _collects("deviations"),
-    BiopsyRecorded: _collects("biopsies"),
-}
+def _itself(e: Any) -> Hashable:
+    return e
 
-CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = tuple(_HANDLERS)
+
+_COLLECTED: Mapping[type[DomainEvent], tuple[str, Callable[[Any], Hashable]]] = {
+    PulseDoseAdministered: ("doses", _itself),
+    CellsInfused: ("infusions", _itself),
+    DialysisStarted: ("dialysis_on", _on),
+    KidneyTransplanted: ("transplant_on", _on),
+    PatientDied: ("died_on", _on),
+    PatientWithdrawn: ("withdrawn_on", _on),
+    ProtocolDeviationDetected: ("deviations", _itself),
+    BiopsyRecorded: ("biopsies", _itself),
+}
+"""Events recorded as a member (the event itself, or its date) of one of the facts' sets."""
+
+CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = (PatientEnrolled, EgfrComputed, *_COLLECTED)
 """The event types ``apply`` records; the adapter subscribes to exactly these."""
+_CONSUMED = frozenset(CONSUMED_EVENTS)
+
+_EgfrFact = tuple[float, datetime, Status, bool, Source, Literal["creatinine", "reported"]]
+"""An ``EgfrPoint`` without its result id, as a tuple: a fifth of the model's memory."""
+
+
+class FactsRecorder:
+    """Records events into one patient's facts in place — the one implementation of what each
+    event means (:func:`apply` and :func:`fold` go through it).
+
+    Why mutable: a projection applies tens of thousands of events per patient, and an immutable
+    ``PatientFacts`` copied per event (its ``egfr`` map with it) made applying quadratic in the
+    patient's results and kept a pydantic ``EgfrPoint`` per result (~1 KB each) alive. The
+    recorder holds sets, plain scalars and a tuple per result, and builds the frozen
+    ``PatientFacts`` only when one is needed (a row to write, an outcome to compute)."""
+
+    __slots__ = ("subject_id", "enrollment", "egfr", "sets")
+
+    def __init__(self, facts: PatientFacts) -> None:
+        self.subject_id = facts.subject_id
+        self.enrollment: dict[str, Any] = {name: getattr(facts, name) for name in _ENROLLMENT_FIELDS}
+        self.egfr: dict[str, _EgfrFact] = {
+            result_id: (p.egfr, p.collected_at, p.status, p.counted, p.source, p.derived_from)
+            for result_id, p in facts.egfr.items()
+        }
+        self.sets: dict[str, set[Any]] = {name: set(getattr(facts, name)) for name in _SET_FIELDS}
+
+    @classmethod
+    def empty(cls, subject_id: str) -> FactsRecorder:
+        return cls(PatientFacts(subject_id=subject_id))
+
+    @property
+    def enrolled(self) -> bool:
+        return self.enrollment["group"] is not None
+
+    def record(self, event: DomainEvent) -> None:
+        """Record one event's fact. Events of other types change nothing, so an adapter may
+        feed a whole stream. Every consumed event carries ``subject_id``; a mismatch is a
+        routing bug and raises."""
+        kind = type(event)
+        if kind not in _CONSUMED:
+            return
+        collected = _COLLECTED.get(kind)
+        subject_id = getattr(event, "subject_id")
+        if subject_id != self.subject_id:
+            raise ValueError(f"event for {subject_id} applied to the facts of {self.subject_id}")
+        if collected is not None:
+            name, member = collected
+            self.sets[name].add(member(event))
+        elif kind is EgfrComputed:
+            self._egfr(event)  # type: ignore[arg-type]
+        else:
+            self.enrollment.update({name: getattr(event, name) for name in _ENROLLMENT_FIELDS})
+
+    def _egfr(self, e: EgfrComputed) -> None:
+        """Last writer wins per result id: the adapter only passes an ``EgfrComputed`` newer (by
+        labs stream version) than the one it stored, so the newest is the effective value. A
+        naive collection time (labs always sends UTC) is read as UTC rather than dropped."""
+        collected_at = e.collected_at if e.collected_at.tzinfo else e.collected_at.replace(tzinfo=UTC)
+        self.egfr[e.result_id] = (e.egfr, collected_at, e.status, e.counted, e.source, e.derived_from)
+
+    def facts(self) -> PatientFacts:
+        """The frozen facts recorded so far (a new object; the recorder stays usable)."""
+        return PatientFacts(
+            subject_id=self.subject_id,
+            **self.enrollment,
+            egfr={
+                result_id: EgfrPoint(result_id=result_id, egfr=egfr, collected_at=collected_at, status=status,
+                                     counted=counted, source=source, derived_from=derived_from)
+                for result_id, (egfr, collected_at, status, counted, source, derived_from) in self.egfr.items()
+            },
+            **{name: frozenset(members) for name, members in self.sets.items()},
+        )
 
 
 def apply(facts: PatientFacts, event: DomainEvent) -> PatientFacts:
-    """Record one event's fact and return the new facts (the input is never changed).
-
-    Events of other types leave the facts as they are, so an adapter may feed a whole stream.
-    Every consumed event carries ``subject_id``; a mismatch is a routing bug and raises.
-    """
-    handler = _HANDLERS.get(type(event))
-    if handler is None:
+    """Record one event's fact and return the new facts (the input is never changed; events of
+    other types return it as it is)."""
+    if type(event) not in _CONSUMED:
         return facts
-    subject_id = getattr(event, "subject_id")
-    if subject_id != facts.subject_id:
-        raise ValueError(f"event for {subject_id} applied to the facts of {facts.subject_id}")
-    return handler(facts, event)
+    recorder = FactsRecorder(facts)
+    recorder.record(event)
+    return recorder.facts()
 
 
 def fold(subject_id: str, events: Iterable[DomainEvent]) -> PatientFacts:
     """The facts of one patient from scratch (rebuilds and tests)."""
-    facts = PatientFacts(subject_id=subject_id)
+    recorder = FactsRecorder.empty(subject_id)
     for e in events:
-        facts = apply(facts, e)
-    return facts
+        recorder.record(e)
+    return recorder.facts()
 
 
 # --- computing outcomes -----------------------------------------------------------------------

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 import services.cells.events  # noqa: F401  (registers the models the broker carries)
 import services.enrollment.events  # noqa: F401
 import services.labs.events  # noqa: F401
@@ -39,7 +41,9 @@ from services.outcomes import domain
 from services.outcomes.domain import PatientFacts, PatientOutcome
 from services.pulse.events import PulseDoseAdministered
 from shared.deviations import ProtocolDeviationDetected
-from shared.events import DomainEvent, Envelope, registry
+from services.outcomes import wire
+from services.outcomes.wire import Meta
+from shared.events import DomainEvent, registry
 from shared.store import JSON_CODEC, Codec
 
 SOURCES: tuple[str, ...] = ("enrollment", "pulse", "cells", "labs")
@@ -65,36 +69,44 @@ def _facts_json(facts: PatientFacts) -> str:
     return canonical_json(dumped)
 
 
-@dataclass
 class ProjectedPatient:
-    """One patient's facts plus, per lab result id, the labs stream version of the applied
-    ``EgfrComputed`` (the guard that makes the newest version win whatever the arrival order)."""
+    """One patient's facts (recorded in place: :class:`~services.outcomes.domain.FactsRecorder`)
+    plus, per lab result id, the labs stream version of the applied ``EgfrComputed`` (the guard
+    that makes the newest version win whatever the arrival order)."""
 
-    facts: PatientFacts
-    egfr_versions: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("recorder", "egfr_versions")
+
+    def __init__(self, facts: PatientFacts, egfr_versions: dict[str, int] | None = None) -> None:
+        self.recorder = domain.FactsRecorder(facts)
+        self.egfr_versions = egfr_versions if egfr_versions is not None else {}
 
     @classmethod
     def new(cls, subject_id: str) -> ProjectedPatient:
         return cls(PatientFacts(subject_id=subject_id))
 
-    def apply(self, envelope: Envelope, event: DomainEvent) -> None:
+    @property
+    def facts(self) -> PatientFacts:
+        return self.recorder.facts()
+
+    def apply(self, envelope: Meta, event: DomainEvent) -> None:
         if isinstance(event, EgfrComputed):
             applied = self.egfr_versions.get(event.result_id)
             if applied is not None and applied >= envelope.stream_version:
                 return
             self.egfr_versions[event.result_id] = envelope.stream_version
-        self.facts = domain.apply(self.facts, event)
+        self.recorder.record(event)
 
     def outcome(self) -> PatientOutcome | None:
         """The contract values, once the enrollment is known (before it there are none)."""
-        return domain.compute_outcome(self.facts) if self.facts.enrolled else None
+        return domain.compute_outcome(self.facts) if self.recorder.enrolled else None
 
     def row(self) -> dict[str, Any]:
-        outcome = self.outcome()
+        facts = self.facts
+        outcome = domain.compute_outcome(facts) if facts.enrolled else None
         return {
-            "subject_id": self.facts.subject_id,
-            "group": self.facts.group,
-            "facts_json": _facts_json(self.facts),
+            "subject_id": facts.subject_id,
+            "group": facts.group,
+            "facts_json": _facts_json(facts),
             "outcome_json": canonical_json(outcome.model_dump(mode="json")) if outcome else None,
             "egfr_versions_json": canonical_json(self.egfr_versions),
         }
@@ -110,7 +122,7 @@ def _utc_date(moment: datetime) -> date:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).date()
 
 
-def _timeline_kind(event: DomainEvent, envelope: Envelope) -> tuple[str, date] | None:
+def _timeline_kind(event: DomainEvent, envelope: Meta) -> tuple[str, date] | None:
     """(kind, the date it happened) of the events a patient's timeline shows. Kinds reuse the
     contract's names where it has them (``dialysis_started``, ``kidney_transplant``, …)."""
     match event:
@@ -147,16 +159,20 @@ _TIMELINE_EVENTS: tuple[type[DomainEvent], ...] = (
 """The event models ``_timeline_kind`` gives a row (keep the two in step)."""
 
 
-def timeline_row(envelope: Envelope, event: DomainEvent, source: str) -> dict[str, Any] | None:
+def timeline_row(envelope: Meta, event: DomainEvent, source: str) -> dict[str, Any] | None:
     """The timeline row of one event, keyed by its event id (so inserting it twice is a no-op).
-    An eGFR row keeps its labs stream version, which tells the effective one from superseded."""
+    An eGFR row keeps its labs stream version, which tells the effective one from superseded.
+
+    The detail is the event's JSON in its model's field order (``model_dump_json``, pydantic's
+    Rust serializer): a function of the event alone, so the same event gives the same bytes live
+    and rebuilt; sorting its keys through the standard library cost three times as much."""
     found = _timeline_kind(event, envelope)
     if found is None:
         return None
     kind, occurred_on = found
-    detail = event.model_dump(mode="json", exclude={"subject_id"})
+    detail = event.model_dump_json(exclude=_NOT_IN_DETAIL)
     if isinstance(event, EgfrComputed):
-        detail["lab_stream_version"] = envelope.stream_version
+        detail = f'{detail[:-1]},"lab_stream_version":{envelope.stream_version:d}}}'
     return {
         "event_id": envelope.event_id,
         "subject_id": getattr(event, "subject_id"),
@@ -164,8 +180,11 @@ def timeline_row(envelope: Envelope, event: DomainEvent, source: str) -> dict[st
         "recorded_at": envelope.recorded_at,
         "kind": kind,
         "source": source,
-        "detail_json": canonical_json(detail),
+        "detail_json": detail,
     }
+
+
+_NOT_IN_DETAIL = {"subject_id"}
 
 
 # --- a run of messages ------------------------------------------------------------------------
@@ -187,15 +206,16 @@ def _projection_reads(event_type: str) -> bool:
     return reads
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Incoming:
-    """One broker message as the projection sees it: where it sits in which stream, and the
-    decoded event (``None`` for event types outcomes does not read, known or not)."""
+    """One broker message as the projection sees it: where it sits in which stream, the
+    envelope's metadata, and the decoded event (``None`` for event types outcomes does not
+    read, known or not)."""
 
     stream: str
     sequence: int
     source: str
-    envelope: Envelope
+    envelope: Meta
     event: DomainEvent | None
 
     @classmethod
@@ -203,10 +223,22 @@ class Incoming:
         """Raises on a message that is not a decodable envelope, or whose event the projection
         reads but cannot decode (the caller decides whether that is a poison message to
         dead-letter or one to skip); ``KeyErased`` for a payload of an erased patient.
-        ``codec`` opens sealed payloads (shared.sealing)."""
+        ``codec`` opens sealed payloads (shared.sealing). Plain envelopes take the fast path
+        (:mod:`services.outcomes.wire`); whatever it refuses, the full path decides."""
+        split = wire.split(data)
+        if split is not None:
+            meta, payload = split
+            if not _projection_reads(meta.event_type):
+                return cls(stream, sequence, source, meta, None)
+            model = wire.current_model(meta)
+            if model is not None:
+                try:
+                    return cls(stream, sequence, source, meta, model.model_validate_json(payload))
+                except ValidationError:
+                    pass  # the full path raises the error (or decodes what the split got wrong)
         envelope = codec.open(data)
         event = envelope.decode() if _projection_reads(envelope.event_type) else None
-        return cls(stream, sequence, source, envelope, event)
+        return cls(stream, sequence, source, Meta.of(envelope), event)
 
     @property
     def patient_subject(self) -> str | None:
