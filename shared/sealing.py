@@ -22,7 +22,6 @@ id); the subject id is bound in as associated data, so a blob moved to another s
 from __future__ import annotations
 
 import base64
-import json
 import os
 from collections.abc import Iterable
 
@@ -100,8 +99,8 @@ class SealingCodec(JsonCodec):
     def decode(self, stream_id: str, data: bytes) -> Payload:
         subject_id = sealed_subject(data)
         if subject_id is None:
-            return json.loads(data)
-        return json.loads(unseal(data, self.vault.key(subject_id)))
+            return super().decode(stream_id, data)
+        return super().decode(stream_id, unseal(data, self.vault.key(subject_id)))
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
         if sealed_subject(stored) is None:

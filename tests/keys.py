@@ -16,10 +16,13 @@ from tests.conftest import NATS_URL
 
 
 @contextlib.asynccontextmanager
-async def stack_codec(prefix: str) -> AsyncIterator[SealingCodec]:
-    """The codec of the stack with this subject prefix: its key bucket, mirrored while open.
-    Deletes the bucket on exit (the stack's streams are the caller's to delete)."""
-    client = await nats.connect(NATS_URL)
+async def stack_codec(
+    prefix: str, *, nats_url: str = NATS_URL, delete_bucket: bool = True
+) -> AsyncIterator[SealingCodec]:
+    """The codec of the stack with this subject prefix (on the machine's NATS unless told which):
+    its key bucket, mirrored while open. Deletes the bucket on exit unless told not to (a stack
+    other tests go on using)."""
+    client = await nats.connect(nats_url)
     vault = KeyVault(bucket_name(Topology(prefix)))
     watch: asyncio.Task[None] | None = None
     try:
@@ -31,6 +34,7 @@ async def stack_codec(prefix: str) -> AsyncIterator[SealingCodec]:
         if watch is not None:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await client.jetstream().delete_stream(vault.stream)
+        if delete_bucket:
+            with contextlib.suppress(Exception):
+                await client.jetstream().delete_stream(vault.stream)
         await client.drain()

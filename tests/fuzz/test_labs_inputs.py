@@ -34,6 +34,7 @@ from tests.fault.infra import FaultStack
 from tests.fault.verify import read_stream
 from tests.fuzz.conftest import budget
 from tests.fuzz.probe import LabsProbe, StoreState, ack_fields
+from tests.keys import stack_codec
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 
@@ -402,7 +403,7 @@ async def test_broker_fuzz(fuzz_stack: FaultStack) -> None:
     for payload in refused:
         assert str(payload.get("reason") or "").strip(), f"refusal without a reason: {payload}"
     refused_text = "\n".join(p.get("raw", "") for p in refused)
-    recorded = await recorded_message_ids(fuzz_stack.database_urls["labs"])
+    recorded = await recorded_message_ids(fuzz_stack.database_urls["labs"], prefix, nats_url)
     unaccounted = [marker for marker, (_, message_id) in markers.items()
                    if marker not in refused_text and message_id not in recorded and marker not in deduplicated]
     print(f"\nbroker: {len(bodies)} messages ({len(deduplicated)} deduplicated by JetStream); "
@@ -414,13 +415,16 @@ async def test_broker_fuzz(fuzz_stack: FaultStack) -> None:
         assert (await http.get(f"{fuzz_stack.url('labs')}/healthz")).status_code == 200
 
 
-async def recorded_message_ids(database_url: str) -> set[str]:
-    """Message ids of every recorded result (any subject) and every parked one."""
+async def recorded_message_ids(database_url: str, prefix: str, nats_url: str) -> set[str]:
+    """Message ids of every recorded result (any subject; payloads sealed with the patient's
+    key, shared/sealing.py) and every parked one."""
     engine = create_async_engine(database_url)
     try:
-        async with engine.connect() as connection:
-            rows = await connection.execute(text("SELECT payload FROM events WHERE event_type = 'LabResultRecorded'"))
-            found = {json.loads(bytes(row.payload))["message_id"] for row in rows}
+        async with engine.connect() as connection, stack_codec(prefix, nats_url=nats_url, delete_bucket=False) as codec:
+            rows = (await connection.execute(
+                text("SELECT stream_id, payload FROM events WHERE event_type = 'LabResultRecorded'"))).all()
+            await codec.prepare(stored=(bytes(row.payload) for row in rows))
+            found = {codec.decode(row.stream_id, bytes(row.payload))["message_id"] for row in rows}
             rows = await connection.execute(text("SELECT message_id FROM parked_results"))
             found |= {row.message_id for row in rows}
     finally:
