@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -206,11 +206,10 @@ def _projection_reads(event_type: str) -> bool:
     return reads
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(NamedTuple):
     """One broker message as the projection sees it: where it sits in which stream, the
     envelope's metadata, and the decoded event (``None`` for event types outcomes does not
-    read, known or not)."""
+    read, known or not). A named tuple: one is built per message."""
 
     stream: str
     sequence: int
@@ -230,10 +229,10 @@ class Incoming:
             meta, payload = split
             if not _projection_reads(meta.event_type):
                 return cls(stream, sequence, source, meta, None)
-            model = wire.current_model(meta)
-            if model is not None:
+            validator = wire.payload_validator(meta.event_type, meta.schema_version)
+            if validator is not None:
                 try:
-                    return cls(stream, sequence, source, meta, model.model_validate_json(payload))
+                    return cls(stream, sequence, source, meta, validator.validate_json(payload))
                 except ValidationError:
                     pass  # the full path raises the error (or decodes what the split got wrong)
         envelope = codec.open(data)
