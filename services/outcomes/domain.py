@@ -307,10 +307,6 @@ def fold(subject_id: str, events: Iterable[DomainEvent]) -> PatientFacts:
 
 # --- computing outcomes -----------------------------------------------------------------------
 
-def _latest(points: Iterable[EgfrPoint]) -> EgfrPoint | None:
-    return max(points, key=lambda p: p.order_key, default=None)
-
-
 def least_squares_slope(xs: list[float], ys: list[float]) -> float | None:
     """Ordinary least-squares slope; ``None`` with fewer than two distinct x (no line)."""
     n = len(xs)
@@ -323,13 +319,16 @@ def least_squares_slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
-def _baseline(facts: PatientFacts, start: date | None) -> tuple[float | None, Literal["lab", "enrollment"] | None]:
+def _baseline(
+    facts: PatientFacts, start: date | None, counted: list[tuple[date, EgfrPoint]]
+) -> tuple[float | None, Literal["lab", "enrollment"] | None]:
     """Latest counted eGFR collected on or before the start date, else the enrollment value.
-    Without a treatment start no result can be "on or before" it, so enrollment's value."""
+    Without a treatment start no result can be "on or before" it, so enrollment's value.
+    ``counted``: (collection date, point), oldest first — so the latest is the last."""
     if start is not None:
-        before = _latest(p for p in facts.counted_points() if p.collected_on <= start)
-        if before is not None:
-            return before.egfr, "lab"
+        before = [p for day, p in counted if day <= start]
+        if before:
+            return before[-1].egfr, "lab"
     if facts.baseline_egfr is None:
         return None, None
     return facts.baseline_egfr, "enrollment"
@@ -339,12 +338,12 @@ def _years_or_none(start: date | None, end: date | None) -> float | None:
     return years_between(start, end) if start is not None and end is not None else None
 
 
-def _slope(start: date | None, after: list[EgfrPoint]) -> float | None:
+def _slope(start: date | None, after: list[tuple[date, EgfrPoint]]) -> float | None:
     """x is years since treatment start from calendar dates, as the contract says for all
     of its dates; two results on the same day therefore share an x."""
     if start is None:
         return None
-    return least_squares_slope([years_between(start, p.collected_on) for p in after], [p.egfr for p in after])
+    return least_squares_slope([years_between(start, day) for day, _ in after], [p.egfr for _, p in after])
 
 
 def _change(post: float | None, baseline: float | None) -> tuple[float | None, float | None, bool | None]:
@@ -360,9 +359,12 @@ def compute_outcome(facts: PatientFacts) -> PatientOutcome:
     if not facts.enrolled:
         raise PatientNotEnrolled(f"{facts.subject_id} has no enrollment yet")
     start = facts.treatment_start
-    baseline, baseline_source = _baseline(facts, start)
-    after = [p for p in facts.counted_points() if start is not None and p.collected_on > start]
-    post = _latest(after)
+    # Sorted once, each collection date computed once (a checkpoint computes every patient's
+    # outcome: sorting three times and converting time zones per comparison showed there).
+    counted = [(p.collected_on, p) for p in facts.counted_points()]
+    baseline, baseline_source = _baseline(facts, start, counted)
+    after = [(day, p) for day, p in counted if start is not None and day > start]
+    post_on, post = after[-1] if after else (None, None)
     post_egfr = post.egfr if post is not None else None
     change, change_pct, decline = _change(post_egfr, baseline)
     failure_on = facts.kidney_failure_on
@@ -376,8 +378,8 @@ def compute_outcome(facts: PatientFacts) -> PatientOutcome:
         baseline_egfr=baseline,
         baseline_source=baseline_source,
         post_egfr=post_egfr,
-        post_egfr_on=post.collected_on if post is not None else None,
-        followup_years=_years_or_none(start, post.collected_on if post is not None else None),
+        post_egfr_on=post_on,
+        followup_years=_years_or_none(start, post_on),
         egfr_slope=_slope(start, after),
         egfr_change=change,
         egfr_change_pct=change_pct,
@@ -392,5 +394,5 @@ def compute_outcome(facts: PatientFacts) -> PatientOutcome:
         cells_infused=facts.cells_infused,
         deviations=facts.deviation_count,
         biopsies=facts.biopsy_count,
-        counted_egfr_n=len(facts.counted_points()),
+        counted_egfr_n=len(counted),
     )
