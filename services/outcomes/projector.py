@@ -8,8 +8,9 @@ Why the result is independent of arrival order: :func:`services.outcomes.domain.
 facts in sets and per-key maps, and the one non-commutative fact — the effective eGFR of a lab
 result id — is guarded here by the labs stream version: an ``EgfrComputed`` older than the one
 already applied (a redelivery, or the four streams replayed one after another) is ignored.
-Every row is serialised canonically (sorted keys, sorted set members), so the same facts give
-byte-identical rows whatever order they were recorded in.
+Patient rows are serialised canonically (sorted keys, sorted set members), so the same facts
+give byte-identical rows whatever order they were recorded in; a timeline row is a function of
+its one event.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ pull consumer (no acks, no durable state on the server) — the same messages, i
 stream order, that the live consumers read.
 
 How. Patients are few and events are many: the rebuild keeps every patient's facts in memory
-and streams the events past them. Timeline rows go to the database every ``write_every`` events
+(recorded in place, one small tuple per lab result: ``domain.FactsRecorder``) and streams the
+events past them. Timeline rows go to the database every ``write_every`` events
 (or few seconds), in the background while the next messages are applied (one write in flight
 at most, so at most two batches of rows are ever held). Every ``flush_every`` events (or
 ``flush_seconds``) a *checkpoint* writes the touched patients, the remaining timeline rows and
