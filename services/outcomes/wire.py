@@ -40,7 +40,7 @@ _SEALED = f'"{SEALED_FIELD}"'.encode()
 
 
 class _Head(TypedDict):
-    """``Envelope`` without its payload, field for field (kept in step by tests/unit/outcomes)."""
+    """``Envelope`` without its payload, field for field (tests/unit/outcomes/test_wire.py)."""
 
     event_id: UUID
     event_type: str
