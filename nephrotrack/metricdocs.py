@@ -33,6 +33,8 @@ LABELS: dict[str, str] = {
     "code": "a protocol deviation code (`DOSE_ABOVE_DAILY_MAX`, …: the `DeviationCode` enum)",
     "source": "for lab results, the input channel (`broker`, `mllp`, `fhir`); for projection lag, "
     "the source service (`enrollment`, `pulse`, `cells`, `labs`)",
+    "stream": "where the inbound purge deleted a message: `labs_results`, `labs_rejected`, `labs_events` "
+    "(the labs stream's `LabResultRejected`)",
     "reason": "a lab rejection code (`unknown_loinc`, `unknown_unit`, …: a closed set in the labs service)",
 }
 

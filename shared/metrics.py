@@ -77,6 +77,20 @@ LAB_RESULTS_PARKED = Gauge(
     "nephrotrack_lab_results_parked",
     "Lab results held because their subject is not enrolled (yet) with the labs service.",
 )
+ERASURE_PURGES_PENDING = Gauge(
+    "nephrotrack_erasure_purges_pending",
+    "Labs: erased patients whose lab messages in clear (labs.results, labs.rejected, the labs stream's "
+    "LabResultRejected) are not yet deleted from the broker (docs/erasure.md).",
+)
+ERASURE_PURGE_SCANNED = Counter(
+    "nephrotrack_erasure_purge_scanned_messages_total",
+    "Labs: messages read by inbound-purge passes (the scan's progress).",
+)
+ERASURE_PURGE_DELETED = Counter(
+    "nephrotrack_erasure_purge_deleted_messages_total",
+    "Labs: messages naming an erased patient deleted from the broker (secure erase), by stream.",
+    ["stream"],
+)
 PROJECTION_LAG_EVENTS = Gauge(
     "nephrotrack_projection_lag_events",
     "Outcomes projection: messages in a source service's stream not yet applied to the projection "

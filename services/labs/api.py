@@ -13,6 +13,7 @@ from services.labs.broker_messages import MAX_PAYLOAD_BYTES, parse_broker_result
 from services.labs.domain import LabRejection, fold_result, raw_for_report, stream_id
 from services.labs.fhir_api import Ingestor
 from services.labs.ingest import LabIngestion, Refusal, lab_rejections, lab_result_index, parked_results
+from services.labs.purge import list_purges
 from shared.errors import NotFound
 from shared.events import Envelope
 from shared.patients import find_patient
@@ -143,5 +144,13 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
             }
             for row in rows
         ]
+
+    @router.get(
+        "/admin/erasures",
+        summary="Purges of erased patients' lab messages in clear from the broker (operator), newest first",
+    )
+    async def erasures(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
+        async with service.store.engine.connect() as connection:
+            return await list_purges(connection, limit)
 
     return router

@@ -23,6 +23,7 @@ from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
 from services.labs.ingest import LabIngestion, LabsSettings, Refusal, after_commit, parked_results
 from services.labs.mllp import MllpServer
+from services.labs.purge import InboundPurger, request_purges, targets
 from services.labs.redaction import carries_personal_data
 from shared import metrics
 from shared.asyncapi import envelope_schema
@@ -102,9 +103,11 @@ def forget_after_commit(service: Service) -> Forget:
     return forget
 
 
-def enrollment_handler(labs: LabIngestion) -> BatchHandler:
+def enrollment_handler(labs: LabIngestion, purge_requested: Callable[[], None] | None = None) -> BatchHandler:
     """Learn enrolled patients, and in the same transaction ingest what was parked for them;
-    forget erased patients, with any result still parked for them (docs/erasure.md)."""
+    forget erased patients, with any result still parked for them, and record the purge of
+    their lab messages in clear from the broker (docs/erasure.md); ``purge_requested`` is called
+    once that commits (it wakes the purge worker)."""
 
     async def on_enrollment(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         enrolled = await remember_enrollments(uow, messages)
@@ -113,6 +116,9 @@ def enrollment_handler(labs: LabIngestion) -> BatchHandler:
         erased = await forget_erased(uow, messages)
         if erased:
             await uow.connection.execute(delete(parked_results).where(parked_results.c.subject_id.in_(erased)))
+            await request_purges(uow, erased, datetime.now(UTC))
+            if purge_requested is not None:
+                after_commit(uow, purge_requested)
 
     return on_enrollment
 
@@ -190,7 +196,11 @@ def create_app(service: Service) -> FastAPI:
         broker_handler(labs, forget_after_commit(service)),
         workers=settings.consumer_workers, batch_size=settings.batch_size,
     )
-    service.consume_service("enrollment", enrollment_handler(labs))
+    purger = InboundPurger(
+        service.store, lambda: service.broker.connection.jetstream(), targets(service.topology),
+        interval=settings.purge_interval_seconds,
+    )
+    service.consume_service("enrollment", enrollment_handler(labs, purger.wake))
     mllp = MllpServer(
         service.store, labs,
         host=service.settings.host, port=mllp_port(),
@@ -199,8 +209,11 @@ def create_app(service: Service) -> FastAPI:
     )
     service.background.append(mllp.run)
     service.background.append(sweeper(service, labs, settings.sweep_interval))
+    service.background.append(purger.run)
     for source in ("broker", "mllp", "fhir"):  # the series exist (at 0) before the first result
         metrics.LAB_RESULTS_ACCEPTED.labels(source=source)
+    for target in purger.targets:
+        metrics.ERASURE_PURGE_DELETED.labels(stream=target.label)
     return service.app(
         api.routes(service, labs), fhir_api.routes(service, labs), title="nephrotrack labs", description=__doc__ or ""
     )

@@ -100,6 +100,9 @@ class LabsSettings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=5000, alias="NEPHROTRACK_LABS_BATCH_SIZE")
     consumer_workers: int = Field(default=2, ge=1, le=16, alias="NEPHROTRACK_LABS_CONSUMER_WORKERS")
     """Concurrent pull loops (each its own transaction) on the ``labs.results`` durable consumer."""
+    purge_interval_seconds: float = Field(default=30, gt=0, alias="NEPHROTRACK_LABS_PURGE_INTERVAL_SECONDS")
+    """How often pending inbound purges are looked for (an erasure handled by this process
+    starts its purge at once; this catches the rest, e.g. jobs left by a crash)."""
     mllp_idle_timeout_seconds: float = Field(default=300, gt=0, alias="NEPHROTRACK_MLLP_IDLE_TIMEOUT_SECONDS")
     mllp_read_timeout_seconds: float = Field(default=30, gt=0, alias="NEPHROTRACK_MLLP_READ_TIMEOUT_SECONDS")
     mllp_max_connections: int = Field(default=100, ge=1, alias="NEPHROTRACK_MLLP_MAX_CONNECTIONS")

@@ -59,6 +59,9 @@ ALLOWED_LABELS: dict[str, frozenset[str]] = {
         "nephrotrack_lab_results_rejected": {"source", "reason"},
         "nephrotrack_lab_results_duplicate": {"source"},
         "nephrotrack_lab_results_parked": set(),
+        "nephrotrack_erasure_purges_pending": set(),
+        "nephrotrack_erasure_purge_scanned_messages": set(),
+        "nephrotrack_erasure_purge_deleted_messages": {"stream"},
         "nephrotrack_projection_lag_events": {"source"},
         "nephrotrack_projection_lag_seconds": set(),
         "process_cpu_seconds": set(),
@@ -272,6 +275,8 @@ def check_labels(service: str, samples: list[tuple[str, str, dict[str, str]]], p
                     assert value in LAB_CHANNELS, where
                 case "reason":
                     assert WORD.match(value), where
+                case "stream":  # where the erasure purge deleted messages
+                    assert value in {"labs_results", "labs_rejected", "labs_events"}, where
                 case "subject_prefix":  # the subject without its last token
                     assert value in {f"{prefix}.{s}" for s in SERVICES} | {"labs"}, where
 
