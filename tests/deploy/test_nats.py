@@ -225,7 +225,51 @@ async def _refused(client: Client, awaitable: Any) -> str:
     return violations[-1]
 
 
-async def test_service_and_lab_permissions(server: RunningServer, passwords: dict[str, str]) -> None:
+async def _purge_as_labs(labs: Client, operator: Client, topology: Any, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from nats.js.errors import NotFoundError
+
+    from services.labs.purge import InboundPurger, list_purges, request_purges, targets
+    from shared.broker import LAB_REJECTED_SUBJECT
+    from shared.database import create_engine, migrate
+    from shared.store import EventStore
+
+    erased, kept = "IGA-A-901", "IGA-A-902"
+    published = {}
+    for subject_id in (erased, kept):
+        result = json.dumps({"message_id": f"m-{subject_id}", "subject_id": subject_id}).encode()
+        rejection = json.dumps({"event_type": "LabResultRejected", "payload": {"subject_id": subject_id}}).encode()
+        published[subject_id] = [
+            await labs.js.publish(LAB_REJECTED_SUBJECT, rejection),
+            await labs.js.publish(topology.event_subject("labs", "LabResultRejected"), rejection),
+        ]
+        lab_result = await operator.js.publish("labs.results", result, headers={"Nats-Msg-Id": f"m-{subject_id}"})
+        published[subject_id].append(lab_result)
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'labs.db'}"
+    await asyncio.to_thread(migrate, "labs", url)
+    store = EventStore(create_engine(url), subject_for=lambda envelope: None)
+    try:
+        async with store.transaction() as uow:
+            await request_purges(uow, [erased], datetime.now(UTC))
+        assert await InboundPurger(store, lambda: labs.js, targets(topology), interval=60).run_once() == 1
+        async with store.engine.connect() as connection:
+            (job,) = await list_purges(connection, 1)
+    finally:
+        await store.engine.dispose()
+    assert job["deleted"] == {"labs_results": 1, "labs_rejected": 1, "labs_events": 1}, job
+    for subject_id, acks in published.items():
+        for ack in acks:
+            try:
+                await operator.js.get_msg(ack.stream, ack.seq)
+                kept_there = True
+            except NotFoundError:
+                kept_there = False
+            assert kept_there == (subject_id == kept), (subject_id, ack.stream)
+
+
+async def test_service_and_lab_permissions(server: RunningServer, passwords: dict[str, str], tmp_path: Path) -> None:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology, ensure_streams
@@ -281,6 +325,14 @@ async def test_service_and_lab_permissions(server: RunningServer, passwords: dic
         info = await labs.js.consumer_info("LABS_RESULTS", durable)
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
         await labs.js.publish(LAB_REJECTED_SUBJECT, b"{}")
+
+        # labs: after an erasure, the inbound purge (services/labs/purge.py) reads LABS_RESULTS,
+        # LABS_REJECTED and its own stream message by message and securely deletes the messages
+        # that name the patient — the real code, under the labs user; in no other stream.
+        await _purge_as_labs(labs, clients["operator"], topology, tmp_path)
+        assert "msg.delete" in await _refused(labs, labs.js.delete_msg("NEPHROTRACK_ENROLLMENT", 1))
+        assert "msg.get" in await _refused(labs, labs.js.get_msg("NEPHROTRACK_PULSE", 1))
+        assert "msg.delete" in await _refused(clients["pulse"], clients["pulse"].js.delete_msg("LABS_REJECTED", 1))
 
         # Reading: each service may consume exactly the streams it needs.
         reads = {
