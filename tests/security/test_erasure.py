@@ -1,7 +1,9 @@
 """Withdrawal of consent with erasure, end to end on the five services as processes over real
 PostgreSQL and NATS: after the erasure, the patient's payloads are unreadable in every service's
-store and on every stream, the logs did not shrink, the analyst API and a rebuild no longer know
-the patient, and the other patient is untouched (docs/erasure.md)."""
+store and on every stream, the lab messages that named them in clear (results the labs published
+on ``labs.results``, refusals on ``labs.rejected`` and the labs stream) are deleted from the
+broker, the logs did not shrink, the analyst API and a rebuild no longer know the patient, and
+the other patient is untouched (docs/erasure.md)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from typing import Any
 
 import httpx
 import nats
+import nats.js.errors
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import func, select
 
-from shared.broker import Topology
+from shared.broker import LAB_RESULTS_SUBJECT, Topology
 from shared.database import create_engine
 from shared.schema import events
 from shared.sealing import SEALED_FIELD
@@ -75,13 +79,48 @@ async def stored_payloads(stack: Stack, service: str) -> tuple[int, list[bytes]]
     return count, payloads
 
 
+async def publish_lab_input(js: Any, subject_id: str, value: float) -> None:
+    """What a lab system sends on NATS: a result (contract JSON, ``Nats-Msg-Id``) and a result
+    the labs service refuses (an unknown LOINC code), both naming the subject in clear."""
+    for body in (lab_result(subject_id, 3, value), {**lab_result(subject_id, 4, value), "loinc": "9999-9"}):
+        await js.publish(LAB_RESULTS_SUBJECT, json.dumps(body).encode(), headers={"Nats-Msg-Id": body["message_id"]})
+
+
+async def stream_bodies(js: Any, stream: str, subject: str) -> list[bytes]:
+    """Every message on ``subject`` in ``stream``, read with an ephemeral consumer (the lab
+    streams are shared by every stack on the server, so they may be long)."""
+    subscription = await js.pull_subscribe(
+        subject, stream=stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True,
+                              inactive_threshold=30.0),
+    )
+    bodies: list[bytes] = []
+    try:
+        if (await subscription.consumer_info()).num_pending:
+            while True:
+                messages = await subscription.fetch(1000, timeout=5)
+                bodies.extend(message.data for message in messages)
+                if not messages[-1].metadata.num_pending:
+                    break
+    finally:
+        await subscription.unsubscribe()
+    return bodies
+
+
+def naming(bodies: list[bytes], subject_id: str) -> list[bytes]:
+    return [body for body in bodies if subject_id.encode() in body]
+
+
 async def broker_bodies(js: Any, topology: Topology) -> list[bytes]:
     bodies = []
     for service in SERVICES:
         name = topology.service_stream(service).name
         state = (await js.stream_info(name)).state
         for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
-            bodies.append((await js.get_msg(name, seq)).data)
+            try:
+                bodies.append((await js.get_msg(name, seq)).data)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted (the erasure's purge of lab refusals)
     return bodies
 
 
@@ -114,16 +153,30 @@ async def test_erasure_makes_a_patient_unreadable_everywhere_and_keeps_the_logs(
         async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
             await record_history(http, stack, erased, ERASED_LAB_VALUE)
             await record_history(http, stack, kept, KEPT_LAB_VALUE)
+            for subject_id, value in ((erased, ERASED_LAB_VALUE), (kept, KEPT_LAB_VALUE)):
+                await publish_lab_input(js, subject_id, value)
             outcomes = stack.url("outcomes")
+            lab_streams = {  # stream -> the subject in it where lab messages travel in clear
+                topology.lab_results_stream.name: LAB_RESULTS_SUBJECT,
+                topology.lab_rejected_stream.name: "labs.rejected",
+                topology.service_stream("labs").name: topology.event_subject("labs", "LabResultRejected"),
+            }
 
             async def both_projected() -> bool:
                 for subject_id in (erased, kept):
                     timeline = (await http.get(f"{outcomes}/v1/patients/{subject_id}")).json().get("timeline", [])
-                    if [row["kind"] for row in timeline].count("egfr") != 2:
+                    if [row["kind"] for row in timeline].count("egfr") != 3:
+                        return False
+                for stream, subject in lab_streams.items():  # the refusals are published too
+                    bodies = await stream_bodies(js, stream, subject)
+                    if not (naming(bodies, erased) and naming(bodies, kept)):
                         return False
                 return (await cohort_a(http, stack))["n"] == 2
 
             await eventually(both_projected, timeout=60)
+            kept_lab_messages = {
+                stream: naming(await stream_bodies(js, stream, subject), kept) for stream, subject in lab_streams.items()
+            }
             kept_before = (await http.get(f"{outcomes}/v1/patients/{kept}")).json()
             before = {service: (await stored_payloads(stack, service))[0] for service in SERVICES if service != "outcomes"}
 
@@ -158,6 +211,25 @@ async def test_erasure_makes_a_patient_unreadable_everywhere_and_keeps_the_logs(
                 assert response.status_code == 404, (service, response.text)
             assert (await http.post(f"{stack.url('enrollment')}/v1/patients", json=enrollment(erased))).status_code == 409
 
+            # The lab messages that named the patient in clear are deleted from the broker (the
+            # labs stream's other events are its log, sealed: checked below); the other
+            # patient's are all still there.
+            async def purged() -> dict[str, Any] | None:
+                jobs = (await http.get(f"{stack.url('labs')}/v1/admin/erasures")).json()
+                job = next((job for job in jobs if job["subject_id"] == erased), None)
+                return job if job and job["status"] == "done" else None
+
+            job = await eventually(purged, timeout=60)
+            assert job["deleted"]["labs_results"] >= 2 and job["deleted"]["labs_rejected"] >= 1, job
+            assert job["deleted"]["labs_events"] >= 1, job
+            for stream, subject in lab_streams.items():
+                bodies = await stream_bodies(js, stream, subject)
+                assert not naming(bodies, erased), f"{stream} still names the erased patient"
+                assert naming(bodies, kept) == kept_lab_messages[stream], f"{stream} lost the other patient's messages"
+            metrics_text = (await http.get(f"{stack.url('labs')}/metrics")).text
+            assert 'nephrotrack_erasure_purge_deleted_messages_total{stream="labs_results"}' in metrics_text
+            assert "nephrotrack_erasure_purges_pending 0.0" in metrics_text
+
             # Nothing readable is left of the patient: stores and streams hold only sealed blobs
             # (besides the clear erasure event, which carries the pseudonym and a date), and the
             # logs did not shrink.
@@ -169,6 +241,9 @@ async def test_erasure_makes_a_patient_unreadable_everywhere_and_keeps_the_logs(
                 if service == "enrollment":  # only the erasure event itself
                     assert len(readable) == 1
                     assert set(json.loads(readable[0])) == {"subject_id", "erased_on"}
+                elif service == "labs":  # only its own record of the refused result (docs/erasure.md)
+                    assert len(readable) == 1
+                    assert json.loads(readable[0])["code"] == "unknown_loinc"
                 else:
                     assert not readable, f"{service} keeps a readable payload of the erased patient"
                 sealed = [p for p in payloads if not is_json(p)]
