@@ -21,7 +21,7 @@ from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.ingest import LabIngestion, LabsSettings, Refusal, after_commit, parked_results
+from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit, parked_results
 from services.labs.mllp import MllpServer
 from services.labs.purge import InboundPurger, request_purges, targets
 from services.labs.redaction import carries_personal_data
@@ -50,12 +50,14 @@ def broker_handler(labs: LabIngestion, forget: Forget | None = None) -> BatchHan
     async def on_results(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         now = datetime.now(UTC)
         results = []
+        carriers: list[InboundMessage] = []  # the message of each parsed result, in order
         refusals = []
         personal = []
         for message in messages:
             try:
                 result = parse_broker_result(message.data, message.headers)
                 results.append(result)
+                carriers.append(message)
                 if carries_personal_data(None, result.raw):  # identifiers in fields we do not read
                     personal.append(message)
             except LabRejection as rejection:
@@ -64,7 +66,9 @@ def broker_handler(labs: LabIngestion, forget: Forget | None = None) -> BatchHan
                 if carries_personal_data(rejection.code, raw):
                     personal.append(message)
         await labs.record_rejections(uow, refusals, now)
-        await labs.ingest(uow, results, now, context=CommandContext(actor="labs:broker"))
+        outcomes = await labs.ingest(uow, results, now, context=CommandContext(actor="labs:broker"))
+        # A result about an erased patient is refused without naming them; its inbound copy goes too.
+        personal += [m for m, o in zip(carriers, outcomes, strict=True) if o.rejection and o.rejection.code == ERASED]
         if personal and forget is not None:
             forget(uow, personal)
 

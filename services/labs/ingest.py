@@ -81,6 +81,8 @@ characters always fit. Longer payloads are cut, with a note of how much was cut.
 RAW_PREVIEW = 2000
 """Characters of the raw payload kept in the rejection log that ``GET /v1/rejections`` shows (the
 whole capped payload is in the published event)."""
+ERASED = "subject_erased"
+"""Rejection code of a result about a patient whose data was erased."""
 RESULT_STREAM_PREFIX = "labresult-"
 REJECTION_STREAM_PREFIX = "rejection-"
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -246,6 +248,9 @@ class LabIngestion:
         for index, result in enumerate(incoming):
             if result.subject_id in patients:
                 to_decide.append(index)
+                continue
+            if uow.store.codec.is_erased(result.subject_id):
+                reject(index, _erased(result))
                 continue
             try:  # refuse now what no enrollment can fix, rather than hold it for a day
                 validate_result(result, now)
@@ -437,6 +442,18 @@ class LabIngestion:
         rows.sort(key=lambda row: row.id)  # arrival order: a correction after its original
         incoming = [IncomingResult.model_validate_json(row.payload) for row in rows]
         return await self.ingest(uow, incoming, now, context=CommandContext(actor="labs:released"))
+
+
+def _erased(result: IncomingResult) -> LabRejection:
+    """The refusal of a result about a patient whose data was erased: it must not bring the
+    patient back (no parking, no event naming them), so neither the refusal's subject nor its
+    raw payload names them — docs/erasure.md."""
+    return LabRejection(
+        "the subject's data was erased at their request (consent withdrawn): results about them are "
+        "no longer accepted; the subject id is not recorded",
+        ERASED, message_id=redact(result.message_id, also=(result.subject_id,)), subject_id=None,
+        raw=redact(result.raw, also=(result.subject_id,)),
+    )
 
 
 def _fold(history: Sequence[Envelope]) -> ResultState | None:

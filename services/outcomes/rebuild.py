@@ -282,6 +282,8 @@ class Rebuild:
             while after < head:
                 messages = await reader.next_batch(head - after)
                 if messages is None:
+                    if await reader.exhausted():  # the rest up to the head was deleted (erasure purge)
+                        break
                     raise RebuildError(
                         f"stream {stream} delivered nothing after sequence {after} within "
                         f"{FETCH_TIMEOUT_SECONDS:.0f} s although its head was {head}"
@@ -429,6 +431,13 @@ class _PullReader:
             await self.subscription.unsubscribe()
         with contextlib.suppress(Exception):
             await self.js.delete_consumer(self.stream, self.consumer)
+
+    async def exhausted(self) -> bool:
+        """Nothing is left to deliver: the stream's head may still be ahead of what was read,
+        when the messages up to it were deleted (labs purges an erased patient's inbound
+        messages, and JetStream keeps the last sequence number of a deleted tail)."""
+        info = await self.js.consumer_info(self.stream, self.consumer)
+        return not self.buffer and info.num_pending == 0
 
     async def _received(self, msg: Msg) -> None:
         if not msg.reply:

@@ -275,6 +275,14 @@ async def test_erasure_makes_a_patient_unreadable_everywhere_and_keeps_the_logs(
             assert (await http.get(f"{outcomes}/v1/cohorts")).json() == live_cohorts
             assert (await http.get(f"{outcomes}/v1/patients/{erased}")).status_code == 404
             assert (await http.get(f"{outcomes}/v1/patients/{kept}")).json() == kept_before
+
+            # A result about the erased patient that arrives later is refused at once, naming no
+            # one: not parked (which would end in an unknown_subject refusal naming them).
+            late = await http.post(f"{stack.url('labs')}/v1/results", json=lab_result(erased, 3, 3.4567))
+            assert late.status_code == 422 and "erased" in late.json()["detail"], late.text
+            assert erased not in late.text
+            rejections = (await http.get(f"{stack.url('labs')}/v1/rejections", params={"code": "subject_erased"})).json()
+            assert rejections and all(erased not in json.dumps(item) for item in rejections), rejections
     finally:
         await stack.stop()
         for name in [s.config.name for s in await js.streams_info()]:
