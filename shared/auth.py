@@ -241,6 +241,15 @@ def _bearer_token(header: str | None) -> str | None:
     return token
 
 
+def _path_for_logs(path: str) -> str:
+    """A refused request's path as the logs may keep it: its first two segments
+    (``/v1/patients/…``). Refusal comes before any validation, so the rest can be anything the
+    caller typed — a name or an MRN in place of a pseudonym — and no personal identifier may
+    reach a log (docs/robustness.md)."""
+    parts = path.split("/")
+    return "/".join(parts[:3]) + ("/…" if len(parts) > 3 else "")
+
+
 class AuthMiddleware:
     """Pure ASGI middleware: every HTTP request is decided before routing (so unknown paths are
     refused, not probed), websockets are refused, lifespan passes through."""
@@ -261,8 +270,9 @@ class AuthMiddleware:
         try:
             principal = self.authorizer.authorize(method, path, _header(scope, b"authorization"))
         except Refusal as refusal:
-            log.info("request refused", status=refusal.status, method=method, path=path, reason=refusal.detail,
-                     client=(scope.get("client") or ("?",))[0])
+            logged = _path_for_logs(path)
+            log.info("request refused", status=refusal.status, method=method, path=logged,
+                     reason=refusal.detail.replace(path, logged), client=(scope.get("client") or ("?",))[0])
             await _refuse(send, refusal)
             metrics.HTTP_REQUESTS.labels(route="(refused)", method=_method_label(method),
                                          status=f"{refusal.status // 100}xx").observe(time.perf_counter() - started)

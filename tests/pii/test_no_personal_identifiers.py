@@ -323,8 +323,6 @@ async def test_no_personal_identifiers_in_stores_logs_or_broker(stack: FaultStac
           f"no personal identifiers")
 
 
-@pytest.mark.xfail(strict=True, reason="shared/auth.py logs the raw path of a refused request: "
-                   "`log.info('request refused', path=scope['path'], …)` puts /v1/patients/John Smith in the log")
 async def test_a_refused_request_naming_a_person_leaves_no_trace_in_the_logs(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "nats")
     await server.astart()
