@@ -150,6 +150,10 @@ class KeyVault:
             raise KeyErased(subject_id)
         raise KeyMissing(subject_id)
 
+    def has_key(self, subject_id: str) -> bool:
+        """The mirror holds a key for the subject (no I/O; after :meth:`load` for fresh ones)."""
+        return subject_id in self._keys
+
     def is_erased(self, subject_id: str) -> bool:
         return subject_id in self._erased
 

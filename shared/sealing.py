@@ -8,10 +8,11 @@ sealed with that patient's key (:mod:`shared.keys`) wherever it is kept:
 - on the broker, the envelope's metadata stays readable (type, stream, times, actor — what
   routing, audit and lag need) and its ``payload`` is ``{"$sealed": "<base64 blob>"}``.
 
-Which payloads are sealed: those naming a ``subject_id``, except in the streams whose events
-must stay readable after an erasure — the erasure event itself (``erasure-…``, every service
-acts on it) and lab rejections (``rejection-…``: published in clear on the contract's
-``labs.rejected``, raw payloads redacted; docs/erasure.md says why and how long they are kept).
+Which payloads are sealed: those naming a ``subject_id``, except the erasure event itself
+(``erasure-…``: every service must read it after the key is gone). Lab rejections
+(``rejection-…``) are stored sealed when they name a patient who has a key, but published in
+clear, as the contract's ``labs.rejected`` promises: those broker copies are deleted by the labs
+service when the patient is erased (services/labs/purge.py, docs/erasure.md).
 
 The blob: ``MAGIC | len(subject id) | subject id | 12-byte nonce | AES-256-GCM ciphertext+tag``.
 It starts with a NUL byte, so it can never be mistaken for JSON; it names its subject, so a
@@ -35,7 +36,9 @@ from shared.store import JsonCodec
 MAGIC = b"\x00nts1"
 NONCE_BYTES = 12
 SEALED_FIELD = "$sealed"
-CLEAR_STREAM_PREFIXES = ("erasure-", "rejection-")
+CLEAR_STREAM_PREFIXES = ("erasure-",)
+PUBLISHED_IN_CLEAR_PREFIXES = ("rejection-",)
+"""Streams whose events the broker carries in clear (see the module doc)."""
 
 
 class SealBroken(ValueError):
@@ -71,6 +74,14 @@ def unseal(blob: bytes, key: bytes) -> bytes:
         ) from None
 
 
+def _named(stream_id: str, payload: Payload) -> str | None:
+    """The subject a payload is about, unless its stream stays in clear."""
+    if stream_id.startswith(CLEAR_STREAM_PREFIXES):
+        return None
+    subject_id = payload.get("subject_id")
+    return subject_id if isinstance(subject_id, str) else None
+
+
 class SealingCodec(JsonCodec):
     """JSON payloads, sealed with the patient's key when they name a patient (see module doc).
 
@@ -84,10 +95,10 @@ class SealingCodec(JsonCodec):
         self.vault = vault
 
     def subject_of(self, stream_id: str, payload: Payload) -> str | None:
-        if stream_id.startswith(CLEAR_STREAM_PREFIXES):
-            return None
-        subject_id = payload.get("subject_id")
-        return subject_id if isinstance(subject_id, str) else None
+        subject_id = _named(stream_id, payload)
+        if subject_id and stream_id.startswith(PUBLISHED_IN_CLEAR_PREFIXES) and not self.vault.has_key(subject_id):
+            return None  # a refusal about no patient of ours (unknown, never enrolled): nothing to erase
+        return subject_id
 
     def encode(self, stream_id: str, payload: Payload) -> bytes:
         plaintext = super().encode(stream_id, payload)
@@ -103,7 +114,7 @@ class SealingCodec(JsonCodec):
         return super().decode(stream_id, unseal(data, self.vault.key(subject_id)))
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
-        if sealed_subject(stored) is None:
+        if sealed_subject(stored) is None or envelope.stream_id.startswith(PUBLISHED_IN_CLEAR_PREFIXES):
             return super().wire(envelope, stored)
         sealed = {SEALED_FIELD: base64.b64encode(stored).decode()}
         return envelope.model_copy(update={"payload": sealed}).model_dump_json().encode()
@@ -116,7 +127,7 @@ class SealingCodec(JsonCodec):
         return envelope.model_copy(update={"payload": self.decode(envelope.stream_id, base64.b64decode(sealed))})
 
     async def prepare(self, *, payloads: Iterable[tuple[str, Payload]] = (), stored: Iterable[bytes] = ()) -> None:
-        wanted = {s for stream_id, payload in payloads if (s := self.subject_of(stream_id, payload))}
+        wanted = {s for stream_id, payload in payloads if (s := _named(stream_id, payload))}
         wanted.update(s for blob in stored if (s := sealed_subject(blob)))
         await self.vault.load(wanted)
 

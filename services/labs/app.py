@@ -21,7 +21,7 @@ from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit, parked_results
+from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit, lab_rejections, parked_results
 from services.labs.mllp import MllpServer
 from services.labs.purge import InboundPurger, request_purges, targets
 from services.labs.redaction import carries_personal_data
@@ -109,7 +109,8 @@ def forget_after_commit(service: Service) -> Forget:
 
 def enrollment_handler(labs: LabIngestion, purge_requested: Callable[[], None] | None = None) -> BatchHandler:
     """Learn enrolled patients, and in the same transaction ingest what was parked for them;
-    forget erased patients, with any result still parked for them, and record the purge of
+    forget erased patients, with any result still parked for them and their rows in the
+    rejection log (``GET /v1/rejections``), and record the purge of
     their lab messages in clear from the broker (docs/erasure.md); ``purge_requested`` is called
     once that commits (it wakes the purge worker)."""
 
@@ -120,6 +121,7 @@ def enrollment_handler(labs: LabIngestion, purge_requested: Callable[[], None] |
         erased = await forget_erased(uow, messages)
         if erased:
             await uow.connection.execute(delete(parked_results).where(parked_results.c.subject_id.in_(erased)))
+            await uow.connection.execute(delete(lab_rejections).where(lab_rejections.c.subject_id.in_(erased)))
             await request_purges(uow, erased, datetime.now(UTC))
             if purge_requested is not None:
                 after_commit(uow, purge_requested)
