@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers
+.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -27,7 +27,7 @@ migrate: $(STAMP)
 rebuild: $(STAMP)
 	$(BIN)/nephrotrack rebuild
 
-test: $(STAMP) browsers  ## every test, against the machine's PostgreSQL and NATS (see tests/conftest.py)
+test: $(STAMP) browsers promtool  ## every test, against the machine's PostgreSQL and NATS (see tests/conftest.py)
 	$(BIN)/python -m tests.preflight
 	$(BIN)/pytest -p no:cacheprovider
 
@@ -47,6 +47,20 @@ browsers:  ## Chromium for the dashboard browser tests (Debian package, root + a
 	else \
 		echo "!!!!! WARNING: no $(CHROMIUM), and not root with apt-get to install it (apt-get install chromium):" >&2; \
 		echo "!!!!! the dashboard browser tests will be SKIPPED !!!!!" >&2; \
+	fi
+
+# promtool checks deploy/prometheus (config, alert rules and their unit tests): Debian's
+# `prometheus` package, installed like Chromium above; otherwise tests/deploy skips those checks loudly.
+promtool:  ## promtool for the Prometheus rule tests (Debian package, root + apt only)
+	@if command -v promtool >/dev/null 2>&1; then \
+		echo "promtool: $$(promtool --version 2>&1 | head -1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "promtool: installing Debian's prometheus package for the rule tests"; \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+		  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }; } \
+		|| echo "!!!!! WARNING: apt-get could not install prometheus: the promtool checks will be SKIPPED !!!!!" >&2; \
+	else \
+		echo "!!!!! WARNING: no promtool, and not root with apt-get to install it: the promtool checks will be SKIPPED !!!!!" >&2; \
 	fi
 
 test-fast: $(STAMP)  ## pure domain tests only: no servers needed
