@@ -63,6 +63,11 @@ async def record_history(http: httpx.AsyncClient, stack: Stack, subject_id: str,
     await post("cells", f"/v1/lots/{lot_id}/release", {"cell_count": 3.1e7, "viability_pct": 92})
     await post("cells", f"/v1/patients/{subject_id}/infusions",
                {"lot_id": lot_id, "given_on": "2014-07-01", "cell_count": 3.0e7})
+
+    async def labs_knows() -> bool:  # else the results would be parked (202) until it does
+        return (await http.get(f"{stack.url('labs')}/v1/patients/{subject_id}/results")).json()["enrolled"]
+
+    await eventually(labs_knows, timeout=30)
     for n in (1, 2):
         await post("labs", "/v1/results", lab_result(subject_id, n, lab_value))
 
