@@ -5,11 +5,13 @@
 2. end to end: the labs service as a process on PostgreSQL, its patients already known (rows
    inserted into its ``known_patients`` register, as enrollment's ``PatientEnrolled`` would have
    put them), the same N results published on ``labs.results``; timed from the first publish until
-   all N ``EgfrComputed`` are in the labs store AND published on the broker (``<prefix>.labs.*``).
+   all N ``EgfrComputed`` are in the labs store AND published on the broker (``<prefix>.labs.*``),
+   and on until the outcomes service (a process on PostgreSQL, its patients projected from
+   ``PatientEnrolled`` published beforehand) has applied every one (``GET /v1/freshness``).
 
 Every result is a creatinine for its own result id, so each is decided (CKD-EPI 2021) and yields
-two events: ``LabResultRecorded`` (kept in the labs store) and ``EgfrComputed`` (stored and published). The N messages are deleted
-from the shared ``LABS_RESULTS`` stream afterwards so later stacks do not replay them.
+two events: ``LabResultRecorded`` (kept in the labs store) and ``EgfrComputed`` (stored and
+published). The N messages are deleted from the shared ``LABS_RESULTS`` stream afterwards so later stacks do not replay them.
 
 ``python -m bench labs_ingest``; ``NEPHROTRACK_BENCH_LABS_N`` changes N;
 ``NEPHROTRACK_BENCH_PROFILE=<file>`` runs the labs process under cProfile (slower) and writes
@@ -30,12 +32,15 @@ import uuid
 from datetime import date
 from pathlib import Path
 
+import httpx
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from sqlalchemy import func, insert, select
 
 from shared.broker import LAB_RESULTS_SUBJECT, Topology
+from services.enrollment.events import PatientEnrolled
 from shared.database import create_engine
+from shared.events import CommandContext, Envelope
 from shared.keys import KeyVault, bucket_name
 from shared.schema import events, known_patients
 from tests.conftest import NATS_URL
@@ -164,10 +169,35 @@ def _sample(pid: int) -> subprocess.Popen[bytes] | None:
                              "--output", path, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=open(path + ".log", "wb"))  # noqa: SIM115
 
 
+async def enrol(js: nats.js.JetStreamContext, topology: Topology, prefix: str) -> None:
+    """Publish the patients' ``PatientEnrolled`` on the enrollment stream, as enrollment's relay
+    would: outcomes projects the patients (and labs learns them, as the rows inserted above say)."""
+    subject = topology.event_subject("enrollment", PatientEnrolled.event_type)
+    for p in range(PATIENTS):
+        envelope = Envelope.wrap(PatientEnrolled(
+            subject_id=f"B-{prefix}-{p}", sex="FM"[p % 2], age_years=40 + p % 30, weight_kg=60.0, group="A",
+            enrolled_on=date(2014, 1 + p % 12, 1), baseline_egfr=30.0, lee_grade="IV",
+        ), stream_id=f"patient-B-{prefix}-{p}", stream_version=1, context=CommandContext(actor="bench"))
+        await js.publish(subject, envelope.model_dump_json().encode(), headers={"Nats-Msg-Id": str(envelope.event_id)})
+
+
+async def projected(http: httpx.AsyncClient, stack: Stack, source: str, sequence: int, timeout: float = 600) -> None:
+    """Wait until the outcomes projection has applied ``source``'s stream up to ``sequence``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        freshness = (await http.get(f"{stack.url('outcomes')}/v1/freshness")).json()
+        applied = next(s["last_sequence"] for s in freshness["sources"] if s["source"] == source)
+        if applied >= sequence:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"outcomes applied {source} up to {applied}, not {sequence}")
+        await asyncio.sleep(0.05)
+
+
 async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[str, bytes]]) -> dict[str, float]:
     js = nc.jetstream()
     topology = Topology(prefix)
-    stack = _Stack(Path(tmp), prefix, ["labs"], backend="postgresql")
+    stack = _Stack(Path(tmp), prefix, ["labs", "outcomes"], backend="postgresql")
     sequences: list[int] = []
     try:
         await stack.start()
@@ -181,8 +211,11 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[
         await vault.connect(js)
         for p in range(PATIENTS):
             await vault.create(f"B-{prefix}-{p}")
+        await enrol(js, topology, prefix)
         # Earlier messages on the shared LABS_RESULTS stream are consumed (parked) before timing.
         await wait_drained(js, topology.lab_results_stream.name, f"{prefix}-labs-results")
+        http = stack.client(timeout=30)
+        await projected(http, stack, "enrollment", PATIENTS)
         service_stream = topology.service_stream("labs").name
 
         pid = stack.processes["labs"].pid
@@ -201,6 +234,10 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
         cpu = process_cpu_seconds(pid) - cpu_before
+        labs_head = (await js.stream_info(service_stream)).state.last_seq
+        await projected(http, stack, "labs", labs_head)
+        to_projection = time.perf_counter() - started
+        await http.aclose()
         if sampler is not None:
             sampler.send_signal(signal.SIGINT)
             sampler.wait(timeout=60)
@@ -213,7 +250,7 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str, payloads: list[tuple[
         await engine.dispose()
         assert stored == len(payloads) == published, (stored, published)
         return {
-            "rate": len(payloads) / elapsed, "rss": peak_rss_mib(pid), "stored": stored,
+            "rate": len(payloads) / elapsed, "projected_rate": len(payloads) / to_projection, "rss": peak_rss_mib(pid), "stored": stored,
             "cpu_us": 1e6 * cpu / len(payloads), "cpu_share": cpu / elapsed, "idle": idle,
         }
     finally:
@@ -251,9 +288,12 @@ async def run(tmp: str) -> str:
         f"| raw: bare nats-py JetStream pull consumer (fetch {FETCH}, ack each) | {raw:,.0f} |",
         f"| end to end: labs process on PostgreSQL, until all {e2e['stored']:,.0f} EgfrComputed are stored and "
         f"published | {rate:,.0f} |",
+        f"| end to end to the projection: until the outcomes projection has applied them all (outcomes process "
+        f"on PostgreSQL, `GET /v1/freshness`) | {e2e['projected_rate']:,.0f} |",
         "",
-        f"End to end ÷ raw: {rate / raw:.0%}. Patients known beforehand ({PATIENTS} rows inserted into the labs "
-        f"service's `known_patients`). Labs process: {e2e['cpu_us']:,.0f} µs CPU per result "
+        f"End to end ÷ raw: {rate / raw:.0%} to the labs store and broker, {e2e['projected_rate'] / raw:.0%} to the "
+        f"projection. Patients known beforehand ({PATIENTS} rows inserted into the labs service's `known_patients`, "
+        f"their `PatientEnrolled` published for outcomes, their data keys created). Labs process: {e2e['cpu_us']:,.0f} µs CPU per result "
         f"({e2e['cpu_share']:.0%} of a core), peak RSS (VmHWM) {e2e['rss']:.0f} MiB. Machine CPU idle during the "
         f"end-to-end run: {e2e['idle']:.0%} (low idle = other work on the machine competed for the 2 cores).",
     ])
