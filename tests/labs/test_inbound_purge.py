@@ -2,13 +2,17 @@
 the erasure's handling records one durable job; a pass deletes, from LABS_RESULTS, LABS_REJECTED
 and the labs stream's LabResultRejected, exactly the messages that name the erased subject; a
 pass that fails halfway leaves the job pending, and the next one finishes it without counting
-anything twice."""
+anything twice. On a private NATS server: the lab streams of the machine's server are shared by
+every stack, and any labs service consuming them meanwhile would refuse (and so publish, naming
+the subject) the incomplete results published here, changing what the purge finds."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -25,8 +29,21 @@ from shared.consumer import InboundMessage
 from shared.events import CommandContext, Envelope
 from shared.settings import SERVICES
 from shared.store import EventStore
+from tests.fault.infra import NatsServer
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def private_nats(tmp_path: Path) -> AsyncIterator[nats.NATS]:
+    server = NatsServer(tmp_path / "nats")
+    await server.astart()
+    client = await nats.connect(server.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+        server.stop()
 
 
 def test_a_subject_is_named_as_a_whole_token_or_by_its_field() -> None:
@@ -72,8 +89,9 @@ async def present(js: Any, stream: str, sequence: int) -> bool:
 
 
 async def test_a_pass_deletes_what_names_the_erased_subject_and_survives_a_failure(
-    labs_store: EventStore, nats_client: nats.NATS, topology: Topology, monkeypatch: pytest.MonkeyPatch,
+    labs_store: EventStore, private_nats: nats.NATS, topology: Topology, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    nats_client = private_nats
     js = nats_client.jetstream()
     await ensure_streams(js, topology.all_streams(SERVICES))
     tag = uuid.uuid4().hex[:6]
