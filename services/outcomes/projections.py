@@ -17,6 +17,8 @@ import operator
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -228,7 +230,21 @@ class LiveProjection:
         await write_changes(connection, generation, changes)
 
 
+class ProjectionSettings(BaseSettings):
+    """The live projection's consumer settings (environment variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    batch_size: int = Field(default=2000, ge=1, le=10_000, alias="NEPHROTRACK_OUTCOMES_BATCH_SIZE")
+    """Messages per batch (one transaction) when a backlog is waiting. A batch loads, locks and
+    rewrites each patient it touches once, so under a burst of lab results the cost per result
+    falls with the batch: 2,000 instead of the consumers' 200 took the labs benchmark's
+    projection from ~420 to ~1,340 results/s (docs/labs.md#throughput). A quiet stream waits no
+    longer than before: a partial batch is handed over after the consumers' 0.2 s batch timeout."""
+
+
 def register(service: Service, **consumer_options: Any) -> None:
     """Subscribe the outcomes service to every source service's events (durable consumers)."""
+    consumer_options.setdefault("batch_size", ProjectionSettings().batch_size)
     for source in SOURCES:
         service.consume_service(source, LiveProjection(source), **consumer_options)
