@@ -31,37 +31,31 @@ test: $(STAMP) browsers promtool  ## every test, against the machine's PostgreSQ
 	$(BIN)/python -m tests.preflight
 	$(BIN)/pytest -p no:cacheprovider
 
+# $(call debian_tool,NAME,PRESENT,VERSION,PACKAGE,SKIPPED): a test tool from Debian. Reports it
+# when the shell test PRESENT holds; else installs PACKAGE when root with apt; else warns loudly
+# that SKIPPED will be skipped (the tests themselves skip saying why).
+debian_tool = @if $(2); then \
+		echo "$(1): $$($(3))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "$(1): installing Debian's $(4) package for $(5)"; \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(4) \
+		  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(4); }; } \
+		|| echo "!!!!! WARNING: apt-get could not install $(4): $(5) will be SKIPPED !!!!!" >&2; \
+	else \
+		echo "!!!!! WARNING: no $(1), and not root with apt-get to install it (apt-get install $(4)):" >&2; \
+		echo "!!!!! $(5) will be SKIPPED !!!!!" >&2; \
+	fi
+
 # The dashboard's browser tests drive Debian's Chromium through Playwright (pip package, in the dev
-# extras; `playwright install` is never needed). Installed here when missing, as root with apt;
-# otherwise a loud warning, and tests/dashboard skips its browser test saying why.
+# extras; `playwright install` is never needed).
 CHROMIUM ?= /usr/bin/chromium
 
 browsers:  ## Chromium for the dashboard browser tests (Debian package, root + apt only)
-	@if [ -x "$(CHROMIUM)" ]; then \
-		echo "browsers: $$($(CHROMIUM) --version 2>/dev/null || echo "$(CHROMIUM)")"; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "browsers: installing Debian's chromium for the dashboard browser tests"; \
-		{ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
-		  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; } \
-		|| echo "!!!!! WARNING: apt-get could not install chromium: the dashboard browser tests will be SKIPPED !!!!!" >&2; \
-	else \
-		echo "!!!!! WARNING: no $(CHROMIUM), and not root with apt-get to install it (apt-get install chromium):" >&2; \
-		echo "!!!!! the dashboard browser tests will be SKIPPED !!!!!" >&2; \
-	fi
+	$(call debian_tool,chromium,[ -x "$(CHROMIUM)" ],$(CHROMIUM) --version 2>/dev/null || echo "$(CHROMIUM)",chromium,the dashboard browser tests)
 
-# promtool checks deploy/prometheus (config, alert rules and their unit tests): Debian's
-# `prometheus` package, installed like Chromium above; otherwise tests/deploy skips those checks loudly.
+# promtool checks deploy/prometheus (config, alert rules and their unit tests).
 promtool:  ## promtool for the Prometheus rule tests (Debian package, root + apt only)
-	@if command -v promtool >/dev/null 2>&1; then \
-		echo "promtool: $$(promtool --version 2>&1 | head -1)"; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "promtool: installing Debian's prometheus package for the rule tests"; \
-		{ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
-		  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }; } \
-		|| echo "!!!!! WARNING: apt-get could not install prometheus: the promtool checks will be SKIPPED !!!!!" >&2; \
-	else \
-		echo "!!!!! WARNING: no promtool, and not root with apt-get to install it: the promtool checks will be SKIPPED !!!!!" >&2; \
-	fi
+	$(call debian_tool,promtool,command -v promtool >/dev/null 2>&1,promtool --version 2>&1 | head -1,prometheus,the promtool checks)
 
 test-fast: $(STAMP)  ## pure domain tests only: no servers needed
 	$(BIN)/pytest -p no:cacheprovider tests/unit
