@@ -15,13 +15,12 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from faststream.nats import JStream
-from sqlalchemy import delete
 
 from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit, lab_rejections, parked_results
+from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit
 from services.labs.mllp import MllpServer
 from services.labs.purge import InboundPurger, request_purges, targets
 from services.labs.redaction import carries_personal_data
@@ -120,8 +119,7 @@ def enrollment_handler(labs: LabIngestion, purge_requested: Callable[[], None] |
             await labs.release_parked(uow, [patient.subject_id for patient in enrolled], datetime.now(UTC))
         erased = await forget_erased(uow, messages)
         if erased:
-            await uow.connection.execute(delete(parked_results).where(parked_results.c.subject_id.in_(erased)))
-            await uow.connection.execute(delete(lab_rejections).where(lab_rejections.c.subject_id.in_(erased)))
+            await labs.forget(uow, erased)
             await request_purges(uow, erased, datetime.now(UTC))
             if purge_requested is not None:
                 after_commit(uow, purge_requested)

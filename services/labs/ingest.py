@@ -407,6 +407,13 @@ class LabIngestion:
         await self.record_rejections(uow, refusals, now)
         return released, len(expired_rows)
 
+    async def forget(self, uow: UnitOfWork, subject_ids: Sequence[str]) -> None:
+        """Drop what labs holds outside its log about erased subjects: results still parked for
+        them and their rows in the rejection log (``GET /v1/rejections``). Their events stay,
+        sealed with the key that is gone (docs/erasure.md)."""
+        for table in (parked_results, lab_rejections):
+            await uow.connection.execute(delete(table).where(table.c.subject_id.in_(subject_ids)))
+
     async def parked_count(self, uow: UnitOfWork) -> int:
         return int(await uow.connection.scalar(select(func.count()).select_from(parked_results)) or 0)
 
