@@ -349,7 +349,7 @@ class UnitOfWork:
 
         On PostgreSQL through ``COPY`` on the transaction's own asyncpg connection: for the
         hundreds of rows of a lab batch, SQLAlchemy's executemany spent more CPU binding each
-        row's parameters than the database spent storing them (profile in docs/performance.md).
+        row's parameters than the database spent storing them (profile in docs/labs.md#throughput).
         Constraint violations raise ``asyncpg.IntegrityConstraintViolationError``."""
         if not rows:
             return

@@ -340,8 +340,8 @@ class LabIngestion:
             ],
         )
         if self.rejected_also_on:
-            await uow.connection.execute(
-                insert(outbox),
+            await uow.insert_rows(
+                outbox,
                 [
                     {
                         "event_id": envelope.event_id, "subject": self.rejected_also_on,
