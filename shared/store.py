@@ -29,6 +29,8 @@ for comparison (see ``bench/``).
 
 from __future__ import annotations
 
+import operator
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,7 +45,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import metrics
-from shared.events import CommandContext, DomainEvent, Envelope, Payload
+from shared.database import one_of
+from shared.events import CommandContext, DomainEvent, Envelope, Payload, utcnow
 from shared.schema import checkpoints, events, inbox, outbox
 
 
@@ -246,7 +249,9 @@ class UnitOfWork:
         for chunk in _chunks(list(found), 500):
             rows = (
                 await self.connection.execute(
-                    select(events).where(events.c.stream_id.in_(chunk)).order_by(events.c.stream_id, events.c.stream_version)
+                    select(events)
+                    .where(one_of(events.c.stream_id, chunk, postgres=self.store.is_postgres))
+                    .order_by(events.c.stream_id, events.c.stream_version)
                 )
             ).all()
             await self.store.codec.prepare(stored=(row.payload for row in rows))
@@ -264,8 +269,9 @@ class UnitOfWork:
         (stream, version) constraint fail and the whole transaction raise ConcurrencyError.
         """
         context = context or CommandContext()
+        now = utcnow()
         envelopes = [
-            Envelope.wrap(event, stream_id=stream_id, stream_version=expected + i, context=context)
+            Envelope.wrap(event, stream_id=stream_id, stream_version=expected + i, context=context, recorded_at=now)
             for stream_id, new_events, expected in appends
             for i, event in enumerate(new_events, start=1)
         ]
@@ -334,8 +340,8 @@ class UnitOfWork:
                     }
                 )
         await self.insert_rows(outbox, outgoing)
-        for envelope in envelopes:
-            metrics.EVENTS_APPENDED.labels(event_type=envelope.event_type).inc()
+        for event_type, count in Counter(envelope.event_type for envelope in envelopes).items():
+            metrics.EVENTS_APPENDED.labels(event_type=event_type).inc(count)
 
     async def transaction_id(self) -> int:
         """This transaction's PostgreSQL id (``pg_current_xact_id()``), asked once. Asking through
@@ -358,9 +364,10 @@ class UnitOfWork:
             return
         await self.transaction_id()  # the driver's transaction has begun: COPY runs inside it
         columns = list(rows[0])
+        record = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
         raw = await self.connection.get_raw_connection()
         await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-            table.name, records=[tuple(row[c] for c in columns) for row in rows], columns=columns
+            table.name, records=[record(row) for row in rows], columns=columns
         )
 
     def _event_row(self, envelope: Envelope) -> dict[str, Any]:
@@ -389,7 +396,9 @@ class UnitOfWork:
         seen: set[str] = set()
         for chunk in _chunks(unique, 500):
             rows = await self.connection.execute(
-                select(inbox.c.message_id).where(and_(inbox.c.consumer == consumer, inbox.c.message_id.in_(chunk)))
+                select(inbox.c.message_id).where(
+                    inbox.c.consumer == consumer, one_of(inbox.c.message_id, chunk, postgres=self.store.is_postgres)
+                )
             )
             seen.update(rows.scalars())
         fresh = [message_id for message_id in unique if message_id not in seen]

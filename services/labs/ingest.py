@@ -69,6 +69,7 @@ from services.labs.domain import (
 from services.labs.events import LabResultRejected, Source
 from services.labs.redaction import looks_personal, redact, redact_reason, redact_subject
 from shared import metrics
+from shared.database import one_of
 from shared.events import CommandContext, DomainEvent, Envelope, registry
 from shared.schema import known_patients, outbox
 from shared.store import UnitOfWork
@@ -301,8 +302,9 @@ class LabIngestion:
                 for sid, new_events in pending.items()
                 if versions[sid] == 0
             ]
-            if index_rows:
-                await uow.connection.execute(_insert_ignore(uow, lab_result_index), index_rows)
+            # Only new streams: had another writer created one meanwhile, its event at version 1
+            # would already have made this append fail.
+            await uow.insert_rows(lab_result_index, index_rows)
         if to_park:
             await self._park(uow, [incoming[i] for i in to_park], now)
 
@@ -426,7 +428,9 @@ class LabIngestion:
                    known_patients.c.enrolled_on)
         for start in range(0, len(ids), 500):
             rows = await uow.connection.execute(
-                select(*columns).where(known_patients.c.subject_id.in_(ids[start : start + 500]))
+                select(*columns).where(
+                    one_of(known_patients.c.subject_id, ids[start : start + 500], postgres=uow.store.is_postgres)
+                )
             )
             for row in rows:
                 found[row.subject_id] = KnownPatient(row.subject_id, row.sex, row.age_years, row.enrolled_on)
