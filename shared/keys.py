@@ -29,6 +29,7 @@ import os
 
 import nats.js.errors
 import structlog
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -82,6 +83,7 @@ class KeyVault:
         self._kv: KeyValue | None = None
         self._js: JetStreamContext | None = None
         self._keys: dict[str, bytes] = {}
+        self._ciphers: dict[str, AESGCM] = {}
         self._erased: set[str] = set()
         self._synced = asyncio.Event()
 
@@ -150,6 +152,14 @@ class KeyVault:
             raise KeyErased(subject_id)
         raise KeyMissing(subject_id)
 
+    def cipher(self, subject_id: str) -> AESGCM:
+        """The subject's AES-256-GCM cipher, made once per key: making one cost as much as
+        sealing a payload with it (docs/labs.md#throughput). Gone with the key (:meth:`forget`)."""
+        found = self._ciphers.get(subject_id)
+        if found is None:
+            found = self._ciphers[subject_id] = AESGCM(self.key(subject_id))
+        return found
+
     def has_key(self, subject_id: str) -> bool:
         """The mirror holds a key for the subject (no I/O; after :meth:`load` for fresh ones)."""
         return subject_id in self._keys
@@ -210,5 +220,6 @@ class KeyVault:
     def forget(self, subject_id: str) -> None:
         """Drop the key from this process's mirror and remember the subject as erased."""
         self._keys.pop(subject_id, None)
+        self._ciphers.pop(subject_id, None)
         self._erased.add(subject_id)
 

@@ -45,13 +45,13 @@ class SealBroken(ValueError):
     """A sealed payload failed authentication: a wrong key, or bytes altered after sealing."""
 
 
-def seal(subject_id: str, key: bytes, plaintext: bytes) -> bytes:
+def seal(subject_id: str, key: bytes | AESGCM, plaintext: bytes) -> bytes:
     kid = subject_id.encode()
     if len(kid) > 255:
         raise ValueError("a subject id longer than 255 bytes cannot be sealed")
     header = MAGIC + bytes([len(kid)]) + kid
     nonce = os.urandom(NONCE_BYTES)
-    return header + nonce + AESGCM(key).encrypt(nonce, plaintext, header)
+    return header + nonce + _cipher(key).encrypt(nonce, plaintext, header)
 
 
 def sealed_subject(blob: bytes) -> str | None:
@@ -62,16 +62,20 @@ def sealed_subject(blob: bytes) -> str | None:
     return blob[len(MAGIC) + 1 : len(MAGIC) + 1 + length].decode()
 
 
-def unseal(blob: bytes, key: bytes) -> bytes:
+def unseal(blob: bytes, key: bytes | AESGCM) -> bytes:
     kid_end = len(MAGIC) + 1 + blob[len(MAGIC)]
     header, nonce, ciphertext = blob[:kid_end], blob[kid_end : kid_end + NONCE_BYTES], blob[kid_end + NONCE_BYTES :]
     try:
-        return AESGCM(key).decrypt(nonce, ciphertext, header)
+        return _cipher(key).decrypt(nonce, ciphertext, header)
     except InvalidTag:
         raise SealBroken(
             f"a payload sealed for subject {sealed_subject(blob)} does not open with that subject's key "
             "(wrong key, or altered after sealing)"
         ) from None
+
+
+def _cipher(key: bytes | AESGCM) -> AESGCM:
+    return AESGCM(key) if isinstance(key, bytes) else key
 
 
 def _named(stream_id: str, payload: Payload) -> str | None:
@@ -105,13 +109,13 @@ class SealingCodec(JsonCodec):
         subject_id = self.subject_of(stream_id, payload)
         if subject_id is None:
             return plaintext
-        return seal(subject_id, self.vault.key(subject_id), plaintext)
+        return seal(subject_id, self.vault.cipher(subject_id), plaintext)
 
     def decode(self, stream_id: str, data: bytes) -> Payload:
         subject_id = sealed_subject(data)
         if subject_id is None:
             return super().decode(stream_id, data)
-        return super().decode(stream_id, unseal(data, self.vault.key(subject_id)))
+        return super().decode(stream_id, unseal(data, self.vault.cipher(subject_id)))
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
         if sealed_subject(stored) is None or envelope.stream_id.startswith(PUBLISHED_IN_CLEAR_PREFIXES):
