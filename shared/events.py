@@ -140,13 +140,18 @@ class Envelope(BaseModel):
         stream_version: int,
         context: CommandContext,
         occurred_at: datetime | None = None,
+        recorded_at: datetime | None = None,
     ) -> Envelope:
+        """Both times default to now; ``occurred_at`` to ``recorded_at`` (a batch passes one
+        ``recorded_at`` for all its events: they are recorded in one transaction)."""
+        recorded_at = recorded_at or utcnow()
         return cls(
             event_type=domain_event.event_type,
             schema_version=domain_event.schema_version,
             stream_id=stream_id,
             stream_version=stream_version,
-            occurred_at=occurred_at or utcnow(),
+            occurred_at=occurred_at or recorded_at,
+            recorded_at=recorded_at,
             correlation_id=context.correlation_id,
             causation_id=context.causation_id,
             actor=request_principal.get() or context.actor,

@@ -134,6 +134,8 @@ class IncomingResult(BaseModel):
     @field_validator("collected_at")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is UTC:  # what every parser hands in: nothing to convert
+            return value
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError("collected_at must be timezone-aware")
         return value.astimezone(UTC)
