@@ -11,12 +11,13 @@ import textwrap
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js.api import StreamConfig
 
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import DurableConsumer, InboundMessage, one_by_one
-from shared.relay import OutboxRelay
+from shared.relay import AckCollector, OutboxRelay
 from shared.store import EventStore, UnitOfWork
 from tests.conftest import NATS_URL
 from tests.foundation.test_event_store import things
@@ -188,3 +189,22 @@ async def test_failing_message_is_retried_then_dead_lettered_without_blocking_ot
     assert letters[0].data == b"poison"
     assert "invalid literal for int" in letters[0].headers["Nephrotrack-Error"]
     assert letters[0].headers["Nephrotrack-Deliveries"] == "3"
+
+
+async def test_ack_collector_returns_each_stream_sequence_and_each_refusal(nats_client: nats.NATS, prefix: str) -> None:
+    """The relay's batch publisher: every message's own outcome, in order — a stored message
+    its stream sequence, a duplicate (same Nats-Msg-Id) the sequence it was first stored at, a
+    subject no stream captures the no-responders error — never one batch-wide verdict."""
+    js = nats_client.jetstream()
+    stream = f"{prefix}_ACKS".upper()
+    await make_stream(js, stream, f"{prefix}.acks.>")
+    collector = AckCollector(nats_client)
+    first = await collector.publish(
+        [(f"{prefix}.acks.a", b"1", "id-1"), (f"{prefix}.nowhere", b"2", "id-2"), (f"{prefix}.acks.b", b"3", "id-3")], 5
+    )
+    assert first[0] == 1 and first[2] == 2
+    assert isinstance(first[1], nats.js.errors.NoStreamResponseError)
+    again = await collector.publish([(f"{prefix}.acks.a", b"1", "id-1"), (f"{prefix}.acks.c", b"4", "id-4")], 5)
+    assert again == [1, 3]
+    assert (await js.stream_info(stream)).state.messages == 3
+    await js.delete_stream(stream)
