@@ -97,6 +97,7 @@ async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nat
     try:
         await other.synced()
         assert other.key("IGA-A-001") == key
+        sealed = seal("IGA-A-001", other.cipher("IGA-A-001"), b"{}")  # the cipher made once, kept
         await vault.erase("IGA-A-001")
         for _ in range(100):
             if other.is_erased("IGA-A-001"):
@@ -104,6 +105,8 @@ async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nat
             await asyncio.sleep(0.02)
         with pytest.raises(KeyErased):
             other.key("IGA-A-001")
+        with pytest.raises(KeyErased):  # the cached cipher went with the key
+            unseal(sealed, other.cipher("IGA-A-001"))
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
