@@ -168,6 +168,9 @@ def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, 
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     import services.outcomes.rebuild  # noqa: F401  (imported before the clock starts)
+    from shared.service import tune_garbage_collector
+
+    tune_garbage_collector()  # as in the services and `nephrotrack rebuild` (raw and rebuild alike)
 
     work = {
         "raw-fetch": lambda: _raw_fetch(nats_url, list(streams.values())),

@@ -45,7 +45,9 @@ def rebuild(restart: bool = typer.Option(False, help="discard an interrupted reb
     """Replay the JetStream log into a fresh outcomes projection, then swap it in (blue/green)."""
     from nephrotrack.rebuild import run_rebuild
     from services.outcomes.rebuild import RebuildError
+    from shared.service import tune_garbage_collector
 
+    tune_garbage_collector()
     try:
         done = run_rebuild(restart=restart)
     except RebuildError as exc:
