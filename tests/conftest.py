@@ -11,16 +11,29 @@ import asyncio
 import os
 import socket
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
 import pytest
+from hypothesis import strategies as st
+from hypothesis.errors import NonInteractiveExampleWarning
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.broker import Topology
 from shared.database import create_engine, migrate
 from shared.store import EventStore
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis builds its table of Unicode characters the first time any test draws text, and
+    counts that second against the drawing test (``HealthCheck.too_slow``): in a fresh clone
+    (no ``.hypothesis``) the first property test with text failed for it, e.g. under
+    ``make test-fast``. Build the table before any test runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonInteractiveExampleWarning)
+        st.text(min_size=1).example()
+
 
 POSTGRES = os.environ.get("NEPHROTRACK_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 NATS_URL = os.environ.get("NEPHROTRACK_TEST_NATS", "nats://127.0.0.1:4222")
