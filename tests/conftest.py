@@ -25,11 +25,13 @@ from shared.broker import Topology
 from shared.database import create_engine, migrate
 from shared.store import EventStore
 
-def pytest_configure(config: pytest.Config) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def hypothesis_unicode_table() -> None:
     """Hypothesis builds its table of Unicode characters the first time any test draws text, and
     counts that second against the drawing test (``HealthCheck.too_slow``): in a fresh clone
     (no ``.hypothesis``) the first property test with text failed for it, e.g. under
-    ``make test-fast``. Build the table before any test runs."""
+    ``make test-fast``. Build the table before the first test (a fixture: Hypothesis warns when
+    it is done while pytest loads its plugins)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonInteractiveExampleWarning)
         st.text(min_size=1).example()
