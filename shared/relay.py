@@ -27,7 +27,6 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 from sqlalchemy import Row, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -106,15 +105,14 @@ class OutboxRelay:
     def __init__(
         self,
         store: EventStore,
-        js: JetStreamContext,
+        nc: NATS,
         *,
         batch_size: int = 500,
         idle_seconds: float = 0.05,
         ack_timeout: float = 10.0,
     ) -> None:
         self.store = store
-        self.js = js
-        self.acks = AckCollector(js._nc)
+        self.acks = AckCollector(nc)
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
         self.ack_timeout = ack_timeout

@@ -175,7 +175,7 @@ class Service:
         self._spawn(self.vault.watch)
         await self.vault.synced()  # every key and erasure known before the first message or request
         await self.broker.start()
-        self.relay = OutboxRelay(self.store, js)
+        self.relay = OutboxRelay(self.store, self.broker.connection)
         self._spawn(self.relay.run)
         self._spawn(self._watch_consumer_lag)
         for task in self.background:

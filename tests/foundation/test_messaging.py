@@ -38,7 +38,7 @@ async def test_relay_publishes_each_outbox_row_with_its_event_id(store: EventSto
     js = nats_client.jetstream()
     await make_stream(js, f"{prefix}_OUT".upper(), "test.>")
     written = await store.append("thing-1", things(1, 2, 3), expected_version=0)
-    relay = OutboxRelay(store, js, batch_size=2)
+    relay = OutboxRelay(store, nats_client, batch_size=2)
     assert await relay.publish_batch() == 2
     assert await relay.publish_batch() == 1
     assert await relay.publish_batch() == 0
@@ -60,8 +60,8 @@ async def test_relay_crash_after_publish_before_delete_duplicates_nothing(
             raise ConnectionError("killed between publish and delete")
 
     with pytest.raises(ConnectionError):
-        await CrashAfterPublish(store, js).publish_batch()
-    assert await OutboxRelay(store, js).publish_batch() == 2  # republished after "restart"
+        await CrashAfterPublish(store, nats_client).publish_batch()
+    assert await OutboxRelay(store, nats_client).publish_batch() == 2  # republished after "restart"
     assert len(await stream_messages(js, stream)) == 2  # broker de-duplicated by Nats-Msg-Id
     await js.delete_stream(stream)
 
@@ -76,7 +76,7 @@ RELAY_SCRIPT = textwrap.dedent(
     async def main():
         client = await nats.connect(sys.argv[2])
         store = EventStore(create_engine(sys.argv[1]))
-        relay = OutboxRelay(store, client.jetstream(), batch_size=50)
+        relay = OutboxRelay(store, client, batch_size=50)
         while await relay.publish_batch():
             pass
         print("drained", flush=True)
