@@ -45,13 +45,13 @@ class SealBroken(ValueError):
     """A sealed payload failed authentication: a wrong key, or bytes altered after sealing."""
 
 
-def seal(subject_id: str, key: bytes | AESGCM, plaintext: bytes) -> bytes:
+def seal(subject_id: str, cipher: AESGCM, plaintext: bytes) -> bytes:
     kid = subject_id.encode()
     if len(kid) > 255:
         raise ValueError("a subject id longer than 255 bytes cannot be sealed")
     header = MAGIC + bytes([len(kid)]) + kid
     nonce = os.urandom(NONCE_BYTES)
-    return header + nonce + _cipher(key).encrypt(nonce, plaintext, header)
+    return header + nonce + cipher.encrypt(nonce, plaintext, header)
 
 
 def sealed_subject(blob: bytes) -> str | None:
@@ -62,20 +62,16 @@ def sealed_subject(blob: bytes) -> str | None:
     return blob[len(MAGIC) + 1 : len(MAGIC) + 1 + length].decode()
 
 
-def unseal(blob: bytes, key: bytes | AESGCM) -> bytes:
+def unseal(blob: bytes, cipher: AESGCM) -> bytes:
     kid_end = len(MAGIC) + 1 + blob[len(MAGIC)]
     header, nonce, ciphertext = blob[:kid_end], blob[kid_end : kid_end + NONCE_BYTES], blob[kid_end + NONCE_BYTES :]
     try:
-        return _cipher(key).decrypt(nonce, ciphertext, header)
+        return cipher.decrypt(nonce, ciphertext, header)
     except InvalidTag:
         raise SealBroken(
             f"a payload sealed for subject {sealed_subject(blob)} does not open with that subject's key "
             "(wrong key, or altered after sealing)"
         ) from None
-
-
-def _cipher(key: bytes | AESGCM) -> AESGCM:
-    return AESGCM(key) if isinstance(key, bytes) else key
 
 
 def _named(stream_id: str, payload: Payload) -> str | None:

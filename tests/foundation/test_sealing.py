@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -62,7 +63,7 @@ json_values = st.recursive(
 @settings(max_examples=200, deadline=None)
 @given(subject=st.text(min_size=1, max_size=64), payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6))
 def test_seal_round_trip_property(subject: str, payload: dict[str, object]) -> None:
-    key = os.urandom(32)
+    key = AESGCM(os.urandom(32))
     plaintext = json.dumps(payload).encode()
     blob = seal(subject, key, plaintext)
     assert sealed_subject(blob) == subject
@@ -72,10 +73,10 @@ def test_seal_round_trip_property(subject: str, payload: dict[str, object]) -> N
 
 
 def test_wrong_key_or_altered_blob_is_refused_specifically() -> None:
-    key = os.urandom(32)
+    key = AESGCM(os.urandom(32))
     blob = seal("IGA-A-001", key, b'{"value": 2.1}')
     with pytest.raises(SealBroken, match="IGA-A-001"):
-        unseal(blob, os.urandom(32))
+        unseal(blob, AESGCM(os.urandom(32)))
     altered = blob[:-1] + bytes([blob[-1] ^ 1])
     with pytest.raises(SealBroken):
         unseal(altered, key)
