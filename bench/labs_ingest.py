@@ -301,10 +301,11 @@ def start_second_labs(stack: Stack) -> None:
     )
 
 
-async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> dict[str, Any]:
+async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> tuple[dict[str, dict[str, Any]], float]:
     """Three timed runs of N new results each, on one stack: labs alone (one instance, outcomes
     not started yet: the issue's end to end); two labs instances; two labs instances with the
-    outcomes service consuming beside them, timed on to the projection."""
+    outcomes service consuming beside them, timed on to the projection. Also the first labs
+    process's peak RSS (MiB)."""
     js = nc.jetstream()
     topology = Topology(prefix)
     stack = _Stack(Path(tmp), prefix, ["labs", "outcomes"], backend="postgresql")
@@ -347,8 +348,7 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> dict[str, Any]:
             )
         await engine.dispose()
         assert stored == 3 * N, stored
-        runs["rss"] = {"rss": peak_rss_mib(stack.processes["labs"].pid)}
-        return runs
+        return runs, peak_rss_mib(stack.processes["labs"].pid)
     finally:
         await stack.stop()
         await _delete(js, topology.lab_results_stream.name, sequences)
@@ -373,7 +373,7 @@ async def run(tmp: str) -> str:
     nc = await nats.connect(NATS_URL)
     try:
         raw = await raw_rate(nc, results(prefix, phase=0))
-        runs = await end_to_end(tmp, nc, prefix)
+        runs, rss = await end_to_end(tmp, nc, prefix)
     finally:
         await nc.drain()
     one, two, beside = runs["one"], runs["two"], runs["beside"]
@@ -399,7 +399,7 @@ async def run(tmp: str) -> str:
         f"({best:,.0f} results/s, {best / raw:.0%}). Patients known beforehand ({PATIENTS} rows inserted into the "
         f"labs service's `known_patients`, their `PatientEnrolled` published for outcomes, their data keys created). "
         f"Labs: {one['labs_share']:.0%} of a core (one process), {two['labs_share']:.0%} (two); peak RSS (VmHWM) "
-        f"{runs['rss']['rss']:.0f} MiB. Machine CPU idle: {one['idle']:.0%} (one process), {two['idle']:.0%} (two).",
+        f"{rss:.0f} MiB. Machine CPU idle: {one['idle']:.0%} (one process), {two['idle']:.0%} (two).",
         "",
         "CPU per result (µs) of each participant during each timed window (all: the machine's 2 cores share it):",
         "",
