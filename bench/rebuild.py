@@ -3,7 +3,10 @@
 For each size (100,000 and 1,000,000 events of :mod:`bench.workload`'s mix, ~2,000 patients):
 
 1. the events are published into the four service streams of a fresh subject prefix
-   (``publish_async``, acks pipelined in windows);
+   (``publish_async``, acks pipelined in windows) as the services publish them: every payload
+   about a patient sealed with that patient's key (shared/sealing.py), the keys in the prefix's
+   key bucket, where the rebuild finds them (``NEPHROTRACK_BENCH_REBUILD_SEALED=0``: in clear,
+   as runs before 2026-12-05 measured);
 2. **raw read**: a fresh process reads the same streams from sequence 1 with no processing —
    no decoding, each message's bytes only counted — in two ways: nats-py's own
    ``PullSubscription.fetch`` with big batches, and the rebuild's batch puller (a plain
@@ -37,11 +40,16 @@ import time
 import uuid
 from pathlib import Path
 
+import base64
+
 import nats
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench import workload
 from shared.broker import Topology, ensure_streams
+from shared.keys import KEY_BYTES, KeyVault, bucket_name, key_name
+from shared.sealing import SEALED_FIELD, seal
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("NEPHROTRACK_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432")
@@ -53,20 +61,39 @@ RAW_FETCH_BATCH = 5_000
 RAW_FETCH_UP_TO = 100_000
 TARGET_RATE = 100_000
 TARGET_RATIO = 0.5
+SEALED = os.environ.get("NEPHROTRACK_BENCH_REBUILD_SEALED", "1") != "0"
 
 
 # --- publishing -----------------------------------------------------------------------------------
 
+class _Sealer:
+    """Seals payloads as the services' codec does on the broker, one new key per patient."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+        self.ciphers: dict[str, AESGCM] = {}
+
+    def __call__(self, subject_id: str, plaintext: bytes) -> str:
+        cipher = self.ciphers.get(subject_id)
+        if cipher is None:
+            self.keys[subject_id] = os.urandom(KEY_BYTES)
+            cipher = self.ciphers[subject_id] = AESGCM(self.keys[subject_id])
+        sealed = base64.b64encode(seal(subject_id, cipher, plaintext)).decode()
+        return json.dumps({SEALED_FIELD: sealed}, separators=(",", ":"))  # as pydantic writes it
+
+
 async def publish(nats_url: str, topology: Topology, total: int, patients: int) -> tuple[dict[str, int], float, int]:
-    """Publish ``total`` workload events into the topology's service streams: (messages per stream,
-    seconds, bytes)."""
+    """Publish ``total`` workload events into the topology's service streams (sealed, with the
+    patients' keys put in the topology's key bucket, unless ``SEALED`` is off): (messages per
+    stream, seconds, bytes)."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream(publish_async_max_pending=PUBLISH_WINDOW)
     await ensure_streams(js, [topology.service_stream(source) for source in workload.SOURCES])
+    sealer = _Sealer() if SEALED else None
     started = time.perf_counter()
     size = 0
     pending = []
-    for message in workload.events(total, patients):
+    for message in workload.events(total, patients, seal=sealer):
         size += len(message.data)
         pending.append(await js.publish_async(workload.subject(topology, message), message.data,
                                               headers={"Nats-Msg-Id": message.event_id}))
@@ -75,6 +102,11 @@ async def publish(nats_url: str, topology: Topology, total: int, patients: int) 
             pending = []
     await asyncio.gather(*pending)
     elapsed = time.perf_counter() - started
+    if sealer is not None:
+        vault = KeyVault(bucket_name(topology))
+        await vault.connect(js)
+        for subject_id, key in sealer.keys.items():
+            await vault.kv.put(key_name(subject_id), key)
     counts = {source: (await js.stream_info(topology.service_stream(source).name)).state.messages
               for source in workload.SOURCES}
     await nc.close()
@@ -87,7 +119,7 @@ async def delete_streams(nats_url: str, topology: Topology) -> None:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     for name in [s.config.name for s in await js.streams_info()]:
-        if name.startswith(topology.prefix.upper() + "_"):
+        if name.startswith(topology.prefix.upper() + "_") or name == f"KV_{bucket_name(topology)}":
             await js.delete_stream(name)
     await nc.close()
 
@@ -202,12 +234,15 @@ def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, 
             "peak_rss_mib": _peak_rss_mib()}
 
 
-def run_child(mode: str, streams: dict[str, str], database_url: str = "", profile: str | None = None) -> dict:
+def run_child(
+    mode: str, topology: Topology, streams: dict[str, str], database_url: str = "", profile: str | None = None
+) -> dict:
     argv = [sys.executable, "-m", "bench.rebuild", "--child", mode, "--nats", NATS_URL,
             "--streams", json.dumps(streams), "--database", database_url]
     if profile:
         argv += ["--profile", profile]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The rebuild opens the key bucket of the stack it serves: this topology's.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NEPHROTRACK_SUBJECT_PREFIX": topology.prefix}
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -252,16 +287,16 @@ async def measure(total: int, profile: str | None = None) -> dict:
     try:
         counts, publish_seconds, size = await publish(NATS_URL, topology, total, PATIENTS)
         # nats-py's fetch is only the reference for what a plain client gets: slow, so small runs only.
-        raw_fetch = await asyncio.to_thread(run_child, "raw-fetch", streams) if total <= RAW_FETCH_UP_TO else None
-        raw_puller = await asyncio.to_thread(run_child, "raw-puller", streams)
+        raw_fetch = await asyncio.to_thread(run_child, "raw-fetch", topology, streams) if total <= RAW_FETCH_UP_TO else None
+        raw_puller = await asyncio.to_thread(run_child, "raw-puller", topology, streams)
         url = await _fresh_database()
-        rebuilt = await asyncio.to_thread(run_child, "rebuild", streams, url)
+        rebuilt = await asyncio.to_thread(run_child, "rebuild", topology, streams, url)
         patients, timeline, facts_mib = await _projection_size(url)
         profiled = None
         if profile:
             await drop_database(url)
             url = await _fresh_database()
-            profiled = await asyncio.to_thread(run_child, "rebuild", streams, url, profile)
+            profiled = await asyncio.to_thread(run_child, "rebuild", topology, streams, url, profile)
         for result in (raw_fetch, raw_puller, rebuilt):
             if result is not None and result["events"] != total:
                 raise RuntimeError(f"{result['mode']} read {result['events']} events of {total}")
@@ -302,7 +337,10 @@ async def run(tmp: str) -> str:
         print(f"  rebuild: {total:,} events …", flush=True)
         results.append(await measure(total, profile if total == max(SIZES) else None))
     lines = [
-        f"### Outcomes rebuild from JetStream vs the raw read rate ({PATIENTS:,} patients; load average "
+        f"### Outcomes rebuild from JetStream vs the raw read rate ({PATIENTS:,} patients; "
+        + ("payloads sealed with the patients' keys, as the services publish them" if SEALED else
+           "payloads in clear (NEPHROTRACK_BENCH_REBUILD_SEALED=0), unlike the services' own")
+        + f"; load average "
         f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)",
         "",
         "Raw = the same streams read by a fresh process with no processing. Rebuild = "

@@ -4,10 +4,15 @@
 services' outbox relays publish — for ``patients`` patients in the three groups:
 enrollments, biopsies and clinical outcomes (enrollment); methylprednisolone pulse cycles with
 dose deviations (pulse); harvest → lot release → infusion chains (cells); and the bulk of the
-log, lab results (labs): ``LabResultRecorded`` + ``EgfrComputed`` pairs, with typo corrections
+log, lab results (labs): an ``EgfrComputed`` per result, with typo corrections
 (``LabResultCorrected`` and a second ``EgfrComputed``), preliminaries superseded by finals and a
 few preliminaries never followed up. Messages are interleaved across patients in time order, as
 a study running for years would publish them, and each aggregate's events keep their order.
+
+It is what the relays publish, no more: each arrival's ``LabResultRecorded`` stays in the labs
+store (it takes its stream version there, so the ``EgfrComputed`` versions have the same gaps as
+in production), and with ``seal`` every payload about a patient is sealed as the services' codec
+seals it on the broker (``{"$sealed": …}``, shared/sealing.py), so a reader pays for opening it.
 
 The JSON is built directly (a million pydantic round trips would make the benchmark's set-up
 longer than what it measures); :func:`check_sample` decodes the first messages of every event
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -28,6 +33,10 @@ from shared.broker import Topology
 ENVELOPE_KEYS = ("event_id", "event_type", "schema_version", "stream_id", "stream_version", "occurred_at",
                  "recorded_at", "correlation_id", "causation_id", "actor", "payload")
 SOURCES = ("enrollment", "pulse", "cells", "labs")
+
+
+Sealer = Callable[[str, bytes], str]
+"""(subject id, the payload's JSON) -> the payload JSON the broker carries instead."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,9 @@ class Message:
 class _Log:
     """Numbers aggregate streams and stamps envelopes with increasing recorded times."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, seal: Sealer | None = None) -> None:
         self.rng = random.Random(seed)
+        self.seal = seal
         self.versions: dict[str, int] = {}
         self.clock = datetime(2014, 1, 1, tzinfo=UTC)
         self.ids = self.rng.getrandbits(62)
@@ -59,11 +69,17 @@ class _Log:
         self.clock += timedelta(milliseconds=self.rng.randint(50, 5000))
         stamp = self.clock.isoformat().replace("+00:00", "Z")
         event_id = self._event_id()
+        body = _dumps(payload)
+        if self.seal is not None:
+            body = self.seal(payload["subject_id"], body.encode())
         # The envelope exactly as Envelope.model_dump_json() writes it (field order included);
         # every string spliced in is plain ASCII without quotes, so no escaping is needed.
-        data = _ENVELOPE % (event_id, event_type, stream_id, version, stamp, stamp, event_id, actor,
-                            _dumps(payload))
+        data = _ENVELOPE % (event_id, event_type, stream_id, version, stamp, stamp, event_id, actor, body)
         return Message(source, event_type, data.encode(), event_id)
+
+    def unpublished(self, stream_id: str) -> None:
+        """An event that stays in its service's store: it takes a stream version, no message."""
+        self.versions[stream_id] = self.versions.get(stream_id, 0) + 1
 
 
 _ENVELOPE = (
@@ -135,14 +151,9 @@ def _lab_result(log: _Log, patient: dict) -> list[Message]:
     on = patient["start"] + timedelta(days=n * 9 - 10)
     collected = f"{_iso(on)}T07:30:00Z"
 
-    def recorded(value: float, status: str) -> Message:
-        return log.wrap("labs", "LabResultRecorded", stream_id, {
-            "result_id": result_id, "message_id": f"M-{result_id}-{status}", "subject_id": sid, "lab_id": "LAB-1",
-            "source": "broker", "loinc": "98979-8", "analyte": "egfr", "value": value, "unit": "mL/min/1.73m2",
-            "canonical_value": value, "canonical_unit": "mL/min/1.73m2", "status": status, "collected_at": collected,
-        }, "lab:broker")
-
-    def computed(value: float, status: str) -> Message:
+    def computed(value: float, status: str, *, arrived: bool = True) -> Message:
+        if arrived:
+            log.unpublished(stream_id)  # the arrival's LabResultRecorded, kept in the labs store
         return log.wrap("labs", "EgfrComputed", stream_id, {
             "result_id": result_id, "subject_id": sid, "egfr": value, "collected_at": collected, "status": status,
             "counted": status != "preliminary", "source": "broker", "derived_from": "reported",
@@ -153,17 +164,18 @@ def _lab_result(log: _Log, patient: dict) -> list[Message]:
     kind = rng.random()
     if kind < 0.15:  # a typo, then its correction
         typo = round(value / 10, 2)
-        return [recorded(typo, "final"), computed(typo, "final"), recorded(value, "corrected"),
+        first = computed(typo, "final")
+        log.unpublished(stream_id)  # the correction's arrival
+        return [first,
                 log.wrap("labs", "LabResultCorrected", stream_id, {
                     "result_id": result_id, "subject_id": sid, "previous_value": typo, "new_value": value,
                     "canonical_unit": "mL/min/1.73m2"}, "lab:broker"),
-                computed(value, "corrected")]
+                computed(value, "corrected", arrived=False)]
     if kind < 0.25:  # a preliminary, then the final
-        return [recorded(value + 3, "preliminary"), computed(value + 3, "preliminary"),
-                recorded(value, "final"), computed(value, "final")]
+        return [computed(value + 3, "preliminary"), computed(value, "final")]
     if kind < 0.30:  # a preliminary never followed up
-        return [recorded(value, "preliminary"), computed(value, "preliminary")]
-    return [recorded(value, "final"), computed(value, "final")]
+        return [computed(value, "preliminary")]
+    return [computed(value, "final")]
 
 
 def _fate(log: _Log, patient: dict) -> list[Message]:
@@ -179,9 +191,10 @@ def _fate(log: _Log, patient: dict) -> list[Message]:
     return []
 
 
-def events(total: int, patients: int = 2_000, seed: int = 11) -> Iterator[Message]:
-    """Exactly ``total`` messages (if ``total`` leaves room for every patient's first months)."""
-    log = _Log(seed)
+def events(total: int, patients: int = 2_000, seed: int = 11, seal: Sealer | None = None) -> Iterator[Message]:
+    """Exactly ``total`` messages (if ``total`` leaves room for every patient's first months);
+    ``seal``: see the module doc."""
+    log = _Log(seed, seal)
     emitted = 0
     states = []
     # Enrollment waves: each patient's early events (enrollment, pulses, cells, biopsy) in turn.
