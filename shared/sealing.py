@@ -108,10 +108,11 @@ class SealingCodec(JsonCodec):
         return seal(subject_id, self.vault.cipher(subject_id), plaintext)
 
     def decode(self, stream_id: str, data: bytes) -> Payload:
-        subject_id = sealed_subject(data)
-        if subject_id is None:
-            return super().decode(stream_id, data)
-        return super().decode(stream_id, unseal(data, self.vault.cipher(subject_id)))
+        return super().decode(stream_id, self.plaintext(data))
+
+    def plaintext(self, stored: bytes) -> bytes:
+        subject_id = sealed_subject(stored)
+        return stored if subject_id is None else unseal(stored, self.vault.cipher(subject_id))
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
         if sealed_subject(stored) is None or envelope.stream_id.startswith(PUBLISHED_IN_CLEAR_PREFIXES):

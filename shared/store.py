@@ -89,6 +89,11 @@ class Codec(Protocol):
 
     def decode(self, stream_id: str, data: bytes) -> Payload: ...
 
+    def plaintext(self, stored: bytes) -> bytes:
+        """The payload's JSON from stored bytes (opened, when sealed): ``decode`` without the
+        parsing, for a reader that validates the JSON itself (the outcomes projection)."""
+        ...
+
     def wire(self, envelope: Envelope, stored: bytes) -> bytes: ...
 
     def open(self, body: bytes) -> Envelope: ...
@@ -110,6 +115,9 @@ class JsonCodec:
 
     def decode(self, stream_id: str, data: bytes) -> Payload:
         return pydantic_core.from_json(data)
+
+    def plaintext(self, stored: bytes) -> bytes:
+        return stored
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
         return envelope.model_dump_json().encode()

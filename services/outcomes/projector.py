@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from pydantic import ValidationError
 
 import services.cells.events  # noqa: F401  (registers the models the broker carries)
 import services.enrollment.events  # noqa: F401
@@ -233,9 +232,12 @@ class Incoming(NamedTuple):
             validator = wire.payload_validator(meta.event_type, meta.schema_version)
             if validator is not None:
                 try:
+                    blob = wire.sealed_blob(payload)
+                    if blob is not None:
+                        payload = codec.plaintext(blob)  # KeyErased / KeyMissing go to the caller
                     return cls(stream, sequence, source, meta, validator.validate_json(payload))
-                except ValidationError:
-                    pass  # the full path raises the error (or decodes what the split got wrong)
+                except ValueError:  # not valid as its event, or a broken seal: the full path
+                    pass  # raises the error (or decodes what the split got wrong)
         envelope = codec.open(data)
         event = envelope.decode() if _projection_reads(envelope.event_type) else None
         return cls(stream, sequence, source, Meta.of(envelope), event)

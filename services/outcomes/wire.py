@@ -12,18 +12,26 @@ splits at its first ``,"payload":`` into the metadata and the payload's own JSON
 - the payload is handed as JSON to the event model (``model_validate_json``), once, and only
   for the event types the projection reads.
 
+A sealed payload — every payload about a patient, as the services publish them
+(shared/sealing.py) — is ``{"$sealed": "<base64 blob>"}``: :func:`sealed_blob` takes the blob
+out, the codec opens it (``Codec.plaintext``) and the event model validates the JSON inside, so
+the services' own log takes this path too (before, every sealed message went the full way:
+the envelope model, a dict of the payload, a copy of the envelope, the event from the dict).
+
 The split is exact or refused: JSON strings cannot hold an unescaped ``"``, so the first
 ``,"payload":`` is a key, and the metadata half only parses if it was the top-level one; a
 payload that does not validate as its event means the split was wrong or the event is, and the
-caller retries on the full path. Anything else — another writer's field order, a sealed payload
-(which only the codec opens), an older schema version (which needs its upcasters) — returns
+caller retries on the full path. Anything else — another writer's field order, a sealed value
+that is not plain base64, an older schema version (which needs its upcasters) — returns
 ``None`` and the caller takes the full path (``codec.open`` + ``Envelope.decode``), with its
 exact behaviour. The one difference: the payload of an event type the projection does not read
-is not parsed at all (the full path parsed it into a dict nobody looked at).
+is not parsed, nor opened, at all (the full path parsed it into a dict nobody looked at).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime
 from typing import NamedTuple
 from uuid import UUID
@@ -36,7 +44,8 @@ from shared.events import Envelope, registry
 from shared.sealing import SEALED_FIELD
 
 _PAYLOAD_KEY = b',"payload":'
-_SEALED = f'"{SEALED_FIELD}"'.encode()
+_SEALED_START = f'{{"{SEALED_FIELD}":"'.encode()
+_SEALED_END = b'"}'
 
 
 class _Head(TypedDict):
@@ -81,7 +90,7 @@ def split(body: bytes) -> tuple[Meta, bytes] | None:
     if cut < 0 or not body.endswith(b"}}"):
         return None
     payload = body[cut + len(_PAYLOAD_KEY) : -1]
-    if not payload.startswith(b"{") or _SEALED in payload:
+    if not payload.startswith(b"{"):
         return None
     try:
         head = _HEAD.validate_json(body[:cut] + b"}")
@@ -90,6 +99,18 @@ def split(body: bytes) -> tuple[Meta, bytes] | None:
     meta = Meta(head["event_id"], head["event_type"], head["schema_version"], head["stream_version"],
                 head["occurred_at"], head["recorded_at"])
     return meta, payload
+
+
+def sealed_blob(payload: bytes) -> bytes | None:
+    """The sealed blob of a payload written as ``{"$sealed": "<base64>"}`` (the sealing codec's
+    wire form), or ``None`` for a payload in clear. Raises ``ValueError`` on a sealed value that
+    is not strict base64 (the full path, which reads it leniently, then decides)."""
+    if not (payload.startswith(_SEALED_START) and payload.endswith(_SEALED_END)):
+        return None
+    try:
+        return base64.b64decode(payload[len(_SEALED_START) : -len(_SEALED_END)], validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"sealed payload is not base64: {error}") from error
 
 
 def payload_validator(event_type: str, schema_version: int) -> SchemaValidator | None:

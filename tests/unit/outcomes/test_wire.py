@@ -26,8 +26,17 @@ def test_bodies_it_cannot_split_go_to_the_full_path() -> None:
     envelope = Envelope.model_validate_json(message.data)
     payload_first = ('{"payload":' + envelope.model_dump_json(include={"payload"})[11:-1] + ","
                      + envelope.model_dump_json(exclude={"payload"})[1:]).encode()
-    sealed = envelope.model_copy(update={"payload": {"$sealed": "AAAA"}}).model_dump_json().encode()
     assert wire.split(message.data) is not None
     assert wire.split(payload_first) is None
-    assert wire.split(sealed) is None
     assert Incoming.parse("S", 1, "enrollment", payload_first).event == envelope.decode()
+
+
+def test_a_sealed_payload_splits_and_gives_up_its_blob() -> None:
+    """Opening it takes the patient's key (tests/outcomes/test_wire_sealed.py)."""
+    (message,) = list(workload.events(1, patients=1))
+    envelope = Envelope.model_validate_json(message.data)
+    sealed = envelope.model_copy(update={"payload": {"$sealed": "AAEC"}}).model_dump_json().encode()
+    split = wire.split(sealed)
+    assert split is not None and split[0] == wire.Meta.of(envelope)
+    assert wire.sealed_blob(split[1]) == b"\x00\x01\x02"
+    assert wire.sealed_blob(wire.split(message.data)[1]) is None  # type: ignore[index]
