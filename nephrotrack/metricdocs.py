@@ -71,7 +71,9 @@ for subject ids, pseudonymous study data. `tests/ops/test_metric_labels.py` driv
   stands in for it, an upper bound.) It is deliberately not "now − the newest applied event":
   that would read hours for a moment after every quiet night.
 - *Outbox*: `nephrotrack_outbox_backlog` rows not yet published; the age of the oldest is the
-  time since it was committed.
+  time since it was committed. The relay vacuums the outbox itself on PostgreSQL (a queue table's
+  dead rows must not wait for autovacuum, which may be off): `nephrotrack_outbox_vacuum_duration_seconds`
+  times each of those vacuums.
 
 Units: `_seconds` metrics are in seconds, `_bytes` in bytes; counters (`_total`) and the other
 gauges count what their description says. Counters and histograms also expose a `_created`

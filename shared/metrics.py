@@ -21,6 +21,11 @@ OUTBOX_BACKLOG = Gauge("nephrotrack_outbox_backlog", "Outbox rows not yet publis
 OUTBOX_OLDEST_AGE = Gauge(
     "nephrotrack_outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished outbox row."
 )
+OUTBOX_VACUUM_SECONDS = Histogram(
+    "nephrotrack_outbox_vacuum_duration_seconds",
+    "Time one VACUUM of the outbox by the relay took (PostgreSQL; every 20,000 rows it deleted).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 MESSAGES_CONSUMED = Counter(
     "nephrotrack_messages_consumed_total", "Broker messages received by a durable consumer.", ["consumer"]
 )

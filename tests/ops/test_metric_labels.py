@@ -45,6 +45,7 @@ ALLOWED_LABELS: dict[str, frozenset[str]] = {
         "nephrotrack_publish_failures": set(),
         "nephrotrack_outbox_backlog": set(),
         "nephrotrack_outbox_oldest_unsent_age_seconds": set(),
+        "nephrotrack_outbox_vacuum_duration_seconds": set(),
         "nephrotrack_messages_consumed": {"consumer"},
         "nephrotrack_messages_acked": {"consumer"},
         "nephrotrack_messages_duplicate": {"consumer"},
