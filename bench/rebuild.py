@@ -40,16 +40,12 @@ import time
 import uuid
 from pathlib import Path
 
-import base64
-
 import nats
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench import workload
 from shared.broker import Topology, ensure_streams
-from shared.keys import KEY_BYTES, KeyVault, bucket_name, key_name
-from shared.sealing import SEALED_FIELD, seal
+from shared.keys import KeyVault, bucket_name, key_name
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("NEPHROTRACK_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432")
@@ -66,22 +62,6 @@ SEALED = os.environ.get("NEPHROTRACK_BENCH_REBUILD_SEALED", "1") != "0"
 
 # --- publishing -----------------------------------------------------------------------------------
 
-class _Sealer:
-    """Seals payloads as the services' codec does on the broker, one new key per patient."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, bytes] = {}
-        self.ciphers: dict[str, AESGCM] = {}
-
-    def __call__(self, subject_id: str, plaintext: bytes) -> str:
-        cipher = self.ciphers.get(subject_id)
-        if cipher is None:
-            self.keys[subject_id] = os.urandom(KEY_BYTES)
-            cipher = self.ciphers[subject_id] = AESGCM(self.keys[subject_id])
-        sealed = base64.b64encode(seal(subject_id, cipher, plaintext)).decode()
-        return json.dumps({SEALED_FIELD: sealed}, separators=(",", ":"))  # as pydantic writes it
-
-
 async def publish(nats_url: str, topology: Topology, total: int, patients: int) -> tuple[dict[str, int], float, int]:
     """Publish ``total`` workload events into the topology's service streams (sealed, with the
     patients' keys put in the topology's key bucket, unless ``SEALED`` is off): (messages per
@@ -89,7 +69,7 @@ async def publish(nats_url: str, topology: Topology, total: int, patients: int) 
     nc = await nats.connect(nats_url)
     js = nc.jetstream(publish_async_max_pending=PUBLISH_WINDOW)
     await ensure_streams(js, [topology.service_stream(source) for source in workload.SOURCES])
-    sealer = _Sealer() if SEALED else None
+    sealer = workload.PatientKeys() if SEALED else None
     started = time.perf_counter()
     size = 0
     pending = []

@@ -21,14 +21,20 @@ type with the real models, so a drift between this file and the event models fai
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import random
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from shared.broker import Topology
+from shared.keys import KEY_BYTES
+from shared.sealing import SEALED_FIELD, seal
 
 ENVELOPE_KEYS = ("event_id", "event_type", "schema_version", "stream_id", "stream_version", "occurred_at",
                  "recorded_at", "correlation_id", "causation_id", "actor", "payload")
@@ -37,6 +43,23 @@ SOURCES = ("enrollment", "pulse", "cells", "labs")
 
 Sealer = Callable[[str, bytes], str]
 """(subject id, the payload's JSON) -> the payload JSON the broker carries instead."""
+
+
+class PatientKeys:
+    """A :data:`Sealer` that seals as the services' codec does on the broker, with a new key per
+    patient (``keys``: subject id -> key, for the stack's key bucket)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+        self._ciphers: dict[str, AESGCM] = {}
+
+    def __call__(self, subject_id: str, plaintext: bytes) -> str:
+        cipher = self._ciphers.get(subject_id)
+        if cipher is None:
+            self.keys[subject_id] = os.urandom(KEY_BYTES)
+            cipher = self._ciphers[subject_id] = AESGCM(self.keys[subject_id])
+        sealed = base64.b64encode(seal(subject_id, cipher, plaintext)).decode()
+        return _dumps({SEALED_FIELD: sealed})  # compact, as pydantic writes the envelope
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bench import workload
-from bench.rebuild import _Sealer
 from services.outcomes import wire
 from services.outcomes.projector import Incoming, _projection_reads
 from shared.keys import KeyErased, key_name
@@ -29,7 +28,7 @@ class _FullPathRefused(SealingCodec):
 @pytest.fixture
 async def sealed_log(prefix: str) -> AsyncIterator[tuple[SealingCodec, list[workload.Message]]]:
     """A benchmark log of 12 patients sealed with their own keys, the keys in the prefix's bucket."""
-    sealer = _Sealer()
+    sealer = workload.PatientKeys()
     messages = list(workload.events(2_000, patients=12, seal=sealer))
     async with stack_codec(prefix) as codec:
         for subject_id, key in sealer.keys.items():
