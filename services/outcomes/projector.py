@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-
 import services.cells.events  # noqa: F401  (registers the models the broker carries)
 import services.enrollment.events  # noqa: F401
 import services.labs.events  # noqa: F401
