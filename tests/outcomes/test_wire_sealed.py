@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -53,36 +53,39 @@ async def test_sealed_messages_take_the_fast_path_and_decode_as_the_full_path(
     assert read > 1_000  # the log is mostly events the projection reads
 
 
+def _resealed(messages: list[workload.Message], change: Callable[[str], str]) -> tuple[bytes, bytes]:
+    """The first ``PatientEnrolled`` as published, and the same with its sealed value changed."""
+    enrolled = next(m for m in messages if m.event_type == "PatientEnrolled")
+    body = json.loads(enrolled.data)
+    body["payload"] = {SEALED_FIELD: change(body["payload"][SEALED_FIELD])}
+    return enrolled.data, json.dumps(body, separators=(",", ":")).encode()
+
+
+def _flip_a_tag_bit(sealed: str) -> str:
+    blob = bytearray(base64.b64decode(sealed))
+    blob[-1] ^= 1
+    return base64.b64encode(bytes(blob)).decode()
+
+
 async def test_an_erased_key_and_a_broken_seal_fail_as_on_the_full_path(
     sealed_log: tuple[SealingCodec, list[workload.Message]],
 ) -> None:
     codec, messages = sealed_log
-    enrolled = next(m for m in messages if m.event_type == "PatientEnrolled")
-    body = json.loads(enrolled.data)
-    blob = bytearray(base64.b64decode(body["payload"][SEALED_FIELD]))
-    blob[-1] ^= 1  # one bit of the tag
-    body["payload"] = {SEALED_FIELD: base64.b64encode(bytes(blob)).decode()}
-    tampered = json.dumps(body, separators=(",", ":")).encode()
+    enrolled, tampered = _resealed(messages, _flip_a_tag_bit)
     with pytest.raises(SealBroken):
         Incoming.parse("S", 1, "enrollment", tampered, codec)
 
-    subject_id = json.loads(codec.plaintext(base64.b64decode(json.loads(enrolled.data)["payload"][SEALED_FIELD])))[
-        "subject_id"
-    ]
-    await codec.vault.erase(subject_id)
+    await codec.vault.erase(codec.open(enrolled).payload["subject_id"])
     with pytest.raises(KeyErased):
-        Incoming.parse("S", 1, "enrollment", enrolled.data, codec)
+        Incoming.parse("S", 1, "enrollment", enrolled, codec)
 
 
 async def test_a_sealed_value_that_is_not_strict_base64_goes_to_the_full_path(
     sealed_log: tuple[SealingCodec, list[workload.Message]],
 ) -> None:
     codec, messages = sealed_log
-    enrolled = next(m for m in messages if m.event_type == "PatientEnrolled")
-    body = json.loads(enrolled.data)
-    sealed = body["payload"][SEALED_FIELD]
-    body["payload"] = {SEALED_FIELD: sealed[:8] + "\n" + sealed[8:]}  # the full path reads it leniently
-    folded = json.dumps(body, separators=(",", ":")).encode()
+    # A line break inside the base64: the full path reads it leniently.
+    enrolled, folded = _resealed(messages, lambda sealed: sealed[:8] + "\n" + sealed[8:])
     with pytest.raises(ValueError, match="not base64"):
         wire.sealed_blob(wire.split(folded)[1])  # type: ignore[index]
-    assert Incoming.parse("S", 1, "enrollment", folded, codec).event == codec.open(enrolled.data).decode()
+    assert Incoming.parse("S", 1, "enrollment", folded, codec).event == codec.open(enrolled).decode()
