@@ -45,7 +45,7 @@ from shared.auth import (
 )
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
-from shared.database import create_engine
+from shared.database import create_engine, keep_statistics
 from shared.errors import Conflict, DomainError
 from shared.events import CommandContext, DomainEvent, Envelope, registry
 from shared.keys import KeyVault, bucket_name
@@ -178,6 +178,8 @@ class Service:
         self.relay = OutboxRelay(self.store, self.broker.connection)
         self._spawn(self.relay.run)
         self._spawn(self._watch_consumer_lag)
+        if self.store.is_postgres:
+            self._spawn(self._keep_statistics)
         for task in self.background:
             self._spawn(task)
         log.info("service started", service=self.name)
@@ -208,6 +210,9 @@ class Service:
 
     def _spawn(self, factory: BackgroundTask) -> None:
         self._tasks.append(asyncio.create_task(_forever(factory), name=getattr(factory, "__name__", "task")))
+
+    async def _keep_statistics(self) -> None:
+        await keep_statistics(self.store.engine)
 
     async def _watch_consumer_lag(self) -> None:
         js = self.broker.connection.jetstream()

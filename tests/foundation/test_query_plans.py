@@ -1,9 +1,10 @@
-"""The event store's statements are planned for each run's values (PostgreSQL).
+"""The event store's statements are planned for each run's values, with statistics (PostgreSQL).
 
 asyncpg prepares every statement; left to ``plan_cache_mode = auto``, PostgreSQL settles after
 five runs on a generic plan, made for the table as it then was (empty) and blind to the values.
 The labs inbox probe paid that on every batch (docs/labs.md#throughput); ``shared.database``
-plans each run instead.
+plans each run instead. A plan is only as good as the table's statistics: services analyse
+their tables themselves (``analyze_stale_tables``), autovacuum may be off.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from shared.database import create_engine, one_of
-from shared.schema import inbox
+from shared.database import analyze_stale_tables, create_engine, one_of
+from shared.schema import events, inbox
 from shared.store import EventStore
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
@@ -55,3 +56,38 @@ async def test_every_service_connection_plans_each_run(database_url: str) -> Non
             assert await connection.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
     finally:
         await engine.dispose()
+
+
+async def test_batch_reads_use_the_index_once_the_tables_are_analysed(store: EventStore) -> None:
+    """Labs reads the streams of a batch's 500 result ids in one query. On a table never analysed
+    (autovacuum off, or not come round yet) PostgreSQL takes 500 keys to match every row and scans
+    the whole event log for each batch; ``analyze_stale_tables`` gives it the statistics, after
+    which the same query looks the keys up in the (stream_id, stream_version) index."""
+    async with store.engine.connect() as connection:
+        # 50,000 events of a lab log's width (a sealed payload is ~700 bytes).
+        await connection.exec_driver_sql(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, occurred_at, "
+            "recorded_at, correlation_id, actor, payload) SELECT gen_random_uuid(), 'labresult-r' || n / 2, "
+            "1 + n % 2, 'EgfrComputed', 1, now(), now(), gen_random_uuid(), 'labs', "
+            "convert_to(repeat('x', 700), 'UTF8') FROM generate_series(1, 50000) AS n"
+        )
+        await connection.commit()
+        # A backend reports its row counts to the statistics views within seconds; now, here.
+        await connection.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+        await connection.commit()
+        await connection.exec_driver_sql("SELECT 1")
+        await connection.commit()
+    query = events.select().where(
+        one_of(events.c.stream_id, [f"labresult-x{n}" for n in range(500)], postgres=True)
+    ).order_by(events.c.stream_id, events.c.stream_version)
+
+    async def plan() -> str:
+        async with store.engine.connect() as connection:
+            compiled = query.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True})
+            lines = [row[0] for row in await connection.exec_driver_sql(f"EXPLAIN {compiled}")]
+        return "\n".join(line for line in lines if "Cond" not in line and "Filter" not in line)  # not the 500 ids
+
+    assert "Seq Scan on events" in await plan()  # the problem: without statistics, the whole log
+    assert "events" in await analyze_stale_tables(store.engine)
+    after = await plan()
+    assert "Seq Scan" not in after and "uq_events_stream_version" in after, after
