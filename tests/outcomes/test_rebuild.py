@@ -85,10 +85,12 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
             await caught_up(engine, js, topology)
             queries = OutcomesQueries(engine, default_streams(topology))
             phases: list[str] = []
+            applied_by_phase: dict[str, int] = {}
             replaying = asyncio.Event()
 
             def track(progress: RebuildProgress) -> None:
                 phases.append(progress.phase)
+                applied_by_phase[progress.phase] = progress.applied
                 if progress.phase == "replaying":
                     replaying.set()
 
@@ -96,7 +98,20 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
                 await replaying.wait()
                 await publish(js, topology, during, pause=0.01)
 
-            job = Rebuild(engine, js, queries.streams, on_progress=track, flush_every=300, fetch_batch=100)
+            resume = asyncio.Event()
+
+            class HeldAfterItsFirstCheckpoint(Rebuild):
+                """Replaying this small log takes a few tenths of a second: without the hold,
+                the rebuild may be over before the live generation answered or anything new was
+                published during it, and the test would prove neither."""
+
+                async def _flush(self, run):  # type: ignore[no-untyped-def]
+                    await super()._flush(run)
+                    await resume.wait()
+
+            job = HeldAfterItsFirstCheckpoint(
+                engine, js, queries.streams, on_progress=track, flush_every=300, fetch_batch=100
+            )
             rebuilding = asyncio.create_task(job.run())
             publishing = asyncio.create_task(publish_during_rebuild())
             answered_during_rebuild = 0
@@ -106,11 +121,14 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
                 assert len(outcomes) == 9  # the live generation keeps serving every patient
                 if phases and phases[-1] in ("replaying", "catching up"):
                     answered_during_rebuild += 1
+                if answered_during_rebuild and publishing.done():
+                    resume.set()  # what was published meanwhile is left for "catching up"
                 await asyncio.sleep(0.02)
             final = await rebuilding
             await publishing
             assert final.phase == "done" and final.generation == 2
             assert answered_during_rebuild > 0
+            assert applied_by_phase["catching up"] > applied_by_phase["replaying"]  # published meanwhile
             assert (await state(engine)).active_generation == 2
             await publish(js, topology, after)  # the live projection goes on, into the new generation
             await caught_up(engine, js, topology)
