@@ -35,6 +35,8 @@ LABELS: dict[str, str] = {
     "the source service (`enrollment`, `pulse`, `cells`, `labs`)",
     "stream": "where the inbound purge deleted a message: `labs_results`, `labs_rejected`, `labs_events` "
     "(the labs stream's `LabResultRejected`)",
+    "dependency": "what a service's consumers wait for in an outage: `store`, `broker`, `key_vault` "
+    "(shared/outages.py)",
     "reason": "a lab rejection code (`unknown_loinc`, `unknown_unit`, …: a closed set in the labs service)",
 }
 

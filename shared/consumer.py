@@ -4,9 +4,13 @@ A :class:`DurableConsumer` fetches messages in batches through FastStream and ha
 batch in one database transaction, recording each message id in the inbox table in that same
 transaction — a message seen before is skipped, so redelivery never repeats an effect. If the
 batch fails, it is retried message by message so one bad message cannot hold up the others.
-A message whose handling fails is redelivered with back-off (``nak(delay)``); after
+A message whose handling fails *for itself* is redelivered with back-off (``nak(delay)``); after
 ``max_deliver`` tries it is published to the consumer's dead-letter subject with the error in
-its headers, and acknowledged so it no longer blocks the stream.
+its headers, and acknowledged so it no longer blocks the stream. A failure that is an outage of
+what the handler depends on (database, broker, key vault: :mod:`shared.outages`) is no fault of
+the message's and spends none of its tries: the consumer holds its batch (telling JetStream it is
+still at work on it), pulls nothing more until the dependency answers, and then handles the same
+batch again — however long the outage.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nats.js.client import JetStreamContext
 
 from shared import metrics
 from shared.events import Envelope
+from shared.outages import Outages, outage_of
 from shared.store import JSON_CODEC, Codec, EventStore, UnitOfWork
 
 log = structlog.get_logger(__name__)
@@ -141,6 +146,22 @@ def one_by_one(handler: MessageHandler) -> BatchHandler:
     return handle
 
 
+OUTAGE_RETRIES_WHEN_UP = 3
+"""How often a failure that looks like an outage is tried again although the dependency answers
+at once (a pooled connection the database had dropped: the next try reconnects). Beyond this it
+is the message's own failure and spends a delivery."""
+
+
+def _in_progress(raw: Sequence[Msg]) -> Callable[[], Awaitable[None]]:
+    """Tell JetStream the held messages are still being worked on (no redelivery after ack_wait)."""
+
+    async def keepalive() -> None:
+        for msg in raw:
+            await msg.in_progress()
+
+    return keepalive
+
+
 @dataclass
 class DurableConsumer:
     name: str
@@ -154,6 +175,8 @@ class DurableConsumer:
     batch_size: int = 200
     batch_timeout: float = 0.2
     after_commit: Callable[[], None] | None = None
+    outages: Outages | None = None
+    """Shared with the service's other consumers and ``/readyz``; without it every failure counts."""
     _broker: NatsBroker | None = field(default=None, init=False, repr=False)
 
     def attach(self, broker: NatsBroker) -> None:
@@ -187,8 +210,7 @@ class DurableConsumer:
         metrics.MESSAGES_CONSUMED.labels(consumer=self.name).inc(len(messages))
         started = time.perf_counter()
         try:
-            async with self.store.transaction() as uow:
-                await self._handle_new(uow, messages)
+            await self._transact(raw, messages)
         except Exception as exc:
             log.info("batch failed, isolating messages", consumer=self.name, size=len(messages), error=repr(exc))
             for msg, message in zip(raw, messages, strict=True):
@@ -201,6 +223,25 @@ class DurableConsumer:
             metrics.HANDLER_SECONDS.labels(consumer=self.name).observe(time.perf_counter() - started)
         if self.after_commit:
             self.after_commit()
+
+    async def _transact(self, raw: Sequence[Msg], messages: list[InboundMessage]) -> None:
+        """Handle ``messages`` in one transaction; an outage is waited out and the same messages
+        handled again, so only a failure of the messages' own leaves this method."""
+        answered_at_once = 0
+        while True:
+            try:
+                async with self.store.transaction() as uow:
+                    await self._handle_new(uow, messages)
+                return
+            except Exception as exc:
+                dependency = outage_of(exc)
+                if dependency is None or self.outages is None or answered_at_once >= OUTAGE_RETRIES_WHEN_UP:
+                    raise
+                metrics.CONSUMER_OUTAGE_RETRIES.labels(consumer=self.name, dependency=dependency).inc()
+                if await self.outages.wait_out(dependency, keepalive=_in_progress(raw)):
+                    answered_at_once = 0
+                else:  # it answers: a connection lost mid-use (the pool reconnects), or not an outage
+                    answered_at_once += 1
 
     async def _handle_new(self, uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         fresh_ids = set(await uow.claim_messages(self.name, [m.message_id for m in messages]))
@@ -216,8 +257,7 @@ class DurableConsumer:
 
     async def _handle_alone(self, msg: Msg, message: InboundMessage) -> None:
         try:
-            async with self.store.transaction() as uow:
-                await self._handle_new(uow, [message])
+            await self._transact([msg], [message])
         except Exception as exc:
             await self._retry_or_dead_letter(msg, message, exc)
         else:

@@ -107,3 +107,13 @@ PROJECTION_LAG_SECONDS = Gauge(
     "Outcomes projection: 0 when every source stream is applied up to its head; otherwise how long "
     "the oldest event not yet applied has been waiting (now minus its recorded_at), over all sources.",
 )
+DEPENDENCY_UP = Gauge(
+    "nephrotrack_dependency_up",
+    "0 while the service's consumers are paused waiting for a dependency (store, broker, key_vault) to answer.",
+    ["dependency"],
+)
+CONSUMER_OUTAGE_RETRIES = Counter(
+    "nephrotrack_consumer_outage_retries_total",
+    "Batches handled again after an outage of a dependency (spends none of the messages' delivery attempts).",
+    ["consumer", "dependency"],
+)

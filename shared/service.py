@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
+import nats.errors
 import structlog
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -27,7 +28,7 @@ from fastapi.security import HTTPBearer
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from faststream.nats import JStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -48,8 +49,9 @@ from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine, keep_statistics
 from shared.errors import Conflict, DomainError
 from shared.events import CommandContext, DomainEvent, Envelope, registry
-from shared.keys import KeyVault, bucket_name
+from shared.keys import KeyMissing, KeyVault, bucket_name
 from shared.logs import configure_logging
+from shared.outages import Dependency, Outages, outage_of
 from shared.relay import OutboxRelay
 from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
@@ -93,6 +95,11 @@ class Service:
         )
         self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}")
         self.consumers: list[DurableConsumer] = []
+        self.outages = Outages({
+            Dependency.STORE: self.store.ping,
+            Dependency.BROKER: self._broker_answers,
+            Dependency.KEY_VAULT: self._vault_answers,
+        })
         self.background: list[BackgroundTask] = []
         self.relay: OutboxRelay | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,21 +147,34 @@ class Service:
             )
 
     # --- events in --------------------------------------------------------------------------
-    def consume(self, source: str, stream: JStream, subject: str, handler: BatchHandler, **options: Any) -> None:
-        """Subscribe a durable consumer named ``<service>-<source>`` to ``subject``."""
+    def consume(
+        self, source: str, stream: JStream, subject: str, handler: BatchHandler, *, workers: int = 1, **options: Any
+    ) -> None:
+        """Subscribe a durable consumer named ``<service>-<source>`` to ``subject``.
+
+        ``workers`` pull loops share that ONE durable consumer: JetStream hands each message to
+        one of them, so batches are fetched and handled concurrently (one transaction each) —
+        while one waits for the database, another fetches or decides. Two concurrent batches
+        writing one stream make the later commit fail on the stream's version; that batch is
+        then retried message by message (the consumer's usual isolation), so concurrency never
+        changes the outcome, only the speed."""
         name = f"{self.topology.prefix}-{self.name}-{source}".replace(".", "-")
-        consumer = DurableConsumer(
-            name=name,
-            stream=stream,
-            subject=subject,
-            handler=handler,
-            store=self.store,
-            dead_letter_subject=self.topology.dead_letter_subject(name),
-            after_commit=self.committed,
-            **options,
-        )
-        consumer.attach(self.broker)
-        self.consumers.append(consumer)
+        options.setdefault("max_deliver", self.settings.consumer_max_deliver)
+        options.setdefault("backoff_seconds", self.settings.consumer_backoff_seconds)
+        for _ in range(workers):
+            consumer = DurableConsumer(
+                name=name,
+                stream=stream,
+                subject=subject,
+                handler=handler,
+                store=self.store,
+                dead_letter_subject=self.topology.dead_letter_subject(name),
+                after_commit=self.committed,
+                outages=self.outages,
+                **options,
+            )
+            consumer.attach(self.broker)
+            self.consumers.append(consumer)
 
     def consume_service(self, source_service: str, handler: BatchHandler, **options: Any) -> None:
         self.consume(
@@ -224,8 +244,16 @@ class Service:
                     metrics.CONSUMER_ACK_PENDING.labels(consumer=consumer.name).set(info.num_ack_pending or 0)
             await asyncio.sleep(5)
 
+    async def _broker_answers(self) -> None:
+        if not self.broker.connection.is_connected:
+            raise ConnectionError("not connected to the broker")
+
+    async def _vault_answers(self) -> None:
+        await self._broker_answers()
+        await self.vault.synced(timeout=1.0)
+
     async def ready(self) -> dict[str, str]:
-        problems: dict[str, str] = {}
+        problems: dict[str, str] = self.outages.problems()
         try:
             await asyncio.wait_for(self.store.ping(), 2)
         except Exception as exc:
@@ -365,18 +393,29 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(DBAPIError)
-    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+    async def database_error(request: Request, exc: DBAPIError) -> JSONResponse:
         # Text PostgreSQL cannot hold (a NUL character in an id): the request's fault, 422.
         if getattr(exc.orig, "sqlstate", None) in ("22021", "22P05"):
             return JSONResponse({"detail": "the request holds a character no text field can store (NUL, \\u0000)"},
                                 status_code=422)
-        # A lost database connection (server restart, connection cut) is not the request's fault:
-        # 503 with a reason and Retry-After, rather than an anonymous 500. Anything else is a bug.
-        if not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)):
+        return await outage(request, exc)
+
+    async def outage(_: Request, exc: Exception) -> JSONResponse:
+        """A dependency that does not answer (database restarting or refusing connections, broker
+        gone, key not loaded yet) is not the request's fault: 503 with a reason and Retry-After,
+        rather than an anonymous 500. Anything else is a bug, and stays a 500."""
+        dependency = outage_of(exc)
+        if dependency is None:
             raise exc
-        log.warning("database unavailable during a request", error=type(exc.orig).__name__)
-        return JSONResponse({"detail": "the service's database is temporarily unavailable; retry shortly"},
-                            status_code=503, headers={"Retry-After": "1"})
+        log.warning("dependency unavailable during a request", dependency=str(dependency), error=type(exc).__name__)
+        return JSONResponse({"detail": f"the service's {_DEPENDENCY_NAMES[dependency]} is temporarily unavailable; "
+                                       "retry shortly"}, status_code=503, headers={"Retry-After": "1"})
+
+    for error_type in (OSError, KeyMissing, nats.errors.Error):
+        app.add_exception_handler(error_type, outage)
+
+
+_DEPENDENCY_NAMES = {Dependency.STORE: "database", Dependency.BROKER: "broker", Dependency.KEY_VAULT: "key vault"}
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:

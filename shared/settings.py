@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ServiceName = Literal["enrollment", "pulse", "cells", "labs", "outcomes"]
 SERVICES: tuple[ServiceName, ...] = ("outcomes", "enrollment", "pulse", "cells", "labs")
@@ -24,6 +24,19 @@ class RuntimeSettings(BaseSettings):
     nats_port: int = Field(default=4222, alias="NEPHROTRACK_NATS_PORT")
     host: str = Field(default="127.0.0.1", alias="NEPHROTRACK_HOST")
     log_level: str = Field(default="info", alias="NEPHROTRACK_LOG_LEVEL")
+    consumer_max_deliver: int = Field(default=5, ge=1, alias="NEPHROTRACK_CONSUMER_MAX_DELIVER")
+    """Tries of a message that fails for itself before it is dead-lettered (outages spend none)."""
+    consumer_backoff_seconds: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(1.0, 5.0, 15.0, 60.0), alias="NEPHROTRACK_CONSUMER_BACKOFF_SECONDS"
+    )
+    """Pauses before the 2nd, 3rd, … try of a failed message (comma-separated seconds)."""
+
+    @field_validator("consumer_backoff_seconds", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
 
     def broker_url(self) -> str:
         return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"

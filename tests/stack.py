@@ -43,6 +43,7 @@ class Stack:
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.services = list(services)
+        self.prefix = prefix
         self.tmp_path = tmp_path
         self.ports = {service: free_port() for service in DEFAULT_PORTS}
         self.mllp_port = free_port()

@@ -10,11 +10,9 @@ import asyncio
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from faststream.nats import JStream
 
 from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
@@ -27,7 +25,7 @@ from services.labs.redaction import carries_personal_data
 from shared import metrics
 from shared.asyncapi import envelope_schema
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT
-from shared.consumer import BatchHandler, DurableConsumer, InboundMessage
+from shared.consumer import BatchHandler, InboundMessage
 from shared.events import CommandContext, Envelope
 from shared.patients import forget_erased, remember_enrollments
 from shared.service import Service
@@ -36,7 +34,7 @@ from shared.store import UnitOfWork
 
 log = structlog.get_logger(__name__)
 
-# The pull loops of consume_in_parallel are one consumer: FastStream's AsyncAPI generator notes
+# The pull loops of one consumer (Service.consume(workers=…)): FastStream's AsyncAPI generator notes
 # that they share a channel name (and documents it once, which is right).
 warnings.filterwarnings("ignore", message="Overwrite channel handler", category=RuntimeWarning)
 
@@ -155,32 +153,6 @@ def route_rejections(service: Service) -> None:
     service.store.subject_for = subject_for
 
 
-def consume_in_parallel(
-    service: Service, source: str, stream: JStream, subject: str, handler: BatchHandler, *, workers: int,
-    **options: Any,
-) -> None:
-    """:meth:`Service.consume` with ``workers`` pull loops sharing ONE durable consumer.
-
-    JetStream hands each message to one of them, so batches are fetched and handled
-    concurrently (one transaction each): while one waits for the database, another fetches or
-    decides. Results for the same result id in two concurrent batches make the later commit
-    fail on the stream's version; that batch is then retried message by message (the
-    consumer's usual isolation), so concurrency never changes the outcome, only the speed.
-    """
-    if workers == 1:
-        service.consume(source, stream, subject, handler, **options)
-        return
-    name = f"{service.topology.prefix}-{service.name}-{source}".replace(".", "-")
-    for _ in range(workers):
-        consumer = DurableConsumer(
-            name=name, stream=stream, subject=subject, handler=handler, store=service.store,
-            dead_letter_subject=service.topology.dead_letter_subject(name), after_commit=service.committed,
-            **options,
-        )
-        consumer.attach(service.broker)
-        service.consumers.append(consumer)
-
-
 def create_app(service: Service) -> FastAPI:
     settings = LabsSettings()
     labs = LabIngestion(
@@ -195,8 +167,8 @@ def create_app(service: Service) -> FastAPI:
         description="Every lab input that was not accepted, with its raw payload, source and reason (contract).",
         schema=envelope_schema(LabResultRejected),
     )
-    consume_in_parallel(
-        service, "results", service.topology.lab_results_stream, LAB_RESULTS_SUBJECT,
+    service.consume(
+        "results", service.topology.lab_results_stream, LAB_RESULTS_SUBJECT,
         broker_handler(labs, forget_after_commit(service)),
         workers=settings.consumer_workers, batch_size=settings.batch_size,
     )

@@ -29,11 +29,16 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     server.stop()
 
 
+STACK_ENV = {"NEPHROTRACK_UNKNOWN_PATIENT_WAIT_SECONDS": "20"}
+
+
 @pytest.fixture
-async def stack(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[FaultStack]:
+async def stack(tmp_path: Path, nats_server: NatsServer, request: pytest.FixtureRequest) -> AsyncIterator[FaultStack]:
+    """The five services on PostgreSQL; a test marked ``@pytest.mark.stack_env(NAME="value")``
+    adds environment variables of its own."""
+    marker = request.node.get_closest_marker("stack_env")
     stack = FaultStack(tmp_path, f"f{uuid.uuid4().hex[:10]}", SERVICES, backend="postgresql",
-                       nats_url=nats_server.url,
-                       extra_env={"NEPHROTRACK_UNKNOWN_PATIENT_WAIT_SECONDS": "20"})
+                       nats_url=nats_server.url, extra_env={**STACK_ENV, **(marker.kwargs if marker else {})})
     try:
         await stack.start()
         yield stack

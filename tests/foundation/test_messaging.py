@@ -19,9 +19,11 @@ from sqlalchemy import text
 
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import DurableConsumer, InboundMessage, one_by_one
+from shared.outages import Dependency, Outages
 from shared.relay import AckCollector, OutboxRelay
 from shared.store import EventStore, UnitOfWork
 from tests.conftest import NATS_URL
+from tests.fault.infra import refuse_connections
 from tests.foundation.test_event_store import things
 
 pytestmark = pytest.mark.usefixtures("nats_client")
@@ -213,6 +215,58 @@ async def test_failing_message_is_retried_then_dead_lettered_without_blocking_ot
     assert letters[0].data == b"poison"
     assert "invalid literal for int" in letters[0].headers["Nephrotrack-Error"]
     assert letters[0].headers["Nephrotrack-Deliveries"] == "3"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_database_taken_away_longer_than_the_backoff_dead_letters_nothing(
+    store: EventStore, database_url: str, nats_client: nats.NATS, topology: Topology
+) -> None:
+    """Messages arriving while the consumer's database refuses connections for longer than its
+    whole back-off: each is handled once when the database is back; none is dead-lettered, none
+    spent a delivery, and the outage was visible while it lasted (issue 15, point 1)."""
+    js = nats_client.jetstream()
+    stream = topology.service_stream("src").name
+    await make_stream(js, stream, topology.service_subjects("src"))
+
+    async def handler(uow: UnitOfWork, message: InboundMessage) -> None:
+        await uow.append("handled", things(int(message.data)), await uow.stream_version("handled"))
+
+    outages = Outages({Dependency.STORE: store.ping}, first_pause=0.1, max_pause=0.5)
+    broker, consumer = await _consume(store, topology, stream, handler, max_deliver=2, backoff_seconds=(0.1,),
+                                      outages=outages, batch_size=3)
+    subject = topology.event_subject("src", "Thing")
+    try:
+        await js.publish(subject, b"1", headers={"Nats-Msg-Id": "1"})
+        await _wait_for(lambda: _handled(store), [1])
+        await refuse_connections(database_url)
+        for n in range(2, 8):
+            await js.publish(subject, str(n).encode(), headers={"Nats-Msg-Id": str(n)})
+        await asyncio.sleep(2.0)  # 20 times the whole back-off
+        assert "consumers_paused_for_store" in outages.problems()
+        await refuse_connections(database_url, refuse=False)
+        await _wait_for(lambda: _handled(store), [1, 2, 3, 4, 5, 6, 7])
+    finally:
+        await refuse_connections(database_url, refuse=False)
+        await broker.stop()  # type: ignore[attr-defined]
+    dead = (await js.stream_info(topology.dead_letter_stream.name)).state.messages
+    info = await js.consumer_info(stream, consumer.name)
+    assert dead == 0
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert outages.problems() == {}
+
+
+async def _handled(store: EventStore) -> list[int]:
+    try:
+        return [e.decode().n for e in await store.read_stream("handled")]  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - the database may still be coming back
+        return []
+
+
+async def _wait_for(read, expected, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (found := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"{found} != {expected}"
+        await asyncio.sleep(0.1)
 
 
 async def test_ack_collector_returns_each_stream_sequence_and_each_refusal(nats_client: nats.NATS, prefix: str) -> None:
