@@ -121,7 +121,8 @@ async def database_outages(stack: FaultStack, nats_server: NatsServer, plans: li
                            victims: tuple[str, ...], down_for: float) -> None:
     """Each victim's PostgreSQL database taken away (``ALLOW_CONNECTIONS false`` and every
     connection terminated) for ``down_for`` seconds mid-load, then given back: every input
-    counted once, nothing dead-lettered, and ``/readyz`` said why while it lasted."""
+    counted once, nothing dead-lettered, no server error but 503 with ``Retry-After``, and
+    ``/readyz`` said why while it lasted."""
     target = target_of(stack, nats_server.url)
     said: dict[str, dict[str, str]] = {}
 
@@ -142,6 +143,7 @@ async def database_outages(stack: FaultStack, nats_server: NatsServer, plans: li
     print(f"[database outage] sent={report.sent} counted={report.accepted} dead-lettered={dead} lost={report.lost}; "
           f"/readyz during the outage: {said}")
     assert dead == 0
+    assert not [answer for answer in ledger.server_errors if not answer.endswith(" 503")], ledger.server_errors
     for victim in victims:
         assert said[victim]["status"] == "unavailable" and "store" in said[victim]["problems"], said
 
