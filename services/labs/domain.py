@@ -64,7 +64,12 @@ _SUBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """The enrollment service's pseudonym shape (ASCII letters, digits, '-', '_', '.'); anything
 else cannot name an enrolled patient, so it is refused here with a reason instead of parked."""
 
-OPAQUE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+=#-]{0,127}")
+MAX_ID_CHARS = 128
+"""Result and message ids fit the columns that hold them (stream names, the result index, parked
+rows: 200 characters) with room to spare; a longer id is refused rather than cut or hashed, so
+the lab's own id stays what identifies its result and its duplicates."""
+
+OPAQUE_ID = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._:/@+=#-]{{0,{MAX_ID_CHARS - 1}}}")
 """Result, message and lab ids are chosen by the labs, so they are allowed more punctuation
 (':', '/', '@', '+', '=', '#'), but never whitespace, quotes or ';': those only ever come from
 broken or hostile input, and ids end up in stream names, logs and ACKs."""
@@ -307,6 +312,10 @@ def _check_ids(incoming: IncomingResult) -> None:
         )
     for name in ("result_id", "message_id"):
         value = getattr(incoming, name)
+        if len(value) > MAX_ID_CHARS:
+            raise _rejection(
+                incoming, f"{name} is {len(value)} characters long; the limit is {MAX_ID_CHARS}", f"bad_{name}"
+            )
         if not OPAQUE_ID.fullmatch(value):
             raise _rejection(
                 incoming,
