@@ -65,7 +65,7 @@ _ISSUE_OF_CODE = {
     "value_out_of_range": "value", "collected_too_early": "value", "collected_in_future": "value",
     "bad_datetime": "value", "bad_subject_id": "value", "bad_result_id": "value", "bad_message_id": "value",
     "bad_lab_id": "value", "result_id_conflict": "conflict", "analyte_mismatch": "conflict",
-    "unknown_subject": "not-found", "bad_request": "not-supported",
+    "unknown_subject": "not-found", "bad_request": "not-supported", "censored_value": "value",
 }
 
 
@@ -258,6 +258,11 @@ def _quantity(resource: dict[str, Any], observation: Observation, reject: Reject
         raise reject("Observation.valueQuantity is missing", "missing_value")
     if quantity.value is None:
         raise reject("valueQuantity.value is missing", "missing_value")
+    if quantity.comparator is not None:
+        # The HL7 path's rule: "<0.5" or ">90" is a bound, not a measurement, and counting it as
+        # the value would bias every outcome computed from it.
+        raise reject(f"valueQuantity.comparator {show(quantity.comparator)} makes the value censored "
+                     "(a bound, not a measurement)", "censored_value")
     ucum = quantity.code if quantity.code and quantity.system in (None, UCUM_SYSTEM) else None
     unit = ucum or quantity.unit
     if not unit:

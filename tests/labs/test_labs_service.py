@@ -514,6 +514,20 @@ async def test_fhir_observation_is_created_once_and_bad_ones_get_an_operation_ou
     assert parked.status_code == 202 and "not enrolled yet" in issue(parked)["diagnostics"]
 
 
+async def test_fhir_censored_values_are_refused_422_and_published(labs: Labs) -> None:
+    subject = labs.subject()
+    await labs.enroll(subject)
+    for comparator in ("<", "<=", ">=", ">", "ad"):
+        result_id = labs.unique("obs")
+        quantity = {"value": 0.4, "comparator": comparator, "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+        refused = await labs.post("/fhir/Observation", observation(subject, result_id, valueQuantity=quantity))
+        assert refused.status_code == 422, refused.text
+        assert f"comparator {comparator!r}" in issue(refused)["diagnostics"]
+        rejection = await labs.rejection(lambda r, result_id=result_id: r["source"] == "fhir" and result_id in r["raw"])
+        assert rejection["code"] == "censored_value" and rejection["subject_id"] == subject
+    assert (await labs.get(f"/v1/patients/{subject}/results")).json()["results"] == []
+
+
 async def test_fhir_transaction_bundle_answers_per_entry(labs: Labs) -> None:
     subject = labs.subject()
     await labs.enroll(subject)

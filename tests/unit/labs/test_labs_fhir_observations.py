@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.labs.domain import IncomingResult, LabRejection
+from services.labs.fhir_api import status_for
 from services.labs.fhir_observations import (
     MAX_BODY_BYTES,
     operation_outcome,
@@ -204,6 +205,18 @@ def test_accepted_loinc_is_preferred_among_several():
 )
 def test_specific_reasons(body, code):
     assert code_of(body) == code
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">", "ad"])
+def test_a_value_with_a_comparator_is_refused_as_censored(comparator):
+    """``>90`` is a bound, not an eGFR: counted as exact, it biased the outcomes (HL7's OBX-5
+    ``>90`` was already refused so)."""
+    quantity = EGFR["valueQuantity"] | {"comparator": comparator}
+    with pytest.raises(LabRejection) as caught:
+        parse_observation(changed(EGFR, valueQuantity=quantity))
+    assert caught.value.code == "censored_value"
+    assert f"comparator {comparator!r}" in caught.value.reason and caught.value.subject_id == "IGA-A-001"
+    assert status_for(caught.value) == 422 and outcome_for(caught.value)["issue"][0]["code"] == "value"
 
 
 def test_rejection_carries_what_is_known():
