@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -362,6 +362,36 @@ def rejection_event(error: LabRejection, *, source: Source, raw: str | None = No
         message_id=error.message_id,
         subject_id=error.subject_id,
     )
+
+
+MAX_JSON_DEPTH = 64
+"""Objects and arrays nested in one JSON input (a broker message, a FHIR resource or Bundle). A lab
+result is 5-6 levels deep. fhir.resources validates nested elements recursively in Python: a
+chain of 130 extensions exhausted the interpreter's recursion limit (an HTTP 500 that took a
+whole Bundle down). At 64 levels the validation stays far from that limit."""
+
+
+def nested_too_deeply(value: Any) -> bool:
+    """Whether a decoded JSON ``value`` nests objects and arrays deeper than :data:`MAX_JSON_DEPTH`.
+    Walked level by level, without recursion, so the check itself cannot run out of stack."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child for node in level for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def json_too_deep(
+    what: str, raw: str | None = None, *, message_id: str | None = None, subject_id: str | None = None
+) -> LabRejection:
+    """The refusal (``too_deep``) of JSON nested deeper than :data:`MAX_JSON_DEPTH` (also when the
+    decoder itself gave up on the nesting)."""
+    return LabRejection(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep (objects and arrays)",
+                        "too_deep", message_id=message_id, subject_id=subject_id, raw=raw)
 
 
 def raw_for_report(data: bytes, limit: int = 1 << 20) -> str:

@@ -528,6 +528,44 @@ async def test_fhir_censored_values_are_refused_422_and_published(labs: Labs) ->
     assert (await labs.get(f"/v1/patients/{subject}/results")).json()["results"] == []
 
 
+def nested_extensions(links: int) -> list[dict[str, Any]]:
+    chain: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
+    for _ in range(links - 1):
+        chain = {"url": "http://example.org/x", "extension": [chain]}
+    return [chain]
+
+
+async def test_too_deep_json_is_refused_400_alone_and_never_fails_its_neighbours(labs: Labs) -> None:
+    """130 nested extensions answered 500 (fhir.resources ran out of recursion) and failed every
+    entry of their Bundle; now a 400 OperationOutcome, and in a Bundle a refusal of that entry."""
+    subject = labs.subject()
+    await labs.enroll(subject)
+    deep_id = labs.unique("obs")
+    refused = await labs.post("/fhir/Observation", observation(subject, deep_id, extension=nested_extensions(130)))
+    assert refused.status_code == 400, refused.text
+    assert (issue(refused)["code"], "nested more than 64 levels" in issue(refused)["diagnostics"]) == ("structure", True)
+    assert (await labs.rejection(lambda r: deep_id in r["raw"]))["code"] == "too_deep"
+
+    good, deep_entry = labs.unique("obs"), labs.unique("obs")
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": resource, "request": {"method": "POST", "url": "Observation"}}
+        for resource in (observation(subject, good), observation(subject, deep_entry, extension=nested_extensions(130)))
+    ]}
+    response = await labs.post("/fhir", bundle)
+    assert response.status_code == 200, response.text
+    assert [e["response"]["status"] for e in response.json()["entry"]] == ["201 Created", "422 Unprocessable Entity"]
+    await labs.egfr(good)
+    rejection = await labs.rejection(lambda r: deep_entry in r["raw"])
+    assert (rejection["code"], rejection["reason"].startswith("entry[1]: ")) == ("too_deep", True)
+    bundle["entry"][0]["request"]["extension"] = nested_extensions(40)
+    assert (await labs.post("/fhir", bundle)).status_code == 400
+
+    deep_json = lab_json(labs, subject, comment=json.loads("[" * 100 + "]" * 100))
+    await labs.send_json(deep_json)
+    rejection = await labs.rejection(lambda r: r["message_id"] == deep_json["message_id"])
+    assert (rejection["source"], rejection["code"]) == ("broker", "too_deep")
+
+
 async def test_fhir_transaction_bundle_answers_per_entry(labs: Labs) -> None:
     subject = labs.subject()
     await labs.enroll(subject)
