@@ -393,6 +393,28 @@ async def test_one_bad_obx_is_answered_ae_with_the_reason_and_published(labs: La
     assert segment(ack, "ERR")[0].split("|")[2] == "OBX^1"
 
 
+async def test_escape_sequences_labs_does_not_decode_are_refused_not_dropped(labs: Labs) -> None:
+    """``1\\Z5`` was read as the value 1 and ``<subject>\\Z...`` as a cut subject id (another
+    patient); python-hl7 also logged the whole field of a sequence it dropped."""
+    subject = labs.subject()
+    await labs.enroll(subject)
+    filler, control = labs.unique("FIL"), labs.unique("MSG")
+    ack = await labs.mllp(oru_v25(control, subject, filler, obx(1, "2160-0^Creatinine^LN", "1\\Z5", "mg/dL"),
+                                  obx(2, "98979-8^eGFR^LN", "4\\X35\\", "mL/min/1.73m2")))
+    (msa,) = segment(ack, "MSA")
+    assert msa.startswith(f"MSA|AE|{control}|OBX 1: OBX-5 has an escape sequence that is never closed")
+    assert [e.split("|")[2] for e in segment(ack, "ERR")] == ["OBX^1^5"]
+    assert (await labs.egfr(f"{filler}-98979-8"))[0]["egfr"] == 45.0  # \X35\ is "5": decoded
+    assert (await labs.rejection(lambda r: r["message_id"] == control))["code"] == "bad_escape"
+
+    cut, control = subject[:5], labs.unique("MSG")  # what python-hl7 left of PID-3
+    ack = await labs.mllp(oru_v25(control, f"{cut}\\Z\\{subject[5:]}", labs.unique("FIL"),
+                                  obx(1, "2160-0^Creatinine^LN", "2.0", "mg/dL")))
+    assert segment(ack, "MSA")[0].startswith(f"MSA|AR|{control}|PID-3 has the escape sequence")
+    assert (await labs.rejection(lambda r: r["message_id"] == control))["code"] == "bad_escape"
+    assert subject[5:] not in labs.stack.log("labs")
+
+
 GARBAGE: dict[str, tuple[bytes, str]] = {
     # TOKEN is replaced by a value unique to the test run, to find the refusal on labs.rejected
     "plain text": (b"\x0bhello, is this the lab? TOKEN\x1c\r", "not_hl7"),
