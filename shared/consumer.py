@@ -16,6 +16,7 @@ batch again — however long the outage.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from nats.js.client import JetStreamContext
 from shared import metrics
 from shared.events import Envelope
 from shared.outages import Outages, outage_of
+from shared.schema import inbox
 from shared.store import JSON_CODEC, Codec, EventStore, UnitOfWork
 
 log = structlog.get_logger(__name__)
@@ -116,7 +118,7 @@ class InboundMessage:
             data=msg.data,
             headers=headers,
             # Without a Nats-Msg-Id the stream sequence is the only stable identity.
-            message_id=headers.get("Nats-Msg-Id") or f"seq:{stream_seq}",
+            message_id=inbox_id(headers.get("Nats-Msg-Id")) or f"seq:{stream_seq}",
             delivery=msg.metadata.num_delivered,
             stream=msg.metadata.stream,
             stream_sequence=stream_seq,
@@ -125,6 +127,18 @@ class InboundMessage:
 
     def envelope(self) -> Envelope:
         return self.codec.open(self.data)
+
+
+INBOX_ID_LENGTH: int = inbox.c.message_id.type.length  # type: ignore[attr-defined]
+
+
+def inbox_id(header: str | None) -> str | None:
+    """The inbox key of a ``Nats-Msg-Id``: itself, or ``sha256:<hex>`` of it when it is longer than
+    the inbox column holds — one such id failed its whole batch's inbox insert on PostgreSQL (and
+    sent every batch-mate through one-by-one retries); its digest is as stable, so dedupe holds."""
+    if header is None or len(header) <= INBOX_ID_LENGTH:
+        return header
+    return "sha256:" + hashlib.sha256(header.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 async def _undecoded(message: Any) -> None:

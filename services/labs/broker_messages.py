@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.labs.domain import IncomingResult, LabRejection, measure, show
+from services.labs.domain import IncomingResult, LabRejection, json_too_deep, measure, nested_too_deeply, show
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -43,6 +43,8 @@ def parse_broker_result(data: bytes, headers: Mapping[str, Any] | None) -> Incom
     def reject(reason: str, code: str) -> LabRejection:
         return LabRejection(reason, code, message_id=message_id, subject_id=subject_id, raw=text)
 
+    if nested_too_deeply(body):
+        raise json_too_deep("JSON body", text, message_id=message_id, subject_id=subject_id)
     for name in _REQUIRED_STRINGS:
         if name not in body or body[name] is None:
             raise reject(f"field {name!r} is missing", "missing_field")
@@ -96,7 +98,7 @@ def _load_object(text: str) -> dict[str, Any]:
         raise LabRejection(f"malformed JSON: {error.msg} at line {error.lineno} column {error.colno}",
                            "malformed_json", raw=text) from None
     except RecursionError:
-        raise LabRejection("malformed JSON: nested too deeply", "malformed_json", raw=text) from None
+        raise json_too_deep("JSON body", text) from None
     if not isinstance(body, dict):
         raise LabRejection(f"JSON body must be an object, not {type(body).__name__}", "wrong_type", raw=text)
     return body

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -64,7 +64,12 @@ _SUBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """The enrollment service's pseudonym shape (ASCII letters, digits, '-', '_', '.'); anything
 else cannot name an enrolled patient, so it is refused here with a reason instead of parked."""
 
-OPAQUE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+=#-]{0,127}")
+MAX_ID_CHARS = 128
+"""Result and message ids fit the columns that hold them (stream names, the result index, parked
+rows: 200 characters) with room to spare; a longer id is refused rather than cut or hashed, so
+the lab's own id stays what identifies its result and its duplicates."""
+
+OPAQUE_ID = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._:/@+=#-]{{0,{MAX_ID_CHARS - 1}}}")
 """Result, message and lab ids are chosen by the labs, so they are allowed more punctuation
 (':', '/', '@', '+', '=', '#'), but never whitespace, quotes or ';': those only ever come from
 broken or hostile input, and ids end up in stream names, logs and ACKs."""
@@ -307,6 +312,10 @@ def _check_ids(incoming: IncomingResult) -> None:
         )
     for name in ("result_id", "message_id"):
         value = getattr(incoming, name)
+        if len(value) > MAX_ID_CHARS:
+            raise _rejection(
+                incoming, f"{name} is {len(value)} characters long; the limit is {MAX_ID_CHARS}", f"bad_{name}"
+            )
         if not OPAQUE_ID.fullmatch(value):
             raise _rejection(
                 incoming,
@@ -353,6 +362,36 @@ def rejection_event(error: LabRejection, *, source: Source, raw: str | None = No
         message_id=error.message_id,
         subject_id=error.subject_id,
     )
+
+
+MAX_JSON_DEPTH = 64
+"""Objects and arrays nested in one JSON input (a broker message, a FHIR resource or Bundle). A lab
+result is 5-6 levels deep. fhir.resources validates nested elements recursively in Python: a
+chain of 130 extensions exhausted the interpreter's recursion limit (an HTTP 500 that took a
+whole Bundle down). At 64 levels the validation stays far from that limit."""
+
+
+def nested_too_deeply(value: Any) -> bool:
+    """Whether a decoded JSON ``value`` nests objects and arrays deeper than :data:`MAX_JSON_DEPTH`.
+    Walked level by level, without recursion, so the check itself cannot run out of stack."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child for node in level for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def json_too_deep(
+    what: str, raw: str | None = None, *, message_id: str | None = None, subject_id: str | None = None
+) -> LabRejection:
+    """The refusal (``too_deep``) of JSON nested deeper than :data:`MAX_JSON_DEPTH` (also when the
+    decoder itself gave up on the nesting)."""
+    return LabRejection(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep (objects and arrays)",
+                        "too_deep", message_id=message_id, subject_id=subject_id, raw=raw)
 
 
 def raw_for_report(data: bytes, limit: int = 1 << 20) -> str:

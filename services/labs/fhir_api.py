@@ -9,7 +9,7 @@ Answers (``Content-Type: application/fhir+json``):
 - subject not enrolled yet: ``202`` with an informational OperationOutcome (the result is held
   until the enrollment arrives or the wait expires, see docs/labs.md);
 - refused: an OperationOutcome with the reason, ``400`` (not JSON, not an Observation, not valid
-  FHIR), ``413`` (body over 1 MiB), ``415`` (content type), ``422`` (valid FHIR, but not a result
+  FHIR, nested more than 64 levels deep), ``413`` (body over 1 MiB), ``415`` (content type), ``422`` (valid FHIR, but not a result
   we accept: code, unit, value, time, subject, …). Every refusal is also published on
   ``labs.rejected``.
 
@@ -40,7 +40,8 @@ from shared.store import ConcurrencyError
 
 FHIR_JSON = "application/fhir+json"
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
-_BAD_REQUEST = frozenset({"malformed_json", "bad_encoding", "wrong_type", "wrong_resource_type", "invalid_resource"})
+_BAD_REQUEST = frozenset({"malformed_json", "bad_encoding", "wrong_type", "wrong_resource_type", "invalid_resource",
+                          "too_deep"})
 _STATUS_LINE = {200: "200 OK", 201: "201 Created", 202: "202 Accepted", 400: "400 Bad Request",
                 413: "413 Payload Too Large", 422: "422 Unprocessable Entity"}
 

@@ -34,7 +34,15 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from pydantic import ValidationError
 
-from services.labs.domain import ACCEPTED_CODES, IncomingResult, LabRejection, measure, show
+from services.labs.domain import (
+    ACCEPTED_CODES,
+    IncomingResult,
+    LabRejection,
+    json_too_deep,
+    measure,
+    nested_too_deeply,
+    show,
+)
 
 MAX_BODY_BYTES = 1 << 20
 LOINC_SYSTEM = "http://loinc.org"
@@ -65,7 +73,8 @@ _ISSUE_OF_CODE = {
     "value_out_of_range": "value", "collected_too_early": "value", "collected_in_future": "value",
     "bad_datetime": "value", "bad_subject_id": "value", "bad_result_id": "value", "bad_message_id": "value",
     "bad_lab_id": "value", "result_id_conflict": "conflict", "analyte_mismatch": "conflict",
-    "unknown_subject": "not-found", "bad_request": "not-supported",
+    "unknown_subject": "not-found", "bad_request": "not-supported", "censored_value": "value",
+    "too_deep": "structure",
 }
 
 
@@ -82,8 +91,8 @@ def parse_bundle(body: dict[str, Any] | bytes | str) -> list[IncomingResult | La
     """A ``transaction`` (or ``batch``) Bundle of Observation POSTs: one item per entry, in
     order, either the result or the refusal of that entry (``reason`` prefixed ``entry[i]:``).
 
-    A Bundle that is not one at all (wrong JSON, wrong resourceType or type, invalid envelope)
-    raises :class:`LabRejection`. Entries are judged one by one, so a transaction is *not*
+    A Bundle that is not one at all (wrong JSON, wrong resourceType or type, invalid envelope, or
+    nested too deeply outside its resources) raises :class:`LabRejection`. Entries are judged one by one, so a transaction is *not*
     all-or-nothing here: each result is independently idempotent and a bad entry must be
     reported, not take its good neighbours down with it.
     """
@@ -97,6 +106,11 @@ def parse_bundle(body: dict[str, Any] | bytes | str) -> list[IncomingResult | La
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         raise LabRejection("Bundle.entry must be an array", "invalid_resource", raw=_canonical(bundle))
+    # The Bundle itself, its resources aside: each of those is judged (and may be refused) alone.
+    envelope = bundle | {"entry": [{k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e
+                                   for e in entries]}
+    if nested_too_deeply(envelope):
+        raise json_too_deep("Bundle", _canonical(bundle))
     _validate(Bundle, {key: value for key, value in bundle.items() if key != "entry"}, "Bundle")
     return [_entry(index, entry) for index, entry in enumerate(entries)]
 
@@ -136,7 +150,7 @@ def _load(body: dict[str, Any] | bytes | str) -> dict[str, Any]:
         raise LabRejection(f"malformed JSON: {error.msg} at line {error.lineno} column {error.colno}",
                            "malformed_json", raw=body[:MAX_BODY_BYTES]) from None
     except RecursionError:
-        raise LabRejection("malformed JSON: nested too deeply", "malformed_json", raw=body[:MAX_BODY_BYTES]) from None
+        raise json_too_deep("JSON body", body[:MAX_BODY_BYTES]) from None
     if not isinstance(loaded, dict):
         raise LabRejection(f"JSON body must be an object, not {type(loaded).__name__}", "wrong_type",
                            raw=body[:MAX_BODY_BYTES])
@@ -166,6 +180,8 @@ def _entry(index: int, entry: Any) -> IncomingResult | LabRejection:
 
 def _observation(resource: dict[str, Any]) -> IncomingResult:
     raw = _canonical(resource)
+    if nested_too_deeply(resource):
+        raise json_too_deep("Observation", raw)
     if resource.get("resourceType") != "Observation":
         raise LabRejection(f"resourceType {show(resource.get('resourceType'))} is not Observation",
                            "wrong_resource_type", raw=raw)
@@ -258,6 +274,11 @@ def _quantity(resource: dict[str, Any], observation: Observation, reject: Reject
         raise reject("Observation.valueQuantity is missing", "missing_value")
     if quantity.value is None:
         raise reject("valueQuantity.value is missing", "missing_value")
+    if quantity.comparator is not None:
+        # The HL7 path's rule: "<0.5" or ">90" is a bound, not a measurement, and counting it as
+        # the value would bias every outcome computed from it.
+        raise reject(f"valueQuantity.comparator {show(quantity.comparator)} makes the value censored "
+                     "(a bound, not a measurement)", "censored_value")
     ucum = quantity.code if quantity.code and quantity.system in (None, UCUM_SYSTEM) else None
     unit = ucum or quantity.unit
     if not unit:

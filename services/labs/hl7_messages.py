@@ -35,6 +35,7 @@ from typing import Literal
 import hl7
 
 from services.labs.domain import OPAQUE_ID, IncomingResult, LabRejection, measure, show
+from services.labs.hl7_escapes import EscapeError, unescape
 
 MAX_MESSAGE_CHARS = 1 << 20
 """A lab result message is a few kB; a megabyte is garbage or an attack, refused before parsing."""
@@ -43,6 +44,8 @@ AckCode = Literal["AA", "AE", "AR"]
 ACK_APPLICATION = "NEPHROTRACK"
 _STATUSES = {"F": "final", "C": "corrected", "P": "preliminary"}
 _NUMERIC_TYPES = {"", "NM", "SN", "ST"}
+_HEADER_FIELDS = ((4, 1), (4, 2), (9, 1), (9, 2), (10, 1), (12, 1))
+"""The MSH fields labs reads (lab id, message type, control id, version), as (field, component)."""
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _CENSORED = re.compile(r"\s*(?:<=|>=|<|>)\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)\s*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -261,6 +264,11 @@ def _parse_message(text: str) -> hl7.Message:
 
 
 def _check_header(msh: hl7.Segment, control_id: str, refuse: _Refuse) -> None:
+    for field, component in _HEADER_FIELDS:  # read leniently (as empty) below: refused here first
+        try:
+            _text(msh, field, component)
+        except _ObxProblem as problem:
+            raise refuse(problem.reason, problem.code) from None
     message_type = (_field(msh, 9, 1), _field(msh, 9, 2))
     if message_type != ("ORU", "R01"):
         shown = "^".join(part for part in message_type if part) or "(empty)"
@@ -286,7 +294,7 @@ def _results(
     for segment in message:
         name = str(segment[0])
         if name == "PID":
-            seen_pid, subject, order = True, _subject(segment), None
+            seen_pid, subject, order = True, _subject(segment, refuse), None
         elif name == "OBR":
             order = segment
         elif name == "OBX":
@@ -311,11 +319,12 @@ def _results(
     return items
 
 
-def _subject(pid: hl7.Segment) -> str | None:
+def _subject(pid: hl7.Segment, refuse: _Refuse) -> str | None:
+    """PID-3; an escape labs does not decode refuses the whole message: no OBX can be attributed."""
     try:
         return _text(pid, 3) or None
-    except _ObxProblem:
-        return None
+    except _ObxProblem as problem:
+        raise refuse(problem.reason, problem.code) from None
 
 
 def _obx_result(
@@ -324,7 +333,7 @@ def _obx_result(
     if subject is None:
         raise _ObxProblem("PID-3 (subject id) of this OBX's patient is empty or unreadable", "bad_subject_id")
     loinc = _loinc(obx)
-    unit = _text(obx, 6) or _text(obx, 6, 2)
+    unit = _text(obx, 6) or _text(obx, 6, 2, text=True)
     if not unit:
         raise _ObxProblem("OBX-6 unit is empty", "missing_unit", 6)
     result = IncomingResult(
@@ -446,17 +455,30 @@ def _lab_id(msh: hl7.Segment) -> str | None:
 # --------------------------------------------------------------------------- field access
 
 
-def _text(segment: hl7.Segment, field: int, component: int = 1) -> str:
+def _text(segment: hl7.Segment, field: int, component: int = 1, *, text: bool = False) -> str:
     """First repetition's component of a field, unescaped and stripped; ``""`` when absent or
-    the HL7 explicit null ``""``. An unreadable escape sequence is a problem of that field."""
+    the HL7 explicit null ``""``. An escape sequence labs does not decode (:mod:`hl7_escapes`;
+    ``text``: a free-text field) is a problem of that field (located when it is an OBX's)."""
     try:
-        value = segment.extract_field(1, field, 1, component, 1)
-    except IndexError:
-        return ""
-    except ValueError:
-        raise _ObxProblem(f"{segment[0]}-{field} has a malformed escape sequence", "bad_escape", field) from None
-    value = str(value).strip()
+        value = unescape(_raw(segment, field, component), segment.separators, segment.esc, text=text).strip()
+    except EscapeError as error:
+        name = str(segment[0])
+        raise _ObxProblem(f"{name}-{field} has {error}", "bad_escape", field if name == "OBX" else None) from None
     return "" if value == hl7.NULL else value
+
+
+def _raw(segment: hl7.Segment, field: int, component: int) -> str:
+    """What python-hl7's ``extract_field(1, field, 1, component, 1)`` reaches, before the
+    library's own unescaping, which drops unknown sequences (see :mod:`hl7_escapes`)."""
+    if field >= len(segment):
+        return ""
+    value = segment(field)(1)
+    if not isinstance(value, hl7.Repetition):
+        return str(value) if component == 1 else ""
+    if component > len(value):
+        return ""
+    value = value(component)
+    return str(value(1) if isinstance(value, hl7.Component) else value)
 
 
 def _field(segment: hl7.Segment, field: int, component: int = 1) -> str:

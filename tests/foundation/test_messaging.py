@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -267,6 +268,44 @@ async def _wait_for(read, expected, timeout: float = 30.0) -> None:  # type: ign
     while (found := await read()) != expected:
         assert asyncio.get_running_loop().time() < deadline, f"{found} != {expected}"
         await asyncio.sleep(0.1)
+async def test_an_over_long_message_id_is_deduplicated_by_its_digest_without_failing_its_batch(
+    store: EventStore, nats_client: nats.NATS, topology: Topology
+) -> None:
+    """A ``Nats-Msg-Id`` longer than the inbox column (200) failed the whole batch's inbox insert
+    on PostgreSQL, and every batch-mate was retried alone. Its digest keys the inbox instead: the
+    batch is handled once, in one transaction, and the same id sent again has no second effect."""
+    js = nats_client.jetstream()
+    stream = topology.service_stream("src").name
+    await make_stream(js, stream, topology.service_subjects("src"), duplicate_window=0.1)
+    subject = topology.event_subject("src", "Thing")
+    long_id = "L" * 300
+    ids = ["a", "b", long_id, "c", "d"]
+    for message_id in ids:
+        await js.publish(subject, message_id.encode(), headers={"Nats-Msg-Id": message_id})
+    handled: list[tuple[UnitOfWork, InboundMessage]] = []
+
+    async def handler(uow: UnitOfWork, message: InboundMessage) -> None:
+        handled.append((uow, message))
+
+    async def handled_data(count: int) -> list[bytes]:
+        for _ in range(100):
+            if len(handled) >= count:
+                break
+            await asyncio.sleep(0.05)
+        return [message.data for _, message in handled]
+
+    broker, _ = await _consume(store, topology, stream, handler)
+    first = await handled_data(len(ids))
+    await asyncio.sleep(0.15)  # past JetStream's duplicate window: only the inbox can stop the copy
+    for message_id in (long_id, "e"):
+        await js.publish(subject, message_id.encode(), headers={"Nats-Msg-Id": message_id})
+    later = await handled_data(len(ids) + 1)
+    await asyncio.sleep(0.3)
+    await broker.stop()  # type: ignore[attr-defined]
+    assert first == [message_id.encode() for message_id in ids]
+    assert len({id(uow) for uow, _ in handled[: len(ids)]}) == 1  # one transaction: never retried alone
+    assert handled[2][1].message_id == "sha256:" + hashlib.sha256(long_id.encode()).hexdigest()
+    assert later == first + [b"e"] and len(handled) == len(ids) + 1
 
 
 async def test_ack_collector_returns_each_stream_sequence_and_each_refusal(nats_client: nats.NATS, prefix: str) -> None:

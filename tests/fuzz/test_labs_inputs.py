@@ -44,11 +44,12 @@ SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthC
 # --------------------------------------------------------------------------- strategies
 
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
-JUNK_FIELD = st.one_of(TEXT, st.sampled_from(["", "^", "~", "\\", "&", "|", "\x00", "9" * 400, "-1e309", "NaN"]))
+JUNK_FIELD = st.one_of(TEXT, st.sampled_from(["", "^", "~", "\\", "&", "|", "\x00", "9" * 400, "-1e309", "NaN",
+                                             "\\Z\\", "A\\Z1", "\\X41\\", "\\H\\A\\N\\", "\\.br\\"]))
 LOINCS = st.sampled_from(["2160-0", "14682-9", "98979-8", "33914-3", "2345-7", "", "2160-0^Creat^LN", "abc"])
 UNITS = st.sampled_from(["mg/dL", "umol/L", "µmol/L", "mL/min/{1.73_m2}", "g/L", "", "MG/DL"])
 VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-10, 10**6).map(str),
-                   st.sampled_from(["<0.5", ">90", "1,2", "", "1.2.3"]), TEXT)
+                   st.sampled_from(["<0.5", ">90", "1,2", "", "1.2.3", "1\\Z5", "1\\Z\\5", "\\X31\\.2"]), TEXT)
 TIMES = st.one_of(st.sampled_from(["20150601083000+0000", "20150601", "2015", "20990101", "19000101", "", "201513320000",
                                    "20150601083000+9999"]), TEXT)
 SUBJECTS = st.one_of(st.just(ENROLLED), st.sampled_from(["IGA-FZ-404", "", "a b", "x'; DROP TABLE events;--"]), TEXT)
@@ -110,8 +111,10 @@ def mutated(draw: Callable[..., Any], inner: st.SearchStrategy[bytes]) -> bytes:
 
 HL7_INPUTS = st.one_of(oru_messages(), mutated(oru_messages()), st.binary(max_size=3000))
 
+DEEP = json.loads('{"extension":[' * 70 + "{}" + "]}" * 70)
+"""Deeper than the labs inputs take (64 levels): refused, not a 500."""
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT | st.just(DEEP),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
     max_leaves=12,
 )

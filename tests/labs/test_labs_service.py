@@ -393,6 +393,28 @@ async def test_one_bad_obx_is_answered_ae_with_the_reason_and_published(labs: La
     assert segment(ack, "ERR")[0].split("|")[2] == "OBX^1"
 
 
+async def test_escape_sequences_labs_does_not_decode_are_refused_not_dropped(labs: Labs) -> None:
+    """``1\\Z5`` was read as the value 1 and ``<subject>\\Z...`` as a cut subject id (another
+    patient); python-hl7 also logged the whole field of a sequence it dropped."""
+    subject = labs.subject()
+    await labs.enroll(subject)
+    filler, control = labs.unique("FIL"), labs.unique("MSG")
+    ack = await labs.mllp(oru_v25(control, subject, filler, obx(1, "2160-0^Creatinine^LN", "1\\Z5", "mg/dL"),
+                                  obx(2, "98979-8^eGFR^LN", "4\\X35\\", "mL/min/1.73m2")))
+    (msa,) = segment(ack, "MSA")
+    assert msa.startswith(f"MSA|AE|{control}|OBX 1: OBX-5 has an escape sequence that is never closed")
+    assert [e.split("|")[2] for e in segment(ack, "ERR")] == ["OBX^1^5"]
+    assert (await labs.egfr(f"{filler}-98979-8"))[0]["egfr"] == 45.0  # \X35\ is "5": decoded
+    assert (await labs.rejection(lambda r: r["message_id"] == control))["code"] == "bad_escape"
+
+    cut, control = subject[:5], labs.unique("MSG")  # what python-hl7 left of PID-3
+    ack = await labs.mllp(oru_v25(control, f"{cut}\\Z\\{subject[5:]}", labs.unique("FIL"),
+                                  obx(1, "2160-0^Creatinine^LN", "2.0", "mg/dL")))
+    assert segment(ack, "MSA")[0].startswith(f"MSA|AR|{control}|PID-3 has the escape sequence")
+    assert (await labs.rejection(lambda r: r["message_id"] == control))["code"] == "bad_escape"
+    assert subject[5:] not in labs.stack.log("labs")
+
+
 GARBAGE: dict[str, tuple[bytes, str]] = {
     # TOKEN is replaced by a value unique to the test run, to find the refusal on labs.rejected
     "plain text": (b"\x0bhello, is this the lab? TOKEN\x1c\r", "not_hl7"),
@@ -512,6 +534,58 @@ async def test_fhir_observation_is_created_once_and_bad_ones_get_an_operation_ou
     assert "in the future" in issue(await labs.post("/fhir/Observation", future))["diagnostics"]
     parked = await labs.post("/fhir/Observation", observation(labs.subject(), labs.unique("obs")))
     assert parked.status_code == 202 and "not enrolled yet" in issue(parked)["diagnostics"]
+
+
+async def test_fhir_censored_values_are_refused_422_and_published(labs: Labs) -> None:
+    subject = labs.subject()
+    await labs.enroll(subject)
+    for comparator in ("<", "<=", ">=", ">", "ad"):
+        result_id = labs.unique("obs")
+        quantity = {"value": 0.4, "comparator": comparator, "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+        refused = await labs.post("/fhir/Observation", observation(subject, result_id, valueQuantity=quantity))
+        assert refused.status_code == 422, refused.text
+        assert f"comparator {comparator!r}" in issue(refused)["diagnostics"]
+        rejection = await labs.rejection(lambda r, result_id=result_id: r["source"] == "fhir" and result_id in r["raw"])
+        assert rejection["code"] == "censored_value" and rejection["subject_id"] == subject
+    assert (await labs.get(f"/v1/patients/{subject}/results")).json()["results"] == []
+
+
+def nested_extensions(links: int) -> list[dict[str, Any]]:
+    chain: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
+    for _ in range(links - 1):
+        chain = {"url": "http://example.org/x", "extension": [chain]}
+    return [chain]
+
+
+async def test_too_deep_json_is_refused_400_alone_and_never_fails_its_neighbours(labs: Labs) -> None:
+    """130 nested extensions answered 500 (fhir.resources ran out of recursion) and failed every
+    entry of their Bundle; now a 400 OperationOutcome, and in a Bundle a refusal of that entry."""
+    subject = labs.subject()
+    await labs.enroll(subject)
+    deep_id = labs.unique("obs")
+    refused = await labs.post("/fhir/Observation", observation(subject, deep_id, extension=nested_extensions(130)))
+    assert refused.status_code == 400, refused.text
+    assert (issue(refused)["code"], "nested more than 64 levels" in issue(refused)["diagnostics"]) == ("structure", True)
+    assert (await labs.rejection(lambda r: deep_id in r["raw"]))["code"] == "too_deep"
+
+    good, deep_entry = labs.unique("obs"), labs.unique("obs")
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": resource, "request": {"method": "POST", "url": "Observation"}}
+        for resource in (observation(subject, good), observation(subject, deep_entry, extension=nested_extensions(130)))
+    ]}
+    response = await labs.post("/fhir", bundle)
+    assert response.status_code == 200, response.text
+    assert [e["response"]["status"] for e in response.json()["entry"]] == ["201 Created", "422 Unprocessable Entity"]
+    await labs.egfr(good)
+    rejection = await labs.rejection(lambda r: deep_entry in r["raw"])
+    assert (rejection["code"], rejection["reason"].startswith("entry[1]: ")) == ("too_deep", True)
+    bundle["entry"][0]["request"]["extension"] = nested_extensions(40)
+    assert (await labs.post("/fhir", bundle)).status_code == 400
+
+    deep_json = lab_json(labs, subject, comment=json.loads("[" * 100 + "]" * 100))
+    await labs.send_json(deep_json)
+    rejection = await labs.rejection(lambda r: r["message_id"] == deep_json["message_id"])
+    assert (rejection["source"], rejection["code"]) == ("broker", "too_deep")
 
 
 async def test_fhir_transaction_bundle_answers_per_entry(labs: Labs) -> None:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.labs.broker_messages import MAX_PAYLOAD_BYTES, parse_broker_result
-from services.labs.domain import LabRejection
+from services.labs.domain import MAX_JSON_DEPTH, LabRejection
 
 BODY = {
     "message_id": "6f1c1c2e-0b7a-4a56-9e53-3f0b3c6a1d01", "subject_id": "IGA-A-001", "lab_id": "LAB1",
@@ -59,8 +59,8 @@ def test_integer_value_and_lower_case_header_are_accepted():
         (b"[1, 2]", "wrong_type"),
         (b"\xff\xfe{}", "bad_encoding"),
         (b"[" * 50_000 + b"]" * 50_000, "payload_too_large"),
-        (b"[" * 30_000 + b"]" * 30_000, "malformed_json"),  # nested too deeply for the parser
-        (b"[" * 30_000, "malformed_json"),
+        (b"[" * 30_000 + b"]" * 30_000, "too_deep"),  # nested too deeply for the parser
+        (b"[" * 30_000, "too_deep"),
         (b" " * (MAX_PAYLOAD_BYTES + 1), "payload_too_large"),
     ],
 )
@@ -72,7 +72,21 @@ def test_deeply_nested_object_is_refused_not_crashing():
     nested = b'{"a":' * 10_000 + b"1" + b"}" * 10_000
     with pytest.raises(LabRejection) as caught:
         parse_broker_result(nested, {})
-    assert caught.value.reason == "malformed JSON: nested too deeply"
+    assert caught.value.reason == f"JSON body is nested more than {MAX_JSON_DEPTH} levels deep (objects and arrays)"
+
+
+def test_nesting_is_capped_even_in_members_that_are_not_read():
+    """An ignored member nested 300 levels deep was accepted with the result (Python's parser reads
+    about 900); broker bodies have the FHIR inputs' cap."""
+    def body_with_extra(depth: int) -> bytes:  # the body is one level, the extra member the rest
+        return encode(BODY | {"extra": json.loads("[" * (depth - 1) + "]" * (depth - 1))})
+
+    assert parse_broker_result(body_with_extra(MAX_JSON_DEPTH), {}).value == 2.1
+    with pytest.raises(LabRejection) as caught:
+        parse_broker_result(body_with_extra(MAX_JSON_DEPTH + 1), {})
+    assert (caught.value.code, caught.value.message_id, caught.value.subject_id) == (
+        "too_deep", BODY["message_id"], "IGA-A-001")
+    assert code_of(body_with_extra(300)) == "too_deep"
 
 
 @pytest.mark.parametrize("field", ["message_id", "subject_id", "loinc", "value", "unit", "collected_at", "status",

@@ -14,10 +14,11 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from services.labs.domain import IncomingResult, LabRejection
+from services.labs.domain import MAX_JSON_DEPTH, IncomingResult, LabRejection, nested_too_deeply
+from services.labs.fhir_api import status_for
 from services.labs.fhir_observations import (
     MAX_BODY_BYTES,
     operation_outcome,
@@ -199,11 +200,64 @@ def test_accepted_loinc_is_preferred_among_several():
         (b"\xff\xfe", "bad_encoding"),
         (b" " * (MAX_BODY_BYTES + 1), "payload_too_large"),
         ("{" * 5000 + "}" * 5000, "malformed_json"),
-        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "malformed_json"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "too_deep"),
     ],
 )
 def test_specific_reasons(body, code):
     assert code_of(body) == code
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">", "ad"])
+def test_a_value_with_a_comparator_is_refused_as_censored(comparator):
+    """``>90`` is a bound, not an eGFR: counted as exact, it biased the outcomes (HL7's OBX-5
+    ``>90`` was already refused so)."""
+    quantity = EGFR["valueQuantity"] | {"comparator": comparator}
+    with pytest.raises(LabRejection) as caught:
+        parse_observation(changed(EGFR, valueQuantity=quantity))
+    assert caught.value.code == "censored_value"
+    assert f"comparator {comparator!r}" in caught.value.reason and caught.value.subject_id == "IGA-A-001"
+    assert status_for(caught.value) == 422 and outcome_for(caught.value)["issue"][0]["code"] == "value"
+
+
+def extension_chain(links: int, innermost: dict) -> list[dict]:
+    """``links`` extensions, each inside the one before, the last with ``innermost``'s value."""
+    chain = {"url": "http://example.org/x"} | innermost
+    for _ in range(links - 1):
+        chain = {"url": "http://example.org/x", "extension": [chain]}
+    return [chain]
+
+
+# Depth of an Observation with such a chain: itself, the list, two per link (a link holding a
+# value[x] object counts one more): 64 for 31 links ending in valueQuantity, 65 for 32 in valueString.
+AT_THE_LIMIT = changed(CREATININE, extension=extension_chain(31, {"valueQuantity": {"value": 1}}))
+BEYOND = changed(CREATININE, extension=extension_chain(32, {"valueString": "x"}))
+DEEP = changed(CREATININE, extension=extension_chain(130, {"valueString": "x"}))
+
+
+def test_nesting_is_capped_before_validation():
+    """130 nested extensions exhausted the recursion limit inside fhir.resources: an HTTP 500."""
+    assert parse_observation(AT_THE_LIMIT).value == 2.1
+    for resource in (BEYOND, DEEP, json.dumps(DEEP).encode()):
+        with pytest.raises(LabRejection) as caught:
+            parse_observation(resource)
+        assert caught.value.code == "too_deep" and status_for(caught.value) == 400
+        assert caught.value.reason == f"Observation is nested more than {MAX_JSON_DEPTH} levels deep (objects and arrays)"
+        assert outcome_for(caught.value)["issue"][0]["code"] == "structure"
+        assert json.loads(caught.value.raw)["identifier"] == CREATININE["identifier"]
+
+
+WRAPS = (lambda v: [v], lambda v: {"k": v}, lambda v: [1, v, "x"], lambda v: {"a": [], "k": v})
+
+
+@example(depth=MAX_JSON_DEPTH, shapes=[1], leaf=None)
+@example(depth=MAX_JSON_DEPTH + 1, shapes=[0], leaf=None)
+@given(st.integers(1, 3 * MAX_JSON_DEPTH), st.lists(st.integers(0, len(WRAPS) - 1), min_size=1, max_size=6),
+       st.one_of(st.integers(), st.text(max_size=3), st.none()))
+def test_the_depth_cap_counts_objects_and_arrays(depth, shapes, leaf):
+    value = leaf
+    for level in range(depth):
+        value = WRAPS[shapes[level % len(shapes)]](value)
+    assert nested_too_deeply(value) == (depth > MAX_JSON_DEPTH)
 
 
 def test_rejection_carries_what_is_known():
@@ -238,6 +292,18 @@ def test_bad_entries_are_refused_one_by_one():
     assert refused[1].reason.startswith("entry[1]: ")
     assert json.loads(refused[1].raw)["resourceType"] == "Observation"
     assert refused[5].raw == '"not an entry"'
+
+
+def test_a_too_deep_entry_is_refused_alone_and_a_too_deep_bundle_as_a_whole():
+    results = parse_bundle(json.dumps(bundle(CREATININE, DEEP, EGFR)).encode())
+    assert [type(item) for item in results] == [IncomingResult, LabRejection, IncomingResult]
+    assert (results[1].code, results[1].reason.startswith("entry[1]: Observation is nested")) == ("too_deep", True)
+    deep_request = bundle(EGFR)
+    deep_request["entry"][0]["request"]["extension"] = extension_chain(40, {"valueString": "x"})
+    for body in (deep_request, b'{"resourceType":"Bundle","type":"transaction","entry":' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        with pytest.raises(LabRejection) as caught:
+            parse_bundle(body)
+        assert caught.value.code == "too_deep" and status_for(caught.value) == 400
 
 
 def test_batch_bundle_is_accepted_too():

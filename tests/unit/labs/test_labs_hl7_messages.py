@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from datetime import UTC, datetime
 
 import hl7
@@ -214,6 +216,14 @@ def test_decoded_bytes_parse_end_to_end():
         (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", instance="R 1; DROP"), "bad_result_id", 21),
         (obx(1, "2160-0^Creatinine^LN", "'; DROP TABLE lab_results;--", "mg/dL"), "not_a_number", 5),
         (obx(1, "2160-0^Creatinine^LN", "\\.sky\\", "mg/dL"), "bad_escape", 5),
+        (obx(1, "2160-0^Creatinine^LN", "1\\Z5", "mg/dL"), "bad_escape", 5),  # was read as 1
+        (obx(1, "2160-0^Creatinine^LN", "1\\Z\\5", "mg/dL"), "bad_escape", 5),  # was read as 15
+        (obx(1, "2160-0^Creatinine^LN", "1\\H\\.5", "mg/dL"), "bad_escape", 5),  # highlighting: text only
+        (obx(1, "2160-0^Creatinine^LN", "\\X31\\.\\X3\\", "mg/dL"), "bad_escape", 5),
+        (obx(1, "2160\\C2842\\-0^Creatinine^LN", "2.1", "mg/dL"), "bad_escape", 3),
+        (obx(1, "2160-0^Creatinine^LN", "2.1", "mg\\M2442\\/dL"), "bad_escape", 6),
+        (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", observed="2015\\\\0601"), "bad_escape", 14),
+        (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", instance="R-\\Z1\\"), "bad_escape", 21),
     ],
 )
 def test_obx_errors_are_specific_and_do_not_spoil_the_message(bad_obx, code, field):
@@ -248,6 +258,51 @@ def test_sql_injection_in_pid3_is_refused_per_obx():
 def test_empty_pid3():
     segments = [MSH_25, seg("PID", {1: "1"})] + V25[3:6]
     assert only_error(segments).code == "bad_subject_id"
+
+
+def test_standard_escapes_are_decoded_in_the_fields_read():
+    segments = V25[:5] + [obx(1, "2160-0^Creatinine^LN", "\\X32\\.1", "^\\H\\mg/dL\\N\\",
+                              instance="R\\X2D\\1")]
+    (result,) = parse(segments).results
+    assert (result.value, result.unit, result.result_id) == (2.1, "mg/dL", "R-1")
+    msh = MSH_25.replace("|CENTRAL LAB^", "|LAB \\T\\ CO \\XC3A9\\\\F\\1^", 1)
+    assert parse([msh] + V25[1:]).lab_id == "LAB & CO \u00e9|1"
+
+
+def test_an_escape_in_an_order_field_is_refused_for_its_obx_without_locating_it_on_the_obx():
+    order = seg("OBR", {1: "1", 3: "FIL\\Z\\1^LIS", 7: "20150601083000+0200"})
+    error = only_error([MSH_25, V25[1], order, obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL")])
+    assert (error.code, error.field) == ("bad_escape", None) and error.reason.startswith("OBR-3 has ")
+
+
+@pytest.mark.parametrize(
+    ("segments", "where"),
+    [
+        ([MSH_25, seg("PID", {1: "1", 3: "IGA\\Z-A-001^^^STUDY^PI"})] + V25[2:], "PID-3"),  # was subject IGA
+        ([MSH_25, seg("PID", {1: "1", 3: "IGA\\Z\\-A-001"})] + V25[2:], "PID-3"),
+        ([MSH_25.replace("|MSG00001|", "|MSG\\Z\\00001|")] + V25[1:], "MSH-10"),
+        ([MSH_25.replace("|CENTRAL LAB^", "|CENTRAL\\.br\\LAB^")] + V25[1:], "MSH-4"),
+        ([MSH_25.replace("|2.5.1|", "|2.5\\Z\\.1|")] + V25[1:], "MSH-12"),
+    ],
+)
+def test_an_escape_in_the_subject_or_header_refuses_the_message(segments, where):
+    with pytest.raises(Hl7MessageError) as caught:
+        parse(segments)
+    assert caught.value.code == "bad_escape"
+    assert caught.value.reason.startswith(f"{where} has ")
+    assert "\\Z" in caught.value.reason or "\\.br\\" in caught.value.reason
+    assert "A-001" not in caught.value.reason  # the sequence is named, not the identifier around it
+
+
+def test_no_field_text_reaches_the_log(caplog):
+    """python-hl7 logged the whole field (``field [IGA\\Z\\A-001]``) of a sequence it dropped."""
+    caplog.set_level(logging.DEBUG)
+    pid = seg("PID", {1: "1", 3: "IGA\\Z\\A-001^^^STUDY^PI"})
+    for segments in ([MSH_25, pid] + V25[2:], V25 + [obx(4, "2160-0^Cr^LN", "1\\Z\\5", "mg/dL", instance="A-001X")],
+                     V25[:5] + [obx(1, "2160-0^Cr^LN", "1.5", "mg/dL", instance="A-001\\C2842\\")]):
+        with contextlib.suppress(Hl7MessageError):
+            parse(segments)
+    assert not [record.getMessage() for record in caplog.records if "A-001" in record.getMessage()]
 
 
 def test_rejections_carry_the_message():
