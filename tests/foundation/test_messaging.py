@@ -268,6 +268,8 @@ async def _wait_for(read, expected, timeout: float = 30.0) -> None:  # type: ign
     while (found := await read()) != expected:
         assert asyncio.get_running_loop().time() < deadline, f"{found} != {expected}"
         await asyncio.sleep(0.1)
+
+
 async def test_an_over_long_message_id_is_deduplicated_by_its_digest_without_failing_its_batch(
     store: EventStore, nats_client: nats.NATS, topology: Topology
 ) -> None:
