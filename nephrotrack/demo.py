@@ -16,6 +16,7 @@ import asyncio
 import json
 import math
 import os
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -246,14 +247,15 @@ def abstract_round(value: float | None, places: int) -> str:
 
 COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("n", "n", None),
-    ("mean age", "mean_age", 0),
-    ("mean baseline eGFR", "mean_baseline_egfr", 0),
-    ("mean post eGFR", "mean_post_egfr", 0),
-    ("mean follow-up (years)", "mean_followup_years", 1),
-    ("mean eGFR slope (/year)", "mean_egfr_slope", 1),
+    ("age", "mean_age", 0),
+    ("baseline eGFR", "mean_baseline_egfr", 0),
+    ("post eGFR", "mean_post_egfr", 0),
+    ("follow-up (years)", "mean_followup_years", 1),
+    ("eGFR slope (/year)", "mean_egfr_slope", 1),
     ("kidney failure", "kidney_failure_count", None),
 )
-"""(heading, cohort key, decimals as the abstract rounds them; None: a count, shown as is)."""
+"""(heading, cohort key, decimals as the abstract rounds them; None: a count, shown as is).
+Headings are short so that the table fits an 80-column terminal."""
 
 
 def cohort_cells(row: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -279,17 +281,33 @@ def _abstract_caption() -> str:
 
 
 def cohort_table(rows: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(title="nephrotrack cohort (rounded as in the abstract; raw value below)",
-                  caption=_abstract_caption(), show_lines=True)
+    """The cohort means as the abstract rounds them (the unrounded ones: :func:`unrounded_lines`)."""
+    table = Table(title="nephrotrack cohort: group means, rounded as in the abstract", caption=_abstract_caption())
     table.add_column("group", style="bold")
     for heading, _, _ in COLUMNS:
-        table.add_column(heading, justify="right", overflow="fold")  # raw values wrap, never "…"
+        table.add_column(heading, justify="right", overflow="fold")  # a value wraps, never "…"
     for row in rows:
-        table.add_row(str(row["group"]), *(
-            f"[bold]{rounded}[/]" if rounded == raw else f"[bold]{rounded}[/]\n[dim]{raw}[/]"
-            for rounded, raw in cohort_cells(row)
-        ))
+        table.add_row(str(row["group"]), *(rounded for rounded, _ in cohort_cells(row)))
     return table
+
+
+def unrounded_lines(rows: Sequence[Mapping[str, Any]], width: int) -> list[str]:
+    """Each group's means as ``GET /v1/cohorts`` gives them, ``key=value``, wrapped at ``width``
+    (one value per cell of the table made its rows four lines high in 80 columns)."""
+    lines = []
+    for row in rows:
+        means = (f"{key}={raw}" for (_, key, places), (_, raw) in zip(COLUMNS, cohort_cells(row), strict=True)
+                 if places is not None)
+        lines += textwrap.wrap(f"{row['group']}: " + " ".join(means), width, subsequent_indent="    ",
+                               break_long_words=False, break_on_hyphens=False)
+    return lines
+
+
+def print_cohorts(console: Console, rows: Sequence[Mapping[str, Any]]) -> None:
+    console.print(cohort_table(rows))
+    console.print("Unrounded means:")
+    for line in unrounded_lines(rows, console.width):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -308,5 +326,5 @@ def run_demo(env: Mapping[str, str] | None = None, *, timeout: float = WAIT_SECO
     """``nephrotrack demo``: load, wait, print the table; returns the cohorts (for tests)."""
     console = console or Console()
     rows = asyncio.run(demo(Stack.from_env(env), timeout=timeout, console=console))
-    console.print(cohort_table(rows))
+    print_cohorts(console, rows)
     return rows
