@@ -32,6 +32,7 @@ from nats.js.errors import NoStreamResponseError
 from rich.console import Console
 from rich.table import Table
 
+from nephrotrack import running
 from nephrotrack.credentials import API_KEYS_FILE, read_env_file
 from nephrotrack.seed import ABSTRACT, EXPECTED_COHORTS, SEED, Body, SeedPatient
 from shared.auth import ENV_VAR as API_KEYS_VAR
@@ -57,12 +58,13 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stack:
-    """The addresses and credentials of a running stack, from the environment ``nephrotrack run``
-    reads (``NEPHROTRACK_<SERVICE>_PORT``, ``NEPHROTRACK_HOST``, ``NATS_URL`` /
-    ``NEPHROTRACK_NATS_PORT``). Each credential comes from its own variable
-    (``NEPHROTRACK_STAFF_KEY``, ``NEPHROTRACK_LAB_NATS_USER``, …), else for a key from the first
-    key with that role in ``NEPHROTRACK_API_KEYS``, else from ``<var>/api-keys.env`` (what
-    ``nephrotrack run`` generates)."""
+    """The addresses and credentials of a running stack. Addresses: from the environment
+    ``nephrotrack run`` reads (``NEPHROTRACK_<SERVICE>_PORT``, ``NEPHROTRACK_HOST``, ``NATS_URL`` /
+    ``NEPHROTRACK_NATS_PORT``) where set, else from ``<var>/runtime.json`` while that stack runs
+    (its NATS may not be on the default port), else the defaults. Each credential comes from its
+    own variable (``NEPHROTRACK_STAFF_KEY``, ``NEPHROTRACK_LAB_NATS_USER``, …), else for a key from
+    the first key with that role in ``NEPHROTRACK_API_KEYS``, else from ``<var>/api-keys.env``
+    (what ``nephrotrack run`` generates)."""
 
     urls: Mapping[str, str]
     nats_url: str
@@ -71,14 +73,20 @@ class Stack:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Stack:
         env = os.environ if env is None else env
-        host = env.get("NEPHROTRACK_HOST") or "127.0.0.1"
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a listen-everywhere address
-        urls = {
-            service: f"http://{host}:{env.get(f'NEPHROTRACK_{service.upper()}_PORT') or default}"
-            for service, default in DEFAULT_PORTS.items()
-        }
-        nats_url = env.get("NATS_URL") or f"nats://127.0.0.1:{env.get('NEPHROTRACK_NATS_PORT') or 4222}"
-        written = read_env_file(Path(env.get("NEPHROTRACK_VAR") or "var") / API_KEYS_FILE)
+        var = Path(env.get("NEPHROTRACK_VAR") or "var")
+        recorded = running.read_running(var)
+        host = running.client_host(env.get("NEPHROTRACK_HOST") or "127.0.0.1")
+        urls = {}
+        for service, default in DEFAULT_PORTS.items():
+            port = env.get(f"NEPHROTRACK_{service.upper()}_PORT")
+            if recorded is not None and service in recorded.http and not (port or env.get("NEPHROTRACK_HOST")):
+                urls[service] = recorded.http[service]
+            else:
+                urls[service] = f"http://{host}:{port or default}"
+        nats_port = env.get("NEPHROTRACK_NATS_PORT")
+        nats_url = env.get("NATS_URL") or (
+            recorded.nats_url if recorded is not None and not nats_port else f"nats://127.0.0.1:{nats_port or 4222}")
+        written = read_env_file(var / API_KEYS_FILE)
         configured = env.get(API_KEYS_VAR)
         keys = {}
         for name in CREDENTIALS:

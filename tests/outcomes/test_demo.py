@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import httpx
 import pytest
 from rich.console import Console
 
-from nephrotrack import demo
+from nephrotrack import demo, running
 from nephrotrack.demo import Stack, abstract_round, cohort_cells, cohort_differences, print_cohorts
 from nephrotrack.seed import EXPECTED_COHORTS, SEED
+from shared.settings import DEFAULT_PORTS
 
 
 @pytest.mark.parametrize(("value", "places", "shown"), [
@@ -67,6 +69,24 @@ def test_the_stack_is_found_from_the_run_environment(tmp_path: Path) -> None:
     assert stack.headers("staff") == {"Authorization": "Bearer s3cret"}
     assert stack.headers("analyst") == {"Authorization": "Bearer from-env"}
     assert Stack.from_env({"NATS_URL": "nats://broker:4222"}).nats_url == "nats://broker:4222"
+
+
+def test_the_stack_is_found_from_the_record_of_the_running_stack(tmp_path: Path) -> None:
+    """`make demo` in a second shell: no variables, the ports `run` recorded (its NATS moved)."""
+    recorded = running.RunningStack(
+        pid=os.getpid(), started_at="2026-12-05T00:00:00+00:00", mllp="127.0.0.1:2575",
+        http={service: f"http://127.0.0.1:{9000 + n}" for n, service in enumerate(DEFAULT_PORTS)},
+        nats_url="nats://127.0.0.1:40222", nats_embedded=True,
+    )
+    running.write(tmp_path, recorded)
+    stack = Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path)})
+    assert stack.urls == recorded.http and stack.nats_url == "nats://127.0.0.1:40222"
+    given = Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path), "NEPHROTRACK_PULSE_PORT": "8102",
+                            "NEPHROTRACK_NATS_PORT": "4333"})  # a variable set explicitly wins
+    assert given.urls["pulse"] == "http://127.0.0.1:8102" and given.urls["labs"] == recorded.http["labs"]
+    assert given.nats_url == "nats://127.0.0.1:4333"
+    running.mark_stopped(tmp_path, os.getpid())
+    assert Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path)}).nats_url == "nats://127.0.0.1:4222"
 
 
 class FakeJetStream:
