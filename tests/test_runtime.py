@@ -102,6 +102,19 @@ def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
+def _run_to_its_end(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`nephrotrack run` expected to stop by itself; past ``timeout`` its whole process group is
+    killed (the supervisor killed alone would leave its services running)."""
+    process = subprocess.Popen([sys.executable, "-m", "nephrotrack.cli", "run"], env=env, cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def _http_ports(env: dict[str, str]) -> dict[str, int]:
     return {service: int(env[f"NEPHROTRACK_{service.upper()}_PORT"]) for service in SERVICES}
 
@@ -238,8 +251,7 @@ def test_a_taken_port_stops_run_before_anything_starts(tmp_path: Path, variable:
     with _listener() as taken:
         port = taken.getsockname()[1]
         env[variable] = str(port)
-        result = subprocess.run([sys.executable, "-m", "nephrotrack.cli", "run"], env=env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)
+        result = _run_to_its_end(env)
     assert result.returncode != 0
     assert f"port {port} ({label}) is taken: set {variable} to a free port" in result.stderr + result.stdout
     assert not (var / "logs" / "nats.log").exists() and not (var / running.RUNTIME_FILE).exists()
