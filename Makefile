@@ -57,6 +57,9 @@ browsers:  ## Chromium for the dashboard browser tests (Debian package, root + a
 promtool:  ## promtool for the Prometheus rule tests (Debian package, root + apt only)
 	$(call debian_tool,promtool,command -v promtool >/dev/null 2>&1,promtool --version 2>&1 | head -1,prometheus,the promtool checks)
 
+lint: $(STAMP)  ## ruff (rules and exceptions in pyproject.toml)
+	$(BIN)/ruff check .
+
 test-fast: $(STAMP)  ## pure domain tests only: no servers needed
 	$(BIN)/pytest -p no:cacheprovider tests/unit
 

@@ -12,7 +12,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 @app.command()
 def run() -> None:
-    """Start the embedded NATS (unless NATS_URL is set) and all five services; Ctrl-C stops."""
+    """Start the embedded NATS (unless NATS_URL is set) and all five services; Ctrl-C stops.
+    Every port is checked first; where the stack listens is recorded in <var>/runtime.json."""
     from nephrotrack.runtime import Supervisor
 
     raise typer.Exit(Supervisor().run())

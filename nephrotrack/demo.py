@@ -16,6 +16,7 @@ import asyncio
 import json
 import math
 import os
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from nats.js.errors import NoStreamResponseError
 from rich.console import Console
 from rich.table import Table
 
+from nephrotrack import running
 from nephrotrack.credentials import API_KEYS_FILE, read_env_file
 from nephrotrack.seed import ABSTRACT, EXPECTED_COHORTS, SEED, Body, SeedPatient
 from shared.auth import ENV_VAR as API_KEYS_VAR
@@ -56,12 +58,13 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stack:
-    """The addresses and credentials of a running stack, from the environment ``nephrotrack run``
-    reads (``NEPHROTRACK_<SERVICE>_PORT``, ``NEPHROTRACK_HOST``, ``NATS_URL`` /
-    ``NEPHROTRACK_NATS_PORT``). Each credential comes from its own variable
-    (``NEPHROTRACK_STAFF_KEY``, ``NEPHROTRACK_LAB_NATS_USER``, …), else for a key from the first
-    key with that role in ``NEPHROTRACK_API_KEYS``, else from ``<var>/api-keys.env`` (what
-    ``nephrotrack run`` generates)."""
+    """The addresses and credentials of a running stack. Addresses: from the environment
+    ``nephrotrack run`` reads (``NEPHROTRACK_<SERVICE>_PORT``, ``NEPHROTRACK_HOST``, ``NATS_URL`` /
+    ``NEPHROTRACK_NATS_PORT``) where set, else from ``<var>/runtime.json`` while that stack runs
+    (its NATS may not be on the default port), else the defaults. Each credential comes from its
+    own variable (``NEPHROTRACK_STAFF_KEY``, ``NEPHROTRACK_LAB_NATS_USER``, …), else for a key from
+    the first key with that role in ``NEPHROTRACK_API_KEYS``, else from ``<var>/api-keys.env``
+    (what ``nephrotrack run`` generates)."""
 
     urls: Mapping[str, str]
     nats_url: str
@@ -70,14 +73,20 @@ class Stack:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Stack:
         env = os.environ if env is None else env
-        host = env.get("NEPHROTRACK_HOST") or "127.0.0.1"
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a listen-everywhere address
-        urls = {
-            service: f"http://{host}:{env.get(f'NEPHROTRACK_{service.upper()}_PORT') or default}"
-            for service, default in DEFAULT_PORTS.items()
-        }
-        nats_url = env.get("NATS_URL") or f"nats://127.0.0.1:{env.get('NEPHROTRACK_NATS_PORT') or 4222}"
-        written = read_env_file(Path(env.get("NEPHROTRACK_VAR") or "var") / API_KEYS_FILE)
+        var = Path(env.get("NEPHROTRACK_VAR") or "var")
+        recorded = running.read_running(var)
+        host = running.client_host(env.get("NEPHROTRACK_HOST") or "127.0.0.1")
+        urls = {}
+        for service, default in DEFAULT_PORTS.items():
+            port = env.get(f"NEPHROTRACK_{service.upper()}_PORT")
+            if recorded is not None and service in recorded.http and not (port or env.get("NEPHROTRACK_HOST")):
+                urls[service] = recorded.http[service]
+            else:
+                urls[service] = f"http://{host}:{port or default}"
+        nats_port = env.get("NEPHROTRACK_NATS_PORT")
+        nats_url = env.get("NATS_URL") or (
+            recorded.nats_url if recorded is not None and not nats_port else f"nats://127.0.0.1:{nats_port or 4222}")
+        written = read_env_file(var / API_KEYS_FILE)
         configured = env.get(API_KEYS_VAR)
         keys = {}
         for name in CREDENTIALS:
@@ -246,14 +255,15 @@ def abstract_round(value: float | None, places: int) -> str:
 
 COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("n", "n", None),
-    ("mean age", "mean_age", 0),
-    ("mean baseline eGFR", "mean_baseline_egfr", 0),
-    ("mean post eGFR", "mean_post_egfr", 0),
-    ("mean follow-up (years)", "mean_followup_years", 1),
-    ("mean eGFR slope (/year)", "mean_egfr_slope", 1),
+    ("age", "mean_age", 0),
+    ("baseline eGFR", "mean_baseline_egfr", 0),
+    ("post eGFR", "mean_post_egfr", 0),
+    ("follow-up (years)", "mean_followup_years", 1),
+    ("eGFR slope (/year)", "mean_egfr_slope", 1),
     ("kidney failure", "kidney_failure_count", None),
 )
-"""(heading, cohort key, decimals as the abstract rounds them; None: a count, shown as is)."""
+"""(heading, cohort key, decimals as the abstract rounds them; None: a count, shown as is).
+Headings are short so that the table fits an 80-column terminal."""
 
 
 def cohort_cells(row: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -279,17 +289,33 @@ def _abstract_caption() -> str:
 
 
 def cohort_table(rows: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(title="nephrotrack cohort (rounded as in the abstract; raw value below)",
-                  caption=_abstract_caption(), show_lines=True)
+    """The cohort means as the abstract rounds them (the unrounded ones: :func:`unrounded_lines`)."""
+    table = Table(title="nephrotrack cohort: group means, rounded as in the abstract", caption=_abstract_caption())
     table.add_column("group", style="bold")
     for heading, _, _ in COLUMNS:
-        table.add_column(heading, justify="right", overflow="fold")  # raw values wrap, never "…"
+        table.add_column(heading, justify="right", overflow="fold")  # a value wraps, never "…"
     for row in rows:
-        table.add_row(str(row["group"]), *(
-            f"[bold]{rounded}[/]" if rounded == raw else f"[bold]{rounded}[/]\n[dim]{raw}[/]"
-            for rounded, raw in cohort_cells(row)
-        ))
+        table.add_row(str(row["group"]), *(rounded for rounded, _ in cohort_cells(row)))
     return table
+
+
+def unrounded_lines(rows: Sequence[Mapping[str, Any]], width: int) -> list[str]:
+    """Each group's means as ``GET /v1/cohorts`` gives them, ``key=value``, wrapped at ``width``
+    (one value per cell of the table made its rows four lines high in 80 columns)."""
+    lines = []
+    for row in rows:
+        means = (f"{key}={raw}" for (_, key, places), (_, raw) in zip(COLUMNS, cohort_cells(row), strict=True)
+                 if places is not None)
+        lines += textwrap.wrap(f"{row['group']}: " + " ".join(means), width, subsequent_indent="    ",
+                               break_long_words=False, break_on_hyphens=False)
+    return lines
+
+
+def print_cohorts(console: Console, rows: Sequence[Mapping[str, Any]]) -> None:
+    console.print(cohort_table(rows))
+    console.print("Unrounded means:")
+    for line in unrounded_lines(rows, console.width):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -308,5 +334,5 @@ def run_demo(env: Mapping[str, str] | None = None, *, timeout: float = WAIT_SECO
     """``nephrotrack demo``: load, wait, print the table; returns the cohorts (for tests)."""
     console = console or Console()
     rows = asyncio.run(demo(Stack.from_env(env), timeout=timeout, console=console))
-    console.print(cohort_table(rows))
+    print_cohorts(console, rows)
     return rows

@@ -11,6 +11,13 @@ API key per role into ``<var>/api-keys.env`` (0600, reused on restart) and hands
 (deploy/nats/nats.conf + accounts.conf: accounts, a user per service, the ``lab`` user, no
 anonymous access) with passwords generated into ``<var>/nats-credentials.env``; each service
 connects as its own user, and the lab credentials are written to ``api-keys.env``.
+
+Ports (contract, "Runtime (v2)"): every port is checked before anything starts
+(:mod:`nephrotrack.ports`); a taken one stops the run naming its variable, but for the embedded
+NATS's default 4222, which moves to a free port. ``run`` never attaches to a broker it did not
+start: the embedded NATS counts as up only once its own ports file names the port, and if it
+exits the whole stack stops rather than let the services reconnect to whatever listens there
+next. Where everything listens is recorded in ``<var>/runtime.json`` (:mod:`nephrotrack.running`).
 """
 
 from __future__ import annotations
@@ -18,19 +25,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from rich.console import Console
 
-from nephrotrack import credentials
+from nephrotrack import credentials, running
+from nephrotrack.ports import PortNeed, claim_ports
 from shared.auth import ENV_VAR as API_KEYS_VAR
 from shared.auth import AuthConfigError, first_key_with_role, format_api_keys, parse_api_keys
 from shared.broker import subject_prefix
@@ -44,6 +52,9 @@ STABLE_AFTER_SECONDS = 60.0
 
 DEPLOY_NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats.conf"
 ACCOUNTS_PREFIX = "nephrotrack"  # the subject prefix deploy/nats/accounts.conf is written for
+NATS_HOST = "127.0.0.1"  # the embedded NATS listens on the loopback only
+NATS_PORT_VARIABLE = "NEPHROTRACK_NATS_PORT"
+NATS_LISTEN_SECONDS = 15.0
 
 
 @dataclass
@@ -86,8 +97,9 @@ def nats_server_binary() -> str:
 
 def embedded_nats_config(var: Path, port: int, deploy_conf: Path = DEPLOY_NATS_CONF) -> Path:
     """``<var>/nats/nephrotrack.conf``: the deployment's ``nats.conf`` (included as it is, with its
-    ``accounts.conf``), then this runtime's own address, store directory and no monitoring port
-    (a later key replaces an earlier one in a NATS configuration)."""
+    ``accounts.conf``), then this runtime's own address, store directory, no monitoring port, and
+    a ports file (``<var>/nats/nats-server_<pid>.ports``) by which the runtime knows the server on
+    the port is its child (a later key replaces an earlier one in a NATS configuration)."""
     if not deploy_conf.is_file():
         raise SystemExit(
             f"{deploy_conf} not found: the embedded NATS uses the repository's deploy/nats configuration. "
@@ -104,8 +116,9 @@ def embedded_nats_config(var: Path, port: int, deploy_conf: Path = DEPLOY_NATS_C
         "# access), passwords from <var>/nats-credentials.env via the environment, and this runtime's\n"
         "# address and JetStream store.\n"
         f"include {json.dumps(include)}\n"
-        f"listen: {json.dumps(f'127.0.0.1:{port}')}\n"
+        f"listen: {json.dumps(f'{NATS_HOST}:{port}')}\n"
         'http: "127.0.0.1:0"   # no monitoring port\n'
+        f"ports_file_dir: {json.dumps(str(store))}\n"
         "jetstream {\n"
         f"  store_dir: {json.dumps(str(store))}\n"
         "  max_memory_store: 256MB\n"
@@ -126,18 +139,25 @@ def _move_streams_into_the_account(jetstream: Path) -> None:
 
 
 def nats_url_with_credentials(port: int, user: str, password: str) -> str:
-    return f"nats://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}"
+    return f"nats://{quote(user, safe='')}:{quote(password, safe='')}@{NATS_HOST}:{port}"
 
 
 def local_broker_url(user: str, settings: RuntimeSettings | None = None) -> str:
     """The broker URL a command-line tool uses as ``user``: ``NATS_URL`` when set, else the
-    embedded server with that user's password from ``<var>/nats-credentials.env`` (when there)."""
+    embedded server — on ``NEPHROTRACK_NATS_PORT`` when set, else on the port the running stack
+    recorded — with that user's password from ``<var>/nats-credentials.env`` (when there)."""
     settings = settings or RuntimeSettings()
     if settings.nats_url:
         return settings.nats_url
+    port = settings.nats_port
+    stack = running.read_running(settings.var_dir)
+    if stack is not None and "nats_port" not in settings.model_fields_set:
+        if not stack.nats_embedded:
+            return stack.nats_url
+        port = stack.nats_port or port
     passwords = credentials.read_env_file(settings.var_dir / credentials.NATS_CREDENTIALS_FILE)
     password = passwords.get(credentials.nats_password_variable(user))
-    return nats_url_with_credentials(settings.nats_port, user, password) if password else settings.broker_url()
+    return nats_url_with_credentials(port, user, password) if password else f"nats://{NATS_HOST}:{port}"
 
 
 class Supervisor:
@@ -146,6 +166,7 @@ class Supervisor:
         self.var = self.settings.var_dir.resolve()
         self.children: list[Child] = []
         self.stopping = False
+        self.failure: str | None = None
         self.api_keys = ""
         self.nats_passwords: dict[str, str] = {}
 
@@ -214,19 +235,59 @@ class Supervisor:
         command = [nats_server_binary(), "-c", str(config)]
         return Child(name="nats", command=command, env=env, log_path=self.var / "logs" / "nats.log")
 
+    def claim_ports(self) -> None:
+        """Before anything starts: every port this run opens is free, or the run stops naming
+        the port and its variable; only the embedded NATS's default port moves (and says so),
+        preferably to the port it had last time."""
+        needs = [PortNeed(f"{service} HTTP", self.settings.host, service_port(service),
+                          f"NEPHROTRACK_{service.upper()}_PORT") for service in SERVICES]
+        needs.append(PortNeed("labs MLLP", self.settings.host, mllp_port(), "NEPHROTRACK_MLLP_PORT"))
+        prefer = {}
+        if self.embedded_nats:
+            default = "nats_port" not in self.settings.model_fields_set
+            needs.append(PortNeed("embedded NATS", NATS_HOST, self.settings.nats_port, NATS_PORT_VARIABLE,
+                                  movable=default))
+            last = running.read(self.var)
+            if last is not None and last.nats_embedded and last.nats_port:
+                prefer[NATS_PORT_VARIABLE] = last.nats_port
+        claimed = claim_ports(needs, prefer=prefer)
+        for sentence in claimed.moved:
+            console.print(f"[yellow]{sentence}[/]")
+        if self.embedded_nats:
+            self.settings = self.settings.model_copy(update={"nats_port": claimed.ports[NATS_PORT_VARIABLE]})
+
+    def record(self) -> None:
+        """``<var>/runtime.json``: where this run listens, for ``demo``, ``rebuild`` and people."""
+        host = running.client_host(self.settings.host)
+        nats_url = f"nats://{NATS_HOST}:{self.settings.nats_port}" if self.embedded_nats \
+            else _without_password(self.settings.broker_url())
+        running.write(self.var, running.RunningStack(
+            pid=os.getpid(), started_at=datetime.now(UTC).isoformat(),
+            http={service: f"http://{host}:{service_port(service)}" for service in SERVICES},
+            mllp=f"{host}:{mllp_port()}", nats_url=nats_url, nats_embedded=self.embedded_nats,
+        ))
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        self.claim_ports()
         self.prepare()
-        for child in self.children:
-            child.start()
-            if child.name == "nats":
-                self._wait_for_port(self.settings.nats_port, "nats")
-        self._announce()
-        while not self.stopping:
-            self._supervise_once()
-            time.sleep(0.2)
-        self.shutdown()
+        self.record()
+        try:
+            for child in self.children:
+                if child.name == "nats":
+                    self._start_embedded_nats(child)
+                else:
+                    child.start()
+            self._announce()
+            while not self.stopping:
+                self._supervise_once()
+                time.sleep(0.2)
+        finally:
+            self.shutdown()
+        if self.failure:
+            console.print(f"[red]{self.failure}[/]")
+            return 1
         return 0
 
     def _request_stop(self, signum: int, _frame: object) -> None:
@@ -241,6 +302,9 @@ class Supervisor:
                 if now - child.started_at > STABLE_AFTER_SECONDS:
                     child.backoff = 1.0
                 continue
+            if process is not None and child.name == "nats":
+                self._broker_lost(child)
+                return
             if process is not None:
                 code = process.returncode
                 child.process = None
@@ -255,17 +319,53 @@ class Supervisor:
                 console.print(f"restarting {child.name} (restart #{child.restarts})")
                 child.start()
 
+    def _broker_lost(self, nats: Child) -> None:
+        """The embedded NATS exited: stop everything. Restarted, it may find its port taken, and
+        meanwhile the services would reconnect to whatever listens there. (Ctrl-C reaches the
+        NATS too: stopping already, its exit is expected.)"""
+        assert nats.process is not None
+        if self.stopping:
+            return
+        self.failure = (
+            f"the embedded NATS exited with {nats.process.returncode} ({_last_line(nats.log_path)}); "
+            f"everything was stopped so that no service reconnects to another server on port "
+            f"{self.settings.nats_port}. Start `nephrotrack run` again (log: {nats.log_path})"
+        )
+        self.stopping = True
+
+    def _start_embedded_nats(self, nats: Child) -> None:
+        """Start the embedded NATS and wait until it is known to listen on its port: nats-server
+        writes ``<binary>_<pid>.ports`` once it does, so the port is this child's, not another
+        server's. A server that exits first (e.g. the port was taken after the check) stops the
+        run with its last log line."""
+        nats.start()
+        assert nats.process is not None
+        ports_file = self.var / "nats" / f"{Path(nats.command[0]).name}_{nats.process.pid}.ports"
+        listening = f"nats://{NATS_HOST}:{self.settings.nats_port}"
+        deadline = time.monotonic() + NATS_LISTEN_SECONDS
+        while listening not in _ports_listed(ports_file):
+            if nats.process.poll() is not None:
+                raise SystemExit(
+                    f"the embedded NATS exited with {nats.process.returncode} before it listened on port "
+                    f"{self.settings.nats_port}: {_last_line(nats.log_path)} (log: {nats.log_path})"
+                )
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the embedded NATS did not listen on port {self.settings.nats_port} within "
+                                 f"{NATS_LISTEN_SECONDS:.0f} s (log: {nats.log_path})")
+            time.sleep(0.05)
+
     def shutdown(self) -> None:
         # Services first (they drain their consumers), the broker last.
         for child in sorted(self.children, key=lambda c: c.name == "nats"):
             child.stop()
+        running.mark_stopped(self.var, os.getpid())
         console.print("all stopped")
 
     def _announce(self) -> None:
-        console.print(f"data directory: {self.var}")
+        console.print(f"data directory: {self.var} (where everything listens: {self.var / running.RUNTIME_FILE})")
         if self.embedded_nats:
             console.print(
-                f"NATS: nats://127.0.0.1:{self.settings.nats_port} (accounts of deploy/nats; lab systems publish "
+                f"NATS: nats://{NATS_HOST}:{self.settings.nats_port} (accounts of deploy/nats; lab systems publish "
                 f"labs.results as user {credentials.LAB_NATS_USER!r}, password in {self.var / credentials.API_KEYS_FILE})"
             )
         else:
@@ -296,22 +396,36 @@ class Supervisor:
         else:
             console.print("[green]all services ready[/] — Ctrl-C stops everything")
 
-    def _wait_for_port(self, port: int, name: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise SystemExit(f"{name} did not open port {port} within {timeout:.0f}s")
+
+def _ports_listed(path: Path) -> str:
+    """The URLs in a nats-server ports file (``{"nats": ["nats://host:port"]}``), as text."""
+    try:
+        return " ".join(json.loads(path.read_text()).get("nats", []))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _last_line(log: Path, tail: int = 4096) -> str:
+    """The last line a child logged (its reason to exit, for nats-server), from the log's tail."""
+    try:
+        with log.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - tail))
+            lines = [line for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip() if lines else "nothing logged"
 
 
 def _is_nats_password(name: str) -> bool:
     return name.startswith("NATS_") and name.endswith("_PASSWORD")
 
 
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}"))
+def _without_password(urls: str) -> str:
+    """``NATS_URL`` (one URL or several, comma-separated) with each password replaced by ***."""
+    shown = []
+    for url in urls.split(","):
+        parts = urlsplit(url.strip())
+        if parts.password is not None:
+            url = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}"))
+        shown.append(url.strip())
+    return ",".join(shown)

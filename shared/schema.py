@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
-    Date,
     Column,
+    Date,
     DateTime,
     Index,
     Integer,

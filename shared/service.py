@@ -24,8 +24,8 @@ import structlog
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPBearer
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from faststream.nats import JStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DBAPIError
@@ -37,8 +37,8 @@ from shared.asyncapi import asyncapi_document, envelope_schema
 from shared.audit import audit_routes
 from shared.auth import (
     AuthConfigError,
-    Authorizer,
     AuthMiddleware,
+    Authorizer,
     KeyRing,
     is_public_endpoint,
     leaf_routes,

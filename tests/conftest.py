@@ -25,6 +25,7 @@ from shared.broker import Topology
 from shared.database import create_engine, migrate
 from shared.store import EventStore
 
+
 @pytest.fixture(scope="session", autouse=True)
 def hypothesis_unicode_table() -> None:
     """Hypothesis builds its table of Unicode characters the first time any test draws text, and

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nephrotrack.demo import abstract_round, demo
 from nephrotrack.demo import Stack as DemoStack
+from nephrotrack.demo import abstract_round, demo
 from shared.settings import SERVICES
 from tests.stack import ROOT, Stack
 

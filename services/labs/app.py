@@ -181,7 +181,8 @@ def create_app(service: Service) -> FastAPI:
         service.store, labs,
         host=service.settings.host, port=mllp_port(),
         idle_timeout=settings.mllp_idle_timeout_seconds, read_timeout=settings.mllp_read_timeout_seconds,
-        max_connections=settings.mllp_max_connections, committed=service.committed,
+        max_connections=settings.mllp_max_connections,
+        max_connections_per_address=settings.mllp_max_connections_per_address, committed=service.committed,
     )
     service.background.append(mllp.run)
     service.background.append(sweeper(service, labs, settings.sweep_interval))

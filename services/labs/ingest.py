@@ -106,9 +106,15 @@ class LabsSettings(BaseSettings):
     purge_interval_seconds: float = Field(default=30, gt=0, alias="NEPHROTRACK_LABS_PURGE_INTERVAL_SECONDS")
     """How often pending inbound purges are looked for (an erasure handled by this process
     starts its purge at once; this catches the rest, e.g. jobs left by a crash)."""
-    mllp_idle_timeout_seconds: float = Field(default=300, gt=0, alias="NEPHROTRACK_MLLP_IDLE_TIMEOUT_SECONDS")
+    mllp_idle_timeout_seconds: float = Field(default=60, gt=0, alias="NEPHROTRACK_MLLP_IDLE_TIMEOUT_SECONDS")
+    """How long an MLLP connection may wait between messages (lab systems reconnect when closed)."""
     mllp_read_timeout_seconds: float = Field(default=30, gt=0, alias="NEPHROTRACK_MLLP_READ_TIMEOUT_SECONDS")
+    """Deadline of one MLLP frame, from its first byte to its end block."""
     mllp_max_connections: int = Field(default=100, ge=1, alias="NEPHROTRACK_MLLP_MAX_CONNECTIONS")
+    mllp_max_connections_per_address: int = Field(
+        default=10, ge=1, alias="NEPHROTRACK_MLLP_MAX_CONNECTIONS_PER_ADDRESS"
+    )
+    """So that one peer address cannot take all ``mllp_max_connections`` and lock the labs out."""
 
     @property
     def sweep_interval(self) -> float:

@@ -18,14 +18,18 @@ Defences (garbage must never take the listener down): a frame may hold at most
 (``message_too_large``); bytes that are not an MLLP frame are refused (``not_mllp``); a frame
 cut by the peer closing is refused (``incomplete_frame``); a message must arrive within the
 read timeout once started (``read_timeout``, then the connection is closed); an idle connection
-is closed after the idle timeout; at most ``max_connections`` connections at once. Every error
-is caught at the connection boundary: the connection is closed, the server goes on.
+is closed after the idle timeout, counted from the end of the last frame (blank lines between
+frames do not restart it, so a trickle of them cannot hold a connection); at most
+``max_connections`` connections at once and ``max_connections_per_address`` from one peer address
+(one client cannot lock the labs out). Every error is caught at the connection boundary: the
+connection is closed, the server goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -78,9 +82,10 @@ class MllpServer:
         *,
         host: str,
         port: int,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = 60.0,
         read_timeout: float = 30.0,
         max_connections: int = 100,
+        max_connections_per_address: int = 10,
         committed: object = None,
     ) -> None:
         self.store = store
@@ -90,8 +95,10 @@ class MllpServer:
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self._committed = committed
         self.active = 0
+        self.active_by_address: Counter[str] = Counter()
         self.server: asyncio.AbstractServer | None = None
 
     async def run(self) -> None:
@@ -107,12 +114,19 @@ class MllpServer:
     # ------------------------------------------------------------------ connections
 
     async def _connection(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
-        peer = str(writer.get_extra_info("peername"))
+        peername = writer.get_extra_info("peername")
+        peer, address = str(peername), str(peername[0] if peername else "")
         if self.active >= self.max_connections:
             log.warning("MLLP connection refused: too many connections", peer=peer, active=self.active)
             writer.transport.abort()
             return
+        if self.active_by_address[address] >= self.max_connections_per_address:
+            log.warning("MLLP connection refused: too many connections from its address", peer=peer,
+                        active=self.active_by_address[address])
+            writer.transport.abort()
+            return
         self.active += 1
+        self.active_by_address[address] += 1
         try:
             while True:
                 frame = await self._read_frame(reader)
@@ -132,6 +146,9 @@ class MllpServer:
             log.exception("MLLP connection failed", peer=peer, error=repr(error))
         finally:
             self.active -= 1
+            self.active_by_address[address] -= 1
+            if not self.active_by_address[address]:
+                del self.active_by_address[address]
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 5)
@@ -140,14 +157,12 @@ class MllpServer:
         """The next frame's message bytes, a :class:`FrameProblem`, or ``None`` when the peer
         closed or stayed idle between messages (close quietly: nothing was sent)."""
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), self.idle_timeout)
+            async with asyncio.timeout(self.idle_timeout):  # one deadline: a trickle of blanks never resets it
+                first = await reader.readexactly(1)
+                while first in _WHITESPACE:  # blank lines between frames are tolerated
+                    first = await reader.readexactly(1)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             return None
-        while first in (b" ", b"\t", b"\r", b"\n"):  # blank lines between frames are tolerated
-            try:
-                first = await asyncio.wait_for(reader.readexactly(1), self.idle_timeout)
-            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                return None
         try:
             async with asyncio.timeout(self.read_timeout):
                 rest = await self._read_until_end(reader)

@@ -19,8 +19,8 @@ from services.outcomes.dashboard import dashboard_routes
 from services.outcomes.queries import OutcomesQueries, reading_engine
 from services.outcomes.rebuild import BackgroundRebuild, default_streams
 from shared import metrics
-from shared.events import Envelope
 from shared.auth import public
+from shared.events import Envelope
 from shared.service import Service
 
 log = structlog.get_logger(__name__)

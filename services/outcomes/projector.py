@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
@@ -36,12 +36,11 @@ from services.enrollment.events import (
     PatientWithdrawn,
 )
 from services.labs.events import EgfrComputed, LabResultCorrected
-from services.outcomes import domain
+from services.outcomes import domain, wire
 from services.outcomes.domain import PatientFacts, PatientOutcome
+from services.outcomes.wire import Meta
 from services.pulse.events import PulseDoseAdministered
 from shared.deviations import ProtocolDeviationDetected
-from services.outcomes import wire
-from services.outcomes.wire import Meta
 from shared.events import DomainEvent, registry
 from shared.store import JSON_CODEC, Codec
 

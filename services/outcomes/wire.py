@@ -33,12 +33,12 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, NotRequired
 from uuid import UUID
 
-from pydantic_core import SchemaValidator, ValidationError
 from pydantic import TypeAdapter
-from typing_extensions import NotRequired, TypedDict
+from pydantic_core import SchemaValidator, ValidationError
+from typing_extensions import TypedDict
 
 from shared.events import Envelope, registry
 from shared.sealing import SEALED_FIELD

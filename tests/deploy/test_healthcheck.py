@@ -113,7 +113,8 @@ def _fake_proc(root: Path, commands: dict[int, list[str]]) -> Path:
 
 @pytest.mark.parametrize("name", list(CONTRACT_PORTS))
 def test_finds_the_service_of_the_container(healthcheck: ModuleType, tmp_path: Path, name: str) -> None:
-    proc = _fake_proc(tmp_path, {1: ["/sbin/docker-init", "--", "python", "-m", f"services.{name}"], 7: ["python", "-m", f"services.{name}"], 30: ["python", "/opt/nephrotrack/healthcheck.py"]})
+    proc = _fake_proc(tmp_path, {1: ["/sbin/docker-init", "--", "python", "-m", f"services.{name}"],
+                                 7: ["python", "-m", f"services.{name}"], 30: ["python", "/opt/nephrotrack/healthcheck.py"]})
     assert healthcheck.detect_service(proc) == name
     assert healthcheck.probe_url("/readyz", proc) == f"http://127.0.0.1:{CONTRACT_PORTS[name]}/readyz"
 

@@ -292,5 +292,6 @@ def test_known_metric_names_sanity() -> None:
     assert "nephrotrack_events_appended_total" in names
     assert "nephrotrack_outbox_backlog" in names
     assert INFRASTRUCTURE_METRICS <= names
-    expr = 'histogram_quantile(0.99, sum by (service, le) (rate(nephrotrack_handler_duration_seconds_bucket{service=~"$service"}[$__rate_interval]))) > 5 and up == 0'
+    expr = ('histogram_quantile(0.99, sum by (service, le) '
+            '(rate(nephrotrack_handler_duration_seconds_bucket{service=~"$service"}[$__rate_interval]))) > 5 and up == 0')
     assert promql_metric_names(expr) == {"nephrotrack_handler_duration_seconds_bucket", "up"}

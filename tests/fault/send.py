@@ -209,7 +209,7 @@ class Sender:
             try:
                 await js.publish(LAB_RESULTS_SUBJECT, message.broker_body(),
                                  headers={"Nats-Msg-Id": message.message_id}, timeout=5)
-            except (NatsError, TimeoutError, asyncio.TimeoutError) as error:
+            except (NatsError, TimeoutError) as error:
                 last = repr(error)
                 continue
             # The broker took it; whether labs accepts or refuses it is read from labs.rejected.

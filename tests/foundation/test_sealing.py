@@ -4,7 +4,6 @@ both database backends: round trips, the specific error of each failure, and era
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 from collections.abc import AsyncIterator
@@ -17,12 +16,12 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from shared.broker import Topology
+from shared.database import create_engine
 from shared.events import CommandContext, DomainEvent, event
 from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
 from shared.schema import events, outbox
 from shared.sealing import SEALED_FIELD, SealBroken, SealingCodec, seal, sealed_subject, unseal
 from shared.store import EventStore
-from shared.database import create_engine
 
 
 @event
@@ -121,7 +120,7 @@ async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nat
     js = nats_client.jetstream()
     info = await js.stream_info(vault.stream)
     assert info.state.messages == 1
-    marker = await js.get_msg(vault.stream, subject=f"$KV.{vault.bucket}.{'IGA-A-001'.encode().hex()}")
+    marker = await js.get_msg(vault.stream, subject=f"$KV.{vault.bucket}.{b'IGA-A-001'.hex()}")
     assert not marker.data and marker.headers["KV-Operation"] == "PURGE"
 
 

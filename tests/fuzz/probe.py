@@ -70,10 +70,12 @@ class LabsProbe:
         return httpx.get(f"{self.labs_url}/healthz", timeout=5).status_code == 200
 
 
-def mllp_exchange(port: int, payload: bytes, *, frame: bool = True, timeout: float = 30) -> bytes:
-    """Send one MLLP frame (or raw bytes); the first answer frame, or what came before close."""
+def mllp_exchange(port: int, payload: bytes, *, frame: bool = True, timeout: float = 30, source: str = "") -> bytes:
+    """Send one MLLP frame (or raw bytes), from the loopback address ``source`` when given (all of
+    127/8 is the loopback on Linux); the first answer frame, or what came before close."""
     data = b"\x0b" + payload + b"\x1c\r" if frame else payload
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as sock:
         sock.sendall(data)
         if not frame:
             sock.shutdown(socket.SHUT_WR)

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import copy
 import itertools
-import random
 import json
+import random
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable

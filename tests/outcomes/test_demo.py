@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import httpx
 import pytest
 from rich.console import Console
 
-from nephrotrack import demo
-from nephrotrack.demo import Stack, abstract_round, cohort_cells, cohort_differences, cohort_table
+from nephrotrack import demo, running
+from nephrotrack.demo import Stack, abstract_round, cohort_cells, cohort_differences, print_cohorts
 from nephrotrack.seed import EXPECTED_COHORTS, SEED
+from shared.settings import DEFAULT_PORTS
 
 
 @pytest.mark.parametrize(("value", "places", "shown"), [
@@ -23,15 +26,24 @@ def test_values_are_rounded_the_way_the_abstract_rounds(value: float | None, pla
     assert abstract_round(value, places) == shown
 
 
-def test_each_cell_shows_the_abstract_rounding_and_the_raw_value() -> None:
+def test_each_cell_shows_the_abstract_rounding_and_the_raw_value(monkeypatch: pytest.MonkeyPatch) -> None:
     cells = cohort_cells(EXPECTED_COHORTS["A"])
     assert cells[:5] == [("7", "7"), ("60", "60.0"), ("28", "28.0"), ("39", "39.0"),
                          ("6.8", repr(EXPECTED_COHORTS["A"]["mean_followup_years"]))]
     assert cells[-1] == ("0", "0")
-    console = Console(record=True, width=250)
-    console.print(cohort_table([EXPECTED_COHORTS[g] for g in ("A", "B", "control")]))
+    monkeypatch.setenv("COLUMNS", "80")  # an 80-column terminal
+    console = Console(record=True, file=io.StringIO())
+    print_cohorts(console, [EXPECTED_COHORTS[g] for g in ("A", "B", "control")])
     text = console.export_text()
-    assert "9.3" in text and "106.0" in text and repr(EXPECTED_COHORTS["B"]["mean_followup_years"]) in text
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in text.splitlines() if line.startswith("│")}
+    assert rows == {"A": ["7", "60", "28", "39", "6.8", "1.1", "0"], "B": ["3", "25", "85", "106", "9.3", "1.6", "0"],
+                    "control": ["1", "57", "33", "23", "1.5", "-7.2", "1"]}, text
+    unrounded = " ".join(text.split())
+    assert "B: mean_age=25.0 mean_baseline_egfr=85.0 mean_post_egfr=106.0 " in unrounded, text
+    assert f"mean_followup_years={EXPECTED_COHORTS['B']['mean_followup_years']!r}" in unrounded, text
+    too_wide = [line for line in text.splitlines() if len(line) > 80]
+    assert not too_wide, text
 
 
 def test_the_demo_waits_until_every_group_has_its_final_values() -> None:
@@ -57,6 +69,24 @@ def test_the_stack_is_found_from_the_run_environment(tmp_path: Path) -> None:
     assert stack.headers("staff") == {"Authorization": "Bearer s3cret"}
     assert stack.headers("analyst") == {"Authorization": "Bearer from-env"}
     assert Stack.from_env({"NATS_URL": "nats://broker:4222"}).nats_url == "nats://broker:4222"
+
+
+def test_the_stack_is_found_from_the_record_of_the_running_stack(tmp_path: Path) -> None:
+    """`make demo` in a second shell: no variables, the ports `run` recorded (its NATS moved)."""
+    recorded = running.RunningStack(
+        pid=os.getpid(), started_at="2026-12-05T00:00:00+00:00", mllp="127.0.0.1:2575",
+        http={service: f"http://127.0.0.1:{9000 + n}" for n, service in enumerate(DEFAULT_PORTS)},
+        nats_url="nats://127.0.0.1:40222", nats_embedded=True,
+    )
+    running.write(tmp_path, recorded)
+    stack = Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path)})
+    assert stack.urls == recorded.http and stack.nats_url == "nats://127.0.0.1:40222"
+    given = Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path), "NEPHROTRACK_PULSE_PORT": "8102",
+                            "NEPHROTRACK_NATS_PORT": "4333"})  # a variable set explicitly wins
+    assert given.urls["pulse"] == "http://127.0.0.1:8102" and given.urls["labs"] == recorded.http["labs"]
+    assert given.nats_url == "nats://127.0.0.1:4333"
+    running.mark_stopped(tmp_path, os.getpid())
+    assert Stack.from_env({"NEPHROTRACK_VAR": str(tmp_path)}).nats_url == "nats://127.0.0.1:4222"
 
 
 class FakeJetStream:

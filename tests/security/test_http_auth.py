@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import re
 import importlib
+import re
 import subprocess
 import sys
 import uuid
@@ -39,7 +39,7 @@ from shared.auth import (
     parse_api_keys,
     required_roles,
 )
-from shared.database import create_engine, migrate
+from shared.database import migrate
 from shared.schema import events
 from shared.service import Service
 from shared.settings import SERVICES

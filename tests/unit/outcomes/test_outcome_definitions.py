@@ -121,10 +121,10 @@ def test_slope_is_least_squares_and_needs_two_points_after_start():
     assert one.egfr_slope is None
     dates = ("2015-01-01", "2016-01-01", "2017-01-01")
     ys = [32.0, 34.0, 37.0]
-    three = outcome(enrolled(), dose(start), *[egfr(f"r{k}", y, d) for k, (y, d) in enumerate(zip(ys, dates))])
+    three = outcome(enrolled(), dose(start), *[egfr(f"r{k}", y, d) for k, (y, d) in enumerate(zip(ys, dates, strict=True))])
     xs = [365 / 365.25, 730 / 365.25, 1096 / 365.25]
     mx, my = sum(xs) / 3, sum(ys) / 3
-    expected = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    expected = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     assert three.egfr_slope == pytest.approx(expected, rel=1e-12)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 import pytest
-from outcome_events import died, dialysis, dose, egfr, enrolled, withdrawn
+from outcome_events import dialysis, died, dose, egfr, enrolled, withdrawn
 
 from services.outcomes.domain import PatientFacts, compute_outcome, fold
 from services.outcomes.statistics import (
