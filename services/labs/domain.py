@@ -39,6 +39,7 @@ from services.labs.events import (
     Status,
 )
 from services.labs.redaction import personal_data_kind
+from shared.clinical_dates import EARLIEST_CLINICAL_DATE, before_earliest
 from shared.errors import Invalid
 from shared.events import DomainEvent
 
@@ -49,9 +50,6 @@ CanonicalUnit = Literal["mg/dL", "mL/min/1.73m2"]
 EQUATION = "CKD-EPI 2021"
 CREATININE_UMOL_PER_MG_DL = 88.42
 """µmol/L per mg/dL of creatinine (molar mass 113.12 g/mol): µmol/L ÷ 88.42 = mg/dL."""
-
-EARLIEST_COLLECTION = datetime(1990, 1, 1, tzinfo=UTC)
-"""Results collected before 1990 predate every patient of the study: a date typo, not a fact."""
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 """A lab's clock may run a little ahead of ours; only a collection time further ahead than this
@@ -268,9 +266,9 @@ def measure(incoming: IncomingResult) -> Measurement:
         raise _rejection(incoming, f"value {incoming.value} is not a finite number", "non_finite_value")
     canonical = incoming.value * _TO_CANONICAL[unit]
     _check_range(incoming, accepted.analyte, canonical)
-    if incoming.collected_at < EARLIEST_COLLECTION:
+    if incoming.collected_at.date() < EARLIEST_CLINICAL_DATE:  # UTC, like every clinical date
         raise _rejection(
-            incoming, f"collected_at {incoming.collected_at.isoformat()} is before 1990", "collected_too_early"
+            incoming, before_earliest("collected_at", incoming.collected_at.isoformat()), "collected_too_early"
         )
     return Measurement(accepted.analyte, canonical, _CANONICAL_UNIT[accepted.analyte])
 
