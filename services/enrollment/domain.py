@@ -100,6 +100,9 @@ class RecordBiopsy(_Command):
 
 # --------------------------------------------------------------------------- pseudonyms
 
+FORMULA_STARTS = ("-", "=", "+", "@")
+"""First characters that make a spreadsheet evaluate a cell (OWASP, CSV injection)."""
+
 _PSEUDONYM_SHAPE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _EMAIL = re.compile(r"\S+@\S+")
 _DATE_TRIPLE = re.compile(r"(?<!\d)(\d{1,4})([-/.])(\d{1,2})\2(\d{1,4})(?!\d)", re.ASCII)
@@ -126,12 +129,18 @@ def check_pseudonym(subject_id: str) -> None:
     text that reaches every service, log and export: so personal-data shapes are refused here,
     at the door, each with the pattern it matched. Accepted ids look like ``IGA-A-001``,
     ``CTRL-01`` or ``P0007``: 1..64 ASCII letters, digits, ``-``, ``_`` or ``.``, with at least
-    one digit or dash (a bare word is more likely a name than a code). The reason never repeats
+    one digit or dash (a bare word is more likely a name than a code), and not starting with a
+    character a spreadsheet reads as a formula (:data:`FORMULA_STARTS`). The reason never repeats
     the refused id, since refusals end up in logs and responses.
     """
     reason = _personal_data_pattern(subject_id)
     if reason is not None:
         raise Invalid(f"the subject id looks like {reason}; use a pseudonymous study code such as IGA-A-001")
+    if subject_id.startswith(FORMULA_STARTS):
+        raise Invalid(
+            "the subject id must not start with '-', '=', '+' or '@': a spreadsheet opening an export "
+            "reads such a cell as a formula (CSV injection)"
+        )
     if not _PSEUDONYM_SHAPE.fullmatch(subject_id):
         raise Invalid("the subject id must be 1 to 64 characters among ASCII letters, digits, '-', '_' and '.'")
     if not any(ch.isdigit() or ch == "-" for ch in subject_id):

@@ -487,6 +487,13 @@ async def test_enrollment_refuses_dates_outside_the_clinical_bounds(clinical: Cl
     assert on_time.status_code == 201, on_time.text
 
 
+async def test_enrollment_refuses_subject_ids_a_spreadsheet_reads_as_formulas(clinical: Clinical) -> None:
+    for formula in ("-IGA-A-001", "-1+2", "=1+2", "+12", "@SUM-1"):
+        refused = await clinical.post("enrollment", "/v1/patients", enrollment(formula))
+        assert_refused(refused, "the subject id must not start with '-', '=', '+' or '@'")
+        assert formula not in refused.json()["detail"]  # refusals are logged: never echo the id
+
+
 async def test_pulse_refuses_doses_outside_the_clinical_bounds(clinical: Clinical) -> None:
     subject = await clinical.enroll(enrolled_on="1900-01-01")
     assert_refused(await clinical.dose(subject, given_on="9999-12-31"), "given_on 9999-12-31 is after")

@@ -220,6 +220,14 @@ def test_badly_shaped_ids_are_refused(subject_id: str, rule: str) -> None:
         check_pseudonym(subject_id)
 
 
+@pytest.mark.parametrize("subject_id", ["-1", "-IGA-A-001", "=1+2", "+12", "@SUM-1", "=HYPERLINK(1)"])
+def test_ids_a_spreadsheet_reads_as_a_formula_are_refused(subject_id: str) -> None:
+    with pytest.raises(Invalid) as refused:
+        check_pseudonym(subject_id)
+    assert refused.value.reason.startswith("the subject id must not start with '-', '=', '+' or '@'")
+    assert "formula" in refused.value.reason
+
+
 def test_enrollment_checks_the_pseudonym() -> None:
     with pytest.raises(Invalid, match="a date"):
         decide_enroll_patient(INITIAL_STATE, enroll_command(subject_id="1990-01-02"), today=TODAY)
@@ -279,6 +287,7 @@ def test_whatever_is_accepted_has_the_pseudonym_shape(subject_id: str) -> None:
     except Invalid:
         return
     assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", subject_id)
+    assert not subject_id.startswith(("-", "=", "+", "@"))
     assert re.search(r"[0-9-]", subject_id)
     assert not re.search(r"[0-9]{6}", subject_id)
     assert "mrn" not in subject_id.lower()
