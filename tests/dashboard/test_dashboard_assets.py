@@ -61,6 +61,9 @@ async def test_every_asset_is_served_with_its_content_type(asset: Path) -> None:
 @pytest.mark.parametrize("path", [
     "/static/../dashboard.py", "/static/%2e%2e/dashboard.py", "/static/..%2fdashboard.py", "/static/",
     "/static/missing.js", "/static/dashboard.py", "/static/.hidden.js", "/static//etc/passwd",
+    # Names the file system cannot look up (NUL, too long) and other spellings of an asset.
+    "/static/x%00.css", "/static/%00", "/static/common.js%00.css", "/static/" + "a" * 300 + ".css",
+    "/static/" + "a/" * 3000 + "x.css", "/static/common.js/", "/static/charts.js%2f..",
 ])
 async def test_nothing_outside_the_static_directory_is_served(path: str) -> None:
     response = await get(path)
