@@ -483,7 +483,9 @@ async def test_enrollment_refuses_dates_outside_the_clinical_bounds(clinical: Cl
     assert_refused(biopsy, "performed_on 1899-12-31 is before 1900-01-01")
     view = (await clinical.get("enrollment", f"/v1/patients/{subject}")).json()
     assert (view["status"], view["biopsies"]) == ("active", [])
-    on_time = await clinical.post("enrollment", f"/v1/patients/{subject}/events", {"type": "withdrawn", "on": tomorrow()})
+    on_time = await clinical.post(
+        "enrollment", f"/v1/patients/{subject}/events", {"type": "withdrawn", "on": tomorrow()}
+    )
     assert on_time.status_code == 201, on_time.text
 
 

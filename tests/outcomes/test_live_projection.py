@@ -66,7 +66,8 @@ async def test_dates_recorded_before_the_clinical_bounds_existed_are_projected_a
 
     values = await outcome(outcomes_store.engine, SID)
     assert values is not None
-    assert (values.enrolled_on, values.treatment_start, values.baseline_egfr) == (date(1, 1, 1), date(9999, 12, 31), 20.0)
+    assert (values.enrolled_on, values.treatment_start) == (date(1, 1, 1), date(9999, 12, 31))
+    assert values.baseline_egfr == 20.0
     assert values.kidney_failure_years == (date(3005, 1, 1) - date(9999, 12, 31)).days / 365.25
     assert [kind for kind, _ in await timeline(outcomes_store.engine, SID)] == [
         "enrolled", "egfr", "dialysis_started", "pulse_dose", "egfr"]

@@ -18,7 +18,8 @@ START = date(2014, 3, 10)
 
 def declining(sid: str) -> PatientOutcome:
     """A patient whose eGFR falls after treatment: a negative slope and change."""
-    results = [egfr(f"{sid}-{n}", 40.0 - 5 * n, (START + timedelta(days=365 * n)).isoformat(), sid=sid) for n in (0, 1, 2)]
+    results = [egfr(f"{sid}-{n}", 40.0 - 5 * n, (START + timedelta(days=365 * n)).isoformat(), sid=sid)
+               for n in (0, 1, 2)]
     return compute_outcome(fold(sid, [enrolled(sid=sid), dose(START, sid=sid), *results]))
 
 
