@@ -33,7 +33,7 @@ DAYS_PER_YEAR = 365.25
 CYCLE_EVERY_DAYS = 28  # one 3-day pulse cycle every four weeks
 MAX_DOSE_MG = 1000.0
 DOSE_MG_PER_KG = 25.0
-CREATININE_UMOL_PER_MG_DL = 88.42  # µmol/L per mg/dL
+CREATININE_UMOL_PER_MG_DL = 88.4  # µmol/L per mg/dL (KDIGO)
 LAB_ID = "LAB-CENTRAL-01"
 
 # Follow-up day totals: 6.8 × 7 × 365.25 = 17385.9 and 9.3 × 3 × 365.25 = 10190.475 days.

@@ -49,6 +49,7 @@ from shared.clinical import (
     known_patient,
     study_end,
 )
+from shared.clinical_dates import utc_today
 from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import CommandContext, DomainEvent, Envelope
@@ -174,7 +175,9 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
 
         async def work(uow: UnitOfWork) -> list[DomainEvent]:
             history = await uow.read_stream(patient_stream_id(subject_id))
-            new_events = decide_harvest(fold_patient(_decoded(history)), command, patient, subject_id, lot_id)
+            new_events = decide_harvest(
+                fold_patient(_decoded(history)), command, patient, subject_id, lot_id, today=utc_today()
+            )
             check_within_study(await study_end(uow, subject_id), subject_id, command.harvested_on, "a harvest")
             await append_cells_events(
                 uow, subject_id, lot_id, new_events, patient_version=len(history), lot_version=0, context=context
@@ -229,7 +232,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
             patient_history = await uow.read_stream(patient_stream_id(subject_id))
             lot, patient = fold_lot(_decoded(lot_history)), fold_patient(_decoded(patient_history))
             # The chain of identity is checked first, inside decide_infusion.
-            new_events = decide_infusion(lot, patient, subject_id, command)
+            new_events = decide_infusion(lot, patient, subject_id, command, today=utc_today())
             check_within_study(await study_end(uow, subject_id), subject_id, command.given_on, "an infusion")
             return await append_cells_events(
                 uow,

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.cells.events import AdiposeTissueHarvested, CellLotFailedQc, CellLotReleased, CellsInfused
 from services.enrollment.events import Group, PatientEnrolled
+from shared.clinical_dates import check_clinical_date
 from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
@@ -206,12 +207,15 @@ def decide_harvest(
     patient: KnownPatient | None,
     subject_id: str,
     lot_id: str,
+    *,
+    today: date,
 ) -> list[DomainEvent]:
     """Record a harvest as the new lot ``lot_id`` of an enrolled, treated patient.
 
     The same harvest twice (same date and fat weight) is taken to be a client's retry and
     refused as a conflict naming the existing lot, rather than creating an orphan second lot.
     """
+    check_clinical_date("harvested_on", command.harvested_on, today=today)
     if patient is None:
         raise NotFound(f"no patient is enrolled with subject id {subject_id}")
     if patient.group == "control":
@@ -261,7 +265,9 @@ def qc_refusal(events: Sequence[DomainEvent]) -> str | None:
     return next((e.reason for e in events if isinstance(e, CellLotFailedQc)), None)
 
 
-def decide_infusion(lot: Lot, patient: CellPatient, subject_id: str, command: InfuseCells) -> list[DomainEvent]:
+def decide_infusion(
+    lot: Lot, patient: CellPatient, subject_id: str, command: InfuseCells, *, today: date
+) -> list[DomainEvent]:
     """Record an infusion of a released lot into the patient it was harvested from.
 
     ``lot`` is the state of ``command.lot_id`` folded from the lot's own stream (not from the
@@ -277,6 +283,7 @@ def decide_infusion(lot: Lot, patient: CellPatient, subject_id: str, command: In
             f"lot {command.lot_id} was harvested from another patient; autologous cells may only be "
             f"infused into the patient they came from (chain of identity)"
         )
+    check_clinical_date("given_on", command.given_on, today=today)
     _check_infusable(lot, command)
     infusion = CellsInfused(
         subject_id=subject_id, **command.model_dump(), infusion_number=len(patient.infusions) + 1

@@ -20,6 +20,7 @@ from services.enrollment.domain import (
     fold,
     patient_view,
 )
+from shared.clinical_dates import utc_today
 from shared.errors import Conflict
 from shared.keys import KeyErased
 from shared.service import Service, command_context
@@ -41,7 +42,8 @@ def routes(service: Service) -> APIRouter:
 
     @router.post("/patients", status_code=201, response_model=PatientView, summary="Enroll a patient")
     async def enroll(command: EnrollPatient, request: Request) -> PatientView:
-        check_enrollable(command)
+        today = utc_today()
+        check_enrollable(command, today=today)
         try:
             await service.vault.create(command.subject_id)  # before any payload needs it
         except KeyErased:
@@ -51,7 +53,7 @@ def routes(service: Service) -> APIRouter:
             ) from None
         await service.execute(
             stream_id(command.subject_id),
-            lambda history: decide_enroll_patient(fold(history), command),
+            lambda history: decide_enroll_patient(fold(history), command, today=today),
             command_context(request),
         )
         return await _view(command.subject_id)
@@ -60,7 +62,7 @@ def routes(service: Service) -> APIRouter:
     async def record_event(subject_id: str, command: RecordClinicalEvent, request: Request) -> dict[str, Any]:
         envelopes = await service.execute(
             stream_id(subject_id),
-            lambda history: decide_record_clinical_event(fold(history), command, subject_id),
+            lambda history: decide_record_clinical_event(fold(history), command, subject_id, today=utc_today()),
             command_context(request),
         )
         return {"subject_id": subject_id, "type": command.type, "on": command.on, "event_id": envelopes[0].event_id}
@@ -69,7 +71,7 @@ def routes(service: Service) -> APIRouter:
     async def record_biopsy(subject_id: str, command: RecordBiopsy, request: Request) -> dict[str, Any]:
         envelopes = await service.execute(
             stream_id(subject_id),
-            lambda history: decide_record_biopsy(fold(history), command, subject_id),
+            lambda history: decide_record_biopsy(fold(history), command, subject_id, today=utc_today()),
             command_context(request),
         )
         return {"subject_id": subject_id, "performed_on": command.performed_on, "event_id": envelopes[0].event_id}

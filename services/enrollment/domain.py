@@ -33,6 +33,7 @@ from services.enrollment.events import (
     PatientWithdrawn,
     Sex,
 )
+from shared.clinical_dates import check_clinical_date
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
 
@@ -99,6 +100,9 @@ class RecordBiopsy(_Command):
 
 # --------------------------------------------------------------------------- pseudonyms
 
+FORMULA_STARTS = ("-", "=", "+", "@")
+"""First characters that make a spreadsheet evaluate a cell (OWASP, CSV injection)."""
+
 _PSEUDONYM_SHAPE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _EMAIL = re.compile(r"\S+@\S+")
 _DATE_TRIPLE = re.compile(r"(?<!\d)(\d{1,4})([-/.])(\d{1,2})\2(\d{1,4})(?!\d)", re.ASCII)
@@ -125,12 +129,18 @@ def check_pseudonym(subject_id: str) -> None:
     text that reaches every service, log and export: so personal-data shapes are refused here,
     at the door, each with the pattern it matched. Accepted ids look like ``IGA-A-001``,
     ``CTRL-01`` or ``P0007``: 1..64 ASCII letters, digits, ``-``, ``_`` or ``.``, with at least
-    one digit or dash (a bare word is more likely a name than a code). The reason never repeats
+    one digit or dash (a bare word is more likely a name than a code), and not starting with a
+    character a spreadsheet reads as a formula (:data:`FORMULA_STARTS`). The reason never repeats
     the refused id, since refusals end up in logs and responses.
     """
     reason = _personal_data_pattern(subject_id)
     if reason is not None:
         raise Invalid(f"the subject id looks like {reason}; use a pseudonymous study code such as IGA-A-001")
+    if subject_id.startswith(FORMULA_STARTS):
+        raise Invalid(
+            "the subject id must not start with '-', '=', '+' or '@': a spreadsheet opening an export "
+            "reads such a cell as a formula (CSV injection)"
+        )
     if not _PSEUDONYM_SHAPE.fullmatch(subject_id):
         raise Invalid("the subject id must be 1 to 64 characters among ASCII letters, digits, '-', '_' and '.'")
     if not any(ch.isdigit() or ch == "-" for ch in subject_id):
@@ -254,8 +264,9 @@ def fold(events: Iterable[DomainEvent]) -> PatientState:
 # --------------------------------------------------------------------------- deciders
 
 
-def decide_enroll_patient(state: PatientState, command: EnrollPatient) -> list[DomainEvent]:
-    """Enroll a subject once, into a group whose eligibility criteria they meet."""
+def decide_enroll_patient(state: PatientState, command: EnrollPatient, *, today: date) -> list[DomainEvent]:
+    """Enroll a subject once, on a plausible date, into a group whose eligibility criteria they meet."""
+    check_clinical_date("enrolled_on", command.enrolled_on, today=today)
     check_pseudonym(command.subject_id)
     if state.enrollment is not None:
         raise Conflict(
@@ -282,7 +293,7 @@ def _check_eligibility(command: EnrollPatient) -> None:
 
 
 def decide_record_clinical_event(
-    state: PatientState, command: RecordClinicalEvent, subject_id: str
+    state: PatientState, command: RecordClinicalEvent, subject_id: str, *, today: date
 ) -> list[DomainEvent]:
     """Record dialysis start, transplant, death or withdrawal, each at most once.
 
@@ -291,6 +302,7 @@ def decide_record_clinical_event(
     (e.g. from registries) in most studies, and survival analyses need it. A death date may not
     precede anything already recorded about the patient, because nothing happens after death.
     """
+    check_clinical_date(f"{command.type} on", command.on, today=today)
     enrollment = _enrolled(state, subject_id)
     existing = state.event_on(command.type)
     if existing is not None:
@@ -309,13 +321,16 @@ def decide_record_clinical_event(
     return [_CLINICAL_EVENT_TYPES[command.type](subject_id=subject_id, on=command.on)]
 
 
-def decide_record_biopsy(state: PatientState, command: RecordBiopsy, subject_id: str) -> list[DomainEvent]:
+def decide_record_biopsy(
+    state: PatientState, command: RecordBiopsy, subject_id: str, *, today: date
+) -> list[DomainEvent]:
     """Record a follow-up biopsy performed between enrollment and death or withdrawal.
 
     A biopsy performed before a withdrawal may still be recorded afterwards (data collected
     under consent are kept). One biopsy per date: a second one on the same date is taken to be
     a retried request and refused as a conflict rather than counted twice.
     """
+    check_clinical_date("performed_on", command.performed_on, today=today)
     enrollment = _enrolled(state, subject_id)
     performed_on = command.performed_on
     if performed_on < enrollment.enrolled_on:
@@ -331,9 +346,11 @@ def decide_record_biopsy(state: PatientState, command: RecordBiopsy, subject_id:
     return [BiopsyRecorded(subject_id=subject_id, **command.model_dump())]
 
 
-def check_enrollable(command: EnrollPatient) -> None:
+def check_enrollable(command: EnrollPatient, *, today: date) -> None:
     """The checks of an enrollment that need no state: run before the patient's data key is
-    created, so no key is ever made for an id that could identify a person."""
+    created, so no key is ever made for an enrollment refused on its face (an implausible date, an
+    id that could identify a person)."""
+    check_clinical_date("enrolled_on", command.enrolled_on, today=today)
     check_pseudonym(command.subject_id)
     _check_eligibility(command)
 

@@ -39,6 +39,7 @@ from services.labs.events import (
     Status,
 )
 from services.labs.redaction import personal_data_kind
+from shared.clinical_dates import EARLIEST_CLINICAL_DATE, before_earliest
 from shared.errors import Invalid
 from shared.events import DomainEvent
 
@@ -47,11 +48,9 @@ Sex = Literal["F", "M"]
 CanonicalUnit = Literal["mg/dL", "mL/min/1.73m2"]
 
 EQUATION = "CKD-EPI 2021"
-CREATININE_UMOL_PER_MG_DL = 88.42
-"""µmol/L per mg/dL of creatinine (molar mass 113.12 g/mol): µmol/L ÷ 88.42 = mg/dL."""
-
-EARLIEST_COLLECTION = datetime(1990, 1, 1, tzinfo=UTC)
-"""Results collected before 1990 predate every patient of the study: a date typo, not a fact."""
+CREATININE_UMOL_PER_MG_DL = 88.4
+"""µmol/L per mg/dL of creatinine, KDIGO's factor (µmol/L ÷ 88.4 = mg/dL): creatinine's molar mass
+is 113.12 g/mol, so 1 mg/dL = 10 mg/L = 10 / 113.12 mmol/L = 0.08840 mmol/L = 88.40 µmol/L."""
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 """A lab's clock may run a little ahead of ours; only a collection time further ahead than this
@@ -223,7 +222,9 @@ without race, cystatin-based 2012, unspecified). All eGFRs are in mL/min/1.73m²
 meaning is kept on each entry for documentation."""
 
 _CANONICAL_UNIT: dict[Analyte, CanonicalUnit] = {"creatinine": "mg/dL", "egfr": "mL/min/1.73m2"}
-_TO_CANONICAL = {"mg/dL": 1.0, "umol/L": 1.0 / CREATININE_UMOL_PER_MG_DL, _EGFR_UNIT: 1.0}
+_PER_CANONICAL = {"mg/dL": 1.0, "umol/L": CREATININE_UMOL_PER_MG_DL, _EGFR_UNIT: 1.0}
+"""Each accepted unit per canonical unit: a value is divided by it, as the contract writes the
+conversion (µmol/L ÷ 88.4), so 88.4 µmol/L is exactly 1 mg/dL."""
 _UNIT_SPELLINGS = {"mg/dl": "mg/dL", "umol/l": "umol/L", "ml/min/1.73m2": _EGFR_UNIT}
 
 
@@ -271,11 +272,11 @@ def measure(incoming: IncomingResult) -> Measurement:
         )
     if not math.isfinite(incoming.value):
         raise _rejection(incoming, f"value {incoming.value} is not a finite number", "non_finite_value")
-    canonical = incoming.value * _TO_CANONICAL[unit]
+    canonical = incoming.value / _PER_CANONICAL[unit]
     _check_range(incoming, accepted.analyte, canonical)
-    if incoming.collected_at < EARLIEST_COLLECTION:
+    if incoming.collected_at.date() < EARLIEST_CLINICAL_DATE:  # UTC, like every clinical date
         raise _rejection(
-            incoming, f"collected_at {incoming.collected_at.isoformat()} is before 1990", "collected_too_early"
+            incoming, before_earliest("collected_at", incoming.collected_at.isoformat()), "collected_too_early"
         )
     return Measurement(accepted.analyte, canonical, _CANONICAL_UNIT[accepted.analyte])
 

@@ -65,14 +65,17 @@ def _on_shutdown(rebuilds: BackgroundRebuild, queries: OutcomesQueries) -> Calla
 
 
 def _stamp_every_response(app: FastAPI, queries: OutcomesQueries) -> None:
-    """Freshness headers on the endpoints that do not read the projection themselves
-    (health, metrics, docs). Best effort and bounded: /healthz must answer promptly even with
-    the database down (then without the headers)."""
+    """Freshness headers on the authenticated endpoints that do not read the projection
+    themselves (metrics, docs). Not on open routes (``/healthz``, the dashboard's pages and
+    assets): how fresh the clinical data are is itself for key holders only; refusals (401/403)
+    never reach this middleware. Best effort and bounded: the answer must come promptly even
+    with the database down (then without the headers)."""
 
     @app.middleware("http")
     async def stamp(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
-        if FRESHNESS_HEADER not in response.headers:
+        authenticated = getattr(request.state, "principal", None) is not None  # set by shared.auth
+        if authenticated and FRESHNESS_HEADER not in response.headers:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(STAMP_TIMEOUT_SECONDS), queries.snapshot() as connection:
                     response.headers.update((await queries.freshness(connection)).headers())

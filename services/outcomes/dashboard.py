@@ -65,11 +65,17 @@ def _page(name: str) -> HTMLResponse:
 
 def static_file(name: str) -> Path:
     """The asset ``name`` under the static directory; 404 for anything else (no ``..``, no
-    directories, no dotfiles, only the content types above)."""
-    path = (STATIC / name).resolve()
+    directories, no dotfiles, only the content types above, only by its own name: no ``a//b``
+    or trailing ``/``). A name the file system cannot even look up (a NUL byte, too long) is
+    no asset either: 404, not a 500."""
+    try:
+        path = (STATIC / name).resolve()
+        found = path.is_relative_to(STATIC) and path.is_file()
+    except (OSError, ValueError):
+        found = False
     if (
-        not path.is_relative_to(STATIC)
-        or not path.is_file()
+        not found
+        or path.relative_to(STATIC).as_posix() != name
         or any(part.startswith(".") for part in path.relative_to(STATIC).parts)
         or path.suffix not in CONTENT_TYPES
     ):

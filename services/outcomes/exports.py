@@ -29,15 +29,30 @@ COLUMNS: tuple[str, ...] = CONTRACT_COLUMNS + tuple(
 )
 
 
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet evaluate a text cell (OWASP, CSV injection)."""
+
+
 def _csv_cell(value: Any) -> str:
-    """Empty for undefined; ``true``/``false`` as in the JSON API; floats as their exact repr."""
+    """Empty for undefined; ``true``/``false`` as in the JSON API; floats as their exact repr;
+    text that a spreadsheet would run as a formula prefixed with ``'`` (:func:`_neutralised`)."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, str):
+        return _neutralised(value)
     return str(value)
+
+
+def _neutralised(text: str) -> str:
+    """OWASP's rule for CSV injection: a text cell starting with ``= + - @``, a tab or a carriage
+    return gets a leading ``'``, so a spreadsheet shows it instead of evaluating it. Enrollment
+    refuses such subject ids, but older data may hold them. Only text: a number such as a
+    negative slope (``-1.2``) stays a number."""
+    return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
 
 
 def patients_csv(outcomes: Sequence[PatientOutcome]) -> str:

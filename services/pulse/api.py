@@ -28,6 +28,7 @@ from shared.clinical import (
     known_patient,
     study_end,
 )
+from shared.clinical_dates import utc_today
 from shared.deviations import DeviationCode
 from shared.errors import NotFound
 from shared.events import DomainEvent
@@ -82,9 +83,10 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
                 enrolled_on=enrolled.enrolled_on,
             )
         end = await study_end(service.store, subject_id)
+        today = utc_today()
 
         def decide(history: list[DomainEvent]) -> list[DomainEvent]:
-            new_events = decide_administer_pulse_dose(fold(history), command, patient, subject_id)
+            new_events = decide_administer_pulse_dose(fold(history), command, patient, subject_id, today=today)
             check_within_study(end, subject_id, command.given_on, "a pulse dose")
             return new_events
 

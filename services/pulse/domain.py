@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.enrollment.events import Group, PatientEnrolled
 from services.pulse.events import PulseDoseAdministered
+from shared.clinical_dates import check_clinical_date
 from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
@@ -93,17 +94,19 @@ def fold(events: Iterable[DomainEvent]) -> PulseCourse:
 
 
 def decide_administer_pulse_dose(
-    state: PulseCourse, command: AdministerPulseDose, patient: KnownPatient | None, subject_id: str
+    state: PulseCourse, command: AdministerPulseDose, patient: KnownPatient | None, subject_id: str, *, today: date
 ) -> list[DomainEvent]:
     """Record a dose, then one deviation per protocol rule it breaks.
 
-    Refused only when the dose cannot be about this study's treatment: unknown subject (404),
-    a control-group patient or a date before enrollment (422), or an exact repeat of a dose
+    Refused only when the dose cannot be about this study's treatment: a date outside the
+    clinical bounds (:mod:`shared.clinical_dates`), unknown subject (404), a control-group
+    patient or a date before enrollment (422), or an exact repeat of a dose
     already recorded (409) — the same cycle, day, date, dose and weight is taken to be a
     client's retry, and recording it twice would double the patient's exposure in the data.
     A *different* dose for an already recorded cycle day is a fact and is recorded, flagged
     ``CYCLE_DAY_REPEATED``.
     """
+    check_clinical_date("given_on", command.given_on, today=today)
     if patient is None:
         raise NotFound(f"no patient is enrolled with subject id {subject_id}")
     if patient.group == "control":

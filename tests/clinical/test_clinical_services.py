@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -452,6 +453,67 @@ async def test_off_target_infusion_is_recorded_and_flagged(clinical: Clinical) -
     assert await clinical.deviation_count("cells", "INFUSION_DOSE_OFF_TARGET") == before + 1
     view = (await clinical.get("cells", f"/v1/patients/{subject}/infusions")).json()
     assert [(d["code"], d["lot_id"]) for d in view["deviations"]] == [("INFUSION_DOSE_OFF_TARGET", lot_id)]
+
+
+# --------------------------------------------------------------------------- clinical date bounds
+
+
+def tomorrow() -> str:
+    """Today + 1 day (UTC) as the test sees it: never later than the service's own tomorrow."""
+    return (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+
+
+def assert_refused(response: httpx.Response, detail_starts: str) -> None:
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(detail_starts), response.json()
+
+
+async def test_enrollment_refuses_dates_outside_the_clinical_bounds(clinical: Clinical) -> None:
+    subject = new_subject()
+    early = await clinical.post("enrollment", "/v1/patients", enrollment(subject, enrolled_on="0001-01-01"))
+    assert_refused(early, "enrolled_on 0001-01-01 is before 1900-01-01")
+    late = await clinical.post("enrollment", "/v1/patients", enrollment(subject, enrolled_on="2999-01-01"))
+    assert_refused(late, f"enrolled_on 2999-01-01 is after {tomorrow()} (today + 1 day)")
+    assert (await clinical.get("enrollment", f"/v1/patients/{subject}")).status_code == 404  # nothing recorded
+
+    await clinical.enroll(subject_id=subject, enrolled_on="1900-01-01")
+    death = await clinical.post("enrollment", f"/v1/patients/{subject}/events", {"type": "death", "on": "3005-01-01"})
+    assert_refused(death, "death on 3005-01-01 is after")
+    biopsy = await clinical.post("enrollment", f"/v1/patients/{subject}/biopsies", {"performed_on": "1899-12-31"})
+    assert_refused(biopsy, "performed_on 1899-12-31 is before 1900-01-01")
+    view = (await clinical.get("enrollment", f"/v1/patients/{subject}")).json()
+    assert (view["status"], view["biopsies"]) == ("active", [])
+    on_time = await clinical.post(
+        "enrollment", f"/v1/patients/{subject}/events", {"type": "withdrawn", "on": tomorrow()}
+    )
+    assert on_time.status_code == 201, on_time.text
+
+
+async def test_enrollment_refuses_subject_ids_a_spreadsheet_reads_as_formulas(clinical: Clinical) -> None:
+    for formula in ("-IGA-A-001", "-1+2", "=1+2", "+12", "@SUM-1"):
+        refused = await clinical.post("enrollment", "/v1/patients", enrollment(formula))
+        assert_refused(refused, "the subject id must not start with '-', '=', '+' or '@'")
+        assert formula not in refused.json()["detail"]  # refusals are logged: never echo the id
+
+
+async def test_pulse_refuses_doses_outside_the_clinical_bounds(clinical: Clinical) -> None:
+    subject = await clinical.enroll(enrolled_on="1900-01-01")
+    assert_refused(await clinical.dose(subject, given_on="9999-12-31"), "given_on 9999-12-31 is after")
+    assert_refused(await clinical.dose(subject, given_on="1899-12-31"), "given_on 1899-12-31 is before 1900-01-01")
+    assert (await clinical.get("pulse", f"/v1/patients/{subject}/pulse-cycles")).json()["doses_count"] == 0
+    assert (await clinical.dose(subject, given_on=tomorrow())).status_code == 201
+
+
+async def test_cells_refuse_harvests_and_infusions_outside_the_clinical_bounds(clinical: Clinical) -> None:
+    subject = await clinical.enroll(enrolled_on="1900-01-01")
+    assert_refused(await clinical.post_harvest(subject, harvested_on="2999-01-01"), "harvested_on 2999-01-01 is after")
+    assert_refused(await clinical.post_harvest(subject, harvested_on="0001-01-01"),
+                   "harvested_on 0001-01-01 is before 1900-01-01")
+    lot_id = await clinical.released_lot(subject, harvested_on="1900-01-01")
+    assert_refused(await clinical.infuse(subject, lot_id, given_on="9999-12-31"), "given_on 9999-12-31 is after")
+    view = (await clinical.get("cells", f"/v1/patients/{subject}/infusions")).json()
+    assert (view["count"], [lot["status"] for lot in view["lots"]]) == (0, ["released"])
+    assert (await clinical.infuse(subject, lot_id, given_on=tomorrow())).status_code == 201
 
 
 # --------------------------------------------------------------------------- store and broker

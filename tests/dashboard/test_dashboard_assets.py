@@ -4,7 +4,11 @@ must work offline), and group colours that meet the contrast the page promises."
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+from datetime import date
 from pathlib import Path
 
 import httpx
@@ -12,6 +16,9 @@ import pytest
 from fastapi import FastAPI
 
 from services.outcomes.dashboard import CONTENT_TYPES, STATIC, dashboard_routes
+from services.outcomes.domain import compute_outcome, fold
+from services.outcomes.exports import patients_csv
+from tests.unit.outcomes.outcome_events import dose, egfr, enrolled
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # an XML namespace name: an identifier, never fetched
 ASSETS = sorted(p for p in STATIC.rglob("*") if p.is_file())
@@ -54,6 +61,9 @@ async def test_every_asset_is_served_with_its_content_type(asset: Path) -> None:
 @pytest.mark.parametrize("path", [
     "/static/../dashboard.py", "/static/%2e%2e/dashboard.py", "/static/..%2fdashboard.py", "/static/",
     "/static/missing.js", "/static/dashboard.py", "/static/.hidden.js", "/static//etc/passwd",
+    # Names the file system cannot look up (NUL, too long) and other spellings of an asset.
+    "/static/x%00.css", "/static/%00", "/static/common.js%00.css", "/static/" + "a" * 300 + ".css",
+    "/static/" + "a/" * 3000 + "x.css", "/static/common.js/", "/static/charts.js%2f..",
 ])
 async def test_nothing_outside_the_static_directory_is_served(path: str) -> None:
     response = await get(path)
@@ -103,3 +113,26 @@ def test_group_colours_are_legible_and_distinct() -> None:
     for text in ("ink", "muted", "accent", "danger"):
         assert _contrast(colours[text], "#ffffff") >= 4.5, text
         assert _contrast(colours[text], colours["page"]) >= 4.5, f"{text} on the page background"
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="no node to run the dashboard's JavaScript")
+def test_the_patient_list_reads_the_ids_the_export_neutralised(tmp_path: Path) -> None:
+    """The export prefixes formula-like text with ``'`` (CSV injection); the page's CSV reader
+    (common.js ``parseCsv``, run by node) shows the id itself, and numbers as they were."""
+    outcomes = [
+        compute_outcome(fold(sid, [enrolled(sid=sid), dose(date(2014, 3, 10), sid=sid),
+                                   egfr(f"{sid}-r", 20.0, "2015-03-10", sid=sid)]))
+        for sid in ("-IGA-1", "=1+2", "IGA-A-001")
+    ]
+    module = tmp_path / "common.mjs"  # an ES module by its name: node reads it as the browser does
+    module.write_text((STATIC / "common.js").read_text(encoding="utf-8"), encoding="utf-8")
+    script = (f"import {{ parseCsv }} from {json.dumps(module.as_uri())};\n"
+              'import { readFileSync } from "node:fs";\n'
+              "const patients = parseCsv(readFileSync(0, 'utf8'));\n"
+              "console.log(JSON.stringify(patients.map((p) => [p.subject_id, p.egfr_change])));")
+    shown = subprocess.run([NODE, "--input-type=module", "-e", script], input=patients_csv(outcomes),
+                           capture_output=True, text=True, check=True, timeout=30)
+    assert json.loads(shown.stdout) == [["-IGA-1", "-7.0"], ["=1+2", "-7.0"], ["IGA-A-001", "-7.0"]]

@@ -253,7 +253,7 @@ def age_on(plan: PatientPlan, day: date) -> int:
 def egfr_of(plan: PatientPlan, message: LabMessage) -> float:
     if message.loinc == EGFR_LOINC:
         return message.value
-    mg_dl = message.value if message.loinc == CREATININE_MG else message.value / 88.42
+    mg_dl = message.value if message.loinc == CREATININE_MG else message.value / 88.4  # KDIGO
     return ckd_epi_2021(mg_dl, age_on(plan, message.collected_at.date()), plan.sex)
 
 

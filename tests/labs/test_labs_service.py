@@ -324,6 +324,20 @@ async def test_post_v1_results_takes_the_contract_json_over_http(labs: Labs) -> 
     assert (computed["egfr"], computed["derived_from"]) == (27.4, "reported")
 
 
+async def test_a_result_collected_before_1900_is_refused_on_labs_rejected(labs: Labs) -> None:
+    subject = labs.subject()
+    await labs.enroll(subject, enrolled_on="1900-01-01")
+    early = lab_json(labs, subject, collected_at="1899-12-31T23:59:00Z")
+    refused = await labs.post("/v1/results", early, "application/json")
+    assert refused.status_code == 422, refused.text
+    reason = "collected_at 1899-12-31T23:59:00+00:00 is before 1900-01-01, the earliest clinical date accepted"
+    assert reason in refused.json()["detail"]
+    rejection = await labs.rejection(lambda r: r["message_id"] == early["message_id"])
+    assert (rejection["code"], rejection["reason"]) == ("collected_too_early", reason)
+    on_the_bound = lab_json(labs, subject, collected_at="1900-01-01T00:00:00Z")
+    assert (await labs.post("/v1/results", on_the_bound, "application/json")).status_code == 201
+
+
 # --------------------------------------------------------------------------- HL7 v2 over MLLP
 
 

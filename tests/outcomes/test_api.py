@@ -186,9 +186,24 @@ async def test_every_response_says_how_fresh_it_is(api: httpx.AsyncClient) -> No
     assert body["generation"] == 1 and body["position"] == "enrollment:4,pulse:2,cells:0,labs:8"
     assert {s["source"]: (s["last_sequence"], s["pending"]) for s in body["sources"]} == {
         "enrollment": (4, 0), "pulse": (2, 0), "cells": (0, 0), "labs": (8, 0)}
-    for path in ("/healthz", "/metrics", "/openapi.json"):
+    for path in ("/metrics", "/openapi.json"):  # authenticated, not reading the projection: stamped too
         assert_fresh(await api.get(path))
     assert "/v1/cohorts/{group}/survival" in (await api.get("/openapi.json")).json()["paths"]
+
+
+async def test_only_authenticated_responses_say_how_fresh_the_clinical_data_are(api: httpx.AsyncClient) -> None:
+    open_routes = ("/healthz", "/", "/patients/IGA-A-001", "/static/common.js", "/static/x%00.css")
+    for path in open_routes:  # with or without a key: open routes are answered as to anyone
+        for headers in ({"Authorization": ""}, AUTH_HEADERS):
+            response = await api.get(path, headers=headers)
+            assert response.status_code in (200, 404), (path, response.status_code)
+            assert not [h for h in response.headers if h.lower().startswith("x-projection-")], path
+    refused = [await api.get("/v1/cohorts", headers={"Authorization": ""}),
+               await api.get("/metrics", headers={"Authorization": "Bearer not-a-key-0000"}),
+               await api.get("/v2/cohorts")]  # a valid key, a route no role may call
+    assert [r.status_code for r in refused] == [401, 401, 403]
+    assert not [h for r in refused for h in r.headers if h.lower().startswith("x-projection-")]
+    assert_fresh(await api.get("/v1/cohorts"))  # the analyst's own answers keep them
 
 
 async def test_the_admin_endpoint_rebuilds_without_changing_an_answer(api: httpx.AsyncClient) -> None:

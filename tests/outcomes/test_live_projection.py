@@ -53,6 +53,26 @@ async def test_a_patient_is_projected_from_every_source(outcomes_store: EventSto
     assert await checkpoints(outcomes_store.engine) == {ENROLLMENT: 2, PULSE: 3, Feed.STREAMS["cells"]: 1, LABS: 3}
 
 
+async def test_dates_recorded_before_the_clinical_bounds_existed_are_projected_as_they_are(
+    outcomes_store: EventStore, feed: Feed
+) -> None:
+    # Enrollment, pulse and labs now refuse such dates (shared.clinical_dates); a log written
+    # before keeps them, and the projection (date and timestamp columns) must take them.
+    await project(outcomes_store, "enrollment", feed.messages("enrollment", enrolled(enrolled_on=date(1, 1, 1))))
+    await project(outcomes_store, "pulse", feed.messages("pulse", dose(date(9999, 12, 31))))
+    await project(outcomes_store, "labs", [lab(feed, egfr("R1", 30.0, "0001-01-01T00:00:00+00:00"), 2),
+                                           lab(feed, egfr("R2", 20.0, "9999-12-31T23:00:00+00:00"), 2)])
+    await project(outcomes_store, "enrollment", feed.messages("enrollment", dialysis(date(3005, 1, 1))))
+
+    values = await outcome(outcomes_store.engine, SID)
+    assert values is not None
+    assert (values.enrolled_on, values.treatment_start) == (date(1, 1, 1), date(9999, 12, 31))
+    assert values.baseline_egfr == 20.0
+    assert values.kidney_failure_years == (date(3005, 1, 1) - date(9999, 12, 31)).days / 365.25
+    assert [kind for kind, _ in await timeline(outcomes_store.engine, SID)] == [
+        "enrolled", "egfr", "dialysis_started", "pulse_dose", "egfr"]
+
+
 async def test_an_older_egfr_version_arriving_after_a_newer_one_is_ignored(
     outcomes_store: EventStore, feed: Feed
 ) -> None:

@@ -279,7 +279,14 @@ export function parseCsv(text) {
   }
   if (cell !== "" || row.length) { row.push(cell); rows.push(row); }
   const [header = [], ...body] = rows;
-  return body.filter((r) => r.length > 1).map((r) => Object.fromEntries(header.map((name, i) => [name, r[i] ?? ""])));
+  return body.filter((r) => r.length > 1)
+    .map((r) => Object.fromEntries(header.map((name, i) => [name, unneutralised(r[i] ?? "")])));
+}
+
+// The export prefixes a text cell a spreadsheet would evaluate (= + - @, tab, CR) with "'"
+// (CSV injection, services/outcomes/exports.py); the page shows the value itself.
+function unneutralised(cell) {
+  return /^'[=+\-@\t\r]/.test(cell) ? cell.slice(1) : cell;
 }
 
 export function csvNumber(text) {

@@ -41,6 +41,7 @@ from shared.events import DomainEvent, registry
 ENROLLED_ON = date(2014, 3, 2)
 HARVESTED_ON = date(2014, 4, 1)
 INFUSED_ON = date(2014, 4, 20)
+TODAY = date(2026, 12, 5)
 ALICE = KnownPatient(subject_id="IGA-A-001", group="A", enrolled_on=ENROLLED_ON)
 BOB = KnownPatient(subject_id="IGA-B-002", group="B", enrolled_on=ENROLLED_ON)
 CONTROL = KnownPatient(subject_id="CTRL-01", group="control", enrolled_on=ENROLLED_ON)
@@ -69,7 +70,7 @@ class Store:
 
     def harvest(self, who: KnownPatient, lot_id: str, on: date = HARVESTED_ON, grams: float = 120) -> list[DomainEvent]:
         command = HarvestAdiposeTissue(harvested_on=on, fat_grams=grams)
-        return self.append(who.subject_id, decide_harvest(self.patient(who.subject_id), command, who, who.subject_id, lot_id))
+        return self.append(who.subject_id, decide_harvest(self.patient(who.subject_id), command, who, who.subject_id, lot_id, today=TODAY))
 
     def release(self, lot_id: str, cells: float = 3.1e7, viability: float = 92) -> list[DomainEvent]:
         lot = self.lot(lot_id)
@@ -78,7 +79,7 @@ class Store:
 
     def infuse(self, subject_id: str, lot_id: str, on: date = INFUSED_ON, cells: float = 3.0e7) -> list[DomainEvent]:
         command = InfuseCells(lot_id=lot_id, given_on=on, cell_count=cells)
-        return self.append(subject_id, decide_infusion(self.lot(lot_id), self.patient(subject_id), subject_id, command))
+        return self.append(subject_id, decide_infusion(self.lot(lot_id), self.patient(subject_id), subject_id, command, today=TODAY))
 
     def released_lot(self, who: KnownPatient, lot_id: str, cells: float = 3.1e7) -> None:
         self.harvest(who, lot_id, grams=100 + len(self.lots))
@@ -89,7 +90,7 @@ class Store:
 
 
 def test_harvest_records_a_new_lot_with_the_given_id() -> None:
-    events = decide_harvest(NO_CELL_PATIENT, HarvestAdiposeTissue(harvested_on=HARVESTED_ON, fat_grams=120), ALICE, ALICE.subject_id, "LOT-1")
+    events = decide_harvest(NO_CELL_PATIENT, HarvestAdiposeTissue(harvested_on=HARVESTED_ON, fat_grams=120), ALICE, ALICE.subject_id, "LOT-1", today=TODAY)
     assert events == [AdiposeTissueHarvested(subject_id="IGA-A-001", lot_id="LOT-1", harvested_on=HARVESTED_ON, fat_grams=120)]
     assert fold_lot(events) == Lot(
         lot_id="LOT-1", subject_id="IGA-A-001", status="harvested", harvested_on=HARVESTED_ON, fat_grams=120
@@ -98,7 +99,7 @@ def test_harvest_records_a_new_lot_with_the_given_id() -> None:
 
 def test_harvest_of_unknown_patient_is_not_found() -> None:
     with pytest.raises(NotFound, match="IGA-X-9"):
-        decide_harvest(NO_CELL_PATIENT, HarvestAdiposeTissue(harvested_on=HARVESTED_ON, fat_grams=120), None, "IGA-X-9", "LOT-1")
+        decide_harvest(NO_CELL_PATIENT, HarvestAdiposeTissue(harvested_on=HARVESTED_ON, fat_grams=120), None, "IGA-X-9", "LOT-1", today=TODAY)
 
 
 def test_control_patients_are_not_harvested() -> None:

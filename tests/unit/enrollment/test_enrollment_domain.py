@@ -36,6 +36,7 @@ from shared.errors import Conflict, DomainError, Invalid, NotFound
 from shared.events import DomainEvent, registry
 
 ENROLLED_ON = date(2014, 3, 2)
+TODAY = date(2026, 12, 5)
 
 
 def enroll_command(**overrides: object) -> EnrollPatient:
@@ -54,11 +55,11 @@ def enroll_command(**overrides: object) -> EnrollPatient:
 
 
 def enrolled(**overrides: object) -> PatientState:
-    return fold(decide_enroll_patient(INITIAL_STATE, enroll_command(**overrides)))
+    return fold(decide_enroll_patient(INITIAL_STATE, enroll_command(**overrides), today=TODAY))
 
 
 def record(state: PatientState, type_: str, on: date) -> PatientState:
-    events = decide_record_clinical_event(state, RecordClinicalEvent(type=type_, on=on), "IGA-A-001")
+    events = decide_record_clinical_event(state, RecordClinicalEvent(type=type_, on=on), "IGA-A-001", today=TODAY)
     return fold_onto(state, events)
 
 
@@ -74,7 +75,7 @@ def fold_onto(state: PatientState, events: list[DomainEvent]) -> PatientState:
 def test_contract_example_enrolls_the_patient_with_every_field() -> None:
     command = enroll_command(mest_c={"M": 1, "E": 0, "S": 1, "T": 2, "C": 0})
 
-    events = decide_enroll_patient(INITIAL_STATE, command)
+    events = decide_enroll_patient(INITIAL_STATE, command, today=TODAY)
 
     assert events == [
         PatientEnrolled(
@@ -101,48 +102,48 @@ def test_command_reads_the_contract_json() -> None:
 
 def test_group_a_with_egfr_50_is_ineligible() -> None:
     with pytest.raises(Invalid, match=r"group A requires a baseline eGFR below 45.*50 is not"):
-        decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=50.0))
+        decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=50.0), today=TODAY)
 
 
 @pytest.mark.parametrize("egfr", [45.0, 45.000001, 90.0])
 def test_group_a_needs_egfr_strictly_below_45(egfr: float) -> None:
     with pytest.raises(Invalid):
-        decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=egfr))
+        decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=egfr), today=TODAY)
 
 
 def test_group_a_accepts_egfr_just_below_45() -> None:
-    assert decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=44.99))
+    assert decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=44.99), today=TODAY)
 
 
 def test_group_a_without_egfr_is_ineligible() -> None:
     with pytest.raises(Invalid, match="none was given"):
-        decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=None))
+        decide_enroll_patient(INITIAL_STATE, enroll_command(baseline_egfr=None), today=TODAY)
 
 
 def test_group_b_with_lee_iii_is_ineligible() -> None:
     with pytest.raises(Invalid, match="group B requires Lee grade IV or V; Lee grade III was given"):
-        decide_enroll_patient(INITIAL_STATE, enroll_command(group="B", lee_grade="III", baseline_egfr=None))
+        decide_enroll_patient(INITIAL_STATE, enroll_command(group="B", lee_grade="III", baseline_egfr=None), today=TODAY)
 
 
 def test_group_b_without_lee_grade_is_ineligible() -> None:
     with pytest.raises(Invalid, match="no Lee grade was given"):
-        decide_enroll_patient(INITIAL_STATE, enroll_command(group="B", lee_grade=None))
+        decide_enroll_patient(INITIAL_STATE, enroll_command(group="B", lee_grade=None), today=TODAY)
 
 
 @pytest.mark.parametrize("grade", ["IV", "V"])
 def test_group_b_accepts_lee_iv_and_v_whatever_the_egfr(grade: str) -> None:
-    events = decide_enroll_patient(INITIAL_STATE, enroll_command(group="B", lee_grade=grade, baseline_egfr=80.0))
+    events = decide_enroll_patient(INITIAL_STATE, enroll_command(group="B", lee_grade=grade, baseline_egfr=80.0), today=TODAY)
     assert events[0].group == "B"
 
 
 def test_control_requires_neither_criterion() -> None:
     command = enroll_command(subject_id="CTRL-01", group="control", baseline_egfr=None, lee_grade=None)
-    assert decide_enroll_patient(INITIAL_STATE, command)[0].group == "control"
+    assert decide_enroll_patient(INITIAL_STATE, command, today=TODAY)[0].group == "control"
 
 
 def test_enrolling_twice_is_a_conflict() -> None:
     with pytest.raises(Conflict, match="already enrolled"):
-        decide_enroll_patient(enrolled(), enroll_command())
+        decide_enroll_patient(enrolled(), enroll_command(), today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -219,9 +220,17 @@ def test_badly_shaped_ids_are_refused(subject_id: str, rule: str) -> None:
         check_pseudonym(subject_id)
 
 
+@pytest.mark.parametrize("subject_id", ["-1", "-IGA-A-001", "=1+2", "+12", "@SUM-1", "=HYPERLINK(1)"])
+def test_ids_a_spreadsheet_reads_as_a_formula_are_refused(subject_id: str) -> None:
+    with pytest.raises(Invalid) as refused:
+        check_pseudonym(subject_id)
+    assert refused.value.reason.startswith("the subject id must not start with '-', '=', '+' or '@'")
+    assert "formula" in refused.value.reason
+
+
 def test_enrollment_checks_the_pseudonym() -> None:
     with pytest.raises(Invalid, match="a date"):
-        decide_enroll_patient(INITIAL_STATE, enroll_command(subject_id="1990-01-02"))
+        decide_enroll_patient(INITIAL_STATE, enroll_command(subject_id="1990-01-02"), today=TODAY)
 
 
 study_codes = st.from_regex(r"[A-Z]{1,5}(-[A-Z]{1,2})?-[0-9]{1,4}|[A-Z]{1,3}[0-9]{1,5}", fullmatch=True)
@@ -278,6 +287,7 @@ def test_whatever_is_accepted_has_the_pseudonym_shape(subject_id: str) -> None:
     except Invalid:
         return
     assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", subject_id)
+    assert not subject_id.startswith(("-", "=", "+", "@"))
     assert re.search(r"[0-9-]", subject_id)
     assert not re.search(r"[0-9]{6}", subject_id)
     assert "mrn" not in subject_id.lower()
@@ -297,14 +307,14 @@ def test_whatever_is_accepted_has_the_pseudonym_shape(subject_id: str) -> None:
 )
 def test_each_clinical_event_type_is_published_as_its_event(type_: str, model: type[DomainEvent]) -> None:
     events = decide_record_clinical_event(
-        enrolled(), RecordClinicalEvent(type=type_, on=date(2016, 5, 1)), "IGA-A-001"
+        enrolled(), RecordClinicalEvent(type=type_, on=date(2016, 5, 1)), "IGA-A-001", today=TODAY
     )
     assert events == [model(subject_id="IGA-A-001", on=date(2016, 5, 1))]
 
 
 def test_clinical_event_of_unknown_patient_is_not_found() -> None:
     with pytest.raises(NotFound, match="IGA-X-9"):
-        decide_record_clinical_event(INITIAL_STATE, RecordClinicalEvent(type="death", on=ENROLLED_ON), "IGA-X-9")
+        decide_record_clinical_event(INITIAL_STATE, RecordClinicalEvent(type="death", on=ENROLLED_ON), "IGA-X-9", today=TODAY)
 
 
 def test_each_clinical_event_type_is_recorded_once() -> None:
@@ -354,7 +364,7 @@ def test_death_cannot_precede_the_withdrawal() -> None:
 
 
 def biopsy(state: PatientState, on: date, **findings: object) -> list[DomainEvent]:
-    return decide_record_biopsy(state, RecordBiopsy(performed_on=on, **findings), "IGA-A-001")
+    return decide_record_biopsy(state, RecordBiopsy(performed_on=on, **findings), "IGA-A-001", today=TODAY)
 
 
 def test_biopsy_is_recorded_with_its_findings() -> None:
@@ -474,14 +484,14 @@ patient_commands = st.lists(
 
 def run(commands: list[RecordClinicalEvent | RecordBiopsy]) -> tuple[PatientState, list[DomainEvent]]:
     """Decide each command against the state so far, keeping what was accepted."""
-    history = decide_enroll_patient(INITIAL_STATE, enroll_command())
+    history = decide_enroll_patient(INITIAL_STATE, enroll_command(), today=TODAY)
     state = fold(history)
     for command in commands:
         try:
             if isinstance(command, RecordClinicalEvent):
-                events = decide_record_clinical_event(state, command, "IGA-A-001")
+                events = decide_record_clinical_event(state, command, "IGA-A-001", today=TODAY)
             else:
-                events = decide_record_biopsy(state, command, "IGA-A-001")
+                events = decide_record_biopsy(state, command, "IGA-A-001", today=TODAY)
         except DomainError:
             continue
         history += events

@@ -61,8 +61,8 @@ def test_first_final_creatinine_is_recorded_and_computed():
 
 
 def test_umol_creatinine_keeps_mg_dl():
-    _, computed = deliver([], incoming("m1", loinc="14682-9", value=185.682, unit="umol/L"))
-    assert computed.creatinine_mg_dl == pytest.approx(2.1)
+    _, computed = deliver([], incoming("m1", loinc="14682-9", value=185.64, unit="umol/L"))
+    assert computed.creatinine_mg_dl == 185.64 / 88.4 == pytest.approx(2.1)
 
 
 def test_reported_egfr_is_taken_as_is():

@@ -190,7 +190,7 @@ def test_accepted_loinc_is_preferred_among_several():
          "missing_collected_at"),
         (changed(CREATININE, effectiveDateTime="2015-06"), "bad_datetime"),
         (changed(CREATININE, effectiveDateTime="2015-06-01T08:30:00"), "invalid_resource"),  # no zone
-        (changed(CREATININE, effectiveDateTime="1989-12-31"), "collected_too_early"),
+        (changed(CREATININE, effectiveDateTime="1899-12-31"), "collected_too_early"),
         (changed(CREATININE, status=7), "invalid_resource"),
         (changed(CREATININE, unexpected="field"), "invalid_resource"),
         (changed(CREATININE, resourceType="Patient"), "wrong_resource_type"),

@@ -212,7 +212,7 @@ def test_decoded_bytes_parse_end_to_end():
         (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", observed="2015-06-01"), "bad_datetime", 14),
         (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", observed="20151341"), "bad_datetime", 14),
         (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", observed="201506"), "bad_datetime", 14),
-        (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", observed="19850101"), "collected_too_early", 14),
+        (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", observed="18991231"), "collected_too_early", 14),
         (obx(1, "2160-0^Creatinine^LN", "2.1", "mg/dL", instance="R 1; DROP"), "bad_result_id", 21),
         (obx(1, "2160-0^Creatinine^LN", "'; DROP TABLE lab_results;--", "mg/dL"), "not_a_number", 5),
         (obx(1, "2160-0^Creatinine^LN", "\\.sky\\", "mg/dL"), "bad_escape", 5),

@@ -67,11 +67,15 @@ def test_unknown_units(unit):
     assert normalise_unit(unit) is None
 
 
-def test_creatinine_umol_is_converted_to_mg_dl():
-    measured = measure(result(loinc="14682-9", value=176.84, unit="\u00b5mol/L"))
-    assert measured.analyte == "creatinine"
-    assert measured.canonical_unit == "mg/dL"
-    assert measured.canonical_value == pytest.approx(2.0)
+def test_creatinine_umol_is_converted_to_mg_dl_by_the_kdigo_factor():
+    for umol, mg_dl in ((88.4, 1.0), (176.8, 2.0), (884.0, 10.0)):  # µmol/L ÷ 88.4, exactly
+        measured = measure(result(loinc="14682-9", value=umol, unit="\u00b5mol/L"))
+        assert (measured.analyte, measured.canonical_unit, measured.canonical_value) == ("creatinine", "mg/dL", mg_dl)
+
+
+@given(st.floats(min_value=0.1, max_value=2652.0))
+def test_any_creatinine_in_umol_is_divided_by_88_4(umol):
+    assert measure(result(loinc="14682-9", value=umol, unit="umol/L")).canonical_value == umol / 88.4
 
 
 def test_reported_egfr_is_kept():
@@ -96,7 +100,7 @@ def test_reported_egfr_is_kept():
         ({"loinc": "98979-8", "unit": "mL/min/1.73m2", "value": 0.0}, "value_out_of_range"),
         ({"loinc": "98979-8", "unit": "mL/min/1.73m2", "value": 200.5}, "value_out_of_range"),
         ({"collected_at": NOW + timedelta(hours=1)}, "collected_in_future"),
-        ({"collected_at": datetime(1989, 12, 31, 23, 59, tzinfo=UTC)}, "collected_too_early"),
+        ({"collected_at": datetime(1899, 12, 31, 23, 59, tzinfo=UTC)}, "collected_too_early"),
         ({"subject_id": ""}, "bad_subject_id"),
         ({"subject_id": "'; DROP TABLE patients;--"}, "bad_subject_id"),
         ({"result_id": ""}, "bad_result_id"),
@@ -112,7 +116,7 @@ def test_specific_rejections(changes, code):
 def test_bounds_are_inclusive_where_the_contract_says():
     validate_result(result(value=30.0), NOW)
     validate_result(result(loinc="98979-8", unit="mL/min/1.73m2", value=200.0), NOW)
-    validate_result(result(collected_at=datetime(1990, 1, 1, tzinfo=UTC)), NOW)
+    validate_result(result(collected_at=datetime(1900, 1, 1, tzinfo=UTC)), NOW)
     validate_result(result(collected_at=NOW + timedelta(minutes=4)), NOW)  # lab clock skew
 
 

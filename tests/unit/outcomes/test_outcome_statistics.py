@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from datetime import date, timedelta
 
+import pyarrow.parquet as pq
 import pytest
 from outcome_events import dialysis, died, dose, egfr, enrolled, withdrawn
 
 from services.outcomes.domain import PatientFacts, compute_outcome, fold
+from services.outcomes.exports import patients_csv, patients_parquet
 from services.outcomes.statistics import (
     all_cohorts,
     cohort_summary,
@@ -104,3 +107,24 @@ def test_trajectories_start_from_the_baseline_and_bin_by_year():
     # year 2: P1 50 only.
     assert t["mean_curve"] == [{"year": 0, "mean_egfr": 23.5, "n": 2}, {"year": 1, "mean_egfr": 36.0, "n": 2},
                                {"year": 2, "mean_egfr": 50.0, "n": 1}]
+
+
+def test_dates_recorded_before_the_clinical_bounds_existed_are_read_as_they_are():
+    # Enrollment, pulse and labs now refuse such dates (shared.clinical_dates); events already
+    # recorded keep them, and every answer built from them must still be computed.
+    ancient = patient("OLD-1", egfr("a", 30.0, "0001-06-01"), egfr("b", 35.0, "9999-12-30"),
+                      died(date(3005, 1, 1)), group="A", first_dose=date(1, 1, 1))
+    far = patient("OLD-2", dialysis(date(2016, 1, 1)), egfr("c", 20.0, "2015-01-01"),
+                  group="A", first_dose=date(9999, 12, 31))
+    control = fold("OLD-3", [enrolled(group="control", sid="OLD-3", enrolled_on=date(1, 1, 1), baseline=33.0),
+                             dialysis(date(9999, 12, 31), sid="OLD-3")])
+    outcomes = [compute_outcome(f) for f in (ancient, far, control)]
+    assert outcomes[0].followup_years == (date(9999, 12, 30) - date(1, 1, 1)).days / 365.25
+    assert outcomes[1].kidney_failure_years == (date(2016, 1, 1) - date(9999, 12, 31)).days / 365.25
+    assert [row["n"] for row in all_cohorts(outcomes)] == [2, 1]
+    assert kaplan_meier(outcomes, "control")["events"] == 1
+    assert kaplan_meier(outcomes, "A")["n"] == 1  # OLD-2's kidney failure precedes its start: never at risk
+    assert len(egfr_trajectories([ancient, far], "A")["patients"]) == 2
+    csv_rows = patients_csv(outcomes).splitlines()
+    assert csv_rows[1].startswith("OLD-1,A,F,58,2013-12-18,0001-01-01,")
+    assert pq.read_table(io.BytesIO(patients_parquet(outcomes))).num_rows == 3

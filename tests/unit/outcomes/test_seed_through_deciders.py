@@ -27,11 +27,12 @@ NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def enroll(patient: SeedPatient) -> list:
-    events = enrollment.decide_enroll_patient(enrollment.INITIAL_STATE, enrollment.EnrollPatient(**patient.enrollment))
+    events = enrollment.decide_enroll_patient(enrollment.INITIAL_STATE, enrollment.EnrollPatient(**patient.enrollment),
+                                              today=NOW.date())
     for body in patient.clinical_events:
         state = enrollment.fold(events)
         events += enrollment.decide_record_clinical_event(
-            state, enrollment.RecordClinicalEvent(**body), patient.subject_id)
+            state, enrollment.RecordClinicalEvent(**body), patient.subject_id, today=NOW.date())
     return events
 
 
@@ -40,7 +41,7 @@ def administer(patient: SeedPatient, enrolled) -> list:
     events: list = []
     for body in patient.pulse_doses:
         events += pulse.decide_administer_pulse_dose(
-            pulse.fold(events), pulse.AdministerPulseDose(**body), known, patient.subject_id)
+            pulse.fold(events), pulse.AdministerPulseDose(**body), known, patient.subject_id, today=NOW.date())
     return events
 
 
@@ -50,12 +51,12 @@ def infuse(patient: SeedPatient, enrolled) -> list:
     for n, (harvest, release, infusion) in enumerate(patient.harvests, start=1):
         lot_id = f"LOT-{patient.subject_id}-{n}"
         events += cells.decide_harvest(cells.fold_patient(events), cells.HarvestAdiposeTissue(**harvest), known,
-                                       patient.subject_id, lot_id)
+                                       patient.subject_id, lot_id, today=NOW.date())
         lot_events = [e for e in events if getattr(e, "lot_id", None) == lot_id]
         events += cells.decide_release(cells.fold_lot(lot_events), cells.ReleaseLot(**release), lot_id)
         lot_events = [e for e in events if getattr(e, "lot_id", None) == lot_id]
         events += cells.decide_infusion(cells.fold_lot(lot_events), cells.fold_patient(events), patient.subject_id,
-                                        cells.InfuseCells(lot_id=lot_id, **infusion))
+                                        cells.InfuseCells(lot_id=lot_id, **infusion), today=NOW.date())
     return events
 
 

@@ -29,6 +29,7 @@ SUBJECT = "IGA-A-001"
 ENROLLED_ON = date(2014, 3, 2)
 PATIENT = KnownPatient(subject_id=SUBJECT, group="A", enrolled_on=ENROLLED_ON)
 DAY_1 = date(2014, 3, 10)
+TODAY = date(2026, 12, 5)
 
 
 def dose(cycle: int = 1, day: int = 1, given_on: date = DAY_1, dose_mg: float = 1000, weight_kg: float = 40.0):
@@ -36,7 +37,7 @@ def dose(cycle: int = 1, day: int = 1, given_on: date = DAY_1, dose_mg: float = 
 
 
 def give(state: PulseCourse, command: AdministerPulseDose) -> tuple[PulseCourse, list[DomainEvent]]:
-    events = decide_administer_pulse_dose(state, command, PATIENT, SUBJECT)
+    events = decide_administer_pulse_dose(state, command, PATIENT, SUBJECT, today=TODAY)
     for event in events:
         state = evolve(state, event)
     return state, events
@@ -190,13 +191,13 @@ def test_cycle_18_exceeds_the_maximum() -> None:
 
 def test_unknown_patient_is_not_found() -> None:
     with pytest.raises(NotFound, match="IGA-X-9"):
-        decide_administer_pulse_dose(INITIAL_STATE, dose(), None, "IGA-X-9")
+        decide_administer_pulse_dose(INITIAL_STATE, dose(), None, "IGA-X-9", today=TODAY)
 
 
 def test_control_patients_receive_no_pulses() -> None:
     control = KnownPatient(subject_id="CTRL-01", group="control", enrolled_on=ENROLLED_ON)
     with pytest.raises(Invalid, match="control group"):
-        decide_administer_pulse_dose(INITIAL_STATE, dose(), control, "CTRL-01")
+        decide_administer_pulse_dose(INITIAL_STATE, dose(), control, "CTRL-01", today=TODAY)
 
 
 def test_dose_before_enrollment_is_invalid() -> None:
