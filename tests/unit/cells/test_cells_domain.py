@@ -90,7 +90,8 @@ class Store:
 
 
 def test_harvest_records_a_new_lot_with_the_given_id() -> None:
-    events = decide_harvest(NO_CELL_PATIENT, HarvestAdiposeTissue(harvested_on=HARVESTED_ON, fat_grams=120), ALICE, ALICE.subject_id, "LOT-1", today=TODAY)
+    harvest = HarvestAdiposeTissue(harvested_on=HARVESTED_ON, fat_grams=120)
+    events = decide_harvest(NO_CELL_PATIENT, harvest, ALICE, ALICE.subject_id, "LOT-1", today=TODAY)
     assert events == [AdiposeTissueHarvested(subject_id="IGA-A-001", lot_id="LOT-1", harvested_on=HARVESTED_ON, fat_grams=120)]
     assert fold_lot(events) == Lot(
         lot_id="LOT-1", subject_id="IGA-A-001", status="harvested", harvested_on=HARVESTED_ON, fat_grams=120
