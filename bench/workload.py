@@ -33,6 +33,7 @@ from datetime import UTC, date, datetime, timedelta
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shared.broker import Topology
+from shared.events import EventRef
 from shared.keys import KEY_BYTES
 from shared.sealing import SEALED_FIELD, seal
 
@@ -41,8 +42,8 @@ ENVELOPE_KEYS = ("event_id", "event_type", "schema_version", "stream_id", "strea
 SOURCES = ("enrollment", "pulse", "cells", "labs")
 
 
-Sealer = Callable[[str, bytes], str]
-"""(subject id, the payload's JSON) -> the payload JSON the broker carries instead."""
+Sealer = Callable[[EventRef, str, bytes], str]
+"""(the event, its subject id, the payload's JSON) -> the payload JSON the broker carries instead."""
 
 
 class PatientKeys:
@@ -53,12 +54,12 @@ class PatientKeys:
         self.keys: dict[str, bytes] = {}
         self._ciphers: dict[str, AESGCM] = {}
 
-    def __call__(self, subject_id: str, plaintext: bytes) -> str:
+    def __call__(self, event: EventRef, subject_id: str, plaintext: bytes) -> str:
         cipher = self._ciphers.get(subject_id)
         if cipher is None:
             self.keys[subject_id] = os.urandom(KEY_BYTES)
             cipher = self._ciphers[subject_id] = AESGCM(self.keys[subject_id])
-        sealed = base64.b64encode(seal(subject_id, cipher, plaintext)).decode()
+        sealed = base64.b64encode(seal(subject_id, cipher, plaintext, event)).decode()
         return _dumps({SEALED_FIELD: sealed})  # compact, as pydantic writes the envelope
 
 
@@ -80,12 +81,12 @@ class _Log:
         self.clock = datetime(2014, 1, 1, tzinfo=UTC)
         self.ids = self.rng.getrandbits(62)
 
-    def _event_id(self) -> str:
+    def _event_id(self) -> uuid.UUID:
         # UUIDv7-shaped (time-ordered), like shared.ids.new_event_id, but from the synthetic clock.
         self.ids += 1
         ms = int(self.clock.timestamp() * 1000)
         value = (ms << 80) | (0x7 << 76) | (((self.ids >> 62) & 0xFFF) << 64) | (0b10 << 62) | (self.ids & ((1 << 62) - 1))
-        return str(uuid.UUID(int=value))
+        return uuid.UUID(int=value)
 
     def wrap(self, source: str, event_type: str, stream_id: str, payload: dict, actor: str) -> Message:
         version = self.versions[stream_id] = self.versions.get(stream_id, 0) + 1
@@ -94,11 +95,11 @@ class _Log:
         event_id = self._event_id()
         body = _dumps(payload)
         if self.seal is not None:
-            body = self.seal(payload["subject_id"], body.encode())
+            body = self.seal(EventRef(event_id, event_type, stream_id), payload["subject_id"], body.encode())
         # The envelope exactly as Envelope.model_dump_json() writes it (field order included);
         # every string spliced in is plain ASCII without quotes, so no escaping is needed.
         data = _ENVELOPE % (event_id, event_type, stream_id, version, stamp, stamp, event_id, actor, body)
-        return Message(source, event_type, data.encode(), event_id)
+        return Message(source, event_type, data.encode(), str(event_id))
 
     def unpublished(self, stream_id: str) -> None:
         """An event that stays in its service's store: it takes a stream version, no message."""

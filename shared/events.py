@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -114,6 +114,15 @@ def event(model: E) -> E:
     return registry.register(model)
 
 
+class EventRef(NamedTuple):
+    """Which event a stored payload belongs to. A sealed payload is bound to it (shared.sealing):
+    copied onto another event, even of the same patient, it no longer opens."""
+
+    event_id: UUID
+    event_type: str
+    stream_id: str
+
+
 class Envelope(BaseModel):
     """An event as stored and as sent over the broker: the payload plus its provenance."""
 
@@ -130,6 +139,10 @@ class Envelope(BaseModel):
     causation_id: UUID | None = None
     actor: str
     payload: Payload
+
+    @property
+    def ref(self) -> EventRef:
+        return EventRef(self.event_id, self.event_type, self.stream_id)
 
     @classmethod
     def wrap(

@@ -13,7 +13,9 @@ reads. Each process keeps a mirror of the bucket in memory, fed by a KV watch
 (:meth:`KeyVault.watch`): lookups on the hot path are dictionary reads, and an erasure reaches
 every process — every replica, not only the one a durable consumer happens to deliver the
 erasure event to — as the watch delivers the bucket's delete marker. Consumers of the erasure
-event also call :meth:`KeyVault.forget` so the eviction never waits for the watch.
+event also call :meth:`KeyVault.forget` so the eviction never waits for the watch, and remember
+the subject in their own database, to forget it again at every start-up before the watch could
+load a key whose purge failed (shared/erasures.py).
 
 Two outcomes of a failed lookup are told apart: :class:`KeyErased` (the bucket holds the
 key's delete marker: the data are gone for good, readers skip them) and :class:`KeyMissing`

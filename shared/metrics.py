@@ -87,6 +87,11 @@ ERASURE_PURGES_PENDING = Gauge(
     "Labs: erased patients whose lab messages in clear (labs.results, labs.rejected, the labs stream's "
     "LabResultRejected) are not yet deleted from the broker (docs/erasure.md).",
 )
+ERASURE_KEY_PURGES_PENDING = Gauge(
+    "nephrotrack_erasure_key_purges_pending",
+    "Enrollment: erasures recorded whose patient key is still in the key bucket (its purge failed; "
+    "the key purge job retries it, docs/erasure.md).",
+)
 ERASURE_PURGE_SCANNED = Counter(
     "nephrotrack_erasure_purge_scanned_messages_total",
     "Labs: messages read by inbound-purge passes (the scan's progress).",

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.consumer import InboundMessage
+from shared.erasures import remember_erased
 from shared.events import Envelope
 from shared.keys import KeyErased
 from shared.schema import known_patients
@@ -73,13 +74,12 @@ def readable(messages: list[InboundMessage]) -> Iterator[tuple[InboundMessage, E
 
 async def forget_erased(uow: UnitOfWork, messages: list[InboundMessage]) -> list[str]:
     """Batch handler step: drop every patient whose ``PatientDataErased`` is among ``messages``
-    from the register, and their key from this process's mirror at once (the key bucket's
-    watch would too, a moment later). Returns their subject ids."""
+    from the register, and remember them as erased (their key leaves this process's mirror at
+    once, and stays out of it after a restart: shared/erasures.py). Returns their subject ids."""
     erased = [envelope.payload["subject_id"] for _, envelope in readable(messages) if envelope.event_type == ERASED]
     if erased:
         await uow.connection.execute(delete(known_patients).where(known_patients.c.subject_id.in_(erased)))
-        for subject_id in erased:
-            uow.store.codec.forget(subject_id)
+        await remember_erased(uow, erased)
     return erased
 
 

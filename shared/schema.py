@@ -83,3 +83,12 @@ known_patients = Table(
     Column("age_years", Integer, nullable=False),
     Column("enrolled_on", Date, nullable=False),
 )
+
+# Subjects whose data were erased, as this service learned it (shared/erasures.py): its key
+# mirror treats them as erased from start-up on, whatever the key bucket still holds.
+erased_subjects = Table(
+    "erased_subjects",
+    metadata,
+    Column("subject_id", String(200), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+)

@@ -17,7 +17,10 @@ service when the patient is erased (services/labs/purge.py, docs/erasure.md).
 The blob: ``MAGIC | len(subject id) | subject id | 12-byte nonce | AES-256-GCM ciphertext+tag``.
 It starts with a NUL byte, so it can never be mistaken for JSON; it names its subject, so a
 reader finds the key without knowing how the stream is named (labs streams are named by result
-id); the subject id is bound in as associated data, so a blob moved to another subject fails.
+id). Bound in as associated data: the header (so a blob moved to another subject fails) and,
+since ``nts2``, the event's id, type and stream (:class:`~shared.events.EventRef`), so a blob
+copied onto another event of the same patient fails too (:class:`SealBroken`) instead of
+passing for that event's payload. ``nts1`` blobs, bound to the header only, still open.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from collections.abc import Iterable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shared.events import Envelope, Payload
+from shared.events import Envelope, EventRef, Payload
 from shared.keys import KeyVault
 from shared.store import JsonCodec
 
-MAGIC = b"\x00nts1"
+MAGIC = b"\x00nts2"
+LEGACY_MAGIC = b"\x00nts1"
+"""Blobs sealed before the event was bound in (header only): still opened, never written."""
 NONCE_BYTES = 12
 SEALED_FIELD = "$sealed"
 CLEAR_STREAM_PREFIXES = ("erasure-",)
@@ -45,32 +50,40 @@ class SealBroken(ValueError):
     """A sealed payload failed authentication: a wrong key, or bytes altered after sealing."""
 
 
-def seal(subject_id: str, cipher: AESGCM, plaintext: bytes) -> bytes:
+def seal(subject_id: str, cipher: AESGCM, plaintext: bytes, event: EventRef) -> bytes:
     kid = subject_id.encode()
     if len(kid) > 255:
         raise ValueError("a subject id longer than 255 bytes cannot be sealed")
     header = MAGIC + bytes([len(kid)]) + kid
     nonce = os.urandom(NONCE_BYTES)
-    return header + nonce + cipher.encrypt(nonce, plaintext, header)
+    return header + nonce + cipher.encrypt(nonce, plaintext, header + _bound(event))
+
+
+def _bound(event: EventRef) -> bytes:
+    """The event's part of the associated data: its id, its type after the type's length, then
+    its stream (the rest): no two different events give the same bytes."""
+    kind = event.event_type.encode()
+    return event.event_id.bytes + len(kind).to_bytes(4) + kind + event.stream_id.encode()
 
 
 def sealed_subject(blob: bytes) -> str | None:
     """The subject a blob is sealed for, or None if ``blob`` is not sealed (plain JSON)."""
-    if not blob.startswith(MAGIC):
+    if not blob.startswith((MAGIC, LEGACY_MAGIC)):
         return None
     length = blob[len(MAGIC)]
     return blob[len(MAGIC) + 1 : len(MAGIC) + 1 + length].decode()
 
 
-def unseal(blob: bytes, cipher: AESGCM) -> bytes:
+def unseal(blob: bytes, cipher: AESGCM, event: EventRef) -> bytes:
     kid_end = len(MAGIC) + 1 + blob[len(MAGIC)]
     header, nonce, ciphertext = blob[:kid_end], blob[kid_end : kid_end + NONCE_BYTES], blob[kid_end + NONCE_BYTES :]
+    associated = header if blob.startswith(LEGACY_MAGIC) else header + _bound(event)
     try:
-        return cipher.decrypt(nonce, ciphertext, header)
+        return cipher.decrypt(nonce, ciphertext, associated)
     except InvalidTag:
         raise SealBroken(
-            f"a payload sealed for subject {sealed_subject(blob)} does not open with that subject's key "
-            "(wrong key, or altered after sealing)"
+            f"a payload sealed for subject {sealed_subject(blob)} does not open with that subject's key as the "
+            f"payload of event {event.event_id} (wrong key, sealed for another event, or altered after sealing)"
         ) from None
 
 
@@ -100,19 +113,19 @@ class SealingCodec(JsonCodec):
             return None  # a refusal about no patient of ours (unknown, never enrolled): nothing to erase
         return subject_id
 
-    def encode(self, stream_id: str, payload: Payload) -> bytes:
-        plaintext = super().encode(stream_id, payload)
-        subject_id = self.subject_of(stream_id, payload)
+    def encode(self, event: EventRef, payload: Payload) -> bytes:
+        plaintext = super().encode(event, payload)
+        subject_id = self.subject_of(event.stream_id, payload)
         if subject_id is None:
             return plaintext
-        return seal(subject_id, self.vault.cipher(subject_id), plaintext)
+        return seal(subject_id, self.vault.cipher(subject_id), plaintext, event)
 
-    def decode(self, stream_id: str, data: bytes) -> Payload:
-        return super().decode(stream_id, self.plaintext(data))
+    def decode(self, event: EventRef, data: bytes) -> Payload:
+        return super().decode(event, self.plaintext(event, data))
 
-    def plaintext(self, stored: bytes) -> bytes:
+    def plaintext(self, event: EventRef, stored: bytes) -> bytes:
         subject_id = sealed_subject(stored)
-        return stored if subject_id is None else unseal(stored, self.vault.cipher(subject_id))
+        return stored if subject_id is None else unseal(stored, self.vault.cipher(subject_id), event)
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
         if sealed_subject(stored) is None or envelope.stream_id.startswith(PUBLISHED_IN_CLEAR_PREFIXES):
@@ -125,7 +138,7 @@ class SealingCodec(JsonCodec):
         sealed = envelope.payload.get(SEALED_FIELD)
         if not isinstance(sealed, str):
             return envelope
-        return envelope.model_copy(update={"payload": self.decode(envelope.stream_id, base64.b64decode(sealed))})
+        return envelope.model_copy(update={"payload": self.decode(envelope.ref, base64.b64decode(sealed))})
 
     async def prepare(self, *, payloads: Iterable[tuple[str, Payload]] = (), stored: Iterable[bytes] = ()) -> None:
         wanted = {s for stream_id, payload in payloads if (s := _named(stream_id, payload))}

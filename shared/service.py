@@ -47,6 +47,7 @@ from shared.auth import (
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import create_engine, keep_statistics
+from shared.erasures import erased_subjects
 from shared.errors import Conflict, DomainError
 from shared.events import CommandContext, DomainEvent, Envelope, registry
 from shared.keys import KeyMissing, KeyVault, bucket_name
@@ -192,6 +193,8 @@ class Service:
         js = self.broker.connection.jetstream()
         await ensure_streams(js, self.topology.all_streams(SERVICES))
         await self.vault.connect(js)
+        for subject_id in await erased_subjects(self.store):  # before the mirror loads any key
+            self.vault.forget(subject_id)
         self._spawn(self.vault.watch)
         await self.vault.synced()  # every key and erasure known before the first message or request
         await self.broker.start()

@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import metrics
 from shared.database import one_of
-from shared.events import CommandContext, DomainEvent, Envelope, Payload, utcnow
+from shared.events import CommandContext, DomainEvent, Envelope, EventRef, Payload, utcnow
 from shared.schema import checkpoints, events, inbox, outbox
 
 
@@ -79,17 +79,18 @@ START = Position(0, 0)
 
 
 class Codec(Protocol):
-    """Turns a payload into stored bytes and back; per stream, so a stream can be encrypted
-    with its own key (crypto-shredding) without any caller knowing. It also writes the broker
-    body of an event (``wire``) and reads one (``open``), so a payload sealed in the store stays
-    sealed on the broker (:mod:`shared.sealing`). ``encode``/``decode`` are synchronous (they
-    run row by row); ``prepare`` runs before a batch of them and may do I/O (fetch keys)."""
+    """Turns a payload into stored bytes and back; per event, so a payload can be encrypted
+    with its patient's key and bound to its event (crypto-shredding) without any caller knowing.
+    It also writes the broker body of an event (``wire``) and reads one (``open``), so a payload
+    sealed in the store stays sealed on the broker (:mod:`shared.sealing`). ``encode``/``decode``
+    are synchronous (they run row by row); ``prepare`` runs before a batch of them and may do
+    I/O (fetch keys)."""
 
-    def encode(self, stream_id: str, payload: Payload) -> bytes: ...
+    def encode(self, event: EventRef, payload: Payload) -> bytes: ...
 
-    def decode(self, stream_id: str, data: bytes) -> Payload: ...
+    def decode(self, event: EventRef, data: bytes) -> Payload: ...
 
-    def plaintext(self, stored: bytes) -> bytes:
+    def plaintext(self, event: EventRef, stored: bytes) -> bytes:
         """The payload's JSON from stored bytes (opened, when sealed): ``decode`` without the
         parsing, for a reader that validates the JSON itself (the outcomes projection)."""
         ...
@@ -110,13 +111,13 @@ class JsonCodec:
     than the standard library's, which showed in the labs profile); keys keep the order of the
     event model's fields."""
 
-    def encode(self, stream_id: str, payload: Payload) -> bytes:
+    def encode(self, event: EventRef, payload: Payload) -> bytes:
         return pydantic_core.to_json(payload, inf_nan_mode="constants")
 
-    def decode(self, stream_id: str, data: bytes) -> Payload:
+    def decode(self, event: EventRef, data: bytes) -> Payload:
         return pydantic_core.from_json(data)
 
-    def plaintext(self, stored: bytes) -> bytes:
+    def plaintext(self, event: EventRef, stored: bytes) -> bytes:
         return stored
 
     def wire(self, envelope: Envelope, stored: bytes) -> bytes:
@@ -236,7 +237,7 @@ class EventStore:
             correlation_id=row.correlation_id,
             causation_id=row.causation_id,
             actor=row.actor,
-            payload=self.codec.decode(row.stream_id, row.payload),
+            payload=self.codec.decode(EventRef(row.event_id, row.event_type, row.stream_id), row.payload),
         )
 
 
@@ -390,7 +391,7 @@ class UnitOfWork:
             "correlation_id": envelope.correlation_id,
             "causation_id": envelope.causation_id,
             "actor": envelope.actor,
-            "payload": self.store.codec.encode(envelope.stream_id, envelope.payload),
+            "payload": self.store.codec.encode(envelope.ref, envelope.payload),
         }
 
     async def claim_messages(self, consumer: str, message_ids: Sequence[str]) -> list[str]:

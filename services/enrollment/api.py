@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,7 +19,9 @@ from services.enrollment.domain import (
     fold,
     patient_view,
 )
+from services.enrollment.key_purge import KeyPurger
 from shared.clinical_dates import utc_today
+from shared.erasures import remember_erased
 from shared.errors import Conflict
 from shared.keys import KeyErased
 from shared.service import Service, command_context
@@ -37,7 +38,7 @@ def erasure_stream_id(subject_id: str) -> str:
     return f"erasure-{subject_id}"
 
 
-def routes(service: Service) -> APIRouter:
+def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["enrollment"])
 
     @router.post("/patients", status_code=201, response_model=PatientView, summary="Enroll a patient")
@@ -79,9 +80,11 @@ def routes(service: Service) -> APIRouter:
     @router.post("/patients/{subject_id}/erasure", status_code=201,
                  summary="Erase a withdrawn patient's data (crypto-shredding); repeated: 200, same event")
     async def erase(subject_id: str, request: Request, response: Response) -> dict[str, Any]:
-        """Record ``PatientDataErased``, then delete the patient's data key. Idempotent: a
-        repeated call answers 200 with the first erasure and deletes the key again if a crash
-        left it (the event commits first, so the erasure is never lost, only finished late)."""
+        """Record ``PatientDataErased`` (and the subject as erased, shared/erasures.py), then
+        delete the patient's data key. The event commits first, so the erasure is never lost:
+        a key deletion that fails answers ``"key_purge": "pending"`` and the key purge job
+        finishes it (services/enrollment/key_purge.py). Idempotent: a repeated call answers 200
+        with the first erasure and deletes the key again if it is still there."""
         context = command_context(request)
         for _ in range(10):
             try:
@@ -91,17 +94,17 @@ def routes(service: Service) -> APIRouter:
                         erased, response.status_code = done[0], 200
                     else:
                         history = await uow.read_stream(stream_id(subject_id))
-                        today = datetime.now(UTC).date()
-                        new_events = decide_erase_patient(fold(e.decode() for e in history), subject_id, today)
+                        new_events = decide_erase_patient(fold(e.decode() for e in history), subject_id, utc_today())
                         [erased] = await uow.append(erasure_stream_id(subject_id), new_events, 0, context)
+                        await remember_erased(uow, [subject_id])
                 break
             except ConcurrencyError:  # a concurrent erasure of the same patient committed first
                 continue
         else:
             raise Conflict(f"the erasure of {subject_id} is being recorded concurrently; try again")
         service.committed()
-        await service.vault.erase(subject_id)
-        return {**erased.payload, "event_id": erased.event_id}
+        key_purge = await key_purger.purge(subject_id, erased.event_id)
+        return {**erased.payload, "event_id": erased.event_id, "key_purge": key_purge}
 
     @router.get("/patients/{subject_id}", response_model=PatientView, summary="The patient, from their own stream")
     async def get_patient(subject_id: str) -> PatientView:

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from services.enrollment import events
 from services.enrollment.api import routes
+from services.enrollment.key_purge import EnrollmentSettings, KeyPurger
 from shared.service import Service
 
 
@@ -19,4 +20,7 @@ def create_app(service: Service) -> FastAPI:
         events.BiopsyRecorded,
         events.PatientDataErased,
     )
-    return service.app(routes(service), title="nephrotrack enrollment", description=__doc__ or "")
+    settings = EnrollmentSettings()
+    key_purger = KeyPurger(service.store, service.vault, interval=settings.key_purge_interval_seconds)
+    service.background.append(key_purger.run)
+    return service.app(routes(service, key_purger), title="nephrotrack enrollment", description=__doc__ or "")

@@ -18,7 +18,7 @@ from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit
+from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit, refusal_subject
 from services.labs.mllp import MllpServer
 from services.labs.purge import InboundPurger, request_purges, targets
 from services.labs.redaction import carries_personal_data
@@ -59,8 +59,11 @@ def broker_handler(labs: LabIngestion, forget: Forget | None = None) -> BatchHan
                     personal.append(message)
             except LabRejection as rejection:
                 raw = rejection.raw if rejection.raw is not None else raw_for_report(message.data)
-                refusals.append(Refusal(rejection, "broker", raw))
-                if carries_personal_data(rejection.code, raw):
+                refusal = Refusal(rejection, "broker", raw)
+                refusals.append(refusal)
+                subject_id = refusal_subject(refusal)  # an erased patient's: recorded without naming them
+                erased = subject_id is not None and uow.store.codec.is_erased(subject_id)
+                if erased or carries_personal_data(rejection.code, raw):
                     personal.append(message)
         await labs.record_rejections(uow, refusals, now)
         outcomes = await labs.ingest(uow, results, now, context=CommandContext(actor="labs:broker"))

@@ -68,6 +68,7 @@ from services.labs.domain import (
 )
 from services.labs.events import LabResultRejected, Source
 from services.labs.redaction import looks_personal, redact, redact_reason, redact_subject
+from services.labs.refused_subject import refused_subject
 from shared import metrics
 from shared.database import one_of
 from shared.events import CommandContext, DomainEvent, Envelope, registry
@@ -329,7 +330,7 @@ class LabIngestion:
         outbox), log it for ``GET /v1/rejections`` and count it (on commit)."""
         if not refusals:
             return []
-        rejected = [_rejected_event(refusal) for refusal in refusals]
+        rejected = [_rejected_event(refusal, uow.store.codec.is_erased) for refusal in refusals]
         envelopes = await uow.append_many(
             [(f"{REJECTION_STREAM_PREFIX}{uuid.uuid4().hex}", [item], 0) for item in rejected],
             CommandContext(actor="labs"),
@@ -480,16 +481,28 @@ def _fold(history: Sequence[Envelope]) -> ResultState | None:
     return state
 
 
-def _rejected_event(refusal: Refusal) -> LabResultRejected:
+def refusal_subject(refusal: Refusal) -> str | None:
+    """The subject a refusal is about: the one its parser read, else — a whole message refused —
+    the study pseudonym its raw input names (services/labs/refused_subject.py), so that the
+    refusal is sealed with that patient's key and erased with their data."""
+    rejection = refusal.rejection
+    raw = refusal.raw if refusal.raw is not None else rejection.raw
+    return rejection.subject_id or refused_subject(refusal.source, raw)
+
+
+def _rejected_event(refusal: Refusal, is_erased: Callable[[str], bool] = lambda s: False) -> LabResultRejected:
     rejection = refusal.rejection
     raw = refusal.raw if refusal.raw is not None else (rejection.raw or "")
-    # No personal identifiers are recorded, not even from refused input (services/labs/redaction.py).
-    personal = (rejection.subject_id,) if rejection.subject_id and looks_personal(rejection.subject_id) else ()
+    subject_id = refusal_subject(refusal)
+    # No personal identifiers are recorded, not even from refused input (services/labs/redaction.py),
+    # nor the id of a patient whose data were erased (docs/erasure.md).
+    erased = bool(subject_id) and is_erased(subject_id)
+    personal = (subject_id,) if subject_id and (erased or looks_personal(subject_id)) else ()
     item = rejection_event(rejection, source=refusal.source, raw=_clean(cap(redact(raw, also=personal) or "")))
     updates: dict[str, Any] = {
         "reason": redact_reason(item.reason, also=personal),
         "message_id": redact(item.message_id, also=personal),
-        "subject_id": redact_subject(item.subject_id),
+        "subject_id": None if erased else redact_subject(subject_id),
     }
     for name, limit in (("reason", 2000), ("message_id", 200), ("subject_id", 200)):
         value = updates[name]

@@ -30,8 +30,9 @@ Why this shape:
   published later is for the next erasure's pass (docs/erasure.md, limits).
 
 A message *names* a subject when the id appears in it as a whole token (``IGA-A-1`` does not
-match ``IGA-A-10``), or when its ``subject_id`` field (a result's, or an envelope payload's)
-is that id — the field check catches JSON-escaped spellings the text search cannot.
+match ``IGA-A-10``), or when its ``subject_id`` field (a result's, or an envelope payload's, or
+in malformed JSON as far as it can be read) is that id — the field check catches JSON-escaped
+spellings the text search cannot.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.labs.events import LabResultRejected
 from services.labs.ingest import labs_metadata
+from services.labs.refused_subject import refused_subject
 from shared import metrics
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
 from shared.store import EventStore, UnitOfWork
@@ -165,13 +167,14 @@ class SubjectMatcher:
         self._pattern = re.compile(rf"(?<![A-Za-z0-9_.-])(?:{alternatives})(?![A-Za-z0-9_-]|\.[A-Za-z0-9_-])")
 
     def named_in(self, body: bytes) -> set[str]:
-        named = set(self._pattern.findall(body.decode("utf-8", "replace")))
+        text = body.decode("utf-8", "replace")
+        named = set(self._pattern.findall(text))
         if named:
             return named
         try:
             document = json.loads(body)
-        except ValueError:
-            return named
+        except ValueError:  # malformed JSON: its subject_id as far as the refusal could read it
+            return {refused_subject("broker", text)} & self.subject_ids
         if isinstance(document, dict):
             for holder in (document, document.get("payload")):
                 subject_id = holder.get("subject_id") if isinstance(holder, dict) else None

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.outcomes import tables
 from services.outcomes.projector import SOURCES, Incoming, ProjectedPatient, ProjectionChanges, SourceMark
 from shared.consumer import InboundMessage
+from shared.erasures import remember_erased
 from shared.keys import KeyErased
 from shared.service import Service
 from shared.store import UnitOfWork
@@ -225,8 +226,7 @@ class LiveProjection:
             changes.skip(m.stream, m.stream_sequence)
         for item in incoming:
             changes.add(item)
-        for subject_id in changes.erased:  # before commit: batches waiting on these rows see it
-            codec.forget(subject_id)
+        await remember_erased(uow, changes.erased)  # keys forgotten before commit: waiting batches see it
         await write_changes(connection, generation, changes)
 
 

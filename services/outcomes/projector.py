@@ -232,7 +232,7 @@ class Incoming(NamedTuple):
                 try:
                     blob = wire.sealed_blob(payload)
                     if blob is not None:
-                        payload = codec.plaintext(blob)  # KeyErased / KeyMissing go to the caller
+                        payload = codec.plaintext(meta.ref, blob)  # KeyErased / KeyMissing go to the caller
                     return cls(stream, sequence, source, meta, validator.validate_json(payload))
                 except ValueError:  # not valid as its event, or a broken seal: the full path
                     pass  # raises the error (or decodes what the split got wrong)

@@ -40,7 +40,7 @@ from pydantic import TypeAdapter
 from pydantic_core import SchemaValidator, ValidationError
 from typing_extensions import TypedDict
 
-from shared.events import Envelope, registry
+from shared.events import Envelope, EventRef, registry
 from shared.sealing import SEALED_FIELD
 
 _PAYLOAD_KEY = b',"payload":'
@@ -67,11 +67,13 @@ _HEAD = TypeAdapter(_Head).validator
 
 
 class Meta(NamedTuple):
-    """The envelope fields the projection reads (timeline rows, marks, the eGFR version guard).
+    """The envelope fields the projection reads (timeline rows, marks, the eGFR version guard,
+    the event a sealed payload is bound to).
     A named tuple: built once per message, where a frozen dataclass's ``__init__`` showed."""
 
     event_id: UUID
     event_type: str
+    stream_id: str
     schema_version: int
     stream_version: int
     occurred_at: datetime
@@ -79,8 +81,13 @@ class Meta(NamedTuple):
 
     @classmethod
     def of(cls, envelope: Envelope) -> Meta:
-        return cls(envelope.event_id, envelope.event_type, envelope.schema_version, envelope.stream_version,
-                   envelope.occurred_at, envelope.recorded_at)
+        return cls(envelope.event_id, envelope.event_type, envelope.stream_id, envelope.schema_version,
+                   envelope.stream_version, envelope.occurred_at, envelope.recorded_at)
+
+    @property
+    def ref(self) -> EventRef:
+        """The event a sealed payload must be bound to (shared.sealing)."""
+        return EventRef(self.event_id, self.event_type, self.stream_id)
 
 
 def split(body: bytes) -> tuple[Meta, bytes] | None:
@@ -96,8 +103,8 @@ def split(body: bytes) -> tuple[Meta, bytes] | None:
         head = _HEAD.validate_json(body[:cut] + b"}")
     except ValidationError:
         return None
-    meta = Meta(head["event_id"], head["event_type"], head["schema_version"], head["stream_version"],
-                head["occurred_at"], head["recorded_at"])
+    meta = Meta(head["event_id"], head["event_type"], head["stream_id"], head["schema_version"],
+                head["stream_version"], head["occurred_at"], head["recorded_at"])
     return meta, payload
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator
 
 import nats
@@ -13,14 +14,23 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from shared.broker import Topology
 from shared.database import create_engine
-from shared.events import CommandContext, DomainEvent, event
+from shared.events import CommandContext, DomainEvent, EventRef, event
 from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
 from shared.schema import events, outbox
-from shared.sealing import SEALED_FIELD, SealBroken, SealingCodec, seal, sealed_subject, unseal
+from shared.sealing import (
+    LEGACY_MAGIC,
+    NONCE_BYTES,
+    SEALED_FIELD,
+    SealBroken,
+    SealingCodec,
+    seal,
+    sealed_subject,
+    unseal,
+)
 from shared.store import EventStore
 
 
@@ -59,29 +69,73 @@ json_values = st.recursive(
 )
 
 
+REF = EventRef(uuid.uuid4(), "SubjectNoted", "note-1")
+
+event_refs = st.builds(EventRef, st.uuids(), st.text(min_size=1, max_size=20), st.text(max_size=40))
+
+
 @settings(max_examples=200, deadline=None)
-@given(subject=st.text(min_size=1, max_size=64), payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6))
-def test_seal_round_trip_property(subject: str, payload: dict[str, object]) -> None:
+@given(subject=st.text(min_size=1, max_size=64), payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
+       ref=event_refs)
+def test_seal_round_trip_property(subject: str, payload: dict[str, object], ref: EventRef) -> None:
     key = AESGCM(os.urandom(32))
     plaintext = json.dumps(payload).encode()
-    blob = seal(subject, key, plaintext)
+    blob = seal(subject, key, plaintext, ref)
     assert sealed_subject(blob) == subject
-    assert json.loads(unseal(blob, key)) == payload
+    assert json.loads(unseal(blob, key, ref)) == payload
     with pytest.raises(ValueError):  # never readable as JSON
         json.loads(blob)
 
 
+@settings(max_examples=200, deadline=None)
+@given(ref=event_refs, other=event_refs)
+def test_a_blob_opens_only_as_the_payload_of_its_own_event_property(ref: EventRef, other: EventRef) -> None:
+    key = AESGCM(os.urandom(32))
+    blob = seal("IGA-A-001", key, b"{}", ref)
+    if other == ref:
+        assert unseal(blob, key, other) == b"{}"
+    else:
+        with pytest.raises(SealBroken):
+            unseal(blob, key, other)
+
+
 def test_wrong_key_or_altered_blob_is_refused_specifically() -> None:
     key = AESGCM(os.urandom(32))
-    blob = seal("IGA-A-001", key, b'{"value": 2.1}')
+    blob = seal("IGA-A-001", key, b'{"value": 2.1}', REF)
     with pytest.raises(SealBroken, match="IGA-A-001"):
-        unseal(blob, AESGCM(os.urandom(32)))
+        unseal(blob, AESGCM(os.urandom(32)), REF)
     altered = blob[:-1] + bytes([blob[-1] ^ 1])
     with pytest.raises(SealBroken):
-        unseal(altered, key)
+        unseal(altered, key, REF)
     moved = blob.replace(b"IGA-A-001", b"IGA-A-002")  # sealed for one subject, claimed for another
     with pytest.raises(SealBroken):
-        unseal(moved, key)
+        unseal(moved, key, REF)
+
+
+def test_a_blob_copied_onto_another_event_of_the_same_subject_is_refused() -> None:
+    key = AESGCM(os.urandom(32))
+    blob = seal("IGA-A-001", key, b'{"value": 2.1}', REF)
+    for other in (REF._replace(event_id=uuid.uuid4()), REF._replace(event_type="SubjectForgotten"),
+                  REF._replace(stream_id="note-2")):
+        with pytest.raises(SealBroken, match="sealed for another event"):
+            unseal(blob, key, other)
+    assert unseal(blob, key, REF) == b'{"value": 2.1}'
+
+
+def legacy_blob(subject_id: str, key: AESGCM, plaintext: bytes) -> bytes:
+    """A blob as sealed before events were bound in (``nts1``: the header alone authenticated)."""
+    header = LEGACY_MAGIC + bytes([len(subject_id.encode())]) + subject_id.encode()
+    nonce = os.urandom(NONCE_BYTES)
+    return header + nonce + key.encrypt(nonce, plaintext, header)
+
+
+def test_an_nts1_blob_still_opens() -> None:
+    key = AESGCM(os.urandom(32))
+    blob = legacy_blob("IGA-A-001", key, b'{"value": 2.1}')
+    assert sealed_subject(blob) == "IGA-A-001"
+    assert unseal(blob, key, REF) == b'{"value": 2.1}'
+    with pytest.raises(SealBroken):
+        unseal(blob, AESGCM(os.urandom(32)), REF)
 
 
 async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nats_client: nats.NATS, topology: Topology) -> None:
@@ -97,7 +151,7 @@ async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nat
     try:
         await other.synced()
         assert other.key("IGA-A-001") == key
-        sealed = seal("IGA-A-001", other.cipher("IGA-A-001"), b"{}")  # the cipher made once, kept
+        sealed = seal("IGA-A-001", other.cipher("IGA-A-001"), b"{}", REF)  # the cipher made once, kept
         await vault.erase("IGA-A-001")
         for _ in range(100):
             if other.is_erased("IGA-A-001"):
@@ -106,7 +160,7 @@ async def test_vault_creates_once_reads_and_erases_for_good(vault: KeyVault, nat
         with pytest.raises(KeyErased):
             other.key("IGA-A-001")
         with pytest.raises(KeyErased):  # the cached cipher went with the key
-            unseal(sealed, other.cipher("IGA-A-001"))
+            unseal(sealed, other.cipher("IGA-A-001"), REF)
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
@@ -169,3 +223,33 @@ async def test_a_key_created_by_another_process_is_fetched_on_first_use(
     await creator.create("IGA-C-003")
     await sealed_store.append("note-4", [SubjectNoted(subject_id="IGA-C-003", note="x")], 0)
     assert (await sealed_store.read_stream("note-4"))[0].payload["note"] == "x"
+
+
+async def test_a_payload_moved_to_another_event_of_the_patient_fails_in_the_store_and_on_the_broker(
+    sealed_store: EventStore, vault: KeyVault
+) -> None:
+    """Someone with write access to a table or a stream, but no key, cannot make one of a
+    patient's events say what another of their events says."""
+    await vault.create("IGA-B-008")
+    first, second = await sealed_store.append(
+        "note-5", [SubjectNoted(subject_id="IGA-B-008", note="first"), SubjectNoted(subject_id="IGA-B-008", note="2")], 0
+    )
+    async with sealed_store.engine.begin() as connection:
+        stored = await connection.scalar(select(events.c.payload).where(events.c.event_id == first.event_id))
+        await connection.execute(update(events).where(events.c.event_id == second.event_id).values(payload=stored))
+        bodies = [json.loads(b) for b in (await connection.execute(select(outbox.c.body).order_by(outbox.c.id))).scalars()]
+    with pytest.raises(SealBroken):
+        await sealed_store.read_stream("note-5")
+    moved = {**bodies[1], "payload": bodies[0]["payload"]}
+    with pytest.raises(SealBroken):
+        sealed_store.codec.open(json.dumps(moved).encode())
+    assert sealed_store.codec.open(json.dumps(bodies[0]).encode()) == first
+
+
+async def test_a_payload_sealed_as_nts1_is_still_read(sealed_store: EventStore, vault: KeyVault) -> None:
+    await vault.create("IGA-B-009")
+    [written] = await sealed_store.append("note-6", [SubjectNoted(subject_id="IGA-B-009", note="old")], 0)
+    old = legacy_blob("IGA-B-009", vault.cipher("IGA-B-009"), json.dumps(written.payload).encode())
+    async with sealed_store.engine.begin() as connection:
+        await connection.execute(update(events).where(events.c.event_id == written.event_id).values(payload=old))
+    assert await sealed_store.read_stream("note-6") == [written]

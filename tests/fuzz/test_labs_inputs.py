@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import httpx
 import nats
@@ -30,6 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.broker import LAB_RESULTS_SUBJECT
+from shared.events import EventRef
 from tests.fault.infra import FaultStack
 from tests.fault.verify import read_stream
 from tests.fuzz.conftest import budget
@@ -425,9 +427,14 @@ async def recorded_message_ids(database_url: str, prefix: str, nats_url: str) ->
     try:
         async with engine.connect() as connection, stack_codec(prefix, nats_url=nats_url, delete_bucket=False) as codec:
             rows = (await connection.execute(
-                text("SELECT stream_id, payload FROM events WHERE event_type = 'LabResultRecorded'"))).all()
+                text("SELECT event_id, event_type, stream_id, payload FROM events "
+                     "WHERE event_type = 'LabResultRecorded'"))).all()
             await codec.prepare(stored=(bytes(row.payload) for row in rows))
-            found = {codec.decode(row.stream_id, bytes(row.payload))["message_id"] for row in rows}
+            found = {
+                codec.decode(EventRef(UUID(str(row.event_id)), row.event_type, row.stream_id), bytes(row.payload))[
+                    "message_id"]
+                for row in rows
+            }
             rows = await connection.execute(text("SELECT message_id FROM parked_results"))
             found |= {row.message_id for row in rows}
     finally:

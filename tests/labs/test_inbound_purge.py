@@ -55,6 +55,8 @@ def test_a_subject_is_named_as_a_whole_token_or_by_its_field() -> None:
         assert matcher.named_in(other) == set(), other
     escaped = b'{"payload": {"subject_id": "IGA\\u002dA-1"}}'  # only the field check sees it
     assert matcher.named_in(escaped) == {"IGA-A-1"}
+    malformed = b'{"subject_id": "IGA\\u002dA-1", "value": 1.2'  # as the refusal of malformed JSON read it
+    assert matcher.named_in(malformed) == {"IGA-A-1"}
     assert matcher.named_in(b"\xff\xfe not json") == set()
 
 

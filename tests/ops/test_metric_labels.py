@@ -61,6 +61,7 @@ ALLOWED_LABELS: dict[str, frozenset[str]] = {
         "nephrotrack_lab_results_duplicate": {"source"},
         "nephrotrack_lab_results_parked": set(),
         "nephrotrack_erasure_purges_pending": set(),
+        "nephrotrack_erasure_key_purges_pending": set(),
         "nephrotrack_erasure_purge_scanned_messages": set(),
         "nephrotrack_erasure_purge_deleted_messages": {"stream"},
         "nephrotrack_projection_lag_events": {"source"},
