@@ -1,0 +1,60 @@
+"""Counted lab values as the v2 outcome definitions read them, and the choices made on them.
+
+Why a type of its own (not ``EgfrPoint``): the v2 definitions apply alike to eGFR and urine
+protein, whose events are still being designed; a value, its collection time and its result id
+are all the definitions need, and are easy to fill from any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One counted result (preliminaries are left out by the caller, as ``counted`` says)."""
+
+    result_id: str
+    value: float
+    collected_at: datetime
+
+    @property
+    def collected_on(self) -> date:
+        """The UTC calendar date: the contract compares dates, never times of day."""
+        return self.collected_at.astimezone(UTC).date()
+
+    @property
+    def order_key(self) -> tuple[datetime, str]:
+        """The order of "first" and "latest", as ``EgfrPoint.order_key``: collection time, then
+        the result id, so the choice never depends on the order results arrived in."""
+        return (self.collected_at, self.result_id)
+
+
+def in_order(measurements: Iterable[Measurement]) -> list[Measurement]:
+    return sorted(measurements, key=lambda m: m.order_key)
+
+
+def after_start(measurements: Iterable[Measurement], start: date) -> list[Measurement]:
+    """Those collected after treatment start (a later calendar date), oldest first."""
+    return [m for m in in_order(measurements) if m.collected_on > start]
+
+
+def latest_on_or_before(measurements: Iterable[Measurement], start: date) -> Measurement | None:
+    return next((m for m in reversed(in_order(measurements)) if m.collected_on <= start), None)
+
+
+def latest_after(measurements: Iterable[Measurement], start: date) -> Measurement | None:
+    after = after_start(measurements, start)
+    return after[-1] if after else None
+
+
+def at_most_percent(value: float, reference: float, percent: int) -> bool:
+    """``value ≤ percent % of reference``, compared as the decimals the numbers are written as.
+
+    Why decimals: 0.6 × 12.0 is 7.199999999999999 in binary floating point, so a value of 7.2
+    — exactly 60 % of 12 on paper — would not count. Reading each float as its shortest decimal
+    (``repr``) makes the boundary fall where a statistician working by hand puts it."""
+    return Decimal(repr(value)) * 100 <= Decimal(repr(reference)) * percent
