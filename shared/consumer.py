@@ -35,7 +35,7 @@ from nats.js.client import JetStreamContext
 
 from shared import metrics
 from shared.events import Envelope
-from shared.outages import Outages, outage_of
+from shared.outages import Dependency, Outages
 from shared.schema import inbox
 from shared.store import JSON_CODEC, Codec, EventStore, UnitOfWork
 
@@ -160,12 +160,6 @@ def one_by_one(handler: MessageHandler) -> BatchHandler:
     return handle
 
 
-OUTAGE_RETRIES_WHEN_UP = 3
-"""How often a failure that looks like an outage is tried again although the dependency answers
-at once (a pooled connection the database had dropped: the next try reconnects). Beyond this it
-is the message's own failure and spends a delivery."""
-
-
 def _in_progress(raw: Sequence[Msg]) -> Callable[[], Awaitable[None]]:
     """Tell JetStream the held messages are still being worked on (no redelivery after ack_wait)."""
 
@@ -241,21 +235,19 @@ class DurableConsumer:
     async def _transact(self, raw: Sequence[Msg], messages: list[InboundMessage]) -> None:
         """Handle ``messages`` in one transaction; an outage is waited out and the same messages
         handled again, so only a failure of the messages' own leaves this method."""
-        answered_at_once = 0
-        while True:
-            try:
-                async with self.store.transaction() as uow:
-                    await self._handle_new(uow, messages)
-                return
-            except Exception as exc:
-                dependency = outage_of(exc)
-                if dependency is None or self.outages is None or answered_at_once >= OUTAGE_RETRIES_WHEN_UP:
-                    raise
-                metrics.CONSUMER_OUTAGE_RETRIES.labels(consumer=self.name, dependency=dependency).inc()
-                if await self.outages.wait_out(dependency, keepalive=_in_progress(raw)):
-                    answered_at_once = 0
-                else:  # it answers: a connection lost mid-use (the pool reconnects), or not an outage
-                    answered_at_once += 1
+
+        async def handle() -> None:
+            async with self.store.transaction() as uow:
+                await self._handle_new(uow, messages)
+
+        if self.outages is None:
+            await handle()
+            return
+
+        def count(dependency: Dependency) -> None:
+            metrics.CONSUMER_OUTAGE_RETRIES.labels(consumer=self.name, dependency=dependency).inc()
+
+        await self.outages.outlast(handle, keepalive=_in_progress(raw), on_outage=count)
 
     async def _handle_new(self, uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         fresh_ids = set(await uow.claim_messages(self.name, [m.message_id for m in messages]))

@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from typing import TypeVar
 
 import nats.errors
 import structlog
@@ -92,6 +93,12 @@ def _outage_of_one(error: BaseException) -> Dependency | None:
 
 Probe = Callable[[], Awaitable[None]]
 Keepalive = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+RETRIES_WHEN_UP = 3
+"""How often a failure that looks like an outage is tried again although the dependency answers
+at once (a pooled connection the database had dropped: the next try reconnects). Beyond this it
+is the work's own failure."""
 
 
 class Outages:
@@ -122,6 +129,27 @@ class Outages:
 
     def is_down(self, dependency: Dependency) -> bool:
         return dependency in self._down
+
+    async def outlast(
+        self, work: Callable[[], Awaitable[T]], *, keepalive: Keepalive | None = None,
+        on_outage: Callable[[Dependency], None] | None = None,
+    ) -> T:
+        """``work()`` again and again until it succeeds or fails for a reason of its own, waiting
+        out every outage in between (:meth:`wait_out`); ``on_outage`` is told of each."""
+        answered_at_once = 0
+        while True:
+            try:
+                return await work()
+            except Exception as error:
+                dependency = outage_of(error)
+                if dependency is None or answered_at_once >= RETRIES_WHEN_UP:
+                    raise
+                if on_outage is not None:
+                    on_outage(dependency)
+                if await self.wait_out(dependency, keepalive):
+                    answered_at_once = 0
+                else:
+                    answered_at_once += 1
 
     async def wait_out(self, dependency: Dependency, keepalive: Keepalive | None = None) -> bool:
         """Return once ``dependency`` answers. False when it answered the first probe (it was not

@@ -193,7 +193,8 @@ class Service:
         js = self.broker.connection.jetstream()
         await ensure_streams(js, self.topology.all_streams(SERVICES))
         await self.vault.connect(js)
-        for subject_id in await erased_subjects(self.store):  # before the mirror loads any key
+        # before the mirror loads any key; a database not answering yet is waited for
+        for subject_id in await self.outages.outlast(lambda: erased_subjects(self.store)):
             self.vault.forget(subject_id)
         self._spawn(self.vault.watch)
         await self.vault.synced()  # every key and erasure known before the first message or request

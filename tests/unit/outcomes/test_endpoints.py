@@ -3,6 +3,7 @@ and their group curves — worked by hand, then as properties of generated patie
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
@@ -252,8 +253,8 @@ def test_kaplan_meier_survival_falls_from_at_most_one_and_counts_every_patient(g
     curve = kaplan_meier_curve(group)
     assert curve["times"] == sorted(set(curve["times"]))
     assert all(0 <= s <= 1 for s in curve["survival"])
-    assert all(a >= b for a, b in zip(curve["survival"], curve["survival"][1:]))
-    assert all(a >= b for a, b in zip(curve["at_risk"], curve["at_risk"][1:]))
+    assert all(a >= b for a, b in itertools.pairwise(curve["survival"]))
+    assert all(a >= b for a, b in itertools.pairwise(curve["at_risk"]))
     assert curve["at_risk"][:1] == ([len(group)] if group else [])
     assert sum(curve["events"]) == sum(t.observed for t in group)
 
@@ -267,7 +268,7 @@ def test_aalen_johansen_incidence_rises_and_stays_within_one_minus_survival(grou
     survival = kaplan_meier_curve(group)
     assert incidence["times"] == survival["times"] and incidence["at_risk"] == survival["at_risk"]
     cif = incidence["cumulative_incidence"]
-    assert all(0 <= a <= b for a, b in zip(cif, cif[1:]))
+    assert all(0 <= a <= b for a, b in itertools.pairwise(cif))
     for i, s in enumerate(survival["survival"]):
         assert cif[i] <= 1 - s + 1e-12
         # every patient is event-free, or had one of the three events: the incidences add up
