@@ -158,7 +158,7 @@ def make_plan(patients: int, results_per_patient: int, *, seed: int = 11, tag: s
         else:
             start = enrolled_on
         plan.labs = _lab_messages(rng, plan, start, results_per_patient)
-        last = max(m.collected_at.date() for m in plan.labs)
+        last = max(m.collected_at.date() for m in plan.labs if m.valid)  # not the deliberate 2099
         fate = rng.random()
         if fate < 0.2:
             plan.clinical.append({"type": "dialysis_started", "on": (last - timedelta(days=40)).isoformat()})
