@@ -48,7 +48,7 @@ from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import keep_statistics
 from shared.erasures import erased_subjects
-from shared.errors import Conflict, DomainError
+from shared.errors import DomainError
 from shared.events import CommandContext, DomainEvent, Envelope, registry
 from shared.keys import KeyMissing, KeyVault, bucket_name
 from shared.logs import configure_logging
@@ -56,7 +56,7 @@ from shared.outages import Dependency, Outages, outage_of
 from shared.relay import OutboxRelay
 from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
-from shared.store import ConcurrencyError, PostgresEventStore, open_store
+from shared.store import PostgresEventStore, UnitOfWork, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -120,19 +120,18 @@ class Service:
         """Load a stream, decide on its history, append with optimistic concurrency.
 
         A concurrent writer makes the append fail with ConcurrencyError; the command is then
-        decided again on the new history, so no write is ever lost and no rule is skipped.
+        decided again on the new history (``EventStore.transact``), so no write is ever lost and
+        no rule is skipped.
         """
-        for _ in range(retries):
-            try:
-                async with self.store.transaction() as uow:
-                    history = await uow.read_stream(stream_id)
-                    new_events = decide([envelope.decode() for envelope in history])
-                    envelopes = await uow.append(stream_id, new_events, len(history), context)
-                self.committed()
-                return envelopes
-            except ConcurrencyError:
-                await asyncio.sleep(0.005)
-        raise Conflict(f"stream {stream_id} is being changed concurrently; try again")
+
+        async def decide_and_append(uow: UnitOfWork) -> list[Envelope]:
+            history = await uow.read_stream(stream_id)
+            new_events = decide([envelope.decode() for envelope in history])
+            return await uow.append(stream_id, new_events, len(history), context)
+
+        envelopes = await self.store.transact(decide_and_append, retries=retries)
+        self.committed()
+        return envelopes
 
     def publishes(self, *models: type[DomainEvent]) -> None:
         """Declare the events this service publishes, for its AsyncAPI document (the relay does

@@ -22,22 +22,27 @@ order is ``seq``; PostgreSQL's concurrent writers need a read horizon (its modul
 
 from __future__ import annotations
 
+import asyncio
+import random
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import pydantic_core
 import structlog
 
 from shared import metrics
+from shared.errors import Conflict
 from shared.events import CommandContext, DomainEvent, Envelope, EventRef, Payload, utcnow
 from shared.store.registers import ErasedRegister, PatientRegister
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class ConcurrencyError(Exception):
@@ -130,6 +135,9 @@ class StoredEvent:
     envelope: Envelope
 
 
+Work = Callable[["UnitOfWork"], Awaitable[T]]
+
+
 class EventStore(ABC):
     """A service's event store. ``subject_for`` names the broker subject of an event (or None
     for events that stay private to the service); those events get an outbox row.
@@ -149,6 +157,24 @@ class EventStore(ABC):
         async with self._begin() as uow:
             yield uow
         uow._run_commit_callbacks()
+
+    async def transact(self, work: Work[T], *, retries: int = 10) -> T:
+        """Run ``work(uow)`` in one unit of work and return what it returns.
+
+        A concurrent writer that got there first (ConcurrencyError) makes it run again, after a
+        short random pause, on what is recorded now: no write is lost and no rule decided on a
+        stale history. A conflict that outlasts ``retries`` runs is the caller's to retry:
+        :class:`shared.errors.Conflict` (HTTP 409).
+        """
+        attempts = max(retries, 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.transaction() as uow:
+                    return await work(uow)
+            except ConcurrencyError as error:
+                if attempt == attempts:
+                    raise Conflict(f"stream {error.stream_id} is being changed concurrently; try again") from error
+                await asyncio.sleep(random.uniform(0.001, 0.01))  # so writers that collided do not collide in step
 
     async def append(
         self,

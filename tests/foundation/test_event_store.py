@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 import pytest
 from sqlalchemy import text
 
+from shared.errors import Conflict
 from shared.events import CommandContext, DomainEvent, Envelope, EventRef, Payload, event
 from shared.store import (
     START,
@@ -19,6 +20,7 @@ from shared.store import (
     EventStore,
     JsonCodec,
     Position,
+    UnitOfWork,
     open_store,
 )
 from shared.store.postgres import PostgresUnitOfWork
@@ -268,6 +270,57 @@ async def test_batch_read_and_append_across_streams(store: EventStore) -> None:
             await uow.append_many([("c", things(6), 0), ("b", things(5), 0)])  # stale expected version for b
     assert len(await store.read_stream("b")) == 2
     assert await store.read_stream("c") == []  # the whole batch, not just the clashing stream
+
+
+async def test_transact_runs_the_work_again_after_a_conflict(store: EventStore) -> None:
+    """A work that meets a concurrent writer twice (it appends after the version it read, and
+    the stream moved on) succeeds on its third run; the runs that failed left nothing."""
+    await store.append("contested", things(0), expected_version=0)
+    runs = 0
+
+    async def work(uow: UnitOfWork) -> list[Envelope]:
+        nonlocal runs
+        runs += 1
+        await uow.append("side", things(runs), expected_version=0)  # would clash if a failed run had kept it
+        seen = await uow.stream_version("contested")
+        stale = seen - 1 if runs <= 2 else seen  # as if another writer appended after we read
+        return await uow.append("contested", things(100 + runs), expected_version=stale)
+
+    written = await store.transact(work)
+    assert runs == 3
+    assert [e.decode().n for e in written] == [103]
+    assert [e.decode().n for e in await store.read_stream("contested")] == [0, 103]
+    assert [e.decode().n for e in await store.read_stream("side")] == [3]
+
+
+async def test_transact_gives_up_with_a_conflict_the_caller_can_retry(store: EventStore) -> None:
+    await store.append("contested", things(0), expected_version=0)
+    runs = 0
+
+    async def work(uow: UnitOfWork) -> None:
+        nonlocal runs
+        runs += 1
+        await uow.append("contested", things(runs), expected_version=0)
+
+    with pytest.raises(Conflict, match="stream contested is being changed concurrently; try again") as raised:
+        await store.transact(work, retries=3)
+    assert runs == 3
+    assert raised.value.status_code == 409
+    assert len(await store.read_stream("contested")) == 1
+
+
+async def test_transact_does_not_retry_other_failures(store: EventStore) -> None:
+    runs = 0
+
+    async def work(uow: UnitOfWork) -> None:
+        nonlocal runs
+        runs += 1
+        await uow.append("thing-1", things(1), expected_version=0)
+        raise ValueError("a rule refused the command")
+
+    with pytest.raises(ValueError):
+        await store.transact(work)
+    assert runs == 1 and await store.read_stream("thing-1") == []
 
 
 async def test_patient_register(store: EventStore) -> None:
