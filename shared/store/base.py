@@ -153,7 +153,8 @@ class EventStore(ABC):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[UnitOfWork]:
-        """One unit of work: commits when the block ends, rolls back when it raises."""
+        """One unit of work: commits when the block ends, rolls back when it raises; the
+        callbacks it was given (:meth:`UnitOfWork.on_commit`) run once it committed."""
         async with self._begin() as uow:
             yield uow
         uow._run_commit_callbacks()
@@ -232,6 +233,7 @@ class EventStore(ABC):
         """Up to ``size`` committed rows after ``after``, in commit-safe order, below the horizon."""
 
     async def decoded(self, rows: Sequence[Any]) -> list[Envelope]:
+        """Rows as envelopes; the codec is prepared for the batch first (it may fetch keys)."""
         await self.codec.prepare(stored=(row.payload for row in rows))
         return [self.envelope(row) for row in rows]
 
