@@ -15,7 +15,7 @@ from bench.report import percentile
 from shared.database import create_engine, migrate
 from shared.events import DomainEvent, event
 from shared.schema import events
-from shared.store import EventStore, GapStrategy
+from shared.store import EventStore, GapStrategy, PostgresEventStore, SqliteEventStore
 from tests.conftest import POSTGRES, drop_database
 
 WRITERS = 8
@@ -64,9 +64,14 @@ async def _raw_insert(url: str, count: int) -> float:
 
 async def _measure(url: str, strategy: GapStrategy) -> str:
     await asyncio.to_thread(migrate, "bench", url)
-    store = EventStore(create_engine(url, pool_size=WRITERS), subject_for=lambda e: "bench.x", gap_strategy=strategy)
+    engine = create_engine(url, pool_size=WRITERS)
+    store: EventStore = (
+        PostgresEventStore(engine, subject_for=lambda e: "bench.x", gap_strategy=strategy)
+        if url.startswith("postgresql")
+        else SqliteEventStore(engine, subject_for=lambda e: "bench.x")
+    )
     elapsed, latencies = await _appends(store)
-    await store.engine.dispose()
+    await store.close()
     total = WRITERS * APPENDS_PER_WRITER
     raw = await _raw_insert(url, total)
     return (

@@ -20,7 +20,7 @@ from shared.schema import events
 
 if TYPE_CHECKING:
     from shared.service import Service
-    from shared.store import EventStore
+    from shared.store import SqlEventStore
 
 MAX_LIMIT = 1000
 MAX_POSITION = 2**63 - 1  # BIGINT
@@ -45,7 +45,7 @@ def _utc(value: datetime) -> datetime:
 
 
 async def audit_entries(
-    store: EventStore,
+    store: SqlEventStore,
     *,
     since: datetime | None = None,
     actor: str | None = None,

@@ -11,32 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import date
-
-from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.consumer import InboundMessage
 from shared.erasures import remember_erased
 from shared.events import Envelope
 from shared.keys import KeyErased
-from shared.schema import known_patients
 from shared.store import EventStore, UnitOfWork
+from shared.store.registers import EnrolledPatient
 
 ENROLLED = "PatientEnrolled"
 ERASED = "PatientDataErased"
-
-
-@dataclass(frozen=True)
-class EnrolledPatient:
-    subject_id: str
-    group: str
-    sex: str
-    age_years: int
-    enrolled_on: date
 
 
 async def remember_enrollments(uow: UnitOfWork, messages: list[InboundMessage]) -> list[EnrolledPatient]:
@@ -55,10 +40,7 @@ async def remember_enrollments(uow: UnitOfWork, messages: list[InboundMessage]) 
                 enrolled_on=date.fromisoformat(payload["enrolled_on"]),
             )
         )
-    if enrolled:
-        insert = pg_insert if uow.store.is_postgres else sqlite_insert
-        rows = [patient.__dict__ for patient in enrolled]
-        await uow.connection.execute(insert(known_patients).values(rows).on_conflict_do_nothing())
+    await uow.patients.remember(enrolled)
     return enrolled
 
 
@@ -77,23 +59,22 @@ async def forget_erased(uow: UnitOfWork, messages: list[InboundMessage]) -> list
     from the register, and remember them as erased (their key leaves this process's mirror at
     once, and stays out of it after a restart: shared/erasures.py). Returns their subject ids."""
     erased = [envelope.payload["subject_id"] for _, envelope in readable(messages) if envelope.event_type == ERASED]
-    if erased:
-        await uow.connection.execute(delete(known_patients).where(known_patients.c.subject_id.in_(erased)))
-        await remember_erased(uow, erased)
+    await uow.patients.forget(erased)
+    await remember_erased(uow, erased)
     return erased
 
 
-async def find_patient(connection: AsyncConnection, subject_id: str) -> EnrolledPatient | None:
-    row = (await connection.execute(select(known_patients).where(known_patients.c.subject_id == subject_id))).first()
-    return EnrolledPatient(**row._mapping) if row else None
+async def find_patient(store: EventStore, subject_id: str) -> EnrolledPatient | None:
+    """The patient if the service has learned of them (no waiting: a read's answer)."""
+    async with store.transaction() as uow:
+        return await uow.patients.find(subject_id)
 
 
 async def wait_for_patient(store: EventStore, subject_id: str, timeout: float) -> EnrolledPatient | None:
     """The patient once the service has learned of them, polling up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        async with store.engine.connect() as connection:
-            patient = await find_patient(connection, subject_id)
+        patient = await find_patient(store, subject_id)
         if patient is not None or time.monotonic() >= deadline:
             return patient
         await asyncio.sleep(0.05)

@@ -8,7 +8,8 @@ of the relay's, drained when the whole batch is out (:class:`AckCollector`): nat
 service's CPU per result (docs/labs.md#throughput). The relay deletes a row only
 after JetStream acknowledged it: killed at any point, it either re-publishes (a duplicate with
 no effect) or has nothing left to do — it never loses an event. Several relays may run against
-one PostgreSQL database: ``FOR UPDATE SKIP LOCKED`` gives each its own rows.
+one PostgreSQL database: ``FOR UPDATE SKIP LOCKED`` gives each its own rows. It works on a SQL
+store's tables through its ``engine``; the in-memory store has no relay (shared/store/memory.py).
 
 The outbox is a queue table: every row is inserted, locked and deleted within moments, so on
 PostgreSQL it fills with dead rows that only VACUUM gives back. Autovacuum is not enough to rely
@@ -40,9 +41,8 @@ from sqlalchemy import Row, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared import metrics
-from shared.database import one_of
 from shared.schema import outbox
-from shared.store import EventStore
+from shared.store import EventStore, SqlEventStore
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +125,8 @@ class OutboxRelay:
         ack_timeout: float = 10.0,
         vacuum_every: int = VACUUM_EVERY_ROWS,
     ) -> None:
+        if not isinstance(store, SqlEventStore):  # the in-memory store: its outbox is for tests to read
+            raise TypeError(f"the outbox relay publishes a SQL store's outbox table; {type(store).__name__} has none")
         self.store = store
         self.acks = AckCollector(nc)
         self.batch_size = batch_size
@@ -202,7 +204,7 @@ class OutboxRelay:
     async def _delete(self, connection: AsyncConnection, acked: Sequence[Row[Any]]) -> None:
         if acked:
             ids = [row.id for row in acked]
-            await connection.execute(delete(outbox).where(one_of(outbox.c.id, ids, postgres=self.store.is_postgres)))
+            await connection.execute(delete(outbox).where(self.store.one_of(outbox.c.id, ids)))
         await self._observe_backlog(connection)
 
     async def vacuum(self) -> None:

@@ -46,9 +46,9 @@ from shared.auth import (
 )
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
-from shared.database import create_engine, keep_statistics
+from shared.database import keep_statistics
 from shared.erasures import erased_subjects
-from shared.errors import Conflict, DomainError
+from shared.errors import DomainError
 from shared.events import CommandContext, DomainEvent, Envelope, registry
 from shared.keys import KeyMissing, KeyVault, bucket_name
 from shared.logs import configure_logging
@@ -56,7 +56,7 @@ from shared.outages import Dependency, Outages, outage_of
 from shared.relay import OutboxRelay
 from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
-from shared.store import ConcurrencyError, EventStore
+from shared.store import PostgresEventStore, UnitOfWork, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -89,10 +89,8 @@ class Service:
         self.topology = Topology.from_env()
         self.keys = KeyRing.from_env()  # AuthConfigError (naming the bad entry) if malformed
         self.vault = KeyVault(bucket_name(self.topology))  # patients' data keys (shared.keys)
-        self.store = EventStore(
-            create_engine(database or database_url(name, self.settings)),
-            subject_for=self._subject_for,
-            codec=SealingCodec(self.vault),
+        self.store = open_store(
+            database or database_url(name, self.settings), subject_for=self._subject_for, codec=SealingCodec(self.vault)
         )
         self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}")
         self.consumers: list[DurableConsumer] = []
@@ -122,19 +120,18 @@ class Service:
         """Load a stream, decide on its history, append with optimistic concurrency.
 
         A concurrent writer makes the append fail with ConcurrencyError; the command is then
-        decided again on the new history, so no write is ever lost and no rule is skipped.
+        decided again on the new history (``EventStore.transact``), so no write is ever lost and
+        no rule is skipped.
         """
-        for _ in range(retries):
-            try:
-                async with self.store.transaction() as uow:
-                    history = await uow.read_stream(stream_id)
-                    new_events = decide([envelope.decode() for envelope in history])
-                    envelopes = await uow.append(stream_id, new_events, len(history), context)
-                self.committed()
-                return envelopes
-            except ConcurrencyError:
-                await asyncio.sleep(0.005)
-        raise Conflict(f"stream {stream_id} is being changed concurrently; try again")
+
+        async def decide_and_append(uow: UnitOfWork) -> list[Envelope]:
+            history = await uow.read_stream(stream_id)
+            new_events = decide([envelope.decode() for envelope in history])
+            return await uow.append(stream_id, new_events, len(history), context)
+
+        envelopes = await self.store.transact(decide_and_append, retries=retries)
+        self.committed()
+        return envelopes
 
     def publishes(self, *models: type[DomainEvent]) -> None:
         """Declare the events this service publishes, for its AsyncAPI document (the relay does
@@ -202,7 +199,7 @@ class Service:
         self.relay = OutboxRelay(self.store, self.broker.connection)
         self._spawn(self.relay.run)
         self._spawn(self._watch_consumer_lag)
-        if self.store.is_postgres:
+        if isinstance(self.store, PostgresEventStore):
             self._spawn(self._keep_statistics)
         for task in self.background:
             self._spawn(task)
@@ -230,13 +227,13 @@ class Service:
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.broker.stop()
-        await self.store.engine.dispose()
+        await self.store.close()
 
     def _spawn(self, factory: BackgroundTask) -> None:
         self._tasks.append(asyncio.create_task(_forever(factory), name=getattr(factory, "__name__", "task")))
 
     async def _keep_statistics(self) -> None:
-        await keep_statistics(self.store.engine)
+        await keep_statistics(self.store.engine)  # spawned for a PostgreSQL store only
 
     async def _watch_consumer_lag(self) -> None:
         js = self.broker.connection.jetstream()

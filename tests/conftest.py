@@ -22,8 +22,8 @@ from hypothesis.errors import NonInteractiveExampleWarning
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.broker import Topology
-from shared.database import create_engine, migrate
-from shared.store import EventStore
+from shared.database import migrate
+from shared.store import MEMORY_URL, EventStore, open_store
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,9 +41,14 @@ def hypothesis_unicode_table() -> None:
 POSTGRES = os.environ.get("NEPHROTRACK_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 NATS_URL = os.environ.get("NEPHROTRACK_TEST_NATS", "nats://127.0.0.1:4222")
 BACKENDS = ["sqlite", "postgresql"]
+STORE_BACKENDS = ["memory", *BACKENDS]
+"""For a test of the event store's interface only (no SQL of its own): the in-memory store too.
+A module opts in by overriding the ``backend`` fixture with these as its params."""
 
 
 def new_database_url(backend: str, tmp_path: Path, service: str = "test") -> str:
+    if backend == "memory":
+        return MEMORY_URL
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / f'{service}-{uuid.uuid4().hex[:8]}.db'}"
     return f"{POSTGRES}/nt_{service}_{uuid.uuid4().hex[:12]}"
@@ -69,16 +74,17 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     url = new_database_url(backend, tmp_path)
-    await asyncio.to_thread(migrate, "test", url)
+    if backend != "memory":
+        await asyncio.to_thread(migrate, "test", url)
     yield url
     await drop_database(url)
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[EventStore]:
-    event_store = EventStore(create_engine(database_url), subject_for=lambda e: f"test.{e.event_type}")
+    event_store = open_store(database_url, subject_for=lambda e: f"test.{e.event_type}")
     yield event_store
-    await event_store.engine.dispose()
+    await event_store.close()
 
 
 @pytest.fixture

@@ -259,9 +259,8 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     async def get_infusions(subject_id: str) -> PatientInfusions:
         history = await service.store.read_stream(patient_stream_id(subject_id))
         if not history:
-            async with service.store.engine.connect() as connection:
-                if await find_patient(connection, subject_id) is None:
-                    raise NotFound(f"no patient is enrolled with subject id {subject_id}")
+            if await find_patient(service.store, subject_id) is None:
+                raise NotFound(f"no patient is enrolled with subject id {subject_id}")
         view = infusions(fold_patient(_decoded(history)))
         return view.model_copy(update={"subject_id": subject_id})
 

@@ -16,7 +16,6 @@ from services.labs.ingest import LabIngestion, Refusal, lab_rejections, lab_resu
 from services.labs.purge import list_purges
 from shared.errors import NotFound
 from shared.events import Envelope
-from shared.patients import find_patient
 from shared.service import Service
 
 
@@ -102,7 +101,7 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
                     select(parked_results).where(parked_results.c.subject_id == subject_id).order_by(parked_results.c.id)
                 )
             ).all()
-            patient = await find_patient(uow.connection, subject_id)
+            patient = await uow.patients.find(subject_id)
         results = [result_view(r, histories[stream_id(r)]) for r in result_ids]
         results.sort(key=lambda view: (view["effective"] or {}).get("collected_at") or "")
         return {

@@ -18,7 +18,7 @@ from services.labs import api, fhir_api
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
 from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, after_commit, refusal_subject
+from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, refusal_subject
 from services.labs.mllp import MllpServer
 from services.labs.purge import InboundPurger, request_purges, targets
 from services.labs.redaction import carries_personal_data
@@ -102,7 +102,7 @@ def forget_after_commit(service: Service) -> Forget:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
-        after_commit(uow, on_commit)
+        uow.on_commit(on_commit)
 
     return forget
 
@@ -123,7 +123,7 @@ def enrollment_handler(labs: LabIngestion, purge_requested: Callable[[], None] |
             await labs.forget(uow, erased)
             await request_purges(uow, erased, datetime.now(UTC))
             if purge_requested is not None:
-                after_commit(uow, purge_requested)
+                uow.on_commit(purge_requested)
 
     return on_enrollment
 

@@ -47,7 +47,6 @@ from sqlalchemy import (
     Text,
     Uuid,
     delete,
-    event,
     func,
     insert,
     select,
@@ -198,14 +197,6 @@ def code_label(code: str | None) -> str:
     """The bounded metric label of a rejection code (codes are a closed set in the parsers; this
     guards the label against anything else)."""
     return code if code and _CODE.fullmatch(code) else "other"
-
-
-def after_commit(uow: UnitOfWork, callback: Callable[[], None]) -> None:
-    """Run ``callback`` when this unit of work commits (never on rollback): metrics count only
-    what was really recorded, even when a batch fails and is retried message by message."""
-    connection = uow.connection.sync_connection
-    assert connection is not None
-    event.listen(connection, "commit", lambda _conn: callback(), once=True)
 
 
 # --------------------------------------------------------------------------- the core
@@ -365,7 +356,7 @@ class LabIngestion:
             for source, code in labels:
                 metrics.LAB_RESULTS_REJECTED.labels(source=source, reason=code).inc()
 
-        after_commit(uow, count)
+        uow.on_commit(count)
         return envelopes
 
     async def release_parked(self, uow: UnitOfWork, subject_ids: Iterable[str], now: datetime) -> list[Outcome]:
@@ -539,7 +530,7 @@ def _count_on_commit(uow: UnitOfWork, outcomes: Sequence[Outcome]) -> None:
         for source, n in duplicates.items():
             metrics.LAB_RESULTS_DUPLICATE.labels(source=source).inc(n)
 
-    after_commit(uow, count)
+    uow.on_commit(count)
 
 
 def _insert_ignore(uow: UnitOfWork, table: Table) -> Any:

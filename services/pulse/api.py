@@ -105,9 +105,8 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     async def get_cycles(subject_id: str) -> PulseCycles:
         history = await service.store.read_stream(stream_id(subject_id))
         if not history:
-            async with service.store.engine.connect() as connection:
-                if await find_patient(connection, subject_id) is None:
-                    raise NotFound(f"no patient is enrolled with subject id {subject_id}")
+            if await find_patient(service.store, subject_id) is None:
+                raise NotFound(f"no patient is enrolled with subject id {subject_id}")
         view = cycles(fold(envelope.decode() for envelope in history))
         return view.model_copy(update={"subject_id": subject_id})
 

@@ -27,8 +27,7 @@ import pytest
 from services.cells.domain import fold_lot, fold_patient, infusions
 from services.pulse.domain import cycles, fold
 from shared.broker import Topology
-from shared.database import create_engine
-from shared.store import EventStore
+from shared.store import EventStore, open_store
 from tests.conftest import BACKENDS, NATS_URL
 from tests.keys import stack_codec
 from tests.stack import Stack, eventually
@@ -146,11 +145,11 @@ async def clinical(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     try:
         await stack.start()
         async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
-            stores = {s: EventStore(create_engine(stack.database_urls[s]), codec=codec) for s in ("pulse", "cells")}
+            stores = {s: open_store(stack.database_urls[s], codec=codec) for s in ("pulse", "cells")}
             yield Clinical(stack, prefix, http, client.jetstream(), stores)
     finally:
         for store in stores.values():
-            await store.engine.dispose()
+            await store.close()
         await stack.stop()
         js = client.jetstream()
         for name in [s.config.name for s in await js.streams_info()]:

@@ -232,8 +232,8 @@ async def _purge_as_labs(labs: Client, operator: Client, topology: Any, tmp_path
 
     from services.labs.purge import InboundPurger, list_purges, request_purges, targets
     from shared.broker import LAB_REJECTED_SUBJECT
-    from shared.database import create_engine, migrate
-    from shared.store import EventStore
+    from shared.database import migrate
+    from shared.store import open_store
 
     erased, kept = "IGA-A-901", "IGA-A-902"
     published = {}
@@ -249,7 +249,7 @@ async def _purge_as_labs(labs: Client, operator: Client, topology: Any, tmp_path
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'labs.db'}"
     await asyncio.to_thread(migrate, "labs", url)
-    store = EventStore(create_engine(url), subject_for=lambda envelope: None)
+    store = open_store(url, subject_for=lambda envelope: None)
     try:
         async with store.transaction() as uow:
             await request_purges(uow, [erased], datetime.now(UTC))
@@ -257,7 +257,7 @@ async def _purge_as_labs(labs: Client, operator: Client, topology: Any, tmp_path
         async with store.engine.connect() as connection:
             (job,) = await list_purges(connection, 1)
     finally:
-        await store.engine.dispose()
+        await store.close()
     assert job["deleted"] == {"labs_results": 1, "labs_rejected": 1, "labs_events": 1}, job
     for subject_id, acks in published.items():
         for ack in acks:

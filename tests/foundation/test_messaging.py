@@ -22,8 +22,8 @@ from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import DurableConsumer, InboundMessage, one_by_one
 from shared.outages import Dependency, Outages
 from shared.relay import AckCollector, OutboxRelay
-from shared.store import EventStore, UnitOfWork
-from tests.conftest import NATS_URL
+from shared.store import MEMORY_URL, EventStore, UnitOfWork, open_store
+from tests.conftest import NATS_URL, STORE_BACKENDS
 from tests.fault.infra import refuse_connections
 from tests.foundation.test_event_store import things
 
@@ -93,16 +93,21 @@ async def test_relay_vacuums_the_outbox_it_empties(store: EventStore, nats_clien
     await js.delete_stream(stream)
 
 
+async def test_the_in_memory_store_has_no_relay_and_says_so(nats_client: nats.NATS) -> None:
+    with pytest.raises(TypeError, match="the outbox relay publishes a SQL store's outbox table; MemoryEventStore has none"):
+        OutboxRelay(open_store(MEMORY_URL), nats_client)
+
+
 RELAY_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys, nats
     from shared.database import create_engine
     from shared.relay import OutboxRelay
-    from shared.store import EventStore
+    from shared.store import open_store
 
     async def main():
         client = await nats.connect(sys.argv[2])
-        store = EventStore(create_engine(sys.argv[1]))
+        store = open_store(sys.argv[1])
         relay = OutboxRelay(store, client, batch_size=50)
         while await relay.publish_batch():
             pass
@@ -167,6 +172,7 @@ async def _consume(
     return broker, consumer
 
 
+@pytest.mark.parametrize("backend", STORE_BACKENDS)  # handlers run on every store
 async def test_consumer_inbox_gives_one_effect_per_message_id(
     store: EventStore, nats_client: nats.NATS, topology: Topology
 ) -> None:
@@ -195,6 +201,7 @@ async def test_consumer_inbox_gives_one_effect_per_message_id(
     assert sorted(effects) == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("backend", STORE_BACKENDS)  # handlers run on every store
 async def test_failing_message_is_retried_then_dead_lettered_without_blocking_others(
     store: EventStore, nats_client: nats.NATS, topology: Topology
 ) -> None:
@@ -270,6 +277,7 @@ async def _wait_for(read, expected, timeout: float = 30.0) -> None:  # type: ign
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("backend", STORE_BACKENDS)  # handlers run on every store
 async def test_an_over_long_message_id_is_deduplicated_by_its_digest_without_failing_its_batch(
     store: EventStore, nats_client: nats.NATS, topology: Topology
 ) -> None:

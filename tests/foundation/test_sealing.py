@@ -1,5 +1,5 @@
 """Sealed payloads and the key vault (crypto-shredding), on the real NATS key-value store and
-both database backends: round trips, the specific error of each failure, and erasure."""
+every store backend: round trips, the specific error of each failure, and erasure."""
 
 from __future__ import annotations
 
@@ -14,13 +14,10 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, update
 
 from shared.broker import Topology
-from shared.database import create_engine
 from shared.events import CommandContext, DomainEvent, EventRef, event
 from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
-from shared.schema import events, outbox
 from shared.sealing import (
     LEGACY_MAGIC,
     NONCE_BYTES,
@@ -31,7 +28,9 @@ from shared.sealing import (
     sealed_subject,
     unseal,
 )
-from shared.store import EventStore
+from shared.store import EventStore, open_store
+from tests.conftest import STORE_BACKENDS
+from tests.foundation.tables import outbox_rows, overwrite_payload, stored_payload, stored_payloads
 
 
 @event
@@ -40,6 +39,11 @@ class SubjectNoted(DomainEvent):
 
     subject_id: str
     note: str
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture
@@ -57,9 +61,9 @@ async def vault(nats_client: nats.NATS, topology: Topology) -> AsyncIterator[Key
 
 @pytest.fixture
 async def sealed_store(database_url: str, vault: KeyVault) -> AsyncIterator[EventStore]:
-    store = EventStore(create_engine(database_url), subject_for=lambda e: f"test.{e.event_type}", codec=SealingCodec(vault))
+    store = open_store(database_url, subject_for=lambda e: f"test.{e.event_type}", codec=SealingCodec(vault))
     yield store
-    await store.engine.dispose()
+    await store.close()
 
 
 json_values = st.recursive(
@@ -186,9 +190,8 @@ async def test_store_seals_patient_payloads_in_the_table_and_the_outbox(sealed_s
     assert await sealed_store.read_stream("note-1") == written
     assert [s.envelope for s in [s async for s in sealed_store.read_all()]][0] == written[0]
 
-    async with sealed_store.engine.connect() as connection:
-        stored = dict((await connection.execute(select(events.c.stream_id, events.c.payload))).all())
-        bodies = [json.loads(b) for b in (await connection.execute(select(outbox.c.body).order_by(outbox.c.id))).scalars()]
+    stored = await stored_payloads(sealed_store)
+    bodies = [json.loads(row.body) for row in await outbox_rows(sealed_store)]
     assert b"plaintext-marker" not in stored["note-1"] and sealed_subject(stored["note-1"]) == "IGA-B-007"
     assert json.loads(stored["erasure-IGA-B-007"])["note"] == "clear"  # the clear streams stay JSON
     sealed_body, clear_body = bodies
@@ -234,10 +237,8 @@ async def test_a_payload_moved_to_another_event_of_the_patient_fails_in_the_stor
     first, second = await sealed_store.append(
         "note-5", [SubjectNoted(subject_id="IGA-B-008", note="first"), SubjectNoted(subject_id="IGA-B-008", note="2")], 0
     )
-    async with sealed_store.engine.begin() as connection:
-        stored = await connection.scalar(select(events.c.payload).where(events.c.event_id == first.event_id))
-        await connection.execute(update(events).where(events.c.event_id == second.event_id).values(payload=stored))
-        bodies = [json.loads(b) for b in (await connection.execute(select(outbox.c.body).order_by(outbox.c.id))).scalars()]
+    await overwrite_payload(sealed_store, second.event_id, await stored_payload(sealed_store, first.event_id))
+    bodies = [json.loads(row.body) for row in await outbox_rows(sealed_store)]
     with pytest.raises(SealBroken):
         await sealed_store.read_stream("note-5")
     moved = {**bodies[1], "payload": bodies[0]["payload"]}
@@ -250,6 +251,5 @@ async def test_a_payload_sealed_as_nts1_is_still_read(sealed_store: EventStore, 
     await vault.create("IGA-B-009")
     [written] = await sealed_store.append("note-6", [SubjectNoted(subject_id="IGA-B-009", note="old")], 0)
     old = legacy_blob("IGA-B-009", vault.cipher("IGA-B-009"), json.dumps(written.payload).encode())
-    async with sealed_store.engine.begin() as connection:
-        await connection.execute(update(events).where(events.c.event_id == written.event_id).values(payload=old))
+    await overwrite_payload(sealed_store, written.event_id, old)
     assert await sealed_store.read_stream("note-6") == [written]

@@ -13,9 +13,9 @@ from services.enrollment.events import PatientEnrolled
 from services.labs.app import enrollment_handler
 from services.labs.ingest import LabIngestion
 from shared.consumer import InboundMessage
-from shared.database import create_engine, migrate
+from shared.database import migrate
 from shared.events import CommandContext, Envelope
-from shared.store import EventStore
+from shared.store import EventStore, open_store
 from tests.conftest import drop_database, new_database_url
 
 
@@ -23,9 +23,9 @@ from tests.conftest import drop_database, new_database_url
 async def labs_store(backend: str, tmp_path: Path) -> AsyncIterator[EventStore]:
     url = new_database_url(backend, tmp_path, "labs")
     await asyncio.to_thread(migrate, "labs", url)
-    store = EventStore(create_engine(url), subject_for=lambda e: f"test.labs.{e.event_type}")
+    store = open_store(url, subject_for=lambda e: f"test.labs.{e.event_type}")
     yield store
-    await store.engine.dispose()
+    await store.close()
     await drop_database(url)
 
 

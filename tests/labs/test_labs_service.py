@@ -32,8 +32,7 @@ from hl7.client import MLLPClient
 
 from services.labs.domain import ckd_epi_2021
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
-from shared.database import create_engine
-from shared.store import EventStore
+from shared.store import EventStore, open_store
 from tests.conftest import BACKENDS, NATS_URL
 from tests.keys import stack_codec
 from tests.stack import Stack, eventually
@@ -168,7 +167,7 @@ async def labs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     try:
         await stack.start()
         async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
-            store = EventStore(create_engine(stack.database_urls["labs"]), codec=codec)
+            store = open_store(stack.database_urls["labs"], codec=codec)
             labs = Labs(stack, prefix, http, nc, store)
 
             async def on_event(msg: Any) -> None:  # payloads opened as the services open them
@@ -182,7 +181,7 @@ async def labs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
             yield labs
     finally:
         if store is not None:
-            await store.engine.dispose()
+            await store.close()
         await stack.stop()
         js = nc.jetstream()
         for name in [s.config.name for s in await js.streams_info()]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from shared.consumer import InboundMessage
-from shared.database import create_engine, migrate
+from shared.database import migrate
 from shared.events import CommandContext, DomainEvent, Envelope
-from shared.store import EventStore
+from shared.store import EventStore, open_store
 from tests.conftest import drop_database, new_database_url
 
 
@@ -27,9 +27,9 @@ async def outcomes_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def outcomes_store(outcomes_url: str) -> AsyncIterator[EventStore]:
-    store = EventStore(create_engine(outcomes_url))
+    store = open_store(outcomes_url)
     yield store
-    await store.engine.dispose()
+    await store.close()
 
 
 class Feed:

@@ -1,0 +1,113 @@
+"""PostgreSQL's event store: concurrent writers, a read horizon, and bulk rows by ``COPY``.
+
+The sequence-gap problem
+------------------------
+On PostgreSQL the naive order ``ORDER BY position`` is unsafe for a follower of ``read_all``:
+positions come from a sequence when a row is *inserted*, but rows become visible when their
+transaction *commits*. Writer T1 takes position 10, writer T2 takes 11 and commits first; a
+follower that reads 11 and checkpoints it will never see 10 when T1 commits a moment later.
+
+The known simple cure is a table lock that serialises every writer (pyeventsourcing's). Here the
+default is lock-free instead (``GapStrategy.XMIN``): every row also records the id of the
+transaction that wrote it (``pg_current_xact_id()``), and followers read in *commit-safe* order
+``(tx_id, position)`` and only rows whose ``tx_id`` is below the snapshot's ``xmin`` — the
+oldest transaction still in flight. No transaction below ``xmin`` can still be running, and no
+new transaction ever gets an id below it, so the set of rows below the horizon is final: a
+follower never skips a late commit, and writers never wait for each other. The price is that a
+long-running transaction anywhere in the PostgreSQL cluster holds the horizon back (followers
+lag, nothing is lost). The position of an event is therefore the pair ``(tx_id, seq)``.
+``GapStrategy.TABLE_LOCK`` keeps the classic answer for comparison (see ``bench/``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+from sqlalchemy import ColumnElement, Insert, Table, and_, literal, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.events import Envelope
+from shared.schema import events
+from shared.store.base import Codec, Position
+from shared.store.sql import SqlEventStore, SqlUnitOfWork
+
+
+class GapStrategy(StrEnum):
+    XMIN = "xmin"
+    TABLE_LOCK = "table_lock"
+
+
+_HORIZON = text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+_CURRENT_XACT_ID_QUERY = text("SELECT pg_current_xact_id()::text::bigint")
+
+
+class PostgresEventStore(SqlEventStore):
+    is_postgres = True
+    commit_order = (events.c.tx_id, events.c.position)
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        subject_for: Callable[[Envelope], str | None] | None = None,
+        codec: Codec | None = None,
+        gap_strategy: GapStrategy = GapStrategy.XMIN,
+    ) -> None:
+        super().__init__(engine, subject_for=subject_for, codec=codec)
+        self.gap_strategy = gap_strategy
+
+    def _unit_of_work(self, connection: AsyncConnection) -> PostgresUnitOfWork:
+        return PostgresUnitOfWork(self, connection)
+
+    def _after(self, after: Position) -> ColumnElement[bool]:
+        later = tuple_(events.c.tx_id, events.c.position) > tuple_(literal(after.tx_id), literal(after.seq))
+        return and_(later, events.c.tx_id < _HORIZON)
+
+    def insert_ignoring(self, table: Table) -> Insert:
+        return pg_insert(table).on_conflict_do_nothing()
+
+
+class PostgresUnitOfWork(SqlUnitOfWork):
+    store: PostgresEventStore
+    integrity_errors = (IntegrityError, asyncpg.IntegrityConstraintViolationError)
+
+    def __init__(self, store: PostgresEventStore, connection: AsyncConnection) -> None:
+        super().__init__(store, connection)
+        self._tx_id: int | None = None
+
+    async def _insert_events(self, rows: list[dict[str, Any]]) -> None:
+        if self.store.gap_strategy is GapStrategy.TABLE_LOCK:
+            await self.connection.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+        else:
+            tx_id = await self.transaction_id()
+            for row in rows:
+                row["tx_id"] = tx_id
+        await super()._insert_events(rows)
+
+    async def transaction_id(self) -> int:
+        """This transaction's PostgreSQL id (``pg_current_xact_id()``), asked once. Asking through
+        SQLAlchemy also begins the driver's transaction, which :meth:`insert_rows` relies on."""
+        if self._tx_id is None:
+            self._tx_id = int(await self.connection.scalar(_CURRENT_XACT_ID_QUERY))
+        return self._tx_id
+
+    async def insert_rows(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        """Through ``COPY`` on the transaction's own asyncpg connection: for the hundreds of rows
+        of a lab batch, SQLAlchemy's executemany spent more CPU binding each row's parameters than
+        the database spent storing them (profile in docs/labs.md#throughput). Constraint
+        violations raise ``asyncpg.IntegrityConstraintViolationError``."""
+        if not rows:
+            return
+        await self.transaction_id()  # the driver's transaction has begun: COPY runs inside it
+        columns = list(rows[0])
+        record = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
+        raw = await self.connection.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            table.name, records=[record(row) for row in rows], columns=columns
+        )
