@@ -367,13 +367,12 @@ class UnitOfWork(ABC):
         not handled before (first occurrence, in order), which the caller then handles.
 
         Because the inbox rows commit with the handler's own writes, a crash can never leave a
-        message half-handled, and a redelivered message is never handled twice.
+        message half-handled, and a redelivered message is never handled twice, even when two
+        transactions hold a copy of it at once.
         """
         unique = list(dict.fromkeys(message_ids))
-        seen = await self._claimed(consumer, unique)
-        fresh = [message_id for message_id in unique if message_id not in seen]
-        await self._claim(consumer, fresh, datetime.now(UTC))
-        return fresh
+        claimed = await self._claim_unclaimed(consumer, unique, datetime.now(UTC))
+        return [message_id for message_id in unique if message_id in claimed]
 
     @abstractmethod
     async def checkpoint(self, name: str) -> Position:
@@ -399,11 +398,12 @@ class UnitOfWork(ABC):
     async def _insert_outbox(self, rows: list[dict[str, Any]]) -> None: ...
 
     @abstractmethod
-    async def _claimed(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
-        """Which of these (distinct) ids ``consumer`` has claimed already."""
+    async def _claim_unclaimed(self, consumer: str, message_ids: Sequence[str], at: datetime) -> set[str]:
+        """Claim for ``consumer`` those of these (distinct) ids nobody claimed, and return them.
 
-    @abstractmethod
-    async def _claim(self, consumer: str, message_ids: Sequence[str], at: datetime) -> None: ...
+        Atomic against a concurrent claim of the same id (another pull loop or replica whose
+        batch holds a second copy of a message): the claim waits for that transaction and then
+        claims the id only if it rolled back — never a constraint error that fails the batch."""
 
 
 def _event_row(envelope: Envelope, codec: Codec) -> dict[str, Any]:

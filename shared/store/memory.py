@@ -155,11 +155,10 @@ class MemoryUnitOfWork(UnitOfWork):
     async def _insert_outbox(self, rows: list[dict[str, Any]]) -> None:
         self._outbox.extend(rows)
 
-    async def _claimed(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
-        return {m for m in message_ids if (consumer, m) in self.tables.inbox or (consumer, m) in self._claims}
-
-    async def _claim(self, consumer: str, message_ids: Sequence[str], at: datetime) -> None:
-        self._claims.update((consumer, message_id) for message_id in message_ids)
+    async def _claim_unclaimed(self, consumer: str, message_ids: Sequence[str], at: datetime) -> set[str]:
+        fresh = {m for m in message_ids if (consumer, m) not in self.tables.inbox and (consumer, m) not in self._claims}
+        self._claims.update((consumer, message_id) for message_id in fresh)
+        return fresh
 
     async def checkpoint(self, name: str) -> Position:
         return self._checkpoints.get(name, self.tables.checkpoints.get(name, START))

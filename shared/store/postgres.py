@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -45,6 +46,10 @@ class GapStrategy(StrEnum):
 
 _HORIZON = text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 _CURRENT_XACT_ID_QUERY = text("SELECT pg_current_xact_id()::text::bigint")
+_CLAIM_UNCLAIMED = (
+    "INSERT INTO inbox (consumer, message_id, processed_at) SELECT $1, claimed, $3 FROM unnest($2::text[]) AS claimed "
+    "ON CONFLICT DO NOTHING RETURNING message_id"
+)
 
 
 class PostgresEventStore(SqlEventStore):
@@ -80,6 +85,19 @@ class PostgresUnitOfWork(SqlUnitOfWork):
     def __init__(self, store: PostgresEventStore, connection: AsyncConnection) -> None:
         super().__init__(store, connection)
         self._tx_id: int | None = None
+
+    async def _claim_unclaimed(self, consumer: str, message_ids: Sequence[str], at: datetime) -> set[str]:
+        """One statement for the whole batch, the ids bound as one array (a lab batch's 500 bound
+        one by one cost more client CPU than the insert), sorted so that overlapping claims take
+        their row locks in one order and never deadlock."""
+        if not message_ids:
+            return set()
+        await self.transaction_id()  # the driver's transaction has begun: the statement runs in it
+        raw = await self.connection.get_raw_connection()
+        rows = await raw.driver_connection.fetch(  # type: ignore[union-attr]
+            _CLAIM_UNCLAIMED, consumer, sorted(message_ids), at
+        )
+        return {row[0] for row in rows}
 
     async def _insert_events(self, rows: list[dict[str, Any]]) -> None:
         if self.store.gap_strategy is GapStrategy.TABLE_LOCK:

@@ -141,19 +141,16 @@ class SqlUnitOfWork(UnitOfWork):
     async def _insert_outbox(self, rows: list[dict[str, Any]]) -> None:
         await self.insert_rows(outbox, rows)
 
-    async def _claimed(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
-        seen: set[str] = set()
-        for chunk in _chunks(message_ids, CHUNK):
-            query = select(inbox.c.message_id).where(
-                inbox.c.consumer == consumer, self.store.one_of(inbox.c.message_id, chunk)
+    async def _claim_unclaimed(self, consumer: str, message_ids: Sequence[str], at: datetime) -> set[str]:
+        claimed: set[str] = set()
+        # In one order whoever claims, so two transactions claiming overlapping ids never deadlock.
+        for chunk in _chunks(sorted(message_ids), CHUNK):
+            rows = [{"consumer": consumer, "message_id": message_id, "processed_at": at} for message_id in chunk]
+            inserted = await self.connection.execute(
+                self.store.insert_ignoring(inbox).values(rows).returning(inbox.c.message_id)
             )
-            rows = await self.connection.execute(query)
-            seen.update(rows.scalars())
-        return seen
-
-    async def _claim(self, consumer: str, message_ids: Sequence[str], at: datetime) -> None:
-        rows = [{"consumer": consumer, "message_id": message_id, "processed_at": at} for message_id in message_ids]
-        await self.insert_rows(inbox, rows)
+            claimed.update(inserted.scalars())
+        return claimed
 
     async def checkpoint(self, name: str) -> Position:
         row = (await self.connection.execute(select(checkpoints).where(checkpoints.c.name == name))).first()

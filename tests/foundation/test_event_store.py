@@ -169,6 +169,43 @@ async def test_inbox_claim_rolls_back_with_the_handler(store: EventStore) -> Non
         assert await uow.claim_messages("c1", ["m1"]) == ["m1"]
 
 
+@pytest.mark.parametrize("first_commits", [True, False])
+async def test_a_message_claimed_in_two_transactions_at_once_is_handled_by_one(
+    store: EventStore, first_commits: bool
+) -> None:
+    """Two pull loops (or replicas) may hold copies of one message at once — the shared
+    ``labs.results`` stream keeps a resend made after JetStream's de-duplication window. The later
+    claim waits for the earlier and takes the message only if that rolled back: never a constraint
+    error, which failed the whole batch and sent every message of it down the one-by-one path."""
+    claimed, release = asyncio.Event(), asyncio.Event()
+
+    async def earlier() -> list[str]:
+        async with store.transaction() as uow:
+            got = await uow.claim_messages("c", ["a", "b"])
+            claimed.set()
+            await release.wait()
+            if not first_commits:
+                raise RuntimeError("handler failed")
+            return got
+
+    async def later() -> list[str]:
+        await claimed.wait()
+        async with store.transaction() as uow:
+            return await uow.claim_messages("c", ["c", "b"])
+
+    first, second = asyncio.create_task(earlier()), asyncio.create_task(later())
+    await claimed.wait()
+    await asyncio.sleep(0.2)  # the later claim is waiting (PostgreSQL: on the row; SQLite: to begin)
+    release.set()
+    if first_commits:
+        assert await first == ["a", "b"]
+        assert await second == ["c"]
+    else:
+        with pytest.raises(RuntimeError):
+            await first
+        assert await second == ["c", "b"]
+
+
 async def test_read_all_pages_in_order_and_resumes(store: EventStore) -> None:
     assert await store.head() == START
     for i in range(25):
