@@ -54,6 +54,8 @@ ALLOWED_LABELS: dict[str, frozenset[str]] = {
         "nephrotrack_handler_duration_seconds": {"consumer"},
         "nephrotrack_consumer_pending_messages": {"consumer"},
         "nephrotrack_consumer_ack_pending_messages": {"consumer"},
+        "nephrotrack_consumer_outage_retries": {"consumer", "dependency"},
+        "nephrotrack_dependency_up": {"dependency"},
         "nephrotrack_http_request_duration_seconds": {"route", "method", "status"},
         "nephrotrack_protocol_deviations": {"code"},
         "nephrotrack_lab_results_accepted": {"source"},
@@ -277,6 +279,8 @@ def check_labels(service: str, samples: list[tuple[str, str, dict[str, str]]], p
                     assert value in LAB_CHANNELS, where
                 case "reason":
                     assert WORD.match(value), where
+                case "dependency":  # what consumers wait for in an outage (shared/outages.py)
+                    assert value in {"store", "broker", "key_vault"}, where
                 case "stream":  # where the erasure purge deleted messages
                     assert value in {"labs_results", "labs_rejected", "labs_events"}, where
                 case "subject_prefix":  # the subject without its last token
