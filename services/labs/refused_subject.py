@@ -19,8 +19,8 @@ import json
 import re
 from typing import Any
 
+from contracts.labs import Source
 from services.labs.domain import _SUBJECT_ID
-from services.labs.events import Source
 from services.labs.fhir_observations import _PATIENT_REFERENCE
 from services.labs.redaction import looks_personal
 

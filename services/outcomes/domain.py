@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-from services.cells.events import CellsInfused
-from services.enrollment.events import (
+from contracts.cells import CellsInfused
+from contracts.deviations import ProtocolDeviationDetected
+from contracts.enrollment import (
     BiopsyRecorded,
     DialysisStarted,
     Group,
@@ -34,9 +35,8 @@ from services.enrollment.events import (
     PatientWithdrawn,
     Sex,
 )
-from services.labs.events import EgfrComputed, Source, Status
-from services.pulse.events import PulseDoseAdministered
-from shared.deviations import ProtocolDeviationDetected
+from contracts.labs import EgfrComputed, Source, Status
+from contracts.pulse import PulseDoseAdministered
 from shared.events import DomainEvent
 
 DAYS_PER_YEAR = 365.25

@@ -9,12 +9,12 @@ from datetime import date
 import pytest
 from sqlalchemy import func, select, text
 
-from shared.events import CommandContext, DomainEvent, event
+from shared.events import CommandContext, DomainEvent, registry
 from shared.schema import events, outbox
 from shared.store import START, ConcurrencyError, EventStore, Position
 
 
-@event
+@registry.register
 class ThingHappened(DomainEvent):
     """A test event."""
 

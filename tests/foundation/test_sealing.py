@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 
 from shared.broker import Topology
 from shared.database import create_engine
-from shared.events import CommandContext, DomainEvent, EventRef, event
+from shared.events import CommandContext, DomainEvent, EventRef, registry
 from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
 from shared.schema import events, outbox
 from shared.sealing import (
@@ -34,7 +34,7 @@ from shared.sealing import (
 from shared.store import EventStore
 
 
-@event
+@registry.register
 class SubjectNoted(DomainEvent):
     """A test event about a subject."""
 

@@ -1,4 +1,4 @@
-"""Events enrollment publishes (its published language; other services decode these)."""
+"""Events enrollment publishes, and the vocabulary they share (sex, group, Lee grade, MEST-C)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.events import DomainEvent, event
+from shared.events import DomainEvent
 
 Sex = Literal["F", "M"]
 Group = Literal["A", "B", "control"]
@@ -26,7 +26,6 @@ class OxfordMestC(BaseModel):
     C: Literal[0, 1, 2] | None = None
 
 
-@event
 class PatientEnrolled(DomainEvent):
     subject_id: str
     sex: Sex
@@ -39,31 +38,26 @@ class PatientEnrolled(DomainEvent):
     mest_c: OxfordMestC | None = None
 
 
-@event
 class DialysisStarted(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class KidneyTransplanted(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class PatientDied(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class PatientWithdrawn(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class BiopsyRecorded(DomainEvent):
     """Follow-up biopsy findings, so the abstract's biopsy outcomes can be counted."""
 
@@ -76,7 +70,6 @@ class BiopsyRecorded(DomainEvent):
     lee_grade: LeeGrade | None = None
 
 
-@event
 class PatientDataErased(DomainEvent):
     """The patient withdrew consent and their data were erased: their data key is deleted, so
     every payload about them, in every store and stream, is unreadable from now on
@@ -86,3 +79,14 @@ class PatientDataErased(DomainEvent):
 
     subject_id: str
     erased_on: date
+
+
+EVENTS: tuple[type[DomainEvent], ...] = (
+    PatientEnrolled,
+    DialysisStarted,
+    KidneyTransplanted,
+    PatientDied,
+    PatientWithdrawn,
+    BiopsyRecorded,
+    PatientDataErased,
+)
