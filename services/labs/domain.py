@@ -60,7 +60,7 @@ is refused as "in the future" (a seconds-level skew must not bounce a real resul
 MAX_CREATININE_MG_DL = 30.0
 MAX_EGFR = 200.0
 
-_SUBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SUBJECT_ID_SHAPE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """The enrollment service's pseudonym shape (ASCII letters, digits, '-', '_', '.'); anything
 else cannot name an enrolled patient, so it is refused here with a reason instead of parked."""
 
@@ -232,7 +232,7 @@ def _check_ids(incoming: IncomingResult) -> None:
             "the value is not recorded",
             "personal_identifier", message_id=incoming.message_id, subject_id=None, raw=incoming.raw,
         )
-    if not _SUBJECT_ID.fullmatch(incoming.subject_id):
+    if not SUBJECT_ID_SHAPE.fullmatch(incoming.subject_id):
         raise _rejection(
             incoming,
             f"subject id {show(incoming.subject_id)} is empty or not a study pseudonym "

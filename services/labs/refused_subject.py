@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from contracts.labs import Source
-from services.labs.domain import _SUBJECT_ID
+from services.labs.domain import SUBJECT_ID_SHAPE
 from services.labs.fhir_observations import _PATIENT_REFERENCE
 from services.labs.redaction import looks_personal
 
@@ -49,7 +49,7 @@ def refused_subject(source: Source, raw: str | None) -> str | None:
     if found is None:
         return None
     found = found.strip()
-    return found if _SUBJECT_ID.fullmatch(found) and not looks_personal(found) else None
+    return found if SUBJECT_ID_SHAPE.fullmatch(found) and not looks_personal(found) else None
 
 
 def _hl7_subject(text: str) -> str | None:
