@@ -21,7 +21,7 @@ from typing import Any
 
 from contracts.labs import Source
 from services.labs.domain import SUBJECT_ID_SHAPE
-from services.labs.fhir_observations import _PATIENT_REFERENCE
+from services.labs.fhir_observations import PATIENT_REFERENCE
 from services.labs.redaction import looks_personal
 
 _SEGMENT_BREAK = re.compile(r"[\r\n\x0b\x1c]+")
@@ -113,7 +113,7 @@ def _json_subject(text: str) -> str | None:
 
 
 def _patient_id(reference: str | None) -> str | None:
-    match = _PATIENT_REFERENCE.fullmatch(reference) if reference else None
+    match = PATIENT_REFERENCE.fullmatch(reference) if reference else None
     return match.group(1) if match is not None else None
 
 
