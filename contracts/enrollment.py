@@ -70,6 +70,45 @@ class BiopsyRecorded(DomainEvent):
     lee_grade: LeeGrade | None = None
 
 
+Intervention = Literal["mp_pulse", "cell_infusion", "fat_harvest"]
+"""What an adverse event may be related to: the protocol's three interventions."""
+Causality = Literal["unrelated", "unlikely", "possible", "probable", "definite"]
+AdverseEventOutcome = Literal["recovered", "recovering", "not_recovered", "recovered_with_sequelae", "fatal", "unknown"]
+CtcaeGrade = Literal[1, 2, 3, 4, 5]
+"""CTCAE v5: 1 mild, 2 moderate, 3 severe, 4 life-threatening, 5 death related to the AE."""
+
+
+class AdverseEventReported(DomainEvent):
+    """The first report of an adverse event (``ae_id`` is the site's own id for it)."""
+
+    subject_id: str
+    ae_id: str
+    term: str
+    onset_on: date
+    grade: CtcaeGrade
+    serious: bool
+    related_to: tuple[Intervention, ...] = ()
+    causality: Causality
+    outcome: AdverseEventOutcome
+    resolved_on: date | None = None
+
+
+class AdverseEventUpdated(DomainEvent):
+    """A follow-up report of an adverse event: the whole report as it now stands, which replaces
+    the earlier one (the latest report is the adverse event's state)."""
+
+    subject_id: str
+    ae_id: str
+    term: str
+    onset_on: date
+    grade: CtcaeGrade
+    serious: bool
+    related_to: tuple[Intervention, ...] = ()
+    causality: Causality
+    outcome: AdverseEventOutcome
+    resolved_on: date | None = None
+
+
 class PatientDataErased(DomainEvent):
     """The patient withdrew consent and their data were erased: their data key is deleted, so
     every payload about them, in every store and stream, is unreadable from now on
@@ -88,5 +127,7 @@ EVENTS: tuple[type[DomainEvent], ...] = (
     PatientDied,
     PatientWithdrawn,
     BiopsyRecorded,
+    AdverseEventReported,
+    AdverseEventUpdated,
     PatientDataErased,
 )

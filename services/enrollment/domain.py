@@ -16,12 +16,18 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contracts.enrollment import (
+    AdverseEventOutcome,
+    AdverseEventReported,
+    AdverseEventUpdated,
     BiopsyRecorded,
+    Causality,
+    CtcaeGrade,
     DialysisStarted,
     Group,
+    Intervention,
     KidneyTransplanted,
     LeeGrade,
     OxfordMestC,
@@ -97,6 +103,26 @@ class RecordBiopsy(_Command):
     lee_grade: LeeGrade | None = None
 
 
+class ReportAdverseEvent(_Command):
+    """``PUT /v1/patients/{subject_id}/adverse-events/{ae_id}``: an adverse event as the site now
+    reports it (CTCAE v5 grade; relatedness to each intervention and its causality)."""
+
+    term: str = Field(min_length=1, max_length=200, description="the event as reported, e.g. hyperglycaemia")
+    onset_on: date
+    grade: CtcaeGrade
+    serious: bool
+    related_to: tuple[Intervention, ...] = ()
+    causality: Causality
+    outcome: AdverseEventOutcome
+    resolved_on: date | None = None
+
+    @field_validator("related_to")
+    @classmethod
+    def _as_a_set(cls, value: tuple[Intervention, ...]) -> tuple[Intervention, ...]:
+        """A set in a fixed order, so a resend listing the same interventions otherwise is no change."""
+        return tuple(sorted(set(value)))
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -109,6 +135,12 @@ class ClinicalEvent(BaseModel):
     on: date
 
 
+class AdverseEvent(ReportAdverseEvent):
+    """An adverse event as it stands: its latest report, under its id."""
+
+    ae_id: str
+
+
 @dataclass(frozen=True)
 class PatientState:
     """What enrollment knows about one subject. ``enrollment`` is None until they are enrolled."""
@@ -116,6 +148,11 @@ class PatientState:
     enrollment: PatientEnrolled | None = None
     clinical_events: tuple[ClinicalEvent, ...] = ()
     biopsies: tuple[BiopsyRecorded, ...] = ()
+    adverse_events: tuple[AdverseEvent, ...] = ()
+    """The latest report of each adverse event, in the order they were first reported."""
+
+    def adverse_event(self, ae_id: str) -> AdverseEvent | None:
+        return next((ae for ae in self.adverse_events if ae.ae_id == ae_id), None)
 
     def event_on(self, type_: ClinicalEventType) -> date | None:
         """Date of the clinical event of this type, if recorded (each type happens at most once)."""
@@ -130,8 +167,10 @@ class PatientState:
         return "active"
 
     def latest_recorded_date(self) -> date | None:
-        """The latest date of anything recorded after enrollment (clinical events, biopsies)."""
+        """The latest date of anything recorded after enrollment (clinical events, biopsies, adverse
+        events' onsets and resolutions)."""
         dates = [e.on for e in self.clinical_events] + [b.performed_on for b in self.biopsies]
+        dates += [d for ae in self.adverse_events for d in (ae.onset_on, ae.resolved_on) if d is not None]
         return max(dates, default=None)
 
 
@@ -148,6 +187,12 @@ def evolve(state: PatientState, event: DomainEvent) -> PatientState:
             return replace(state, clinical_events=(*state.clinical_events, recorded))
         case BiopsyRecorded():
             return replace(state, biopsies=(*state.biopsies, event))
+        case AdverseEventReported() | AdverseEventUpdated():
+            report = AdverseEvent(**event.model_dump(exclude={"subject_id"}))
+            if state.adverse_event(report.ae_id) is None:
+                return replace(state, adverse_events=(*state.adverse_events, report))
+            return replace(state, adverse_events=tuple(
+                report if ae.ae_id == report.ae_id else ae for ae in state.adverse_events))
     return state
 
 
@@ -244,6 +289,46 @@ def decide_record_biopsy(
     return [BiopsyRecorded(subject_id=subject_id, **command.model_dump())]
 
 
+def decide_report_adverse_event(
+    state: PatientState, command: ReportAdverseEvent, subject_id: str, ae_id: str, *, today: date
+) -> list[DomainEvent]:
+    """The first report of ``ae_id`` (``AdverseEventReported``), a follow-up that changes it
+    (``AdverseEventUpdated``: the whole report, which replaces the earlier one), or nothing when the
+    report is what is recorded already (a resend).
+
+    An adverse event follows the rules of the other records: its onset lies between enrollment
+    and death or withdrawal (an event that began under consent may still be reported or followed
+    up afterwards, as a biopsy may), and its resolution neither precedes its onset nor follows
+    death. Grade 5 is death related to the event (CTCAE v5), so it goes with outcome ``fatal``
+    and only with it.
+    """
+    check_clinical_date("onset_on", command.onset_on, today=today)
+    if command.resolved_on is not None:
+        check_clinical_date("resolved_on", command.resolved_on, today=today)
+    enrollment = _enrolled(state, subject_id)
+    if (command.grade == 5) != (command.outcome == "fatal"):
+        raise Invalid(f"grade {command.grade} with outcome {command.outcome}: grade 5 (death related to the "
+                      "adverse event, CTCAE v5) goes with outcome 'fatal', and only with it")
+    if command.resolved_on is not None and command.resolved_on < command.onset_on:
+        raise Invalid(f"resolved_on {command.resolved_on} is before onset_on {command.onset_on}")
+    if command.onset_on < enrollment.enrolled_on:
+        raise Invalid(f"onset_on {command.onset_on} is before enrollment on {enrollment.enrolled_on}")
+    died_on = state.event_on("death")
+    if died_on is not None:
+        for field, on in (("onset_on", command.onset_on), ("resolved_on", command.resolved_on)):
+            if on is not None and on > died_on:
+                raise Invalid(f"{field} {on} is after {subject_id}'s death on {died_on}")
+    withdrawn_on = state.event_on("withdrawn")
+    if withdrawn_on is not None and command.onset_on > withdrawn_on:
+        raise Invalid(f"onset_on {command.onset_on} is after {subject_id} withdrew on {withdrawn_on}")
+    report = AdverseEvent(ae_id=ae_id, **command.model_dump())
+    current = state.adverse_event(ae_id)
+    if current == report:
+        return []
+    kind = AdverseEventReported if current is None else AdverseEventUpdated
+    return [kind(subject_id=subject_id, **report.model_dump())]
+
+
 def check_enrollable(command: EnrollPatient, *, today: date) -> None:
     """The checks of an enrollment that need no state: run before the patient's data key is
     created, so no key is ever made for an enrollment refused on its face (an implausible date, an
@@ -304,6 +389,7 @@ class PatientView(BaseModel):
     withdrawn_on: date | None
     clinical_events: list[ClinicalEvent]
     biopsies: list[Biopsy]
+    adverse_events: list[AdverseEvent]
 
 
 def patient_view(state: PatientState, subject_id: str) -> PatientView:
@@ -318,4 +404,5 @@ def patient_view(state: PatientState, subject_id: str) -> PatientView:
         withdrawn_on=state.event_on("withdrawn"),
         clinical_events=list(state.clinical_events),
         biopsies=[Biopsy(**b.model_dump(exclude={"subject_id"})) for b in state.biopsies],
+        adverse_events=list(state.adverse_events),
     )

@@ -463,6 +463,7 @@ def test_patient_view_shows_demographics_events_biopsies_and_status() -> None:
                 "lee_grade": None,
             }
         ],
+        "adverse_events": [],
     }
 
 
