@@ -36,6 +36,30 @@ class EgfrComputed(DomainEvent):
     age_years: int | None = None
 
 
+UrineAnalyte = Literal["upcr", "protein_24h", "uacr"]
+"""Urine protein/creatinine ratio, 24-hour urine protein, urine albumin/creatinine ratio."""
+UrineUnit = Literal["g/g", "g/day", "mg/g"]
+"""The unit each urine analyte is kept in: UPCR g/g, 24-hour protein g/day, UACR mg/g."""
+URINE_UNITS: dict[str, str] = {"upcr": "g/g", "protein_24h": "g/day", "uacr": "mg/g"}
+
+
+class UrineResultMeasured(DomainEvent):
+    """The effective value of one urine protein result id (UPCR, 24-hour protein or UACR), in
+    the analyte's kept unit, whatever unit the lab sent. As with :class:`EgfrComputed`, readers
+    keep per result id the latest by stream version, and count it only when ``counted``."""
+
+    result_id: str
+    subject_id: str
+    analyte: UrineAnalyte
+    value: float
+    unit: UrineUnit
+    loinc: str
+    collected_at: datetime
+    status: Status
+    counted: bool
+    source: Source
+
+
 class LabResultCorrected(DomainEvent):
     """A ``corrected`` result replaced the value of an earlier one with the same result id."""
 
@@ -58,7 +82,7 @@ class LabResultRejected(DomainEvent):
     """Stable machine label of the reason (e.g. ``unknown_loinc``), for metrics and alerts."""
 
 
-EVENTS: tuple[type[DomainEvent], ...] = (EgfrComputed, LabResultCorrected, LabResultRejected)
+EVENTS: tuple[type[DomainEvent], ...] = (EgfrComputed, UrineResultMeasured, LabResultCorrected, LabResultRejected)
 
 
 # --------------------------------------------------------------------------- the LOINC catalogue
