@@ -16,6 +16,7 @@ days / 365.25, nothing is rounded.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -309,14 +310,10 @@ def fold(subject_id: str, events: Iterable[DomainEvent]) -> PatientFacts:
 
 def least_squares_slope(xs: list[float], ys: list[float]) -> float | None:
     """Ordinary least-squares slope; ``None`` with fewer than two distinct x (no line)."""
-    n = len(xs)
-    if n < 2:
+    try:
+        return statistics.linear_regression(xs, ys).slope
+    except statistics.StatisticsError:
         return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
 def _baseline(
