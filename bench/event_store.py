@@ -13,7 +13,7 @@ from sqlalchemy import insert
 
 from bench.report import percentile
 from shared.database import create_engine, migrate
-from shared.events import DomainEvent, event
+from shared.events import DomainEvent, registry
 from shared.schema import events
 from shared.store import EventStore, GapStrategy, PostgresEventStore, SqliteEventStore
 from tests.conftest import POSTGRES, drop_database
@@ -22,7 +22,7 @@ WRITERS = 8
 APPENDS_PER_WRITER = 250
 
 
-@event
+@registry.register
 class BenchEventRecorded(DomainEvent):
     n: int
     note: str = "x" * 100

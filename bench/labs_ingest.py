@@ -57,7 +57,7 @@ import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from sqlalchemy import func, insert, select, text
 
-from services.enrollment.events import PatientEnrolled
+from contracts.enrollment import PatientEnrolled
 from shared.broker import LAB_RESULTS_SUBJECT, Topology
 from shared.database import create_engine, migrate
 from shared.events import CommandContext, Envelope

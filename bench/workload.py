@@ -257,11 +257,11 @@ def subject(topology: Topology, message: Message) -> str:
 def check_sample(count: int = 20_000) -> dict[str, int]:
     """Decode the first ``count`` messages with the real envelope and event models; returns the
     count per event type (and raises on any drift)."""
-    import services.cells.events  # noqa: F401
-    import services.enrollment.events  # noqa: F401
-    import services.labs.events  # noqa: F401
-    import services.pulse.events  # noqa: F401
-    from shared.events import Envelope
+    from contracts import register_all
+    from services.labs import events as labs_private
+    from shared.events import Envelope, registry
+
+    register_all(registry, *labs_private.EVENTS)
 
     seen: dict[str, int] = {}
     for message in events(count, patients=max(count // 500, 3)):

@@ -5,21 +5,24 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, get_args
 
+from contracts import cells, deviations, enrollment, labs, pulse
+from services.labs import events as labs_private
 from shared.events import DomainEvent
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "events.md"
 
-PUBLISHERS: dict[str, str] = {
-    "enrollment": "services.enrollment.events",
-    "pulse": "services.pulse.events",
-    "cells": "services.cells.events",
-    "labs": "services.labs.events",
+PUBLISHERS: dict[str, tuple[type[DomainEvent], ...]] = {
+    "enrollment": enrollment.EVENTS,
+    "pulse": (*pulse.EVENTS, *deviations.EVENTS),
+    "cells": (*cells.EVENTS, *deviations.EVENTS),
+    "labs": (*labs.EVENTS, *labs_private.EVENTS),
 }
+"""The events each service records: the contract's (``contracts``) and its own private ones."""
 
 HEADER = """# Events
 
@@ -48,24 +51,18 @@ stored older payloads into it when they are read.
 
 def _type_name(annotation: Any) -> str:
     text = str(annotation) if get_args(annotation) else getattr(annotation, "__name__", str(annotation))
-    return text.replace("typing.", "").replace("datetime.", "").replace("services.enrollment.events.", "")
+    return text.replace("typing.", "").replace("datetime.", "").replace("contracts.enrollment.", "")
 
 
-def _event_models(module_name: str) -> list[type[DomainEvent]]:
-    module = importlib.import_module(module_name)
-    models = [
-        value
-        for value in vars(module).values()
-        if isinstance(value, type) and issubclass(value, DomainEvent) and value is not DomainEvent
-    ]
+def _in_order(models: Iterable[type[DomainEvent]]) -> list[type[DomainEvent]]:
     return sorted(models, key=lambda model: model.event_type)
 
 
 def render() -> str:
     parts = [HEADER]
-    for service, module_name in PUBLISHERS.items():
+    for service, models in PUBLISHERS.items():
         parts.append(f"\n## {service}\n")
-        for model in _event_models(module_name):
+        for model in _in_order(models):
             subject = "labs.rejected (also " if model.event_type == "LabResultRejected" else ""
             subject += f"`<prefix>.{service}.{model.event_type}`" + (")" if subject else "")
             if not model.published:

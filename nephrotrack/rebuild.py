@@ -8,9 +8,11 @@ import asyncio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from contracts import register_all
 from nephrotrack.runtime import local_broker_url
 from services.outcomes.rebuild import RebuildProgress, default_streams, rebuild
 from shared.database import migrate
+from shared.events import registry
 from shared.settings import RuntimeSettings, database_url
 
 
@@ -25,6 +27,7 @@ def _eta(progress: RebuildProgress) -> str:
 def run_rebuild(*, restart: bool = False, console: Console | None = None) -> RebuildProgress:
     """Migrate the outcomes database if needed, rebuild, swap; returns the final progress."""
     console = console or Console(stderr=True)
+    register_all(registry)
     settings = RuntimeSettings()
     url = database_url("outcomes", settings)
     migrate("outcomes", url)

@@ -34,8 +34,8 @@ def utcnow() -> datetime:
 class DomainEvent(BaseModel):
     """Base of every domain event: an immutable, past-tense fact with a schema version.
 
-    Subclasses set ``event_type`` (defaults to the class name) and ``schema_version``, and are
-    registered with :func:`event` so they can be decoded from the store or the broker.
+    Subclasses set ``event_type`` (defaults to the class name) and ``schema_version``; a process
+    decodes the ones it registered (:meth:`EventRegistry.register`, ``contracts.register_all``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,6 +67,7 @@ class EventRegistry:
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
 
     def register(self, model: E) -> E:
+        """Make ``model`` decodable (idempotent; usable as a class decorator)."""
         existing = self._models.get(model.event_type)
         if existing is not None and existing is not model:
             raise ValueError(f"event type {model.event_type!r} is registered twice")
@@ -107,11 +108,7 @@ class EventRegistry:
 
 
 registry = EventRegistry()
-
-
-def event(model: E) -> E:
-    """Class decorator: register a domain event in the process-wide registry."""
-    return registry.register(model)
+"""The process's registry: its composition root registers what the process decodes."""
 
 
 class EventRef(NamedTuple):

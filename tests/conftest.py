@@ -21,9 +21,14 @@ from hypothesis import strategies as st
 from hypothesis.errors import NonInteractiveExampleWarning
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from contracts import register_all
+from services.labs import events as labs_private
 from shared.broker import Topology
 from shared.database import migrate
+from shared.events import registry
 from shared.store import MEMORY_URL, EventStore, open_store
+
+register_all(registry, *labs_private.EVENTS)  # what the services' composition roots register
 
 
 @pytest.fixture(scope="session", autouse=True)

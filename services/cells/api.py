@@ -25,6 +25,7 @@ from uuid import UUID
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
 from services.cells.domain import (
     HarvestAdiposeTissue,
     InfuseCells,
@@ -41,7 +42,7 @@ from services.cells.domain import (
     infusions,
     qc_refusal,
 )
-from shared.clinical import (
+from services.clinical import (
     ClinicalSettings,
     check_within_study,
     count_deviations,
@@ -50,7 +51,6 @@ from shared.clinical import (
     study_end,
 )
 from shared.clinical_dates import utc_today
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import CommandContext, DomainEvent, Envelope
 from shared.ids import new_event_id

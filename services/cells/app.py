@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.cells import events
+from contracts import cells, deviations, register_all
+from contracts.deviations import DeviationCode
 from services.cells.api import LOT_STREAM_PREFIX, routes
-from shared.clinical import (
+from services.clinical import (
     STATUS_STREAM_PREFIX,
     ClinicalSettings,
     expose_deviation_codes,
     learn_from_enrollment,
     publish_only_public_streams,
 )
-from shared.deviations import DeviationCode
+from shared.events import registry
 from shared.service import Service
 
 CELLS_DEVIATION_CODES = (DeviationCode.TOO_MANY_INFUSIONS, DeviationCode.INFUSION_DOSE_OFF_TARGET)
@@ -28,13 +29,8 @@ CELLS_DEVIATION_CODES = (DeviationCode.TOO_MANY_INFUSIONS, DeviationCode.INFUSIO
 def create_app(service: Service) -> FastAPI:
     settings = ClinicalSettings()
     publish_only_public_streams(service, LOT_STREAM_PREFIX, STATUS_STREAM_PREFIX)
-    service.publishes(
-        events.AdiposeTissueHarvested,
-        events.CellLotReleased,
-        events.CellLotFailedQc,
-        events.CellsInfused,
-        events.ProtocolDeviationDetected,
-    )
+    register_all(registry)
+    service.publishes(*cells.EVENTS, *deviations.EVENTS)
     service.consume_service("enrollment", learn_from_enrollment)
     expose_deviation_codes(CELLS_DEVIATION_CODES)
     return service.app(routes(service, settings), title="nephrotrack cells", description=__doc__ or "")

@@ -25,10 +25,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.cells.events import AdiposeTissueHarvested, CellLotFailedQc, CellLotReleased, CellsInfused
-from services.enrollment.events import Group, PatientEnrolled
+from contracts.cells import AdiposeTissueHarvested, CellLotFailedQc, CellLotReleased, CellsInfused
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.enrollment import Group, PatientEnrolled
 from shared.clinical_dates import check_clinical_date
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
 

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.enrollment import events
+from contracts import enrollment, register_all
 from services.enrollment.api import routes
 from services.enrollment.key_purge import EnrollmentSettings, KeyPurger
+from shared.events import registry
 from shared.service import Service
 
 
 def create_app(service: Service) -> FastAPI:
-    service.publishes(
-        events.PatientEnrolled,
-        events.DialysisStarted,
-        events.KidneyTransplanted,
-        events.PatientDied,
-        events.PatientWithdrawn,
-        events.BiopsyRecorded,
-        events.PatientDataErased,
-    )
+    register_all(registry)
+    service.publishes(*enrollment.EVENTS)
     settings = EnrollmentSettings()
     key_purger = KeyPurger(service.store, service.vault, interval=settings.key_purge_interval_seconds)
     service.background.append(key_purger.run)

@@ -11,19 +11,23 @@ rules that need the state or several fields live in the ``decide_*`` functions.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date
-from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.enrollment.events import (
+from contracts.enrollment import (
+    AdverseEventOutcome,
+    AdverseEventReported,
+    AdverseEventUpdated,
     BiopsyRecorded,
+    Causality,
+    CtcaeGrade,
     DialysisStarted,
     Group,
+    Intervention,
     KidneyTransplanted,
     LeeGrade,
     OxfordMestC,
@@ -36,6 +40,7 @@ from services.enrollment.events import (
 from shared.clinical_dates import check_clinical_date
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
+from shared.personal_data import check_pseudonym
 
 GROUP_A_MAX_EGFR = 45.0
 """Group A is CKD G3b–G5: baseline eGFR strictly below 45 mL/min/1.73m²."""
@@ -98,105 +103,24 @@ class RecordBiopsy(_Command):
     lee_grade: LeeGrade | None = None
 
 
-# --------------------------------------------------------------------------- pseudonyms
+class ReportAdverseEvent(_Command):
+    """``PUT /v1/patients/{subject_id}/adverse-events/{ae_id}``: an adverse event as the site now
+    reports it (CTCAE v5 grade; relatedness to each intervention and its causality)."""
 
-FORMULA_STARTS = ("-", "=", "+", "@")
-"""First characters that make a spreadsheet evaluate a cell (OWASP, CSV injection)."""
+    term: str = Field(min_length=1, max_length=200, description="the event as reported, e.g. hyperglycaemia")
+    onset_on: date
+    grade: CtcaeGrade
+    serious: bool
+    related_to: tuple[Intervention, ...] = ()
+    causality: Causality
+    outcome: AdverseEventOutcome
+    resolved_on: date | None = None
 
-_PSEUDONYM_SHAPE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
-_EMAIL = re.compile(r"\S+@\S+")
-_DATE_TRIPLE = re.compile(r"(?<!\d)(\d{1,4})([-/.])(\d{1,2})\2(\d{1,4})(?!\d)", re.ASCII)
-_COMPACT_DATE = re.compile(
-    r"(?<!\d)(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
-    r"|(?:0[1-9]|[12]\d|3[01])(?:0[1-9]|1[0-2])(?:19|20)\d\d)(?!\d)",
-    re.ASCII,
-)
-_MONTH_NAME_DATE = re.compile(
-    r"\d{1,2}[-/._ ]?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*[-/._ ]?\d{2,4}",
-    re.ASCII | re.IGNORECASE,
-)
-_PHONE = re.compile(r"\+?[\d\s().-]+", re.ASCII)
-_PHONE_MIN_DIGITS = 7
-_MRN_WORD = re.compile(r"(?<![A-Za-z])MRN(?![A-Za-z])", re.IGNORECASE)
-_LONG_DIGIT_RUN = re.compile(r"\d{6,}", re.ASCII)
-_LETTER_WORDS = re.compile(r"[^\W\d_]+(?:[\s,.'_-]+[^\W\d_]+)*")
-
-
-def check_pseudonym(subject_id: str) -> None:
-    """Refuse a subject id that could identify a person; accept short study codes.
-
-    The study keeps no names, MRNs or birth dates anywhere, and the subject id is the one free
-    text that reaches every service, log and export: so personal-data shapes are refused here,
-    at the door, each with the pattern it matched. Accepted ids look like ``IGA-A-001``,
-    ``CTRL-01`` or ``P0007``: 1..64 ASCII letters, digits, ``-``, ``_`` or ``.``, with at least
-    one digit or dash (a bare word is more likely a name than a code), and not starting with a
-    character a spreadsheet reads as a formula (:data:`FORMULA_STARTS`). The reason never repeats
-    the refused id, since refusals end up in logs and responses.
-    """
-    reason = _personal_data_pattern(subject_id)
-    if reason is not None:
-        raise Invalid(f"the subject id looks like {reason}; use a pseudonymous study code such as IGA-A-001")
-    if subject_id.startswith(FORMULA_STARTS):
-        raise Invalid(
-            "the subject id must not start with '-', '=', '+' or '@': a spreadsheet opening an export "
-            "reads such a cell as a formula (CSV injection)"
-        )
-    if not _PSEUDONYM_SHAPE.fullmatch(subject_id):
-        raise Invalid("the subject id must be 1 to 64 characters among ASCII letters, digits, '-', '_' and '.'")
-    if not any(ch.isdigit() or ch == "-" for ch in subject_id):
-        raise Invalid("the subject id must contain at least one digit or '-', like IGA-A-001")
-
-
-@lru_cache(maxsize=65_536)
-def _personal_data_pattern(text: str) -> str | None:
-    """Name the kind of personal data ``text`` resembles, or None. Most specific first.
-
-    Cached: labs asks it of every result's subject id, and a study has few subjects."""
-    if _EMAIL.search(text):
-        return "an email address"
-    if _looks_like_date(text):
-        return "a date (birth dates must not be used as identifiers)"
-    if _looks_like_phone(text):
-        return "a phone number"
-    if _MRN_WORD.search(text) or _LONG_DIGIT_RUN.search(text):
-        return "a medical record number (contains 'MRN' or a run of 6 or more digits)"
-    if _looks_like_name(text):
-        return "a person's name (words of letters only)"
-    return None
-
-
-def _looks_like_date(text: str) -> bool:
-    """Any common written date: ISO ``1990-01-02``, ``02/01/1990``, ``19900102``, ``2 Jan 90``."""
-    if _COMPACT_DATE.search(text) or _MONTH_NAME_DATE.search(text):
-        return True
-    return any(_is_date_triple(m.group(1), m.group(3), m.group(4)) for m in _DATE_TRIPLE.finditer(text))
-
-
-def _is_date_triple(first: str, middle: str, last: str) -> bool:
-    """Whether three digit groups read as year-month-day, day-month-year or month-day-year."""
-    if len(first) == 4:
-        return len(last) <= 2 and _is_month_day(int(middle), int(last))
-    if len(first) <= 2 and len(last) in (2, 4):
-        a, b = int(first), int(middle)
-        return _is_month_day(b, a) or _is_month_day(a, b)
-    return False
-
-
-def _is_month_day(month: int, day: int) -> bool:
-    return 1 <= month <= 12 and 1 <= day <= 31
-
-
-def _looks_like_phone(text: str) -> bool:
-    """Digits with phone punctuation only (``+``, spaces, brackets, dashes), 7 digits or more."""
-    return bool(_PHONE.fullmatch(text)) and sum(ch.isdigit() for ch in text) >= _PHONE_MIN_DIGITS
-
-
-def _looks_like_name(text: str) -> bool:
-    """Words of letters only, written as people write names: with a space or comma between
-    words, or in lower/mixed case (study codes without digits are upper-case, like ``CTRL-A``)."""
-    if not _LETTER_WORDS.fullmatch(text.strip()):
-        return False
-    return any(ch in " ,'" or ch.islower() for ch in text)
+    @field_validator("related_to")
+    @classmethod
+    def _as_a_set(cls, value: tuple[Intervention, ...]) -> tuple[Intervention, ...]:
+        """A set in a fixed order, so a resend listing the same interventions otherwise is no change."""
+        return tuple(sorted(set(value)))
 
 
 # --------------------------------------------------------------------------- state
@@ -211,6 +135,12 @@ class ClinicalEvent(BaseModel):
     on: date
 
 
+class AdverseEvent(ReportAdverseEvent):
+    """An adverse event as it stands: its latest report, under its id."""
+
+    ae_id: str
+
+
 @dataclass(frozen=True)
 class PatientState:
     """What enrollment knows about one subject. ``enrollment`` is None until they are enrolled."""
@@ -218,6 +148,11 @@ class PatientState:
     enrollment: PatientEnrolled | None = None
     clinical_events: tuple[ClinicalEvent, ...] = ()
     biopsies: tuple[BiopsyRecorded, ...] = ()
+    adverse_events: tuple[AdverseEvent, ...] = ()
+    """The latest report of each adverse event, in the order they were first reported."""
+
+    def adverse_event(self, ae_id: str) -> AdverseEvent | None:
+        return next((ae for ae in self.adverse_events if ae.ae_id == ae_id), None)
 
     def event_on(self, type_: ClinicalEventType) -> date | None:
         """Date of the clinical event of this type, if recorded (each type happens at most once)."""
@@ -232,8 +167,10 @@ class PatientState:
         return "active"
 
     def latest_recorded_date(self) -> date | None:
-        """The latest date of anything recorded after enrollment (clinical events, biopsies)."""
+        """The latest date of anything recorded after enrollment (clinical events, biopsies, adverse
+        events' onsets and resolutions)."""
         dates = [e.on for e in self.clinical_events] + [b.performed_on for b in self.biopsies]
+        dates += [d for ae in self.adverse_events for d in (ae.onset_on, ae.resolved_on) if d is not None]
         return max(dates, default=None)
 
 
@@ -250,6 +187,12 @@ def evolve(state: PatientState, event: DomainEvent) -> PatientState:
             return replace(state, clinical_events=(*state.clinical_events, recorded))
         case BiopsyRecorded():
             return replace(state, biopsies=(*state.biopsies, event))
+        case AdverseEventReported() | AdverseEventUpdated():
+            report = AdverseEvent(**event.model_dump(exclude={"subject_id"}))
+            if state.adverse_event(report.ae_id) is None:
+                return replace(state, adverse_events=(*state.adverse_events, report))
+            return replace(state, adverse_events=tuple(
+                report if ae.ae_id == report.ae_id else ae for ae in state.adverse_events))
     return state
 
 
@@ -346,6 +289,46 @@ def decide_record_biopsy(
     return [BiopsyRecorded(subject_id=subject_id, **command.model_dump())]
 
 
+def decide_report_adverse_event(
+    state: PatientState, command: ReportAdverseEvent, subject_id: str, ae_id: str, *, today: date
+) -> list[DomainEvent]:
+    """The first report of ``ae_id`` (``AdverseEventReported``), a follow-up that changes it
+    (``AdverseEventUpdated``: the whole report, which replaces the earlier one), or nothing when the
+    report is what is recorded already (a resend).
+
+    An adverse event follows the rules of the other records: its onset lies between enrollment
+    and death or withdrawal (an event that began under consent may still be reported or followed
+    up afterwards, as a biopsy may), and its resolution neither precedes its onset nor follows
+    death. Grade 5 is death related to the event (CTCAE v5), so it goes with outcome ``fatal``
+    and only with it.
+    """
+    check_clinical_date("onset_on", command.onset_on, today=today)
+    if command.resolved_on is not None:
+        check_clinical_date("resolved_on", command.resolved_on, today=today)
+    enrollment = _enrolled(state, subject_id)
+    if (command.grade == 5) != (command.outcome == "fatal"):
+        raise Invalid(f"grade {command.grade} with outcome {command.outcome}: grade 5 (death related to the "
+                      "adverse event, CTCAE v5) goes with outcome 'fatal', and only with it")
+    if command.resolved_on is not None and command.resolved_on < command.onset_on:
+        raise Invalid(f"resolved_on {command.resolved_on} is before onset_on {command.onset_on}")
+    if command.onset_on < enrollment.enrolled_on:
+        raise Invalid(f"onset_on {command.onset_on} is before enrollment on {enrollment.enrolled_on}")
+    died_on = state.event_on("death")
+    if died_on is not None:
+        for field, on in (("onset_on", command.onset_on), ("resolved_on", command.resolved_on)):
+            if on is not None and on > died_on:
+                raise Invalid(f"{field} {on} is after {subject_id}'s death on {died_on}")
+    withdrawn_on = state.event_on("withdrawn")
+    if withdrawn_on is not None and command.onset_on > withdrawn_on:
+        raise Invalid(f"onset_on {command.onset_on} is after {subject_id} withdrew on {withdrawn_on}")
+    report = AdverseEvent(ae_id=ae_id, **command.model_dump())
+    current = state.adverse_event(ae_id)
+    if current == report:
+        return []
+    kind = AdverseEventReported if current is None else AdverseEventUpdated
+    return [kind(subject_id=subject_id, **report.model_dump())]
+
+
 def check_enrollable(command: EnrollPatient, *, today: date) -> None:
     """The checks of an enrollment that need no state: run before the patient's data key is
     created, so no key is ever made for an enrollment refused on its face (an implausible date, an
@@ -406,6 +389,7 @@ class PatientView(BaseModel):
     withdrawn_on: date | None
     clinical_events: list[ClinicalEvent]
     biopsies: list[Biopsy]
+    adverse_events: list[AdverseEvent]
 
 
 def patient_view(state: PatientState, subject_id: str) -> PatientView:
@@ -420,4 +404,5 @@ def patient_view(state: PatientState, subject_id: str) -> PatientView:
         withdrawn_on=state.event_on("withdrawn"),
         clinical_events=list(state.clinical_events),
         biopsies=[Biopsy(**b.model_dump(exclude={"subject_id"})) for b in state.biopsies],
+        adverse_events=list(state.adverse_events),
     )

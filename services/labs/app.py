@@ -14,10 +14,12 @@ from datetime import UTC, datetime
 import structlog
 from fastapi import FastAPI
 
+from contracts import register_all
+from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected
 from services.labs import api, fhir_api
+from services.labs import events as private_events
 from services.labs.broker_messages import parse_broker_result
 from services.labs.domain import LabRejection, raw_for_report
-from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRejected
 from services.labs.ingest import ERASED, LabIngestion, LabsSettings, Refusal, refusal_subject
 from services.labs.mllp import MllpServer
 from services.labs.purge import InboundPurger, request_purges, targets
@@ -26,7 +28,7 @@ from shared import metrics
 from shared.asyncapi import envelope_schema
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT
 from shared.consumer import BatchHandler, InboundMessage
-from shared.events import CommandContext, Envelope
+from shared.events import CommandContext, Envelope, registry
 from shared.patients import forget_erased, remember_enrollments
 from shared.service import Service
 from shared.settings import mllp_port
@@ -163,6 +165,7 @@ def create_app(service: Service) -> FastAPI:
         rejected_also_on=service.topology.event_subject(service.name, LabResultRejected.event_type),
     )
     route_rejections(service)
+    register_all(registry, *private_events.EVENTS)
     service.publishes(EgfrComputed, LabResultCorrected, LabResultRejected)
     service.broker.publisher(
         LAB_REJECTED_SUBJECT,

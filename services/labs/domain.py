@@ -29,22 +29,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from services.enrollment.events import PatientEnrolled
-from services.labs.events import (
+from contracts.enrollment import PatientEnrolled, Sex
+from contracts.labs import (
+    ACCEPTED_CODES,
+    EGFR_UNIT,
+    Analyte,
     EgfrComputed,
     LabResultCorrected,
-    LabResultRecorded,
     LabResultRejected,
     Source,
     Status,
 )
-from services.labs.redaction import personal_data_kind
+from services.labs.events import LabResultRecorded
 from shared.clinical_dates import EARLIEST_CLINICAL_DATE, before_earliest
 from shared.errors import Invalid
 from shared.events import DomainEvent
+from shared.personal_data import personal_data_kind
 
-Analyte = Literal["creatinine", "egfr"]
-Sex = Literal["F", "M"]
 CanonicalUnit = Literal["mg/dL", "mL/min/1.73m2"]
 
 EQUATION = "CKD-EPI 2021"
@@ -59,7 +60,7 @@ is refused as "in the future" (a seconds-level skew must not bounce a real resul
 MAX_CREATININE_MG_DL = 30.0
 MAX_EGFR = 200.0
 
-_SUBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SUBJECT_ID_SHAPE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """The enrollment service's pseudonym shape (ASCII letters, digits, '-', '_', '.'); anything
 else cannot name an enrolled patient, so it is refused here with a reason instead of parked."""
 
@@ -148,84 +149,11 @@ class IncomingResult(BaseModel):
 # --------------------------------------------------------------------------- analytes
 
 
-@dataclass(frozen=True)
-class AcceptedCode:
-    """A LOINC code we accept, what it means, and which (normalised) unit it must come in."""
-
-    loinc: str
-    analyte: Analyte
-    unit: str
-    meaning: str
-
-
-_CREATININE = (
-    AcceptedCode("2160-0", "creatinine", "mg/dL", "Creatinine [Mass/volume] in Serum or Plasma"),
-    AcceptedCode("14682-9", "creatinine", "umol/L", "Creatinine [Moles/volume] in Serum or Plasma"),
-)
-_EGFR_UNIT = "mL/min/1.73m2"
-_EGFR = (
-    AcceptedCode(
-        "98979-8", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, creatinine-based formula (CKD-EPI 2021, race-free)",
-    ),
-    AcceptedCode(
-        "98980-6", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, creatinine and cystatin C-based formula (CKD-EPI 2021)",
-    ),
-    AcceptedCode(
-        "33914-3", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, Serum or Plasma, creatinine-based formula (MDRD)",
-    ),
-    AcceptedCode(
-        "48642-3", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted among non-blacks, creatinine-based formula (MDRD)",
-    ),
-    AcceptedCode(
-        "48643-1", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted among blacks, creatinine-based formula (MDRD)",
-    ),
-    AcceptedCode(
-        "50044-7", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted among females, creatinine-based formula (MDRD)",
-    ),
-    AcceptedCode(
-        "77147-7", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, creatinine-based formula (MDRD)",
-    ),
-    AcceptedCode(
-        "62238-1", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, creatinine-based formula (CKD-EPI 2009)",
-    ),
-    AcceptedCode(
-        "88293-6", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted among blacks, creatinine-based formula (CKD-EPI 2009)",
-    ),
-    AcceptedCode(
-        "88294-4", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted among non-blacks, creatinine-based formula (CKD-EPI 2009)",
-    ),
-    AcceptedCode(
-        "94677-2", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, creatinine and cystatin C-based formula (CKD-EPI 2012)",
-    ),
-    AcceptedCode(
-        "69405-9", "egfr", _EGFR_UNIT,
-        "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, formula not specified",
-    ),
-)
-ACCEPTED_CODES: dict[str, AcceptedCode] = {code.loinc: code for code in (*_CREATININE, *_EGFR)}
-"""Every LOINC code we accept. Creatinine arrives as 2160-0 (mg/dL) or 14682-9 (µmol/L) and is
-turned into a CKD-EPI 2021 eGFR here. A reported eGFR is taken as the lab computed it, whatever
-its equation: 98979-8 is the current race-free CKD-EPI 2021 code and 98980-6 its creatinine +
-cystatin C form; the others are the older codes labs still send (MDRD, CKD-EPI 2009 with or
-without race, cystatin-based 2012, unspecified). All eGFRs are in mL/min/1.73m². The code's
-meaning is kept on each entry for documentation."""
-
 _CANONICAL_UNIT: dict[Analyte, CanonicalUnit] = {"creatinine": "mg/dL", "egfr": "mL/min/1.73m2"}
-_PER_CANONICAL = {"mg/dL": 1.0, "umol/L": CREATININE_UMOL_PER_MG_DL, _EGFR_UNIT: 1.0}
+_PER_CANONICAL = {"mg/dL": 1.0, "umol/L": CREATININE_UMOL_PER_MG_DL, EGFR_UNIT: 1.0}
 """Each accepted unit per canonical unit: a value is divided by it, as the contract writes the
 conversion (µmol/L ÷ 88.4), so 88.4 µmol/L is exactly 1 mg/dL."""
-_UNIT_SPELLINGS = {"mg/dl": "mg/dL", "umol/l": "umol/L", "ml/min/1.73m2": _EGFR_UNIT}
+_UNIT_SPELLINGS = {"mg/dl": "mg/dL", "umol/l": "umol/L", "ml/min/1.73m2": EGFR_UNIT}
 
 
 def normalise_unit(unit: str) -> str | None:
@@ -304,7 +232,7 @@ def _check_ids(incoming: IncomingResult) -> None:
             "the value is not recorded",
             "personal_identifier", message_id=incoming.message_id, subject_id=None, raw=incoming.raw,
         )
-    if not _SUBJECT_ID.fullmatch(incoming.subject_id):
+    if not SUBJECT_ID_SHAPE.fullmatch(incoming.subject_id):
         raise _rejection(
             incoming,
             f"subject id {show(incoming.subject_id)} is empty or not a study pseudonym "

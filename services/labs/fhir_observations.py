@@ -50,7 +50,7 @@ UCUM_SYSTEM = "http://unitsofmeasure.org"
 Reject = Callable[[str, str], LabRejection]
 _STATUSES = {"final": "final", "amended": "corrected", "corrected": "corrected", "preliminary": "preliminary"}
 _BUNDLE_TYPES = ("transaction", "batch")
-_PATIENT_REFERENCE = re.compile(r"(?:.*/)?Patient/([^/]+)(?:/_history/[^/]+)?")
+PATIENT_REFERENCE = re.compile(r"(?:.*/)?Patient/([^/]+)(?:/_history/[^/]+)?")
 _ORGANIZATION_REFERENCE = re.compile(r"(?:.*/)?Organization/([^/]+)")
 _OTHER_VALUES = ("valueCodeableConcept", "valueString", "valueBoolean", "valueInteger", "valueRange",
                  "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod")
@@ -245,7 +245,7 @@ def _subject(observation: Observation, raw: str, message_id: str) -> str:
     subject = observation.subject
     reference = subject.reference if subject else None
     if reference:
-        match = _PATIENT_REFERENCE.fullmatch(reference)
+        match = PATIENT_REFERENCE.fullmatch(reference)
         if match is None:
             raise LabRejection(f"subject.reference {show(reference)} is not Patient/<id>", "bad_subject_reference",
                                message_id=message_id, raw=raw)

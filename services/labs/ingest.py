@@ -54,6 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from contracts.labs import LabResultRejected, Source
 from services.labs.domain import (
     IncomingResult,
     KnownPatient,
@@ -65,7 +66,6 @@ from services.labs.domain import (
     stream_id,
     validate_result,
 )
-from services.labs.events import LabResultRejected, Source
 from services.labs.redaction import looks_personal, redact, redact_reason, redact_subject
 from services.labs.refused_subject import refused_subject
 from shared import metrics

@@ -55,7 +55,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.labs.events import LabResultRejected
+from contracts.labs import LabResultRejected
 from services.labs.ingest import labs_metadata
 from services.labs.refused_subject import refused_subject
 from shared import metrics

@@ -22,8 +22,8 @@ What is redacted (see docs/robustness.md, "Personal identifiers"):
   not valid JSON, every quoted string that looks like personal data (a name, a date, an MRN).
 
 "Looks like personal data" is enrollment's own test for subject ids
-(:func:`services.enrollment.domain._personal_data_pattern`), so labs and enrollment agree on
-what a pseudonym is.
+(:func:`shared.personal_data.personal_data_kind`), so labs and enrollment agree on what a
+pseudonym is.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from services.enrollment.domain import _personal_data_pattern
+from shared.personal_data import personal_data_kind
 
 REDACTED = "[redacted]"
 
@@ -58,19 +58,13 @@ _KEY_FOLLOWS = re.compile(r"\s*:")
 _SINGLE_QUOTED = re.compile(r"'((?:[^'\\]|\\.){1,200})'")
 
 
-def personal_data_kind(value: str) -> str | None:
-    """What kind of personal data ``value`` looks like (``"a date (…)"``, ``"a person's name …"``),
-    or None: enrollment's test for subject ids."""
-    return _personal_data_pattern(value) if value else None
-
-
 def looks_personal(value: str, *, loose_names: bool = True) -> bool:
     """Whether ``value`` has the shape of personal data (a name, a date, an MRN, a phone …).
     ``loose_names=False`` takes only several words for a name (``John Smith``, ``Smith, John``),
     not any lower-case word: for free text such as refusal reasons, which quote codes and units."""
     if not value:
         return False
-    kind = _personal_data_pattern(value)
+    kind = personal_data_kind(value)
     if kind is None:
         return False
     if not loose_names and kind.startswith("a person's name"):

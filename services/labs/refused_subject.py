@@ -19,9 +19,9 @@ import json
 import re
 from typing import Any
 
-from services.labs.domain import _SUBJECT_ID
-from services.labs.events import Source
-from services.labs.fhir_observations import _PATIENT_REFERENCE
+from contracts.labs import Source
+from services.labs.domain import SUBJECT_ID_SHAPE
+from services.labs.fhir_observations import PATIENT_REFERENCE
 from services.labs.redaction import looks_personal
 
 _SEGMENT_BREAK = re.compile(r"[\r\n\x0b\x1c]+")
@@ -49,7 +49,7 @@ def refused_subject(source: Source, raw: str | None) -> str | None:
     if found is None:
         return None
     found = found.strip()
-    return found if _SUBJECT_ID.fullmatch(found) and not looks_personal(found) else None
+    return found if SUBJECT_ID_SHAPE.fullmatch(found) and not looks_personal(found) else None
 
 
 def _hl7_subject(text: str) -> str | None:
@@ -113,7 +113,7 @@ def _json_subject(text: str) -> str | None:
 
 
 def _patient_id(reference: str | None) -> str | None:
-    match = _PATIENT_REFERENCE.fullmatch(reference) if reference else None
+    match = PATIENT_REFERENCE.fullmatch(reference) if reference else None
     return match.group(1) if match is not None else None
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
 
-from services.enrollment.events import Group
+from contracts.enrollment import Group
 from services.outcomes import exports, statistics, tables
 from services.outcomes.projections import read_state
 from services.outcomes.queries import Freshness, OutcomesQueries

@@ -13,6 +13,7 @@ import structlog
 from fastapi import FastAPI, Request, Response
 from nats.js import JetStreamContext
 
+from contracts import register_all
 from services.outcomes import projections
 from services.outcomes.api import routes
 from services.outcomes.dashboard import dashboard_routes
@@ -20,7 +21,7 @@ from services.outcomes.queries import OutcomesQueries, reading_engine
 from services.outcomes.rebuild import BackgroundRebuild, default_streams
 from shared import metrics
 from shared.auth import public
-from shared.events import Envelope
+from shared.events import Envelope, registry
 from shared.service import Service
 
 log = structlog.get_logger(__name__)
@@ -31,6 +32,7 @@ LAG_INTERVAL_SECONDS = 5.0
 
 
 def create_app(service: Service) -> FastAPI:
+    register_all(registry)
     projections.register(service)
     streams = default_streams(service.topology)
     queries = OutcomesQueries(reading_engine(service.store.engine), streams)

@@ -16,14 +16,16 @@ days / 365.25, nothing is rounded.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-from services.cells.events import CellsInfused
-from services.enrollment.events import (
+from contracts.cells import CellsInfused
+from contracts.deviations import ProtocolDeviationDetected
+from contracts.enrollment import (
     BiopsyRecorded,
     DialysisStarted,
     Group,
@@ -34,9 +36,8 @@ from services.enrollment.events import (
     PatientWithdrawn,
     Sex,
 )
-from services.labs.events import EgfrComputed, Source, Status
-from services.pulse.events import PulseDoseAdministered
-from shared.deviations import ProtocolDeviationDetected
+from contracts.labs import EgfrComputed, Source, Status
+from contracts.pulse import PulseDoseAdministered
 from shared.events import DomainEvent
 
 DAYS_PER_YEAR = 365.25
@@ -309,14 +310,10 @@ def fold(subject_id: str, events: Iterable[DomainEvent]) -> PatientFacts:
 
 def least_squares_slope(xs: list[float], ys: list[float]) -> float | None:
     """Ordinary least-squares slope; ``None`` with fewer than two distinct x (no line)."""
-    n = len(xs)
-    if n < 2:
+    try:
+        return statistics.linear_regression(xs, ys).slope
+    except statistics.StatisticsError:
         return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
 def _baseline(

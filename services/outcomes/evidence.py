@@ -14,7 +14,7 @@ from dataclasses import astuple, dataclass
 from datetime import date
 from typing import Any, Literal
 
-from services.enrollment.events import LeeGrade
+from contracts.enrollment import LeeGrade
 from services.outcomes.endpoints import TimeToEvent
 from services.outcomes.measurements import Measurement, at_most_percent, latest_after, latest_on_or_before
 from services.outcomes.statistics import mean

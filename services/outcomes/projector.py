@@ -21,12 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-import services.cells.events  # noqa: F401  (registers the models the broker carries)
-import services.enrollment.events  # noqa: F401
-import services.labs.events  # noqa: F401
-import services.pulse.events  # noqa: F401
-from services.cells.events import CellsInfused
-from services.enrollment.events import (
+from contracts.cells import CellsInfused
+from contracts.deviations import ProtocolDeviationDetected
+from contracts.enrollment import (
     BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
@@ -35,12 +32,11 @@ from services.enrollment.events import (
     PatientEnrolled,
     PatientWithdrawn,
 )
-from services.labs.events import EgfrComputed, LabResultCorrected
+from contracts.labs import EgfrComputed, LabResultCorrected
+from contracts.pulse import PulseDoseAdministered
 from services.outcomes import domain, wire
 from services.outcomes.domain import PatientFacts, PatientOutcome
 from services.outcomes.wire import Meta
-from services.pulse.events import PulseDoseAdministered
-from shared.deviations import ProtocolDeviationDetected
 from shared.events import DomainEvent, registry
 from shared.store import JSON_CODEC, Codec
 

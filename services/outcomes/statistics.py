@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import Any
 
-from services.enrollment.events import Group
+from contracts.enrollment import Group
 from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome, compute_outcome, years_between
 
 GROUPS: tuple[Group, ...] = ("A", "B", "control")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.enrollment.events import Group, LeeGrade
+from contracts.enrollment import Group, LeeGrade
 from services.outcomes.domain import PatientOutcome
 from services.outcomes.queries import Freshness, PatientRecord
 

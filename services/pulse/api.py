@@ -12,6 +12,15 @@ from uuid import UUID
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from contracts.deviations import DeviationCode
+from services.clinical import (
+    ClinicalSettings,
+    check_within_study,
+    count_deviations,
+    deviations_of,
+    known_patient,
+    study_end,
+)
 from services.pulse.domain import (
     AdministerPulseDose,
     KnownPatient,
@@ -20,16 +29,7 @@ from services.pulse.domain import (
     decide_administer_pulse_dose,
     fold,
 )
-from shared.clinical import (
-    ClinicalSettings,
-    check_within_study,
-    count_deviations,
-    deviations_of,
-    known_patient,
-    study_end,
-)
 from shared.clinical_dates import utc_today
-from shared.deviations import DeviationCode
 from shared.errors import NotFound
 from shared.events import DomainEvent
 from shared.patients import find_patient

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.pulse import events
-from services.pulse.api import routes
-from shared.clinical import (
+from contracts import deviations, pulse, register_all
+from contracts.deviations import DeviationCode
+from services.clinical import (
     STATUS_STREAM_PREFIX,
     ClinicalSettings,
     expose_deviation_codes,
     learn_from_enrollment,
     publish_only_public_streams,
 )
-from shared.deviations import DeviationCode
+from services.pulse.api import routes
+from shared.events import registry
 from shared.service import Service
 
 PULSE_DEVIATION_CODES = (
@@ -33,7 +34,8 @@ PULSE_DEVIATION_CODES = (
 def create_app(service: Service) -> FastAPI:
     settings = ClinicalSettings()
     publish_only_public_streams(service, STATUS_STREAM_PREFIX)
-    service.publishes(events.PulseDoseAdministered, events.ProtocolDeviationDetected)
+    register_all(registry)
+    service.publishes(*pulse.EVENTS, *deviations.EVENTS)
     service.consume_service("enrollment", learn_from_enrollment)
     expose_deviation_codes(PULSE_DEVIATION_CODES)
     return service.app(routes(service, settings), title="nephrotrack pulse", description=__doc__ or "")

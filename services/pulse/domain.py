@@ -18,10 +18,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.enrollment.events import Group, PatientEnrolled
-from services.pulse.events import PulseDoseAdministered
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.enrollment import Group, PatientEnrolled
+from contracts.pulse import PulseDoseAdministered
 from shared.clinical_dates import check_clinical_date
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from shared.errors import Conflict
-from shared.events import CommandContext, DomainEvent, Envelope, EventRef, Payload, event
+from shared.events import CommandContext, DomainEvent, Envelope, EventRef, Payload, registry
 from shared.store import (
     START,
     ConcurrencyError,
@@ -33,7 +33,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@event
+@registry.register
 class ThingHappened(DomainEvent):
     """A test event."""
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.broker import Topology
-from shared.events import CommandContext, DomainEvent, EventRef, event
+from shared.events import CommandContext, DomainEvent, EventRef, registry
 from shared.keys import KeyErased, KeyMissing, KeyVault, bucket_name
 from shared.sealing import (
     LEGACY_MAGIC,
@@ -33,7 +33,7 @@ from tests.conftest import STORE_BACKENDS
 from tests.foundation.tables import outbox_rows, overwrite_payload, stored_payload, stored_payloads
 
 
-@event
+@registry.register
 class SubjectNoted(DomainEvent):
     """A test event about a subject."""
 

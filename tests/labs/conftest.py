@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.enrollment.events import PatientEnrolled
+from contracts.enrollment import PatientEnrolled
 from services.labs.app import enrollment_handler
 from services.labs.ingest import LabIngestion
 from shared.consumer import InboundMessage

@@ -20,7 +20,7 @@ import nats.js.errors
 import pytest
 from sqlalchemy import select
 
-from services.enrollment.events import PatientDataErased
+from contracts.enrollment import PatientDataErased
 from services.labs.app import enrollment_handler
 from services.labs.ingest import LabIngestion
 from services.labs.purge import InboundPurger, SubjectMatcher, inbound_purges, list_purges, targets

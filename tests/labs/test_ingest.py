@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import event, func, select
 
+from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected
 from services.labs.domain import (
     IncomingResult,
     LabRejection,
@@ -21,7 +22,7 @@ from services.labs.domain import (
     ckd_epi_2021,
     stream_id,
 )
-from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRecorded, LabResultRejected
+from services.labs.events import LabResultRecorded
 from services.labs.ingest import (
     RAW_LIMIT,
     LabIngestion,

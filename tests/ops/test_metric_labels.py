@@ -27,9 +27,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from contracts.deviations import DeviationCode
 from services.outcomes.projector import SOURCES
 from shared.database import migrate
-from shared.deviations import DeviationCode
 from shared.events import registry
 from shared.settings import SERVICES
 from tests.stack import Stack, eventually

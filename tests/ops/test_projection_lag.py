@@ -17,12 +17,12 @@ import nats
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from contracts.pulse import PulseDoseAdministered
 from services.outcomes import projections
 from services.outcomes.app import projection_lag
 from services.outcomes.projector import ProjectionChanges, SourceMark
 from services.outcomes.queries import OutcomesQueries
 from services.outcomes.rebuild import default_streams
-from services.pulse.events import PulseDoseAdministered
 from shared.broker import Topology, ensure_streams
 from shared.database import create_engine, migrate
 from shared.events import CommandContext, Envelope

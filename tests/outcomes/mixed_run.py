@@ -15,8 +15,9 @@ from datetime import UTC, date, datetime, timedelta
 
 from nats.js import JetStreamContext
 
-from services.cells.events import AdiposeTissueHarvested, CellLotReleased, CellsInfused
-from services.enrollment.events import (
+from contracts.cells import AdiposeTissueHarvested, CellLotReleased, CellsInfused
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.enrollment import (
     BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
@@ -24,10 +25,10 @@ from services.enrollment.events import (
     PatientEnrolled,
     PatientWithdrawn,
 )
-from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRecorded
-from services.pulse.events import PulseDoseAdministered
+from contracts.labs import EgfrComputed, LabResultCorrected
+from contracts.pulse import PulseDoseAdministered
+from services.labs.events import LabResultRecorded
 from shared.broker import Topology
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.events import CommandContext, DomainEvent, Envelope
 
 

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 from pydantic import ValidationError
 
+from contracts.cells import AdiposeTissueHarvested, CellLotFailedQc, CellLotReleased, CellsInfused
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
 from services.cells.domain import (
     MAX_INFUSION_CELLS,
     MIN_INFUSION_CELLS,
@@ -33,8 +35,6 @@ from services.cells.domain import (
     infusions,
     qc_refusal,
 )
-from services.cells.events import AdiposeTissueHarvested, CellLotFailedQc, CellLotReleased, CellsInfused
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, DomainError, Invalid, NotFound
 from shared.events import DomainEvent, registry
 

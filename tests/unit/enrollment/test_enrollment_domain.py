@@ -10,21 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.enrollment.domain import (
-    INITIAL_STATE,
-    EnrollPatient,
-    PatientState,
-    RecordBiopsy,
-    RecordClinicalEvent,
-    check_pseudonym,
-    decide_enroll_patient,
-    decide_record_biopsy,
-    decide_record_clinical_event,
-    evolve,
-    fold,
-    patient_view,
-)
-from services.enrollment.events import (
+from contracts.enrollment import (
     BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
@@ -32,8 +18,22 @@ from services.enrollment.events import (
     PatientEnrolled,
     PatientWithdrawn,
 )
+from services.enrollment.domain import (
+    INITIAL_STATE,
+    EnrollPatient,
+    PatientState,
+    RecordBiopsy,
+    RecordClinicalEvent,
+    decide_enroll_patient,
+    decide_record_biopsy,
+    decide_record_clinical_event,
+    evolve,
+    fold,
+    patient_view,
+)
 from shared.errors import Conflict, DomainError, Invalid, NotFound
 from shared.events import DomainEvent, registry
+from shared.personal_data import check_pseudonym
 
 ENROLLED_ON = date(2014, 3, 2)
 TODAY = date(2026, 12, 5)
@@ -463,6 +463,7 @@ def test_patient_view_shows_demographics_events_biopsies_and_status() -> None:
                 "lee_grade": None,
             }
         ],
+        "adverse_events": [],
     }
 
 

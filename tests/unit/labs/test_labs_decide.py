@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.enrollment.events import PatientEnrolled
+from contracts.enrollment import PatientEnrolled
+from contracts.labs import EgfrComputed, LabResultCorrected
 from services.labs.domain import (
     IncomingResult,
     KnownPatient,
@@ -21,7 +22,7 @@ from services.labs.domain import (
     known_patient,
     stream_id,
 )
-from services.labs.events import EgfrComputed, LabResultCorrected, LabResultRecorded
+from services.labs.events import LabResultRecorded
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 PATIENT = KnownPatient("IGA-A-001", "F", 58, date(2014, 3, 2))

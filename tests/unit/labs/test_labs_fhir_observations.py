@@ -251,13 +251,15 @@ WRAPS = (lambda v: [v], lambda v: {"k": v}, lambda v: [1, v, "x"], lambda v: {"a
 
 @example(depth=MAX_JSON_DEPTH, shapes=[1], leaf=None)
 @example(depth=MAX_JSON_DEPTH + 1, shapes=[0], leaf=None)
+@example(depth=MAX_JSON_DEPTH, shapes=[3], leaf=None)
 @given(st.integers(1, 3 * MAX_JSON_DEPTH), st.lists(st.integers(0, len(WRAPS) - 1), min_size=1, max_size=6),
        st.one_of(st.integers(), st.text(max_size=3), st.none()))
 def test_the_depth_cap_counts_objects_and_arrays(depth, shapes, leaf):
     value = leaf
     for level in range(depth):
         value = WRAPS[shapes[level % len(shapes)]](value)
-    assert nested_too_deeply(value) == (depth > MAX_JSON_DEPTH)
+    deepest = depth + (shapes[0] == 3)  # the innermost {"a": [], …} holds an array one level deeper
+    assert nested_too_deeply(value) == (deepest > MAX_JSON_DEPTH)
 
 
 def test_rejection_carries_what_is_known():

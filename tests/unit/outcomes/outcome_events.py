@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
-from services.cells.events import CellsInfused
-from services.enrollment.events import (
+from contracts.cells import CellsInfused
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.enrollment import (
     DialysisStarted,
     KidneyTransplanted,
     PatientDied,
     PatientEnrolled,
     PatientWithdrawn,
 )
-from services.labs.events import EgfrComputed
-from services.pulse.events import PulseDoseAdministered
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.labs import EgfrComputed
+from contracts.pulse import PulseDoseAdministered
 
 SID = "IGA-A-900"
 

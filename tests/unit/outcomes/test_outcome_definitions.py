@@ -18,8 +18,8 @@ from outcome_events import (
     withdrawn,
 )
 
-from services.enrollment.events import PatientEnrolled
-from services.labs.events import EgfrComputed, LabResultRejected
+from contracts.enrollment import PatientEnrolled
+from contracts.labs import EgfrComputed, LabResultRejected
 from services.outcomes.domain import (
     PatientFacts,
     PatientNotEnrolled,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from outcome_events import SID, deviation, dialysis, died, dose, enrolled, infused, transplant, withdrawn
 
-from services.labs.events import EgfrComputed
+from contracts.labs import EgfrComputed
 from services.outcomes.domain import PatientOutcome, compute_outcome, fold
 from services.outcomes.statistics import all_cohorts, cohort_summary
 

@@ -8,6 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contracts.cells import CellsInfused
+from contracts.enrollment import (
+    DialysisStarted,
+    KidneyTransplanted,
+    PatientDied,
+    PatientEnrolled,
+    PatientWithdrawn,
+)
+from contracts.labs import EgfrComputed
+from contracts.pulse import PulseDoseAdministered
 from nephrotrack.seed import (
     ABSTRACT,
     CREATININE_UMOL_PER_MG_DL,
@@ -20,19 +30,9 @@ from nephrotrack.seed import (
     creatinine_for_egfr,
     daily_dose_mg,
 )
-from services.cells.events import CellsInfused
-from services.enrollment.events import (
-    DialysisStarted,
-    KidneyTransplanted,
-    PatientDied,
-    PatientEnrolled,
-    PatientWithdrawn,
-)
 from services.labs.domain import age_on, ckd_epi_2021
-from services.labs.events import EgfrComputed
 from services.outcomes.domain import PatientOutcome, compute_outcome, fold
 from services.outcomes.statistics import all_cohorts
-from services.pulse.events import PulseDoseAdministered
 
 CLINICAL = {"dialysis_started": DialysisStarted, "kidney_transplant": KidneyTransplanted,
             "death": PatientDied, "withdrawn": PatientWithdrawn}

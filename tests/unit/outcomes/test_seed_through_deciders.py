@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from contracts.deviations import ProtocolDeviationDetected
 from nephrotrack.seed import EXPECTED_COHORTS, SEED, SeedPatient
 from services.cells import domain as cells
 from services.enrollment import domain as enrollment
@@ -21,7 +22,6 @@ from services.labs.broker_messages import parse_broker_result
 from services.outcomes.domain import compute_outcome, fold
 from services.outcomes.statistics import all_cohorts
 from services.pulse import domain as pulse
-from shared.deviations import ProtocolDeviationDetected
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 

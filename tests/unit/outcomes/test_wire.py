@@ -40,3 +40,10 @@ def test_a_sealed_payload_splits_and_gives_up_its_blob() -> None:
     assert split is not None and split[0] == wire.Meta.of(envelope)
     assert wire.sealed_blob(split[1]) == b"\x00\x01\x02"
     assert wire.sealed_blob(wire.split(message.data)[1]) is None  # type: ignore[index]
+
+
+def test_the_benchmark_log_decodes_with_the_event_models() -> None:
+    """The benchmark writes its JSON by hand: every event type it writes must still decode with
+    the contract's models, field for field (a drift between the two fails here, not in a bench)."""
+    seen = workload.check_sample(3_000)
+    assert {"PatientEnrolled", "PulseDoseAdministered", "CellsInfused", "EgfrComputed"} <= set(seen)

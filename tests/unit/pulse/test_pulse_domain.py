@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.enrollment.events import PatientEnrolled
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.enrollment import PatientEnrolled
+from contracts.pulse import PulseDoseAdministered
 from services.pulse.domain import (
     INITIAL_STATE,
     AdministerPulseDose,
@@ -20,8 +22,6 @@ from services.pulse.domain import (
     evolve,
     fold,
 )
-from services.pulse.events import PulseDoseAdministered
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent, registry
 

@@ -1,14 +1,13 @@
-"""Events cell processing publishes: harvest → lot → QC → infusion (autologous chain)."""
+"""Events cell processing publishes: harvest → lot → QC → infusion (autologous chain); its
+protocol deviations: :mod:`contracts.deviations`."""
 
 from __future__ import annotations
 
 from datetime import date
 
-from shared.deviations import ProtocolDeviationDetected  # noqa: F401  (published here too)
-from shared.events import DomainEvent, event
+from shared.events import DomainEvent
 
 
-@event
 class AdiposeTissueHarvested(DomainEvent):
     """Fat harvested from a patient; one harvest makes exactly one cell lot."""
 
@@ -18,7 +17,6 @@ class AdiposeTissueHarvested(DomainEvent):
     fat_grams: float
 
 
-@event
 class CellLotReleased(DomainEvent):
     subject_id: str
     lot_id: str
@@ -26,7 +24,6 @@ class CellLotReleased(DomainEvent):
     viability_pct: float
 
 
-@event
 class CellLotFailedQc(DomainEvent):
     """QC refused the lot (e.g. viability below the threshold); it can never be infused."""
 
@@ -37,10 +34,17 @@ class CellLotFailedQc(DomainEvent):
     reason: str
 
 
-@event
 class CellsInfused(DomainEvent):
     subject_id: str
     lot_id: str
     given_on: date
     cell_count: float
     infusion_number: int
+
+
+EVENTS: tuple[type[DomainEvent], ...] = (
+    AdiposeTissueHarvested,
+    CellLotReleased,
+    CellLotFailedQc,
+    CellsInfused,
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date
 from enum import StrEnum
 
-from shared.events import DomainEvent, event
+from shared.events import DomainEvent
 
 
 class DeviationCode(StrEnum):
@@ -23,7 +23,6 @@ class DeviationCode(StrEnum):
     INFUSION_DOSE_OFF_TARGET = "INFUSION_DOSE_OFF_TARGET"  # far from 3×10^7 cells
 
 
-@event
 class ProtocolDeviationDetected(DomainEvent):
     """A recorded fact broke a protocol rule. The fact itself stays recorded; this flags it."""
 
@@ -34,3 +33,8 @@ class ProtocolDeviationDetected(DomainEvent):
     cycle: int | None = None
     day: int | None = None
     lot_id: str | None = None
+
+
+EVENTS: tuple[type[DomainEvent], ...] = (
+    ProtocolDeviationDetected,
+)

@@ -1,14 +1,12 @@
-"""Events pulse administration publishes."""
+"""Events pulse administration publishes (its protocol deviations: :mod:`contracts.deviations`)."""
 
 from __future__ import annotations
 
 from datetime import date
 
-from shared.deviations import ProtocolDeviationDetected  # noqa: F401  (published here too)
-from shared.events import DomainEvent, event
+from shared.events import DomainEvent
 
 
-@event
 class PulseDoseAdministered(DomainEvent):
     """One day's methylprednisolone pulse dose: a fact, recorded whatever the protocol says."""
 
@@ -19,3 +17,8 @@ class PulseDoseAdministered(DomainEvent):
     dose_mg: float
     weight_kg: float
     mg_per_kg: float
+
+
+EVENTS: tuple[type[DomainEvent], ...] = (
+    PulseDoseAdministered,
+)

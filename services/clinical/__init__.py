@@ -26,10 +26,10 @@ from datetime import date
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.enrollment.events import PatientDied, PatientWithdrawn
+from contracts.deviations import DeviationCode, ProtocolDeviationDetected
+from contracts.enrollment import PatientDied, PatientWithdrawn
 from shared import metrics
 from shared.consumer import InboundMessage
-from shared.deviations import DeviationCode, ProtocolDeviationDetected
 from shared.errors import Invalid
 from shared.events import CommandContext, Envelope
 from shared.patients import EnrolledPatient, forget_erased, readable, remember_enrollments, wait_for_patient

@@ -1,4 +1,4 @@
-"""Events enrollment publishes (its published language; other services decode these)."""
+"""Events enrollment publishes, and the vocabulary they share (sex, group, Lee grade, MEST-C)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.events import DomainEvent, event
+from shared.events import DomainEvent
 
 Sex = Literal["F", "M"]
 Group = Literal["A", "B", "control"]
@@ -26,7 +26,6 @@ class OxfordMestC(BaseModel):
     C: Literal[0, 1, 2] | None = None
 
 
-@event
 class PatientEnrolled(DomainEvent):
     subject_id: str
     sex: Sex
@@ -39,31 +38,26 @@ class PatientEnrolled(DomainEvent):
     mest_c: OxfordMestC | None = None
 
 
-@event
 class DialysisStarted(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class KidneyTransplanted(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class PatientDied(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class PatientWithdrawn(DomainEvent):
     subject_id: str
     on: date
 
 
-@event
 class BiopsyRecorded(DomainEvent):
     """Follow-up biopsy findings, so the abstract's biopsy outcomes can be counted."""
 
@@ -76,7 +70,45 @@ class BiopsyRecorded(DomainEvent):
     lee_grade: LeeGrade | None = None
 
 
-@event
+Intervention = Literal["mp_pulse", "cell_infusion", "fat_harvest"]
+"""What an adverse event may be related to: the protocol's three interventions."""
+Causality = Literal["unrelated", "unlikely", "possible", "probable", "definite"]
+AdverseEventOutcome = Literal["recovered", "recovering", "not_recovered", "recovered_with_sequelae", "fatal", "unknown"]
+CtcaeGrade = Literal[1, 2, 3, 4, 5]
+"""CTCAE v5: 1 mild, 2 moderate, 3 severe, 4 life-threatening, 5 death related to the AE."""
+
+
+class AdverseEventReported(DomainEvent):
+    """The first report of an adverse event (``ae_id`` is the site's own id for it)."""
+
+    subject_id: str
+    ae_id: str
+    term: str
+    onset_on: date
+    grade: CtcaeGrade
+    serious: bool
+    related_to: tuple[Intervention, ...] = ()
+    causality: Causality
+    outcome: AdverseEventOutcome
+    resolved_on: date | None = None
+
+
+class AdverseEventUpdated(DomainEvent):
+    """A follow-up report of an adverse event: the whole report as it now stands, which replaces
+    the earlier one (the latest report is the adverse event's state)."""
+
+    subject_id: str
+    ae_id: str
+    term: str
+    onset_on: date
+    grade: CtcaeGrade
+    serious: bool
+    related_to: tuple[Intervention, ...] = ()
+    causality: Causality
+    outcome: AdverseEventOutcome
+    resolved_on: date | None = None
+
+
 class PatientDataErased(DomainEvent):
     """The patient withdrew consent and their data were erased: their data key is deleted, so
     every payload about them, in every store and stream, is unreadable from now on
@@ -86,3 +118,16 @@ class PatientDataErased(DomainEvent):
 
     subject_id: str
     erased_on: date
+
+
+EVENTS: tuple[type[DomainEvent], ...] = (
+    PatientEnrolled,
+    DialysisStarted,
+    KidneyTransplanted,
+    PatientDied,
+    PatientWithdrawn,
+    BiopsyRecorded,
+    AdverseEventReported,
+    AdverseEventUpdated,
+    PatientDataErased,
+)
