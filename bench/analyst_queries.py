@@ -50,31 +50,33 @@ WRITE_EVERY = 20_000
 # --- filling the projection (child process) ----------------------------------------------------------
 
 async def _fill(database_url: str, prefix: str, total: int, patients: int) -> dict:
-    from services.outcomes.projections import write_changes, write_timeline
-    from services.outcomes.projector import Incoming, ProjectionChanges
-    from shared.database import create_engine
+    from services.outcomes.incoming import Incoming
+    from services.outcomes.projection_sql import SqlProjectionStore
+    from services.outcomes.projector import ProjectionChanges
+    from shared.store import open_store
 
     topology = Topology(prefix)
     streams = {source: topology.service_stream(source).name for source in workload.SOURCES}
     sequences = {source: itertools.count(1) for source in workload.SOURCES}
     changes = ProjectionChanges({})
-    engine = create_engine(database_url)
+    projection = SqlProjectionStore()
+    store = open_store(database_url)
     try:
         for message in workload.events(total, patients):
             source = message.source
             changes.add(Incoming.parse(streams[source], next(sequences[source]), source, message.data))
             if len(changes.timeline) >= WRITE_EVERY:
-                async with engine.begin() as connection:
-                    await write_timeline(connection, 1, changes.take_timeline())
-        async with engine.begin() as connection:
-            await write_changes(connection, 1, changes)
+                async with store.transaction() as uow:
+                    await projection.write_timeline(uow, 1, changes.take_timeline())
+        async with store.transaction() as uow:
+            await projection.write_changes(uow, 1, changes)
     finally:
-        await engine.dispose()
+        await store.close()
     return {"patients": len(changes.patients), "applied": changes.applied}
 
 
 def fill_child(database_url: str, prefix: str, total: int, patients: int) -> dict:
-    import services.outcomes.projections  # noqa: F401  (imported before the clock starts)
+    import services.outcomes.projection_sql  # noqa: F401  (imported before the clock starts)
 
     cpu, started = _cpu_seconds(), time.perf_counter()
     result = asyncio.run(_fill(database_url, prefix, total, patients))

@@ -12,7 +12,7 @@ For each size (100,000 and 1,000,000 events of :mod:`bench.workload`'s mix, ~2,0
    ``PullSubscription.fetch`` with big batches, and the rebuild's batch puller (a plain
    subscription answering pull requests: the fastest way we found to read a stream with
    nats-py). The faster of the two is the ceiling;
-3. **rebuild**: a fresh process runs ``services.outcomes.rebuild.rebuild`` into a fresh
+3. **rebuild**: a fresh process runs ``services.outcomes.rebuild.wiring.rebuild`` into a fresh
    PostgreSQL database (migrated beforehand, so only the rebuild is timed) — decode, project,
    write every timeline row, every patient and the checkpoints, swap.
 
@@ -142,7 +142,7 @@ async def _raw_fetch(nats_url: str, streams: list[str]) -> tuple[int, int]:
 
 async def _raw_puller(nats_url: str, streams: list[str]) -> tuple[int, int]:
     """The rebuild's own batch puller, with the messages' bytes counted instead of applied."""
-    from services.outcomes.rebuild import FETCH_BATCH, _PullReader
+    from services.outcomes.rebuild.reader import FETCH_BATCH, StreamReader
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
@@ -150,7 +150,7 @@ async def _raw_puller(nats_url: str, streams: list[str]) -> tuple[int, int]:
     for stream in streams:
         head = (await js.stream_info(stream)).state.last_seq
         read = 0
-        async with _PullReader(js, stream, 1, FETCH_BATCH) as reader:
+        async with StreamReader(nc, stream, 1, FETCH_BATCH) as reader:
             while read < head:
                 batch = await reader.next_batch(head - read)
                 if batch is None:
@@ -164,7 +164,7 @@ async def _raw_puller(nats_url: str, streams: list[str]) -> tuple[int, int]:
 
 
 async def _rebuild(nats_url: str, database_url: str, streams: dict[str, str]) -> tuple[int, int]:
-    from services.outcomes.rebuild import rebuild
+    from services.outcomes.rebuild.wiring import rebuild
 
     progress = await rebuild(nats_url, database_url, streams)
     if progress.phase != "done":
@@ -179,7 +179,7 @@ def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, 
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    import services.outcomes.rebuild  # noqa: F401  (imported before the clock starts)
+    import services.outcomes.rebuild.wiring  # noqa: F401  (imported before the clock starts)
     from shared.service import tune_garbage_collector
 
     tune_garbage_collector()  # as in the services and `nephrotrack rebuild` (raw and rebuild alike)
@@ -324,7 +324,7 @@ async def run(tmp: str) -> str:
         f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)",
         "",
         "Raw = the same streams read by a fresh process with no processing. Rebuild = "
-        "`services.outcomes.rebuild.rebuild` into a fresh PostgreSQL database (decode, project, write the "
+        "`services.outcomes.rebuild.wiring.rebuild` into a fresh PostgreSQL database (decode, project, write the "
         "timeline and patients, checkpoint, swap). events/s is wall clock; per CPU-s divides by the "
         "process's own CPU time (user+sys), which the machine's other load does not inflate.",
         "",

@@ -45,7 +45,7 @@ def demo(timeout: float = typer.Option(120.0, help="seconds to wait for the outc
 def rebuild(restart: bool = typer.Option(False, help="discard an interrupted rebuild instead of resuming it")) -> None:
     """Replay the JetStream log into a fresh outcomes projection, then swap it in (blue/green)."""
     from nephrotrack.rebuild import run_rebuild
-    from services.outcomes.rebuild import RebuildError
+    from services.outcomes.rebuild.lease import RebuildError
     from shared.service import tune_garbage_collector
 
     tune_garbage_collector()

@@ -10,7 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from contracts import register_all
 from nephrotrack.runtime import local_broker_url
-from services.outcomes.rebuild import RebuildProgress, default_streams, rebuild
+from services.outcomes.rebuild.job import RebuildProgress
+from services.outcomes.rebuild.wiring import default_streams, rebuild
 from shared.database import migrate
 from shared.events import registry
 from shared.settings import RuntimeSettings, database_url

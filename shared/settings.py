@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ServiceName = Literal["enrollment", "pulse", "cells", "labs", "outcomes"]
@@ -24,6 +23,8 @@ class RuntimeSettings(BaseSettings):
     nats_port: int = Field(default=4222, alias="NEPHROTRACK_NATS_PORT")
     host: str = Field(default="127.0.0.1", alias="NEPHROTRACK_HOST")
     log_level: str = Field(default="info", alias="NEPHROTRACK_LOG_LEVEL")
+    gc: Literal["service", "default"] = Field(default="service", alias="NEPHROTRACK_GC")
+    """``default`` keeps CPython's garbage-collector pacing (for comparison; shared.service.GC_THRESHOLDS)."""
     consumer_max_deliver: int = Field(default=5, ge=1, alias="NEPHROTRACK_CONSUMER_MAX_DELIVER")
     """Tries of a message that fails for itself before it is dead-lettered (outages spend none)."""
     consumer_backoff_seconds: Annotated[tuple[float, ...], NoDecode] = Field(
@@ -42,28 +43,52 @@ class RuntimeSettings(BaseSettings):
         return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
 
 
+class ListenSettings(BaseSettings):
+    """Where each process listens: the contract's ports, each movable by its variable."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    outcomes_port: int = Field(default=DEFAULT_PORTS["outcomes"], ge=0, le=65535, alias="NEPHROTRACK_OUTCOMES_PORT")
+    enrollment_port: int = Field(default=DEFAULT_PORTS["enrollment"], ge=0, le=65535, alias="NEPHROTRACK_ENROLLMENT_PORT")
+    pulse_port: int = Field(default=DEFAULT_PORTS["pulse"], ge=0, le=65535, alias="NEPHROTRACK_PULSE_PORT")
+    cells_port: int = Field(default=DEFAULT_PORTS["cells"], ge=0, le=65535, alias="NEPHROTRACK_CELLS_PORT")
+    labs_port: int = Field(default=DEFAULT_PORTS["labs"], ge=0, le=65535, alias="NEPHROTRACK_LABS_PORT")
+    mllp_port: int = Field(default=2575, ge=0, le=65535, alias="NEPHROTRACK_MLLP_PORT")
+
+
+class DatabaseSettings(BaseSettings):
+    """Each service's own database (``DATABASE_URL_<SERVICE>``); unset: SQLite under the data directory."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    database_url_outcomes: str | None = Field(default=None, alias="DATABASE_URL_OUTCOMES")
+    database_url_enrollment: str | None = Field(default=None, alias="DATABASE_URL_ENROLLMENT")
+    database_url_pulse: str | None = Field(default=None, alias="DATABASE_URL_PULSE")
+    database_url_cells: str | None = Field(default=None, alias="DATABASE_URL_CELLS")
+    database_url_labs: str | None = Field(default=None, alias="DATABASE_URL_LABS")
+
+
 def service_port(service: str) -> int:
-    return _int_env(f"NEPHROTRACK_{service.upper()}_PORT", DEFAULT_PORTS[service])
+    return getattr(_listen(), f"{service}_port")
 
 
 def mllp_port() -> int:
-    return _int_env("NEPHROTRACK_MLLP_PORT", 2575)
+    return _listen().mllp_port
 
 
 def database_url(service: str, runtime: RuntimeSettings | None = None) -> str:
     """``DATABASE_URL_<SERVICE>``, else a SQLite file under the data directory."""
-    runtime = runtime or RuntimeSettings()
-    explicit = os.environ.get(f"DATABASE_URL_{service.upper()}")
+    explicit = getattr(DatabaseSettings(), f"database_url_{service}")
     if explicit:
         return explicit
+    runtime = runtime or RuntimeSettings()
     return f"sqlite+aiosqlite:///{(runtime.var_dir / f'{service}.db').resolve()}"
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def _listen() -> ListenSettings:
+    """The ports, or a stop naming the variable that does not hold one."""
     try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be a port number, got {raw!r}") from None
+        return ListenSettings()
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise SystemExit(f"{problem['loc'][0]} must be a port number, got {problem.get('input')!r}") from None

@@ -53,9 +53,10 @@ from services.clinical import (
 from shared.clinical_dates import utc_today
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import CommandContext, DomainEvent, Envelope
+from shared.http import command_context
 from shared.ids import new_event_id
 from shared.patients import find_patient
-from shared.service import Service, command_context
+from shared.service import Service
 from shared.store import ConcurrencyError, UnitOfWork
 
 T = TypeVar("T")

@@ -23,8 +23,9 @@ from services.enrollment.key_purge import KeyPurger
 from shared.clinical_dates import utc_today
 from shared.erasures import remember_erased
 from shared.errors import Conflict
+from shared.http import command_context
 from shared.keys import KeyErased
-from shared.service import Service, command_context
+from shared.service import Service
 from shared.store import ConcurrencyError
 
 

@@ -9,15 +9,17 @@ so freshness lives in headers everywhere, and ``/v1/freshness`` details it per s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 
 from contracts.enrollment import Group
-from services.outcomes import exports, statistics, tables
-from services.outcomes.projections import read_state
+from services.outcomes import exports, statistics
 from services.outcomes.queries import Freshness, OutcomesQueries
-from services.outcomes.rebuild import BackgroundRebuild, RebuildBusy
+from services.outcomes.rebuild.lease import RebuildBusy
+from services.outcomes.rebuild.wiring import BackgroundRebuild
 from services.outcomes.views import (
     CohortRow,
     EgfrTrajectories,
@@ -30,6 +32,9 @@ from services.outcomes.views import (
     patient_detail,
 )
 from shared.service import Service
+
+FRESHNESS_HEADER = "X-Projection-Position"
+STAMP_TIMEOUT_SECONDS = 0.25
 
 _NOT_FOUND = {404: {"description": "unknown id, as `{\"detail\": \"<reason>\"}`"}}
 
@@ -147,14 +152,32 @@ async def _stream_heads(service: Service, freshness: Freshness) -> dict[str, int
 
 async def _rebuild_status(queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> RebuildStatus:
     async with queries.snapshot() as connection:
-        state = await read_state(connection)
+        state = await queries.state(connection)
     progress = rebuilds.progress
     return RebuildStatus(
         running_here=rebuilds.running,
         progress=RebuildProgressView(**progress.as_dict()) if progress else None,
         active_generation=state.active_generation,
         rebuilding_generation=state.rebuilding_generation,
-        rebuild_started_at=tables.utc(state.rebuild_started_at),
-        rebuild_heartbeat_at=tables.utc(state.rebuild_heartbeat_at),
-        swapped_at=tables.utc(state.swapped_at),
+        rebuild_started_at=state.rebuild_started_at,
+        rebuild_heartbeat_at=state.rebuild_heartbeat_at,
+        swapped_at=state.swapped_at,
     )
+
+
+def stamp_every_response(app: FastAPI, queries: OutcomesQueries) -> None:
+    """Freshness headers on the authenticated endpoints that do not read the projection
+    themselves (metrics, docs). Not on open routes (``/healthz``, the dashboard's pages and
+    assets): how fresh the clinical data are is itself for key holders only; refusals (401/403)
+    never reach this middleware. Best effort and bounded: the answer must come promptly even
+    with the database down (then without the headers)."""
+
+    @app.middleware("http")
+    async def stamp(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        authenticated = getattr(request.state, "principal", None) is not None  # set by shared.auth
+        if authenticated and FRESHNESS_HEADER not in response.headers:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STAMP_TIMEOUT_SECONDS), queries.snapshot() as connection:
+                    response.headers.update((await queries.freshness(connection)).headers())
+        return response

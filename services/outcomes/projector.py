@@ -10,7 +10,8 @@ result id — is guarded here by the labs stream version: an ``EgfrComputed`` ol
 already applied (a redelivery, or the four streams replayed one after another) is ignored.
 Patient rows are serialised canonically (sorted keys, sorted set members), so the same facts
 give byte-identical rows whatever order they were recorded in; a timeline row is a function of
-its one event.
+its one event (:mod:`services.outcomes.timeline`). Messages arrive parsed
+(:mod:`services.outcomes.incoming`).
 """
 
 from __future__ import annotations
@@ -18,27 +19,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from typing import Any, NamedTuple
+from datetime import UTC, datetime
+from typing import Any
 
-from contracts.cells import CellsInfused
-from contracts.deviations import ProtocolDeviationDetected
-from contracts.enrollment import (
-    BiopsyRecorded,
-    DialysisStarted,
-    KidneyTransplanted,
-    PatientDataErased,
-    PatientDied,
-    PatientEnrolled,
-    PatientWithdrawn,
-)
-from contracts.labs import EgfrComputed, LabResultCorrected
-from contracts.pulse import PulseDoseAdministered
-from services.outcomes import domain, wire
+from contracts.enrollment import PatientDataErased
+from contracts.labs import EgfrComputed
+from services.outcomes import domain
 from services.outcomes.domain import PatientFacts, PatientOutcome
+from services.outcomes.incoming import Incoming
+from services.outcomes.timeline import timeline_row
 from services.outcomes.wire import Meta
-from shared.events import DomainEvent, registry
-from shared.store import JSON_CODEC, Codec
+from shared.events import DomainEvent
 
 SOURCES: tuple[str, ...] = ("enrollment", "pulse", "cells", "labs")
 """The services whose event streams the outcomes service consumes."""
@@ -108,143 +99,6 @@ class ProjectedPatient:
     @classmethod
     def from_row(cls, facts_json: str, egfr_versions_json: str) -> ProjectedPatient:
         return cls(PatientFacts.model_validate_json(facts_json), json.loads(egfr_versions_json))
-
-
-# --- the timeline -----------------------------------------------------------------------------
-
-def _utc_date(moment: datetime) -> date:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).date()
-
-
-def _timeline_kind(event: DomainEvent, envelope: Meta) -> tuple[str, date] | None:
-    """(kind, the date it happened) of the events a patient's timeline shows. Kinds reuse the
-    contract's names where it has them (``dialysis_started``, ``kidney_transplant``, …)."""
-    match event:
-        case PatientEnrolled():
-            return "enrolled", event.enrolled_on
-        case PulseDoseAdministered():
-            return "pulse_dose", event.given_on
-        case CellsInfused():
-            return "infusion", event.given_on
-        case EgfrComputed():
-            return "egfr", _utc_date(event.collected_at)
-        case LabResultCorrected():
-            # The event carries no collection date; the correction happened when it was recorded.
-            return "lab_correction", _utc_date(envelope.occurred_at)
-        case ProtocolDeviationDetected():
-            return "protocol_deviation", event.occurred_on
-        case BiopsyRecorded():
-            return "biopsy", event.performed_on
-        case DialysisStarted():
-            return "dialysis_started", event.on
-        case KidneyTransplanted():
-            return "kidney_transplant", event.on
-        case PatientDied():
-            return "death", event.on
-        case PatientWithdrawn():
-            return "withdrawn", event.on
-    return None
-
-
-_TIMELINE_EVENTS: tuple[type[DomainEvent], ...] = (
-    PatientEnrolled, PulseDoseAdministered, CellsInfused, EgfrComputed, LabResultCorrected,
-    ProtocolDeviationDetected, BiopsyRecorded, DialysisStarted, KidneyTransplanted, PatientDied, PatientWithdrawn,
-)
-"""The event models ``_timeline_kind`` gives a row (keep the two in step)."""
-
-
-def timeline_row(envelope: Meta, event: DomainEvent, source: str) -> dict[str, Any] | None:
-    """The timeline row of one event, keyed by its event id (so inserting it twice is a no-op).
-    An eGFR row keeps its labs stream version, which tells the effective one from superseded.
-
-    The detail is the event's JSON in its model's field order (``model_dump_json``, pydantic's
-    Rust serializer): a function of the event alone, so the same event gives the same bytes live
-    and rebuilt; sorting its keys through the standard library cost three times as much."""
-    found = _timeline_kind(event, envelope)
-    if found is None:
-        return None
-    kind, occurred_on = found
-    detail = event.model_dump_json(exclude=_NOT_IN_DETAIL)
-    if isinstance(event, EgfrComputed):
-        detail = f'{detail[:-1]},"lab_stream_version":{envelope.stream_version:d}}}'
-    return {
-        "event_id": envelope.event_id,
-        "subject_id": getattr(event, "subject_id"),
-        "occurred_on": occurred_on,
-        "recorded_at": envelope.recorded_at,
-        "kind": kind,
-        "source": source,
-        "detail_json": detail,
-    }
-
-
-_NOT_IN_DETAIL = {"subject_id"}
-
-
-# --- a run of messages ------------------------------------------------------------------------
-
-_CONSUMED = tuple(domain.CONSUMED_EVENTS)
-_READ = (*_CONSUMED, *_TIMELINE_EVENTS, PatientDataErased)
-_reads: dict[str, bool] = {}
-
-
-def _projection_reads(event_type: str) -> bool:
-    """Whether the projection does anything with this event type (facts or timeline). The
-    others — raw lab results, lots, rejections: about half of a real log — are not decoded,
-    exactly as event types unknown to this code are not: they only move the stream's mark."""
-    reads = _reads.get(event_type)
-    if reads is None:
-        if not registry.knows(event_type):
-            return False
-        reads = _reads[event_type] = issubclass(registry.model(event_type), _READ)
-    return reads
-
-
-class Incoming(NamedTuple):
-    """One broker message as the projection sees it: where it sits in which stream, the
-    envelope's metadata, and the decoded event (``None`` for event types outcomes does not
-    read, known or not). A named tuple: one is built per message."""
-
-    stream: str
-    sequence: int
-    source: str
-    envelope: Meta
-    event: DomainEvent | None
-
-    @classmethod
-    def parse(cls, stream: str, sequence: int, source: str, data: bytes, codec: Codec = JSON_CODEC) -> Incoming:
-        """Raises on a message that is not a decodable envelope, or whose event the projection
-        reads but cannot decode (the caller decides whether that is a poison message to
-        dead-letter or one to skip); ``KeyErased`` for a payload of an erased patient.
-        ``codec`` opens sealed payloads (shared.sealing). Plain envelopes take the fast path
-        (:mod:`services.outcomes.wire`); whatever it refuses, the full path decides."""
-        split = wire.split(data)
-        if split is not None:
-            meta, payload = split
-            if not _projection_reads(meta.event_type):
-                return cls(stream, sequence, source, meta, None)
-            validator = wire.payload_validator(meta.event_type, meta.schema_version)
-            if validator is not None:
-                try:
-                    blob = wire.sealed_blob(payload)
-                    if blob is not None:
-                        payload = codec.plaintext(meta.ref, blob)  # KeyErased / KeyMissing go to the caller
-                    return cls(stream, sequence, source, meta, validator.validate_json(payload))
-                except ValueError:  # not valid as its event, or a broken seal: the full path
-                    pass  # raises the error (or decodes what the split got wrong)
-        envelope = codec.open(data)
-        event = envelope.decode() if _projection_reads(envelope.event_type) else None
-        return cls(stream, sequence, source, Meta.of(envelope), event)
-
-    @property
-    def patient_subject(self) -> str | None:
-        """The subject whose facts this event changes (timeline-only events change none)."""
-        return getattr(self.event, "subject_id") if isinstance(self.event, _CONSUMED) else None
-
-    @property
-    def subject(self) -> str | None:
-        """The subject the event is about (facts, timeline or erasure), if it was decoded."""
-        return getattr(self.event, "subject_id", None)
 
 
 @dataclass

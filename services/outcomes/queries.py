@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from services.outcomes import tables
 from services.outcomes.domain import PatientFacts, PatientOutcome
+from services.outcomes.projection_sql import read_state
+from services.outcomes.projection_store import ProjectionState
 from services.outcomes.projector import ProjectedPatient
 
 _state = tables.projection_state.c
@@ -119,6 +121,10 @@ class OutcomesQueries:
             connection = await connection.execution_options(**options)
             async with connection.begin():
                 yield connection
+
+    async def state(self, connection: AsyncConnection) -> ProjectionState:
+        """The served generation and the rebuild's lease."""
+        return await read_state(connection)
 
     async def freshness(self, connection: AsyncConnection) -> Freshness:
         s = tables.sources.c

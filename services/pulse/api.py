@@ -32,8 +32,9 @@ from services.pulse.domain import (
 from shared.clinical_dates import utc_today
 from shared.errors import NotFound
 from shared.events import DomainEvent
+from shared.http import command_context
 from shared.patients import find_patient
-from shared.service import Service, command_context
+from shared.service import Service
 
 
 def stream_id(subject_id: str) -> str:

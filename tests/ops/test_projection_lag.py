@@ -18,28 +18,35 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.pulse import PulseDoseAdministered
-from services.outcomes import projections
-from services.outcomes.app import projection_lag
+from services.outcomes.lag import projection_lag
+from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.projector import ProjectionChanges, SourceMark
 from services.outcomes.queries import OutcomesQueries
-from services.outcomes.rebuild import default_streams
+from services.outcomes.rebuild.wiring import default_streams
 from shared.broker import Topology, ensure_streams
-from shared.database import create_engine, migrate
+from shared.database import migrate
 from shared.events import CommandContext, Envelope
 from shared.settings import SERVICES
+from shared.store import SqlEventStore, open_store
 from tests.conftest import drop_database, new_database_url
 
 NOW = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def engine(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+async def store(backend: str, tmp_path: Path) -> AsyncIterator[SqlEventStore]:
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
-    engine = create_engine(url)
-    yield engine
-    await engine.dispose()
+    store = open_store(url)
+    assert isinstance(store, SqlEventStore)
+    yield store
+    await store.close()
     await drop_database(url)
+
+
+@pytest.fixture
+def engine(store: SqlEventStore) -> AsyncEngine:
+    return store.engine
 
 
 def dose(day: int, recorded_at: datetime) -> Envelope:
@@ -49,15 +56,15 @@ def dose(day: int, recorded_at: datetime) -> Envelope:
     return envelope.model_copy(update={"recorded_at": recorded_at})
 
 
-async def mark(engine: AsyncEngine, stream: str, sequence: int, recorded_at: datetime) -> None:
+async def mark(store: SqlEventStore, stream: str, sequence: int, recorded_at: datetime, generation: int = 1) -> None:
     changes = ProjectionChanges({})
     changes.marks[stream] = SourceMark(sequence, recorded_at)
-    async with engine.begin() as connection:
-        await projections.write_changes(connection, 1, changes)
+    async with store.transaction() as uow:
+        await SqlProjectionStore().write_changes(uow, generation, changes)
 
 
 async def test_projection_lag_counts_waiting_events_and_ages_the_oldest(
-    engine: AsyncEngine, nats_client: nats.NATS, topology: Topology
+    store: SqlEventStore, engine: AsyncEngine, nats_client: nats.NATS, topology: Topology
 ) -> None:
     js = nats_client.jetstream()
     await ensure_streams(js, topology.all_streams(SERVICES))
@@ -74,7 +81,7 @@ async def test_projection_lag_counts_waiting_events_and_ages_the_oldest(
     assert behind.events == {**dict.fromkeys(streams, 0), "pulse": 3}
     assert behind.seconds == 30 * 60  # the oldest waiting event, not the newest applied one (none)
 
-    await mark(engine, streams["pulse"], 1, recorded[0])  # the first one applied
+    await mark(store, streams["pulse"], 1, recorded[0])  # the first one applied
     one_applied = await projection_lag(js, queries, NOW)
     assert one_applied.events["pulse"] == 2 and one_applied.seconds == 20 * 60
 
@@ -82,13 +89,13 @@ async def test_projection_lag_counts_waiting_events_and_ages_the_oldest(
     fallback = await projection_lag(js, queries, NOW)
     assert fallback.events["pulse"] == 2 and fallback.seconds == 30 * 60  # newest applied: an upper bound
 
-    await mark(engine, streams["pulse"], 3, recorded[2])
+    await mark(store, streams["pulse"], 3, recorded[2])
     done = await projection_lag(js, queries, NOW)
     assert done.events == dict.fromkeys(streams, 0) and done.seconds == 0
 
 
 async def test_the_lag_of_the_served_generation_is_measured(
-    engine: AsyncEngine, nats_client: nats.NATS, topology: Topology
+    store: SqlEventStore, engine: AsyncEngine, nats_client: nats.NATS, topology: Topology
 ) -> None:
     """A rebuild's generation catching up does not hide the served one's lag."""
     js = nats_client.jetstream()
@@ -96,10 +103,8 @@ async def test_the_lag_of_the_served_generation_is_measured(
     streams = default_streams(topology)
     await js.publish(topology.event_subject("pulse", "PulseDoseAdministered"),
                      dose(1, NOW - timedelta(minutes=5)).model_dump_json().encode())
-    changes = ProjectionChanges({})
-    changes.marks[streams["pulse"]] = SourceMark(1, NOW - timedelta(minutes=5))
-    async with engine.begin() as connection:
-        await projections.write_changes(connection, 2, changes)  # generation 2: not active
-        assert (await projections.read_state(connection)).active_generation == 1
+    await mark(store, streams["pulse"], 1, NOW - timedelta(minutes=5), generation=2)  # not the active one
+    async with store.transaction() as uow:
+        assert (await SqlProjectionStore().state(uow)).active_generation == 1
     lag = await projection_lag(js, OutcomesQueries(engine, streams), NOW)
     assert lag.events["pulse"] == 1 and lag.seconds == 5 * 60

@@ -15,14 +15,15 @@ from pathlib import Path
 import nats
 import pytest
 
-from services.outcomes import projections
-from services.outcomes.rebuild import Rebuild, default_streams
+from services.outcomes import projection_sql
+from services.outcomes.rebuild.job import Rebuild
+from services.outcomes.rebuild.wiring import default_streams
 from shared.broker import Topology
-from shared.database import create_engine, migrate
+from shared.database import migrate
 from tests.conftest import drop_database, new_database_url
 from tests.outcomes.mixed_run import mixed_run, publish
 from tests.outcomes.rows import generation_rows, state
-from tests.outcomes.test_rebuild import broker_url, caught_up, live_outcomes  # noqa: F401  (fixture)
+from tests.outcomes.test_rebuild import broker_url, caught_up, live_outcomes, sql_store  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,11 +31,12 @@ pytestmark = pytest.mark.timeout(180)
 async def test_background_timeline_writes_and_copy_equal_the_live_projection(
     backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(projections, "COPY_AT_LEAST", 50)  # COPY for most writes, INSERT for the small ones
+    monkeypatch.setattr(projection_sql, "COPY_AT_LEAST", 50)  # COPY for most writes, INSERT for the small ones
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
     js = nats_client.jetstream()
-    engine = create_engine(url)
+    store = sql_store(url)
+    engine = store.engine
     try:
         async with live_outcomes("outcomes", url):
             events = mixed_run(patients=6, results=80, seed=5)
@@ -57,8 +59,8 @@ async def test_background_timeline_writes_and_copy_equal_the_live_projection(
                         written.set()
                         await asyncio.Event().wait()
 
-            first = StopsAfterTwoWrites(engine, js, default_streams(topology), flush_every=10**9, flush_seconds=3600,
-                                        write_every=120, fetch_batch=37)
+            first = StopsAfterTwoWrites(store, nats_client, default_streams(topology), flush_every=10**9,
+                                        flush_seconds=3600, write_every=120, fetch_batch=37)
             task = asyncio.create_task(first.run())
             await asyncio.wait_for(written.wait(), 60)
             task.cancel()
@@ -66,11 +68,11 @@ async def test_background_timeline_writes_and_copy_equal_the_live_projection(
                 await task
             assert (await generation_rows(engine, 2))["outcome_timeline"], "background writes reached the database"
 
-            done = await Rebuild(engine, js, default_streams(topology), flush_every=10**9, flush_seconds=3600,
-                                 write_every=120, fetch_batch=37).run()
+            done = await Rebuild(store, nats_client, default_streams(topology), flush_every=10**9,
+                                 flush_seconds=3600, write_every=120, fetch_batch=37).run()
             assert done.phase == "done" and done.generation == 2
             assert (await state(engine)).active_generation == 2
             assert await generation_rows(engine, 2) == live
     finally:
-        await engine.dispose()
+        await store.close()
         await drop_database(url)

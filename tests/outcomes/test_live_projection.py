@@ -8,6 +8,7 @@ from datetime import date
 
 import pytest
 
+from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.projections import LiveProjection
 from services.outcomes.projector import ProjectedPatient
 from shared.consumer import InboundMessage
@@ -21,7 +22,7 @@ LABS, PULSE, ENROLLMENT = Feed.STREAMS["labs"], Feed.STREAMS["pulse"], Feed.STRE
 
 async def project(store: EventStore, source: str, messages: list[InboundMessage]) -> None:
     async with store.transaction() as uow:
-        await LiveProjection(source)(uow, messages)
+        await LiveProjection(source, SqlProjectionStore())(uow, messages)
 
 
 def lab(feed: Feed, event, version: int) -> InboundMessage:  # type: ignore[no-untyped-def]
@@ -115,7 +116,7 @@ async def test_a_failing_batch_leaves_neither_rows_nor_checkpoint(outcomes_store
 
     with pytest.raises(Crash):
         async with outcomes_store.transaction() as uow:
-            await LiveProjection("pulse")(uow, good)
+            await LiveProjection("pulse", SqlProjectionStore())(uow, good)
             raise Crash  # e.g. the process dies after the handler, before the commit
     assert await generation_rows(outcomes_store.engine, 1) == before
     await project(outcomes_store, "pulse", good)

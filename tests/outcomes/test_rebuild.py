@@ -20,11 +20,16 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.outcomes import projections
+from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.queries import OutcomesQueries
-from services.outcomes.rebuild import Rebuild, RebuildBusy, RebuildProgress, default_streams
+from services.outcomes.rebuild.job import Rebuild, RebuildProgress
+from services.outcomes.rebuild.lease import RebuildBusy
+from services.outcomes.rebuild.wiring import default_streams
+from services.outcomes.settings import OutcomesSettings
 from shared.broker import Topology
-from shared.database import create_engine, migrate
+from shared.database import migrate
 from shared.service import Service
+from shared.store import SqlEventStore, open_store
 from tests.conftest import NATS_URL, drop_database, new_database_url
 from tests.outcomes.mixed_run import mixed_run, publish
 from tests.outcomes.rows import generation_rows, state
@@ -40,7 +45,7 @@ def broker_url(monkeypatch: pytest.MonkeyPatch) -> None:
 @contextlib.asynccontextmanager
 async def live_outcomes(name: str, url: str) -> AsyncIterator[Service]:
     service = Service(name, database=url)
-    projections.register(service)
+    projections.register(service, SqlProjectionStore(), OutcomesSettings())
     await service.start()
     try:
         yield service
@@ -63,6 +68,12 @@ async def caught_up(engine: AsyncEngine, js: nats.js.JetStreamContext, topology:
         await asyncio.sleep(0.1)
 
 
+def sql_store(url: str) -> SqlEventStore:
+    store = open_store(url)
+    assert isinstance(store, SqlEventStore)
+    return store
+
+
 async def active_rows(engine: AsyncEngine) -> dict[str, list[tuple]]:
     return await generation_rows(engine, (await state(engine)).active_generation)
 
@@ -77,8 +88,8 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
     js = nats_client.jetstream()
     run = mixed_run(patients=9, results=120)
     before, during, after = run[: len(run) // 2], run[len(run) // 2 : 3 * len(run) // 4], run[3 * len(run) // 4 :]
-    engine = create_engine(rebuilt_url)
-    reference_engine = create_engine(reference_url)
+    store, reference_store = sql_store(rebuilt_url), sql_store(reference_url)
+    engine, reference_engine = store.engine, reference_store.engine
     try:
         async with live_outcomes("outcomes-reference", reference_url), live_outcomes("outcomes", rebuilt_url):
             await publish(js, topology, before)
@@ -110,7 +121,7 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
                     await resume.wait()
 
             job = HeldAfterItsFirstCheckpoint(
-                engine, js, queries.streams, on_progress=track, flush_every=300, fetch_batch=100
+                store, nats_client, queries.streams, on_progress=track, flush_every=300, fetch_batch=100
             )
             rebuilding = asyncio.create_task(job.run())
             publishing = asyncio.create_task(publish_during_rebuild())
@@ -139,12 +150,12 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
             assert await generation_rows(engine, 1) == {table: [] for table in reference}  # old generation dropped
 
         # Quiet now: a rebuild of the reference reproduces its live rows exactly.
-        await Rebuild(reference_engine, js, default_streams(topology)).run()
+        await Rebuild(reference_store, nats_client, default_streams(topology)).run()
         assert (await state(reference_engine)).active_generation == 2
         assert await generation_rows(reference_engine, 2) == reference
     finally:
-        await engine.dispose()
-        await reference_engine.dispose()
+        await store.close()
+        await reference_store.close()
         for url in urls:
             await drop_database(url)
 
@@ -155,7 +166,8 @@ async def test_an_interrupted_rebuild_resumes_and_a_second_one_is_refused(
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
     js = nats_client.jetstream()
-    engine = create_engine(url)
+    store = sql_store(url)
+    engine = store.engine
     try:
         async with live_outcomes("outcomes", url):
             events = mixed_run(patients=4, results=60, seed=3)
@@ -171,11 +183,12 @@ async def test_an_interrupted_rebuild_resumes_and_a_second_one_is_refused(
                     flushed.set()
                     await asyncio.Event().wait()  # until Ctrl-C
 
-            first = StopsAfterItsFirstFlush(engine, js, default_streams(topology), flush_every=200, fetch_batch=100)
+            first = StopsAfterItsFirstFlush(store, nats_client, default_streams(topology), flush_every=200,
+                                            fetch_batch=100)
             task = asyncio.create_task(first.run())
             await flushed.wait()
             with pytest.raises(RebuildBusy):  # the first one holds the lease
-                await Rebuild(engine, js, default_streams(topology)).run()
+                await Rebuild(store, nats_client, default_streams(topology)).run()
             task.cancel()  # Ctrl-C
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -184,10 +197,10 @@ async def test_an_interrupted_rebuild_resumes_and_a_second_one_is_refused(
             assert interrupted.rebuild_owner is None  # the lease was given back
             assert (await generation_rows(engine, 2))["outcome_sources"]  # flushed checkpoints to resume from
 
-            resumed = await Rebuild(engine, js, default_streams(topology)).run()
+            resumed = await Rebuild(store, nats_client, default_streams(topology)).run()
             assert resumed.resumed and resumed.generation == 2 and resumed.phase == "done"
             assert resumed.applied < len(events)  # it did not start over
             assert await generation_rows(engine, 2) == live
     finally:
-        await engine.dispose()
+        await store.close()
         await drop_database(url)

@@ -12,7 +12,7 @@ import pytest
 
 from bench import workload
 from services.outcomes import wire
-from services.outcomes.projector import Incoming, _projection_reads
+from services.outcomes.incoming import Incoming, projection_reads
 from shared.keys import KeyErased, key_name
 from shared.sealing import SEALED_FIELD, SealBroken, SealingCodec
 from tests.keys import stack_codec
@@ -48,7 +48,7 @@ async def test_sealed_messages_take_the_fast_path_and_decode_as_the_full_path(
         fast = Incoming.parse("S", sequence, message.source, message.data, fast_only)
         envelope = codec.open(message.data)
         assert fast.envelope == wire.Meta.of(envelope)
-        assert fast.event == (envelope.decode() if _projection_reads(envelope.event_type) else None)
+        assert fast.event == (envelope.decode() if projection_reads(envelope.event_type) else None)
         read += fast.event is not None
     assert read > 1_000  # the log is mostly events the projection reads
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bench import workload
 from services.outcomes import wire
-from services.outcomes.projector import Incoming, _projection_reads
+from services.outcomes.incoming import Incoming, projection_reads
 from shared.events import Envelope
 
 
@@ -18,7 +18,7 @@ def test_fast_path_equals_full_path_on_the_benchmark_log() -> None:
         fast = Incoming.parse("S", sequence, message.source, message.data)
         envelope = Envelope.model_validate_json(message.data)
         assert fast.envelope == wire.Meta.of(envelope)
-        assert fast.event == (envelope.decode() if _projection_reads(envelope.event_type) else None)
+        assert fast.event == (envelope.decode() if projection_reads(envelope.event_type) else None)
 
 
 def test_bodies_it_cannot_split_go_to_the_full_path() -> None:

@@ -1,0 +1,125 @@
+"""The projection in dicts: the outcomes use cases tested in milliseconds, with the in-memory
+event store (``open_store("memory://")``), without a database.
+
+It behaves as the SQL tables do wherever tests/outcomes/test_projection_store.py can tell. A
+unit of work writes to its own copy of the tables, which becomes the committed one when the unit
+of work commits (``uow.on_commit``): a rolled-back one leaves nothing, as a transaction. That is
+sound because the in-memory event store runs one unit of work at a time; locks are therefore
+no-ops here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from uuid import UUID
+from weakref import WeakKeyDictionary
+
+from services.outcomes.projection_store import Lock, ProjectionState, ProjectionStore
+from services.outcomes.projector import ProjectedPatient, SourceMark
+from shared.store import UnitOfWork
+
+Rows = dict[int, dict[Any, Any]]
+"""Generation -> key -> row."""
+
+
+@dataclass
+class MemoryProjection:
+    """The tables: patient rows by subject id, timeline rows by event id, marks by stream."""
+
+    state: ProjectionState
+    patients: Rows = field(default_factory=dict)
+    timeline: Rows = field(default_factory=dict)
+    sources: Rows = field(default_factory=dict)
+
+    def copy(self) -> MemoryProjection:
+        """Rows are replaced, never changed in place, so copying the dicts is enough."""
+        return MemoryProjection(
+            self.state, *({g: dict(rows) for g, rows in table.items()} for table in self.generation_tables())
+        )
+
+    def generation_tables(self) -> tuple[Rows, Rows, Rows]:
+        return self.patients, self.timeline, self.sources
+
+
+class MemoryProjectionStore(ProjectionStore):
+    def __init__(self, active_generation: int = 1) -> None:
+        self.committed = MemoryProjection(ProjectionState(active_generation))
+        self._open: WeakKeyDictionary[UnitOfWork, MemoryProjection] = WeakKeyDictionary()
+
+    def tables(self, uow: UnitOfWork) -> MemoryProjection:
+        """The tables as ``uow`` sees them: the committed ones with its own writes."""
+        tables = self._open.get(uow)
+        if tables is None:
+            tables = self._open[uow] = self.committed.copy()
+            uow.on_commit(lambda: self._commit(uow))
+        return tables
+
+    def _commit(self, uow: UnitOfWork) -> None:
+        self.committed = self._open.pop(uow)
+
+    async def state(self, uow: UnitOfWork, *, lock: Lock = None) -> ProjectionState:
+        return self.tables(uow).state
+
+    async def set_state(self, uow: UnitOfWork, **values: Any) -> None:
+        tables = self.tables(uow)
+        tables.state = replace(tables.state, **values)
+
+    async def lock_patients(
+        self, uow: UnitOfWork, generation: int, subject_ids: Iterable[str]
+    ) -> dict[str, ProjectedPatient]:
+        rows = self.tables(uow).patients.setdefault(generation, {})
+        ordered = sorted(set(subject_ids))
+        for subject_id in ordered:
+            rows.setdefault(subject_id, ProjectedPatient.new(subject_id).row())
+        return {subject_id: _patient(rows[subject_id]) for subject_id in ordered}
+
+    async def load_generation(
+        self, uow: UnitOfWork, generation: int
+    ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
+        tables = self.tables(uow)
+        patients = {s: _patient(row) for s, row in tables.patients.get(generation, {}).items()}
+        marks = {s: replace(mark) for s, mark in tables.sources.get(generation, {}).items()}
+        return patients, marks
+
+    async def newest_generation(self, uow: UnitOfWork) -> int:
+        return max((g for table in self.tables(uow).generation_tables() for g, rows in table.items() if rows), default=0)
+
+    async def delete_generations_except(self, uow: UnitOfWork, generation: int) -> None:
+        for table in self.tables(uow).generation_tables():
+            for doomed in [g for g in table if g != generation]:
+                del table[doomed]
+
+    async def delete_generations_before(self, uow: UnitOfWork, generation: int) -> None:
+        for table in self.tables(uow).generation_tables():
+            for doomed in [g for g in table if g < generation]:
+                del table[doomed]
+
+    async def delete_patients(self, uow: UnitOfWork, generation: int, subject_ids: Iterable[str]) -> None:
+        tables, ids = self.tables(uow), set(subject_ids)
+        for table in (tables.patients, tables.timeline):
+            rows = table.get(generation, {})
+            for doomed in [key for key, row in rows.items() if row["subject_id"] in ids]:
+                del rows[doomed]
+
+    async def upsert_patients(self, uow: UnitOfWork, generation: int, rows: list[dict[str, Any]]) -> None:
+        patients = self.tables(uow).patients.setdefault(generation, {})
+        for row in rows:
+            patients[row["subject_id"]] = dict(row)
+
+    async def write_timeline(self, uow: UnitOfWork, generation: int, rows: list[dict[str, Any]]) -> None:
+        timeline: dict[UUID, dict[str, Any]] = self.tables(uow).timeline.setdefault(generation, {})
+        for row in rows:
+            timeline.setdefault(row["event_id"], dict(row))
+
+    async def advance_marks(self, uow: UnitOfWork, generation: int, marks: Mapping[str, SourceMark]) -> None:
+        sources = self.tables(uow).sources.setdefault(generation, {})
+        for stream, mark in marks.items():
+            advanced = replace(sources.get(stream, SourceMark()))
+            advanced.advance(mark.last_sequence, mark.last_event_recorded_at)
+            sources[stream] = advanced
+
+
+def _patient(row: dict[str, Any]) -> ProjectedPatient:
+    return ProjectedPatient.from_row(row["facts_json"], row["egfr_versions_json"])
