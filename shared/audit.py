@@ -9,13 +9,14 @@ shown: the trail says who changed which stream, not the clinical content.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from shared.moments import as_utc
 from shared.schema import events
 
 if TYPE_CHECKING:
@@ -40,10 +41,6 @@ class AuditEntry(BaseModel):
     causation_id: str | None
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 async def audit_entries(
     store: SqlEventStore,
     *,
@@ -62,7 +59,7 @@ async def audit_entries(
     )
     query = select(*columns).order_by(events.c.position.desc()).limit(max(1, min(limit, MAX_LIMIT)))
     if since is not None:
-        since = _utc(since)
+        since = as_utc(since)
         # SQLite keeps timestamps as naive UTC text: compare like with like.
         query = query.where(events.c.recorded_at >= (since if store.is_postgres else since.replace(tzinfo=None)))
     if actor:
@@ -83,8 +80,8 @@ async def audit_entries(
             stream_id=row.stream_id,
             stream_version=row.stream_version,
             actor=row.actor,
-            occurred_at=_utc(row.occurred_at),
-            recorded_at=_utc(row.recorded_at),
+            occurred_at=as_utc(row.occurred_at),
+            recorded_at=as_utc(row.recorded_at),
             correlation_id=str(row.correlation_id),
             causation_id=None if row.causation_id is None else str(row.causation_id),
         )
@@ -110,7 +107,7 @@ def audit_routes(service: Service) -> APIRouter:
     ) -> list[Any]:
         if since is not None:
             try:
-                since = _utc(since)
+                since = as_utc(since)
             except (OverflowError, ValueError):
                 raise HTTPException(422, "since: not a representable UTC time") from None
         return await audit_entries(

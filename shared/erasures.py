@@ -23,7 +23,7 @@ async def remember_erased(uow: UnitOfWork, subject_ids: Iterable[str]) -> None:
     erased = list(dict.fromkeys(subject_ids))
     await uow.erased.remember(erased, datetime.now(UTC))
     for subject_id in erased:
-        uow.store.codec.forget(subject_id)
+        uow.store.codec.mark_erased(subject_id)
 
 
 async def erased_subjects(store: EventStore) -> list[str]:

@@ -13,8 +13,8 @@ reads. Each process keeps a mirror of the bucket in memory, fed by a KV watch
 (:meth:`KeyVault.watch`): lookups on the hot path are dictionary reads, and an erasure reaches
 every process — every replica, not only the one a durable consumer happens to deliver the
 erasure event to — as the watch delivers the bucket's delete marker. Consumers of the erasure
-event also call :meth:`KeyVault.forget` so the eviction never waits for the watch, and remember
-the subject in their own database, to forget it again at every start-up before the watch could
+event also call :meth:`KeyVault.mark_erased` so the eviction never waits for the watch, and remember
+the subject in their own database, to mark it erased again at every start-up before the watch could
 load a key whose purge failed (shared/erasures.py).
 
 Two outcomes of a failed lookup are told apart: :class:`KeyErased` (the bucket holds the
@@ -133,7 +133,7 @@ class KeyVault:
                 except ValueError:
                     continue  # not a key of ours
                 if entry.operation in (KV_DEL, KV_PURGE):
-                    self.forget(subject_id)
+                    self.mark_erased(subject_id)
                 elif entry.value and subject_id not in self._erased:
                     self._keys[subject_id] = entry.value
         finally:
@@ -156,7 +156,7 @@ class KeyVault:
 
     def cipher(self, subject_id: str) -> AESGCM:
         """The subject's AES-256-GCM cipher, made once per key: making one cost as much as
-        sealing a payload with it (docs/labs.md#throughput). Gone with the key (:meth:`forget`)."""
+        sealing a payload with it (docs/labs.md#throughput). Gone with the key (:meth:`mark_erased`)."""
         found = self._ciphers.get(subject_id)
         if found is None:
             found = self._ciphers[subject_id] = AESGCM(self.key(subject_id))
@@ -178,7 +178,7 @@ class KeyVault:
             try:
                 entry = await self.kv._get(key_name(subject_id))  # _get: tells deleted from absent
             except nats.js.errors.KeyDeletedError:
-                self.forget(subject_id)
+                self.mark_erased(subject_id)
             except nats.js.errors.KeyNotFoundError:
                 continue
             else:
@@ -206,7 +206,7 @@ class KeyVault:
         """Delete the subject's key for good: the key's message is securely erased (overwritten
         in the server's store), then a purge marker stays so that every reader — and a later
         :meth:`create` — knows the key was erased rather than never made. Idempotent."""
-        self.forget(subject_id)
+        self.mark_erased(subject_id)
         js = self._js
         assert js is not None
         try:
@@ -219,7 +219,7 @@ class KeyVault:
             await js.delete_msg(self.stream, entry.revision)  # secure erase (no_erase=False)
         await self.kv.purge(key_name(subject_id))
 
-    def forget(self, subject_id: str) -> None:
+    def mark_erased(self, subject_id: str) -> None:
         """Drop the key from this process's mirror and remember the subject as erased."""
         self._keys.pop(subject_id, None)
         self._ciphers.pop(subject_id, None)

@@ -54,12 +54,12 @@ def readable(messages: list[InboundMessage]) -> Iterator[tuple[InboundMessage, E
             continue
 
 
-async def forget_erased(uow: UnitOfWork, messages: list[InboundMessage]) -> list[str]:
+async def drop_erased_patients(uow: UnitOfWork, messages: list[InboundMessage]) -> list[str]:
     """Batch handler step: drop every patient whose ``PatientDataErased`` is among ``messages``
     from the register, and remember them as erased (their key leaves this process's mirror at
     once, and stays out of it after a restart: shared/erasures.py). Returns their subject ids."""
     erased = [envelope.payload["subject_id"] for _, envelope in readable(messages) if envelope.event_type == ERASED]
-    await uow.patients.forget(erased)
+    await uow.patients.remove(erased)
     await remember_erased(uow, erased)
     return erased
 

@@ -148,5 +148,5 @@ class SealingCodec(JsonCodec):
     def is_erased(self, subject_id: str) -> bool:
         return self.vault.is_erased(subject_id)
 
-    def forget(self, subject_id: str) -> None:
-        self.vault.forget(subject_id)
+    def mark_erased(self, subject_id: str) -> None:
+        self.vault.mark_erased(subject_id)

@@ -69,7 +69,7 @@ class Service:
             return None
         return self.topology.event_subject(self.name, envelope.event_type)
 
-    def committed(self) -> None:
+    def wake_relay(self) -> None:
         """Wake the relay after a commit that wrote outbox rows."""
         if self.relay is not None:
             self.relay.notify()
@@ -90,10 +90,10 @@ class Service:
             return await uow.append(stream_id, new_events, len(history), context)
 
         envelopes = await self.store.transact(decide_and_append, retries=retries)
-        self.committed()
+        self.wake_relay()
         return envelopes
 
-    def publishes(self, *models: type[DomainEvent]) -> None:
+    def declare_published(self, *models: type[DomainEvent]) -> None:
         """Declare the events this service publishes, for its AsyncAPI document (the relay does
         the actual publishing, from the outbox)."""
         for model in models:
@@ -127,7 +127,7 @@ class Service:
                 handler=handler,
                 store=self.store,
                 dead_letter_subject=self.topology.dead_letter_subject(name),
-                after_commit=self.committed,
+                after_commit=self.wake_relay,
                 outages=self.outages,
                 **options,
             )
@@ -152,7 +152,7 @@ class Service:
         await self.vault.connect(js)
         # before the mirror loads any key; a database not answering yet is waited for
         for subject_id in await self.outages.outlast(lambda: erased_subjects(self.store)):
-            self.vault.forget(subject_id)
+            self.vault.mark_erased(subject_id)
         self._spawn(self.vault.watch)
         await self.vault.synced()  # every key and erasure known before the first message or request
         await self.broker.start()

@@ -142,7 +142,7 @@ async def transact(service: Service, work: Callable[[UnitOfWork], Awaitable[T]],
         try:
             async with service.store.transaction() as uow:
                 result = await work(uow)
-            service.committed()
+            service.wake_relay()
             return result
         except ConcurrencyError:
             await asyncio.sleep(random.uniform(0.002, 0.01) * (attempt + 1))

@@ -30,7 +30,7 @@ def create_app(service: Service) -> FastAPI:
     settings = ClinicalSettings()
     publish_only_public_streams(service, LOT_STREAM_PREFIX, STATUS_STREAM_PREFIX)
     register_all(registry)
-    service.publishes(*cells.EVENTS, *deviations.EVENTS)
+    service.declare_published(*cells.EVENTS, *deviations.EVENTS)
     service.consume_service("enrollment", learn_from_enrollment)
     expose_deviation_codes(CELLS_DEVIATION_CODES)
     return service.app(routes(service, settings), title="nephrotrack cells", description=__doc__ or "")

@@ -32,7 +32,7 @@ from shared import metrics
 from shared.consumer import InboundMessage
 from shared.errors import Invalid
 from shared.events import CommandContext, Envelope
-from shared.patients import EnrolledPatient, forget_erased, readable, remember_enrollments, wait_for_patient
+from shared.patients import EnrolledPatient, drop_erased_patients, readable, remember_enrollments, wait_for_patient
 from shared.service import Service
 from shared.store import EventStore, UnitOfWork
 
@@ -113,7 +113,7 @@ async def learn_from_enrollment(uow: UnitOfWork, messages: list[InboundMessage])
     second effect; a death or withdrawal already kept (at most one of each) is skipped too.
     """
     await remember_enrollments(uow, messages)
-    await forget_erased(uow, messages)
+    await drop_erased_patients(uow, messages)
     for _, envelope in readable(messages):
         if envelope.event_type not in _END_OF_STUDY:
             continue

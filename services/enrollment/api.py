@@ -103,7 +103,7 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
                 continue
         else:
             raise Conflict(f"the erasure of {subject_id} is being recorded concurrently; try again")
-        service.committed()
+        service.wake_relay()
         key_purge = await key_purger.purge(subject_id, erased.event_id)
         return {**erased.payload, "event_id": erased.event_id, "key_purge": key_purge}
 

@@ -13,7 +13,7 @@ from shared.service import Service
 
 def create_app(service: Service) -> FastAPI:
     register_all(registry)
-    service.publishes(*enrollment.EVENTS)
+    service.declare_published(*enrollment.EVENTS)
     settings = EnrollmentSettings()
     key_purger = KeyPurger(service.store, service.vault, interval=settings.key_purge_interval_seconds)
     service.background.append(key_purger.run)

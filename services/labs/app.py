@@ -29,7 +29,7 @@ from shared.asyncapi import envelope_schema
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT
 from shared.consumer import BatchHandler, InboundMessage
 from shared.events import CommandContext, Envelope, registry
-from shared.patients import forget_erased, remember_enrollments
+from shared.patients import drop_erased_patients, remember_enrollments
 from shared.service import Service
 from shared.settings import mllp_port
 from shared.store import UnitOfWork
@@ -120,7 +120,7 @@ def enrollment_handler(labs: LabIngestion, purge_requested: Callable[[], None] |
         enrolled = await remember_enrollments(uow, messages)
         if enrolled:
             await labs.release_parked(uow, [patient.subject_id for patient in enrolled], datetime.now(UTC))
-        erased = await forget_erased(uow, messages)
+        erased = await drop_erased_patients(uow, messages)
         if erased:
             await labs.forget(uow, erased)
             await request_purges(uow, erased, datetime.now(UTC))
@@ -137,7 +137,7 @@ def sweeper(service: Service, labs: LabIngestion, interval: float):  # type: ign
                 released, expired = await labs.sweep(uow, datetime.now(UTC))
                 parked = await labs.parked_count(uow)
             if released or expired:
-                service.committed()
+                service.wake_relay()
                 log.info("parked lab results swept", released=len(released), expired=expired, parked=parked)
             metrics.LAB_RESULTS_PARKED.set(parked)
             await asyncio.sleep(interval)
@@ -166,7 +166,7 @@ def create_app(service: Service) -> FastAPI:
     )
     route_rejections(service)
     register_all(registry, *private_events.EVENTS)
-    service.publishes(EgfrComputed, LabResultCorrected, LabResultRejected)
+    service.declare_published(EgfrComputed, LabResultCorrected, LabResultRejected)
     service.broker.publisher(
         LAB_REJECTED_SUBJECT,
         title="labs.rejected",
@@ -188,7 +188,7 @@ def create_app(service: Service) -> FastAPI:
         host=service.settings.host, port=mllp_port(),
         idle_timeout=settings.mllp_idle_timeout_seconds, read_timeout=settings.mllp_read_timeout_seconds,
         max_connections=settings.mllp_max_connections,
-        max_connections_per_address=settings.mllp_max_connections_per_address, committed=service.committed,
+        max_connections_per_address=settings.mllp_max_connections_per_address, committed=service.wake_relay,
     )
     service.background.append(mllp.run)
     service.background.append(sweeper(service, labs, settings.sweep_interval))

@@ -109,7 +109,7 @@ class Ingestor:
                     now = datetime.now(UTC)
                     outcomes = await self.labs.ingest(uow, results, now, where=where, context=context)
                     await self.labs.record_rejections(uow, refusals, now)
-                self.service.committed()
+                self.service.wake_relay()
                 return outcomes
             except ConcurrencyError:
                 await asyncio.sleep(0.01 * (attempt + 1))

@@ -8,9 +8,11 @@ SQLite alike and a reader sees either the old projection or the new one, never a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import BigInteger, Column, Date, DateTime, Integer, MetaData, String, Table, Text, Uuid
+
+from shared.moments import as_utc
 
 metadata = MetaData()
 
@@ -67,5 +69,5 @@ GENERATION_TABLES = (patients, timeline, sources)
 
 
 def utc(value: datetime | None) -> datetime | None:
-    """A stored time as an aware UTC datetime (SQLite hands them back naive; all are UTC)."""
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+    """A stored time as an aware UTC datetime, or None."""
+    return None if value is None else as_utc(value)

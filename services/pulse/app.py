@@ -35,7 +35,7 @@ def create_app(service: Service) -> FastAPI:
     settings = ClinicalSettings()
     publish_only_public_streams(service, STATUS_STREAM_PREFIX)
     register_all(registry)
-    service.publishes(*pulse.EVENTS, *deviations.EVENTS)
+    service.declare_published(*pulse.EVENTS, *deviations.EVENTS)
     service.consume_service("enrollment", learn_from_enrollment)
     expose_deviation_codes(PULSE_DEVIATION_CODES)
     return service.app(routes(service, settings), title="nephrotrack pulse", description=__doc__ or "")

@@ -38,6 +38,7 @@ import structlog
 from shared import metrics
 from shared.errors import Conflict
 from shared.events import CommandContext, DomainEvent, Envelope, EventRef, Payload, utcnow
+from shared.moments import as_utc
 from shared.store.registers import ErasedRegister, PatientRegister
 
 log = structlog.get_logger(__name__)
@@ -93,7 +94,7 @@ class Codec(Protocol):
 
     def is_erased(self, subject_id: str) -> bool: ...
 
-    def forget(self, subject_id: str) -> None: ...
+    def mark_erased(self, subject_id: str) -> None: ...
 
 
 class JsonCodec:
@@ -122,7 +123,7 @@ class JsonCodec:
     def is_erased(self, subject_id: str) -> bool:
         return False
 
-    def forget(self, subject_id: str) -> None:
+    def mark_erased(self, subject_id: str) -> None:
         return None
 
 
@@ -244,8 +245,8 @@ class EventStore(ABC):
             schema_version=row.schema_version,
             stream_id=row.stream_id,
             stream_version=row.stream_version,
-            occurred_at=_aware(row.occurred_at),
-            recorded_at=_aware(row.recorded_at),
+            occurred_at=as_utc(row.occurred_at),
+            recorded_at=as_utc(row.recorded_at),
             correlation_id=row.correlation_id,
             causation_id=row.causation_id,
             actor=row.actor,
@@ -421,7 +422,3 @@ def _event_row(envelope: Envelope, codec: Codec) -> dict[str, Any]:
         "payload": codec.encode(envelope.ref, envelope.payload),
     }
 
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

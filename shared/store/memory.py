@@ -197,7 +197,7 @@ class MemoryPatients(PatientRegister):
             return self._staged[subject_id]
         return self.committed.get(subject_id)
 
-    async def forget(self, subject_ids: Sequence[str]) -> None:
+    async def remove(self, subject_ids: Sequence[str]) -> None:
         self._staged.update(dict.fromkeys(subject_ids))
 
     def _apply(self) -> None:

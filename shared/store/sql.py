@@ -186,7 +186,7 @@ class SqlPatients(PatientRegister):
         row = (await self.connection.execute(query)).first()
         return EnrolledPatient(**row._mapping) if row else None
 
-    async def forget(self, subject_ids: Sequence[str]) -> None:
+    async def remove(self, subject_ids: Sequence[str]) -> None:
         if subject_ids:
             await self.connection.execute(delete(known_patients).where(known_patients.c.subject_id.in_(subject_ids)))
 

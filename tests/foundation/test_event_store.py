@@ -368,8 +368,8 @@ async def test_patient_register(store: EventStore) -> None:
         await uow.patients.remember([])
     async with store.transaction() as uow:
         assert await uow.patients.find("IGA-A-001") == patient("IGA-A-001")
-        await uow.patients.forget(["IGA-A-001", "IGA-A-404"])
-        await uow.patients.forget([])
+        await uow.patients.remove(["IGA-A-001", "IGA-A-404"])
+        await uow.patients.remove([])
         assert await uow.patients.find("IGA-A-001") is None
     async with store.transaction() as uow:
         assert await uow.patients.find("IGA-A-001") is None

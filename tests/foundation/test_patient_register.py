@@ -13,7 +13,7 @@ import pytest
 from shared.consumer import InboundMessage
 from shared.erasures import erased_subjects
 from shared.events import Envelope
-from shared.patients import EnrolledPatient, find_patient, forget_erased, remember_enrollments, wait_for_patient
+from shared.patients import EnrolledPatient, drop_erased_patients, find_patient, remember_enrollments, wait_for_patient
 from shared.store import EventStore
 from tests.conftest import STORE_BACKENDS
 
@@ -43,7 +43,7 @@ async def test_enrolled_patients_are_remembered_and_erased_ones_forgotten_for_go
     assert await find_patient(store, "IGA-A-001") == EnrolledPatient("IGA-A-001", "A", "F", 58, date(2014, 3, 2))
 
     async with store.transaction() as uow:
-        erased = await forget_erased(uow, [message("PatientDataErased", "IGA-A-002", erased_on="2020-01-01"),
+        erased = await drop_erased_patients(uow, [message("PatientDataErased", "IGA-A-002", erased_on="2020-01-01"),
                                            enrolled("IGA-A-003")])
         await remember_enrollments(uow, [enrolled("IGA-A-001")])  # redelivered: no second record
     assert erased == ["IGA-A-002"]

@@ -158,7 +158,7 @@ class KeyMirror(JsonCodec):
     def is_erased(self, subject_id: str) -> bool:
         return subject_id in self.erased
 
-    def forget(self, subject_id: str) -> None:
+    def mark_erased(self, subject_id: str) -> None:
         self.erased.add(subject_id)
 
 
