@@ -16,7 +16,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 
 from contracts.enrollment import Group
-from services.outcomes import exports, statistics
+from services.outcomes import exports, group_evidence, statistics
+from services.outcomes.evidence_views import BiopsySummary, GroupSlopes, KidneyEndpoints, SafetySummary
 from services.outcomes.queries import Freshness, OutcomesQueries
 from services.outcomes.rebuild.lease import RebuildBusy
 from services.outcomes.rebuild.wiring import BackgroundRebuild
@@ -114,6 +115,42 @@ def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebui
             _stamp(response, await queries.freshness(connection))
             facts = await queries.facts(connection, chosen)
         return statistics.egfr_trajectories(facts, chosen)
+
+    @router.get("/cohorts/{group}/biopsies", response_model=BiopsySummary, responses=_NOT_FOUND,
+                summary="Paired biopsies of a group: diagnostic → follow-up changes (v2)")
+    async def biopsies(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            outcomes = await queries.outcomes(connection, chosen)
+        return group_evidence.biopsies(outcomes)
+
+    @router.get("/cohorts/{group}/safety", response_model=SafetySummary, responses=_NOT_FOUND,
+                summary="Adverse events of a group by term, grade, seriousness and relatedness (v2)")
+    async def safety(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            facts = await queries.facts(connection, chosen)
+        return group_evidence.safety(facts)
+
+    @router.get("/cohorts/{group}/endpoints", response_model=KidneyEndpoints, responses=_NOT_FOUND,
+                summary="Composite kidney endpoint (Kaplan–Meier) and kidney failure with death competing (v2)")
+    async def kidney_endpoints(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            outcomes = await queries.outcomes(connection, chosen)
+        return group_evidence.kidney_endpoints(outcomes)
+
+    @router.get("/cohorts/{group}/slopes", response_model=GroupSlopes, responses=_NOT_FOUND,
+                summary="Total and chronic eGFR slopes of a group: REML linear mixed model (v2)")
+    async def group_slopes(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            facts = await queries.facts(connection, chosen)
+        return await asyncio.to_thread(group_evidence.group_slopes, facts)  # a fit: keep the loop free
 
     @router.get("/freshness", response_model=FreshnessView, summary="How far the projection has read each source")
     async def freshness(response: Response) -> FreshnessView:

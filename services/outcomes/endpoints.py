@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Literal
 
-from services.outcomes.domain import DAYS_PER_YEAR
-from services.outcomes.measurements import Measurement, after_start, at_most_percent
+from services.outcomes.measurements import DAYS_PER_YEAR, Measurement, after_start, at_most_percent
 
 CONFIRMATION_DAYS = 28
 """A low eGFR is confirmed by the first counted eGFR collected at least this many days later."""

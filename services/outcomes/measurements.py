@@ -7,10 +7,24 @@ are all the definitions need, and are easy to fill from any of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+
+DAYS_PER_YEAR = 365.25
+
+
+def years_between(start: date, end: date) -> float:
+    """Contract years: whole calendar days divided by 365.25 (not a datetime difference)."""
+    return (end - start).days / DAYS_PER_YEAR
+
+
+def mean(values: Sequence[float]) -> float | None:
+    """Exact-sum mean of the defined values (``math.fsum``: independent of the order the
+    patients are listed in); ``None`` when there are none."""
+    return math.fsum(values) / len(values) if values else None
 
 
 @dataclass(frozen=True, slots=True)
