@@ -8,13 +8,14 @@ whole calendar days (``days``, ADTTE's AVAL) and years = days / 365.25; nothing 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, Literal
 
-from services.outcomes.measurements import DAYS_PER_YEAR, Measurement, after_start, at_most_percent
+from services.outcomes.measurements import DAYS_PER_YEAR, Measurement, after_start, at_most_percent_of
 
 CONFIRMATION_DAYS = 28
 """A low eGFR is confirmed by the first counted eGFR collected at least this many days later."""
@@ -80,15 +81,16 @@ def confirmed_decline(baseline: float | None, start: date | None, egfr: Iterable
     """
     if baseline is None or start is None:
         return None
-    remaining = 100 - percent
     after = after_start(egfr, start)
-    for i, low in enumerate(after):
-        if not at_most_percent(low.value, baseline, remaining):
+    days = [m.collected_on for m in after]  # non-decreasing: ``after`` is in collection order
+    low = at_most_percent_of(baseline, 100 - percent)
+    is_low = [low(m.value) for m in after]
+    for i, day in enumerate(days):
+        if not is_low[i]:
             continue
-        confirmation = next((m for m in after[i + 1:]
-                             if (m.collected_on - low.collected_on).days >= CONFIRMATION_DAYS), None)
-        if confirmation is not None and at_most_percent(confirmation.value, baseline, remaining):
-            return low.collected_on
+        confirmation = bisect_left(days, day + timedelta(days=CONFIRMATION_DAYS), lo=i + 1)
+        if confirmation < len(after) and is_low[confirmation]:
+            return day
     return None
 
 

@@ -8,8 +8,8 @@ are all the definitions need, and are easy to fill from any of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
@@ -34,11 +34,12 @@ class Measurement:
     result_id: str
     value: float
     collected_at: datetime
+    collected_on: date = field(init=False, repr=False, compare=False)
+    """The UTC calendar date (the contract compares dates, never times of day); made once, as
+    the definitions compare it again and again."""
 
-    @property
-    def collected_on(self) -> date:
-        """The UTC calendar date: the contract compares dates, never times of day."""
-        return self.collected_at.astimezone(UTC).date()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "collected_on", self.collected_at.astimezone(UTC).date())
 
     @property
     def order_key(self) -> tuple[datetime, str]:
@@ -71,4 +72,19 @@ def at_most_percent(value: float, reference: float, percent: int) -> bool:
     Why decimals: 0.6 × 12.0 is 7.199999999999999 in binary floating point, so a value of 7.2
     — exactly 60 % of 12 on paper — would not count. Reading each float as its shortest decimal
     (``repr``) makes the boundary fall where a statistician working by hand puts it."""
-    return Decimal(repr(value)) * 100 <= Decimal(repr(reference)) * percent
+    return at_most_percent_of(reference, percent)(value)
+
+
+def at_most_percent_of(reference: float, percent: int) -> Callable[[float], bool]:
+    """``at_most_percent`` with the reference fixed, for many values: the limit is made once."""
+    limit = Decimal(repr(reference)) * percent
+    approximate = reference * percent
+    margin = abs(approximate) * 1e-9  # far above binary rounding (~1e-16), far below any real difference
+
+    def at_most(value: float) -> bool:
+        scaled = value * 100
+        if abs(scaled - approximate) > margin:  # clearly on one side: no need for decimals
+            return scaled < approximate
+        return Decimal(repr(value)) * 100 <= limit
+
+    return at_most
