@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.enrollment import Group
 from services.outcomes import exports, group_evidence, statistics
@@ -36,6 +37,8 @@ from shared.service import Service
 
 FRESHNESS_HEADER = "X-Projection-Position"
 STAMP_TIMEOUT_SECONDS = 0.25
+
+T = TypeVar("T")
 
 _NOT_FOUND = {404: {"description": "unknown id, as `{\"detail\": \"<reason>\"}`"}}
 
@@ -69,6 +72,12 @@ class LastAnswers:
 def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["outcomes"])
     fitted = LastAnswers()
+
+    async def of_group(response: Response, group: Group, read: Callable[[AsyncConnection, Group], Awaitable[T]]) -> T:
+        """One group's rows (``queries.outcomes`` or ``queries.facts``), freshness stamped from the same snapshot."""
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            return await read(connection, group)
 
     @router.get("/cohorts", response_model=list[CohortRow], summary="Cohort statistics per group (contract)")
     async def cohorts(response: Response) -> list[dict[str, Any]]:
@@ -119,46 +128,28 @@ def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebui
                 summary="Kaplan–Meier kidney-failure-free survival of a group")
     async def survival(group: str, response: Response) -> dict[str, Any]:
         chosen = _group(group)
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            outcomes = await queries.outcomes(connection)
-        return statistics.kaplan_meier(outcomes, chosen)
+        return statistics.kaplan_meier(await of_group(response, chosen, queries.outcomes), chosen)
 
     @router.get("/cohorts/{group}/egfr", response_model=EgfrTrajectories, responses=_NOT_FOUND,
                 summary="eGFR trajectories of a group, for plots")
     async def egfr(group: str, response: Response) -> dict[str, Any]:
         chosen = _group(group)
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            facts = await queries.facts(connection, chosen)
-        return statistics.egfr_trajectories(facts, chosen)
+        return statistics.egfr_trajectories(await of_group(response, chosen, queries.facts), chosen)
 
     @router.get("/cohorts/{group}/biopsies", response_model=BiopsySummary, responses=_NOT_FOUND,
                 summary="Paired biopsies of a group: diagnostic → follow-up changes (v2)")
     async def biopsies(group: str, response: Response) -> dict[str, Any]:
-        chosen = _group(group)
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            outcomes = await queries.outcomes(connection, chosen)
-        return group_evidence.biopsies(outcomes)
+        return group_evidence.biopsies(await of_group(response, _group(group), queries.outcomes))
 
     @router.get("/cohorts/{group}/safety", response_model=SafetySummary, responses=_NOT_FOUND,
                 summary="Adverse events of a group by term, grade, seriousness and relatedness (v2)")
     async def safety(group: str, response: Response) -> dict[str, Any]:
-        chosen = _group(group)
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            facts = await queries.facts(connection, chosen)
-        return group_evidence.safety(facts)
+        return group_evidence.safety(await of_group(response, _group(group), queries.facts))
 
     @router.get("/cohorts/{group}/endpoints", response_model=KidneyEndpoints, responses=_NOT_FOUND,
                 summary="Composite kidney endpoint (Kaplan–Meier) and kidney failure with death competing (v2)")
     async def kidney_endpoints(group: str, response: Response) -> dict[str, Any]:
-        chosen = _group(group)
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            outcomes = await queries.outcomes(connection, chosen)
-        return group_evidence.kidney_endpoints(outcomes)
+        return group_evidence.kidney_endpoints(await of_group(response, _group(group), queries.outcomes))
 
     @router.get("/cohorts/{group}/slopes", response_model=GroupSlopes, responses=_NOT_FOUND,
                 summary="Total and chronic eGFR slopes of a group: REML linear mixed model (v2)")

@@ -29,15 +29,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from contracts.cells import CellsInfused
 from contracts.deviations import ProtocolDeviationDetected
 from contracts.enrollment import (
-    AdverseEventOutcome,
     AdverseEventReported,
     AdverseEventUpdated,
     BiopsyRecorded,
-    Causality,
-    CtcaeGrade,
     DialysisStarted,
     Group,
-    Intervention,
     KidneyTransplanted,
     LeeGrade,
     PatientDied,
@@ -99,27 +95,6 @@ class UrinePoint(BaseModel):
     source: Source
 
 
-class AdverseEventState(BaseModel):
-    """An adverse event as its latest report (first or follow-up) states it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    ae_id: str
-    term: str
-    onset_on: date
-    grade: CtcaeGrade
-    serious: bool
-    related_to: tuple[Intervention, ...] = ()
-    causality: Causality
-    outcome: AdverseEventOutcome
-    resolved_on: date | None = None
-
-    def report(self) -> evidence.AdverseEventReport:
-        """What the safety statistics read of it."""
-        return evidence.AdverseEventReport(self.ae_id, self.term, self.grade, self.serious, self.causality,
-                                           self.related_to)
-
-
 class PatientFacts(BaseModel):
     """Everything the outcomes service knows about one patient, as recorded facts.
 
@@ -140,7 +115,9 @@ class PatientFacts(BaseModel):
     lee_grade: LeeGrade | None = None
     egfr: dict[str, EgfrPoint] = {}
     urine: dict[str, UrinePoint] = {}
-    adverse_events: dict[str, AdverseEventState] = {}
+    adverse_events: dict[str, evidence.AdverseEventReport] = {}
+    """Per AE id, what the safety statistics read of its latest report (the whole report is on the
+    timeline)."""
     doses: frozenset[PulseDoseAdministered] = frozenset()
     infusions: frozenset[CellsInfused] = frozenset()
     dialysis_on: frozenset[date] = frozenset()
@@ -315,7 +292,7 @@ class FactsRecorder:
             for result_id, p in facts.egfr.items()
         }
         self.urine: dict[str, UrinePoint] = dict(facts.urine)
-        self.adverse_events: dict[str, AdverseEventState] = dict(facts.adverse_events)
+        self.adverse_events: dict[str, evidence.AdverseEventReport] = dict(facts.adverse_events)
         self.sets: dict[str, set[Any]] = {name: set(getattr(facts, name)) for name in _SET_FIELDS}
 
     @classmethod
@@ -345,8 +322,9 @@ class FactsRecorder:
         elif kind is UrineResultMeasured:
             self._urine(event)  # type: ignore[arg-type]
         elif kind in _AE_REPORTS:
-            report = event.model_dump(exclude={"subject_id"})
-            self.adverse_events[report["ae_id"]] = AdverseEventState(**report)
+            e: Any = event
+            self.adverse_events[e.ae_id] = evidence.AdverseEventReport(e.ae_id, e.term, e.grade, e.serious,
+                                                                       e.causality, e.related_to)
         else:
             self.enrollment.update({name: getattr(event, name) for name in _ENROLLMENT_FIELDS})
 
@@ -506,7 +484,7 @@ def _evidence(facts: PatientFacts, start: date | None, baseline_egfr: float | No
     )
     composite = endpoints.composite_endpoint(course)
     competing = endpoints.kidney_failure_competing(course)
-    safety = evidence.patient_safety(ae.report() for ae in facts.adverse_events.values())
+    safety = evidence.patient_safety(facts.adverse_events.values())
     return {
         "baseline_upcr": protein.baseline_upcr,
         "post_upcr": protein.post_upcr,

@@ -69,7 +69,7 @@ def kidney_endpoints(members: Iterable[PatientOutcome]) -> dict[str, dict[str, l
 
 def safety(members: Iterable[PatientFacts]) -> dict[str, Any]:
     """AEs by term, grade, seriousness and relatedness, from each AE's latest report."""
-    return evidence.safety_summary([ae.report() for ae in f.adverse_events.values()] for f in members)
+    return evidence.safety_summary(f.adverse_events.values() for f in members)
 
 
 def group_slopes(members: Iterable[PatientFacts]) -> dict[str, dict[str, Any]]:
