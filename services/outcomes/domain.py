@@ -322,9 +322,7 @@ class FactsRecorder:
         elif kind is UrineResultMeasured:
             self._urine(event)  # type: ignore[arg-type]
         elif kind in _AE_REPORTS:
-            e: Any = event
-            self.adverse_events[e.ae_id] = evidence.AdverseEventReport(e.ae_id, e.term, e.grade, e.serious,
-                                                                       e.causality, e.related_to)
+            self._adverse_event(event)  # type: ignore[arg-type]
         else:
             self.enrollment.update({name: getattr(event, name) for name in _ENROLLMENT_FIELDS})
 
@@ -336,12 +334,17 @@ class FactsRecorder:
         self.egfr[e.result_id] = (e.egfr, collected_at, e.status, e.counted, e.source, e.derived_from)
 
     def _urine(self, e: UrineResultMeasured) -> None:
-        """Last writer wins per result id, as for eGFR (the adapter guards by stream version);
-        an AE likewise takes its latest report (a follow-up replaces the whole report)."""
+        """Last writer wins per result id, as for eGFR (the adapter guards by stream version)."""
         point = e.model_dump(exclude={"subject_id"})
         if point["collected_at"].tzinfo is None:
             point["collected_at"] = point["collected_at"].replace(tzinfo=UTC)
         self.urine[e.result_id] = UrinePoint(**point)
+
+    def _adverse_event(self, e: AdverseEventReported | AdverseEventUpdated) -> None:
+        """A follow-up replaces the whole report: the latest is the AE (the adapter guards by the
+        version in the patient's stream). Only what the statistics read is kept."""
+        self.adverse_events[e.ae_id] = evidence.AdverseEventReport(e.ae_id, e.term, e.grade, e.serious, e.causality,
+                                                                   e.related_to)
 
     def facts(self) -> PatientFacts:
         """The frozen facts recorded so far (a new object; the recorder stays usable)."""
