@@ -466,12 +466,12 @@ def compute_outcome(facts: PatientFacts) -> PatientOutcome:
         deviations=facts.deviation_count,
         biopsies=facts.biopsy_count,
         counted_egfr_n=len(counted),
-        **_evidence(facts, start, baseline, [p for _, p in counted]),
+        **_evidence(facts, start, baseline, counted),
     )
 
 
 def _evidence(facts: PatientFacts, start: date | None, baseline_egfr: float | None,
-              counted: list[EgfrPoint]) -> dict[str, Any]:
+              counted: list[tuple[date, EgfrPoint]]) -> dict[str, Any]:
     """The v2 values: proteinuria (counted UPCRs, g/g), the paired biopsies, the kidney endpoints
     (from the contract baseline eGFR, enrollment's when no lab value precedes the start) and
     safety (each AE's latest report)."""
@@ -482,11 +482,11 @@ def _evidence(facts: PatientFacts, start: date | None, baseline_egfr: float | No
         start, (evidence.Biopsy(**b.model_dump(exclude={"subject_id"})) for b in facts.biopsies))
     course = endpoints.KidneyCourse(
         treatment_start=start, baseline_egfr=baseline_egfr,
-        egfr=tuple(p.measurement() for p in counted),
+        egfr=tuple(Measurement(p.result_id, p.egfr, p.collected_at, day) for day, p in counted),
         kidney_failure_on=facts.kidney_failure_on, died_on=min(facts.died_on, default=None),
     )
-    composite = endpoints.composite_endpoint(course)
-    competing = endpoints.kidney_failure_competing(course)
+    kidney = endpoints.patient_endpoints(course)
+    composite, competing = kidney.composite, kidney.kidney_failure
     safety = evidence.patient_safety(facts.adverse_events.values())
     return {
         "baseline_upcr": protein.baseline_upcr,
@@ -496,8 +496,8 @@ def _evidence(facts: PatientFacts, start: date | None, baseline_egfr: float | No
         "partial_remission": protein.partial_remission,
         "paired_biopsies": changes is not None,
         **(asdict(changes) if changes is not None else dict.fromkeys(evidence.BIOPSY_CHANGES)),
-        "decline_40_on": endpoints.confirmed_decline(baseline_egfr, start, course.egfr, 40),
-        "decline_57_on": endpoints.confirmed_decline(baseline_egfr, start, course.egfr, 57),
+        "decline_40_on": kidney.decline_40_on,
+        "decline_57_on": kidney.decline_57_on,
         "composite_endpoint": composite.event if composite else None,
         "composite_endpoint_days": composite.days if composite else None,
         "composite_endpoint_years": composite.years if composite else None,

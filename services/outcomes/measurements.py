@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from operator import attrgetter
+from typing import NamedTuple
 
 DAYS_PER_YEAR = 365.25
 
@@ -27,19 +28,28 @@ def mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """One counted result (preliminaries are left out by the caller, as ``counted`` says)."""
-
+class _MeasurementFields(NamedTuple):
     result_id: str
     value: float
     collected_at: datetime
-    collected_on: date = field(init=False, repr=False, compare=False)
-    """The UTC calendar date (the contract compares dates, never times of day); made once, as
+    collected_on: date
+    """The UTC calendar date (the contract compares dates, never times of day): made once, as
     the definitions compare it again and again."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "collected_on", self.collected_at.astimezone(UTC).date())
+
+class Measurement(_MeasurementFields):
+    """One counted result (preliminaries are left out by the caller, as ``counted`` says).
+
+    A named tuple, not a frozen dataclass: the projection builds one per counted eGFR of every
+    patient a batch touches, and a frozen dataclass took three times as long to build."""
+
+    __slots__ = ()
+
+    def __new__(cls, result_id: str, value: float, collected_at: datetime,
+                collected_on: date | None = None) -> Measurement:
+        """``collected_on`` from ``collected_at`` unless the caller has it already."""
+        day = collected_at.astimezone(UTC).date() if collected_on is None else collected_on
+        return super().__new__(cls, result_id, value, collected_at, day)
 
     @property
     def order_key(self) -> tuple[datetime, str]:
@@ -48,8 +58,12 @@ class Measurement:
         return (self.collected_at, self.result_id)
 
 
+_ORDER_KEY = attrgetter("collected_at", "result_id")
+"""``Measurement.order_key`` for sorting (C-level: the projection sorts every touched patient's eGFRs)."""
+
+
 def in_order(measurements: Iterable[Measurement]) -> list[Measurement]:
-    return sorted(measurements, key=lambda m: m.order_key)
+    return sorted(measurements, key=_ORDER_KEY)
 
 
 def after_start(measurements: Iterable[Measurement], start: date) -> list[Measurement]:
