@@ -122,4 +122,4 @@ class MemoryProjectionStore(ProjectionStore):
 
 
 def _patient(row: dict[str, Any]) -> ProjectedPatient:
-    return ProjectedPatient.from_row(row["facts_json"], row["egfr_versions_json"])
+    return ProjectedPatient.from_row(row["facts_json"], row["egfr_versions_json"], row["report_versions_json"])

@@ -111,6 +111,7 @@ ROUTES: dict[str, list[Call]] = {
         call("GET", "/v1/patients/IGA-A-001", "analyst"),
         call("GET", "/v1/export/patients.csv", "analyst"),
         call("GET", "/v1/freshness", "analyst"),
+        *(call("GET", f"/v1/cohorts/A/{route}", "analyst") for route in ("biopsies", "safety", "endpoints", "slopes")),
         call("GET", "/v1/admin/rebuild", "operator"),
         call("POST", "/v1/admin/rebuild", "operator"),
     ],
