@@ -4,6 +4,7 @@ value below is worked out by hand from that study's events."""
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,11 @@ def test_every_dataset_keeps_the_v5_limits(build) -> None:  # type: ignore[no-un
     for variable in built.variables:
         assert len(variable.name) <= 8 and variable.name.isupper() and len(variable.label) <= 40
     assert all(len(v.encode()) <= 200 for row in built.rows for v in row if isinstance(v, str))
+
+
+def test_docs_name_every_variable_of_every_dataset() -> None:
+    text = (Path(__file__).parents[3] / "docs" / "exports.md").read_text()
+    for variables in (sdtm.DM_VARIABLES, sdtm.EX_VARIABLES, sdtm.LB_VARIABLES, sdtm.AE_VARIABLES, sdtm.DS_VARIABLES,
+                      adam.ADSL_VARIABLES, adam.ADTTE_VARIABLES):
+        missing = [v.name for v in variables if f"`{v.name}`" not in text]
+        assert not missing, f"docs/exports.md does not describe {missing}"
