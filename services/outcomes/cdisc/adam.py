@@ -26,7 +26,7 @@ _TREATMENT = (
     Variable("TRT01AN", "Actual Treatment for Period 01 (N)", "integer"),
 )
 
-ADSL_VARIABLES = (
+_SUBJECT = (
     Variable("STUDYID", "Study Identifier"),
     Variable("USUBJID", "Unique Subject Identifier", key=1),
     Variable("SUBJID", "Subject Identifier for the Study"),
@@ -34,14 +34,22 @@ ADSL_VARIABLES = (
     Variable("AGE", "Age", "integer"),
     Variable("AGEU", "Age Units"),
     Variable("SEX", "Sex"),
+)
+"""What every ADaM dataset says about the subject first (ADSL's values)."""
+_POPULATIONS = (
+    Variable("ITTFL", "Intent-To-Treat Population Flag"),
+    Variable("SAFFL", "Safety Population Flag"),
+)
+
+ADSL_VARIABLES = (
+    *_SUBJECT,
     Variable("ARM", "Description of Planned Arm"),
     Variable("ACTARM", "Description of Actual Arm"),
     *_TREATMENT,
     Variable("ENRLDT", "Date of Enrollment", "sas_date"),
     Variable("TRTSDT", "Date of First Exposure to Treatment", "sas_date"),
     Variable("TRTEDT", "Date of Last Exposure to Treatment", "sas_date"),
-    Variable("ITTFL", "Intent-To-Treat Population Flag"),
-    Variable("SAFFL", "Safety Population Flag"),
+    *_POPULATIONS,
     Variable("WEIGHTBL", "Baseline Weight (kg)", "float"),
     Variable("EGFRBL", "Baseline eGFR (mL/min/1.73m2)", "float"),
     Variable("EGFRBLSR", "Source of Baseline eGFR"),
@@ -63,6 +71,14 @@ def _treatment(subject: Subject) -> dict[str, Any]:
     return {**planned, **actual}
 
 
+def _subject(subject: Subject) -> dict[str, Any]:
+    """The values of ``_SUBJECT`` and ``_POPULATIONS``: ITT is every enrolled subject, safety
+    those treated (control: all)."""
+    return {"STUDYID": STUDYID, "USUBJID": subject.usubjid, "SUBJID": subject.subject_id, "SITEID": SITEID,
+            "AGE": subject.facts.age_years, "AGEU": "YEARS", "SEX": subject.facts.sex,
+            "ITTFL": "Y", "SAFFL": "Y" if treated(subject) else "N"}
+
+
 def _end_of_study(subject: Subject) -> dict[str, Any]:
     """Discontinued at the first of death and withdrawal; ongoing without either."""
     ends = [(on, reason) for on, reason in ((subject.outcome.died_on, "DEATH"),
@@ -79,12 +95,11 @@ def adsl(subjects: Iterable[Subject]) -> Dataset:
         f, o = s.facts, s.outcome
         exposure = s.exposure_dates
         records.append({
-            "STUDYID": STUDYID, "USUBJID": s.usubjid, "SUBJID": s.subject_id, "SITEID": SITEID,
-            "AGE": f.age_years, "AGEU": "YEARS", "SEX": f.sex, "ARM": ARMS[f.group][1],
+            **_subject(s), "ARM": ARMS[f.group][1],
             "ACTARM": ARMS[f.group][1] if treated(s) else None, **_treatment(s),
             "ENRLDT": f.enrolled_on, "TRTSDT": exposure[0] if exposure else None,
             "TRTEDT": exposure[-1] if exposure else None,
-            "ITTFL": "Y", "SAFFL": "Y" if treated(s) else "N", "WEIGHTBL": f.weight_kg,
+            "WEIGHTBL": f.weight_kg,
             "EGFRBL": o.baseline_egfr, "EGFRBLSR": o.baseline_source.upper() if o.baseline_source else None,
             "LEEGRBL": f.lee_grade, "KFFL": "Y" if o.kidney_failure else "N", "KFDT": o.kidney_failure_on,
             "DTHFL": "Y" if o.died_on else None, "DTHDT": o.died_on, **_end_of_study(s),
@@ -98,12 +113,7 @@ PARAMCD = "COMPKID"
 PARAM = "Time to Composite Kidney Endpoint (days)"
 
 ADTTE_VARIABLES = (
-    Variable("STUDYID", "Study Identifier"),
-    Variable("USUBJID", "Unique Subject Identifier", key=1),
-    Variable("SUBJID", "Subject Identifier for the Study"),
-    Variable("SITEID", "Study Site Identifier"),
-    Variable("AGE", "Age", "integer"),
-    Variable("SEX", "Sex"),
+    *_SUBJECT,
     Variable("TRTP", "Planned Treatment"),
     Variable("TRTPN", "Planned Treatment (N)", "integer"),
     Variable("TRTA", "Actual Treatment"),
@@ -116,8 +126,7 @@ ADTTE_VARIABLES = (
     Variable("CNSR", "Censor", "integer"),
     Variable("EVNTDESC", "Event or Censoring Description"),
     Variable("CNSDTDSC", "Censor Date Description"),
-    Variable("ITTFL", "Intent-To-Treat Population Flag"),
-    Variable("SAFFL", "Safety Population Flag"),
+    *_POPULATIONS,
 )
 
 EVENT_DESCRIPTIONS = {
@@ -160,12 +169,9 @@ def adtte(subjects: Iterable[Subject]) -> Dataset:
         start: date = s.outcome.treatment_start  # type: ignore[assignment]  # at risk: there is a start
         treatment = _treatment(s)
         records.append({
-            "STUDYID": STUDYID, "USUBJID": s.usubjid, "SUBJID": s.subject_id, "SITEID": SITEID,
-            "AGE": s.facts.age_years, "SEX": s.facts.sex,
-            "TRTP": treatment["TRT01P"], "TRTPN": treatment["TRT01PN"],
+            **_subject(s), "TRTP": treatment["TRT01P"], "TRTPN": treatment["TRT01PN"],
             "TRTA": treatment.get("TRT01A"), "TRTAN": treatment.get("TRT01AN"),
             "PARAM": PARAM, "PARAMCD": PARAMCD, "AVAL": endpoint.days, "STARTDT": start,
             "ADT": start + timedelta(days=endpoint.days), "CNSR": endpoint.cnsr, **_describe(endpoint),
-            "ITTFL": "Y", "SAFFL": "Y" if treated(s) else "N",
         })
     return dataset("ADTTE", "Time-to-Event Analysis Dataset", ADTTE_VARIABLES, records)
