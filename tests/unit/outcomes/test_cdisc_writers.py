@@ -18,6 +18,8 @@ import jsonschema_rs
 import pandas as pd
 import pyreadstat
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.outcomes.cdisc.catalogue import DATASETS
 from services.outcomes.cdisc.dataset_json import to_dataset_json
@@ -48,6 +50,15 @@ def test_text_is_cut_to_200_bytes_at_a_character_boundary() -> None:
     built = dataset("AE", "Adverse Events", (Variable("AETERM", "Reported Term for the Adverse Event"),),
                     [{"AETERM": "x" * 250}])
     assert built.rows == (("x" * 200,),)
+
+
+@given(st.text(min_size=60, max_size=300))
+def test_truncation_keeps_the_longest_whole_character_prefix_that_fits(text: str) -> None:
+    cut = truncated(text)
+    encoded = cut.encode()
+    assert text.startswith(cut) and len(encoded) <= 200
+    if cut != text:  # one more character would not fit
+        assert len(text[:len(cut) + 1].encode()) > 200
 
 
 def _as_written(variable: Variable, value: Any) -> Any:
