@@ -42,7 +42,7 @@ def cdisc_routes(queries: OutcomesQueries) -> APIRouter:
         build = DATASETS[standard].get(name)
         if build is None:
             known = ", ".join(DATASETS[standard])
-            raise HTTPException(404, f"unknown {standard.upper()} dataset {filename!r}: the datasets are {known}, "
+            raise HTTPException(404, f"unknown {standard.upper()} dataset {filename[:60]!r}: the datasets are {known}, "
                                      "each as .xpt or .json")
         if extension not in FORMATS:
             raise HTTPException(404, f"unknown format {extension!r}: .xpt (SAS transport v5) or .json (Dataset-JSON 1.1)")

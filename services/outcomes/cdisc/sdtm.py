@@ -169,8 +169,8 @@ LB_VARIABLES = (
 
 
 @dataclass(frozen=True, slots=True)
-class _Result:
-    """One LB record before numbering: what was measured, when, and its values."""
+class LabRecord:
+    """One LB record before numbering: which result, what was measured, when, and its values."""
 
     subject: Subject
     result_id: str
@@ -219,7 +219,7 @@ def lb(subjects: Iterable[Subject], egfr: Iterable[EgfrComputed], urine: Iterabl
                    sequenced(records, "LBSEQ", ("LBDTC", "LBTESTCD", "LBSPID")))
 
 
-def egfr_results(subjects: dict[str, Subject], egfr: Iterable[EgfrComputed]) -> list[_Result]:
+def egfr_results(subjects: dict[str, Subject], egfr: Iterable[EgfrComputed]) -> list[LabRecord]:
     """A reported eGFR is one record; one computed from creatinine is two — the creatinine as the
     lab reported it (µmol/L back from mg/dL when sent as 14682-9), and the eGFR labs derived from
     it (``LBDRVFL`` Y, no original result, the CKD-EPI 2021 code)."""
@@ -229,27 +229,27 @@ def egfr_results(subjects: dict[str, Subject], egfr: Iterable[EgfrComputed]) -> 
             continue
         s = subjects[e.subject_id]
         if e.creatinine_mg_dl is None:
-            results.append(_Result(s, e.result_id, EGFR, _aware(e.collected_at), e.egfr, e.loinc, (e.egfr, EGFR.unit)))
+            results.append(LabRecord(s, e.result_id, EGFR, _aware(e.collected_at), e.egfr, e.loinc, (e.egfr, EGFR.unit)))
             continue
         loinc = e.loinc or CREATININE_LOINC["mg/dL"]
         mg_dl = e.creatinine_mg_dl
         original = (mg_dl * UMOL_PER_MG_DL, "umol/L") if loinc == CREATININE_LOINC["umol/L"] else (mg_dl, "mg/dL")
-        results.append(_Result(s, e.result_id, CREATININE, _aware(e.collected_at), mg_dl, loinc, original))
-        results.append(_Result(s, e.result_id, EGFR, _aware(e.collected_at), e.egfr, CKD_EPI_2021_LOINC, None))
+        results.append(LabRecord(s, e.result_id, CREATININE, _aware(e.collected_at), mg_dl, loinc, original))
+        results.append(LabRecord(s, e.result_id, EGFR, _aware(e.collected_at), e.egfr, CKD_EPI_2021_LOINC, None))
     return results
 
 
-def urine_results(subjects: dict[str, Subject], urine: Iterable[UrineResultMeasured]) -> list[_Result]:
+def urine_results(subjects: dict[str, Subject], urine: Iterable[UrineResultMeasured]) -> list[LabRecord]:
     """The LB records of the counted urine protein results (``UrineResultMeasured``, the effective
     value of each result id), in the analyte's kept unit under the code the lab sent."""
     return [
-        _Result(subjects[u.subject_id], u.result_id, URINE[u.analyte], _aware(u.collected_at), u.value, u.loinc,
+        LabRecord(subjects[u.subject_id], u.result_id, URINE[u.analyte], _aware(u.collected_at), u.value, u.loinc,
                 (u.value, u.unit))
         for u in urine if u.counted and u.subject_id in subjects
     ]
 
 
-def _last_before_exposure(results: Sequence[_Result]) -> set[int]:
+def _last_before_exposure(results: Sequence[LabRecord]) -> set[int]:
     """LBLOBXFL: per subject and test, the latest result collected on or before the reference
     start — the contract's baseline rule ("latest counted … on or before treatment start")."""
     latest: dict[tuple[str, str], tuple[tuple[datetime, str], int]] = {}
