@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, date, datetime
+from importlib.metadata import version as package_version
 from typing import Any
 
 from services.outcomes.cdisc.model import Dataset, Kind, Variable
@@ -20,7 +21,7 @@ from services.outcomes.cdisc.study import STUDYID
 VERSION = "1.1.0"
 MEDIA_TYPE = "application/json"
 ORIGINATOR = "nephrotrack"
-SOURCE_SYSTEM = {"name": "nephrotrack outcomes", "version": "0.1.0"}
+SOURCE_SYSTEM = {"name": "nephrotrack outcomes", "version": package_version("nephrotrack")}
 
 DATA_TYPES: dict[Kind, str] = {
     "text": "string", "integer": "integer", "float": "double",
