@@ -543,6 +543,7 @@ def _egfr_computed(incoming: IncomingResult, measurement: Measurement, patient: 
         status=incoming.status,
         counted=incoming.status != "preliminary",
         source=incoming.source,
+        loinc=incoming.loinc,
     )
     if measurement.analyte == "egfr":
         return EgfrComputed(egfr=measurement.canonical_value, derived_from="reported", **common)

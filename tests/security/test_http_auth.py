@@ -110,6 +110,8 @@ ROUTES: dict[str, list[Call]] = {
         call("GET", "/v1/cohorts", "analyst"),
         call("GET", "/v1/patients/IGA-A-001", "analyst"),
         call("GET", "/v1/export/patients.csv", "analyst"),
+        call("GET", "/v1/export/sdtm/dm.xpt", "analyst"),
+        call("GET", "/v1/export/adam/adtte.json", "analyst"),
         call("GET", "/v1/freshness", "analyst"),
         *(call("GET", f"/v1/cohorts/A/{route}", "analyst") for route in ("biopsies", "safety", "endpoints", "slopes")),
         call("GET", "/v1/admin/rebuild", "operator"),

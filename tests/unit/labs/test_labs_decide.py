@@ -48,6 +48,13 @@ def types(events) -> list[str]:
     return [type(event).__name__ for event in events]
 
 
+@pytest.mark.parametrize("loinc, value, unit", [("2160-0", 2.1, "mg/dL"), ("14682-9", 185.64, "umol/L"),
+                                                ("98979-8", 31.0, "mL/min/1.73m2"), ("33914-3", 31.0, "mL/min/1.73m2")])
+def test_the_effective_egfr_names_the_code_the_lab_sent(loinc: str, value: float, unit: str):
+    computed = deliver([], incoming("m1", loinc=loinc, value=value, unit=unit))[-1]
+    assert isinstance(computed, EgfrComputed) and computed.loinc == loinc
+
+
 def test_first_final_creatinine_is_recorded_and_computed():
     events = deliver([], incoming("m1"))
     assert types(events) == ["LabResultRecorded", "EgfrComputed"]
