@@ -3,10 +3,8 @@ of the timeline kinds the datasets read.
 
 A timeline row's detail is its event's JSON without ``subject_id`` (services/outcomes/timeline.py),
 so the event model decodes it back. Urine results and adverse events are read from the kinds in
-:data:`URINE_KINDS` and :data:`ADVERSE_EVENT_KINDS` — the names the projection gives them when it
-records them; until it does, those datasets are empty, and the mapping functions
-(:func:`~services.outcomes.cdisc.sdtm.urine_results`, :func:`~services.outcomes.cdisc.sdtm.ae`)
-are tested on constructed events.
+:data:`URINE_KINDS` and :data:`ADVERSE_EVENT_KINDS`; an adverse event's reports are ordered by
+their version in the patient's stream, so the last is the one the projection's facts keep.
 """
 
 from __future__ import annotations
@@ -17,19 +15,22 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from contracts.enrollment import AdverseEventReported
+from contracts.enrollment import AdverseEventReported, AdverseEventUpdated
 from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.outcomes.cdisc.study import Subject
 from services.outcomes.queries import PatientRecord, TimelineEntry
 
 EGFR_KIND = "egfr"
 URINE_KINDS = ("urine_result",)
-ADVERSE_EVENT_KINDS = ("adverse_event",)
+FIRST_REPORT_KIND, FOLLOW_UP_KIND = "adverse_event", "adverse_event_follow_up"
+ADVERSE_EVENT_KINDS = (FIRST_REPORT_KIND, FOLLOW_UP_KIND)
 KINDS = (EGFR_KIND, *URINE_KINDS, *ADVERSE_EVENT_KINDS)
 """Every timeline kind the exports read."""
 
 LAB_VERSION = "lab_stream_version"
 """Added to a lab result's detail by the projection: its labs stream version (newest wins)."""
+REPORT_VERSION = "report_version"
+"""Added to an adverse-event report's detail by the projection: its version in the patient's stream."""
 
 Event = TypeVar("Event", bound=BaseModel)
 
@@ -39,8 +40,8 @@ class StudyData:
     subjects: list[Subject]
     egfr: list[EgfrComputed]
     urine: list[UrineResultMeasured]
-    adverse_events: list[AdverseEventReported]
-    """Every report of every adverse event, in the order recorded (the latest is its state)."""
+    adverse_events: list[AdverseEventReported | AdverseEventUpdated]
+    """Every report of every adverse event, oldest version first (the latest is its state)."""
 
 
 def study_data(records: Iterable[PatientRecord]) -> StudyData:
@@ -55,8 +56,11 @@ def study_data(records: Iterable[PatientRecord]) -> StudyData:
         data.egfr.extend(_effective(facts.subject_id, [e for e in entries if e.kind == EGFR_KIND], EgfrComputed))
         data.urine.extend(_effective(facts.subject_id, [e for e in entries if e.kind in URINE_KINDS],
                                      UrineResultMeasured))
-        data.adverse_events.extend(_decoded(facts.subject_id, e, AdverseEventReported)
-                                   for e in entries if e.kind in ADVERSE_EVENT_KINDS)
+        reports = sorted((e for e in entries if e.kind in ADVERSE_EVENT_KINDS),
+                         key=lambda e: e.detail.get(REPORT_VERSION, 0))
+        data.adverse_events.extend(
+            _decoded(facts.subject_id, e, AdverseEventUpdated if e.kind == FOLLOW_UP_KIND else AdverseEventReported)
+            for e in reports)
     return data
 
 

@@ -1,12 +1,11 @@
-"""The exports' inputs from projection rows: the effective event of each lab result id, the
-adverse-event reports in the order recorded, and only enrolled patients as subjects."""
+"""The exports' inputs from projection rows: the effective event of each lab result id, each
+adverse event's reports by version (the latest last), and only enrolled patients as subjects."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from services.outcomes.cdisc.source import StudyData, study_data
 from services.outcomes.domain import compute_outcome, fold
@@ -30,13 +29,6 @@ def entry(event: DomainEvent, version: int, minute: int) -> TimelineEntry:
                          json.loads(row["detail_json"]))
 
 
-def recorded_as(kind: str, event: DomainEvent, minute: int, **extra: Any) -> TimelineEntry:
-    """A row of a kind the projection does not record yet, shaped as its rows are: the event's
-    JSON without the subject id."""
-    detail = {**event.model_dump(mode="json", exclude={"subject_id"}), **extra}
-    return TimelineEntry(str(uuid.uuid4()), T0.date(), T0 + timedelta(minutes=minute), kind, "x", detail)
-
-
 def record(subject_id: str, entries: list[TimelineEntry], enrolled_too: bool = True) -> PatientRecord:
     facts = fold(subject_id, [enrolled(sid=subject_id)] if enrolled_too else [])
     outcome = compute_outcome(facts) if enrolled_too else None
@@ -56,14 +48,14 @@ def test_urine_results_and_adverse_events_are_read_from_their_kinds() -> None:
     first, second = URINE
     newer = first.model_copy(update={"value": 1.7, "status": "corrected"})
     reports = [e for e in ADVERSE_EVENTS if e.subject_id == A1]
+    first_report, follow_up = reports
     data = study_data([record(A1, [
-        recorded_as("urine_result", first, 1, lab_stream_version=2),
-        recorded_as("urine_result", newer, 2, lab_stream_version=4),
-        recorded_as("urine_result", second, 3, lab_stream_version=2),
-        *(recorded_as("adverse_event", r, 4 + i) for i, r in enumerate(reports)),
+        entry(first, 2, 1), entry(newer, 4, 2), entry(second, 2, 3),
+        entry(follow_up, 7, 4), entry(first_report, 5, 5),  # the follow-up was read first
     ])])
     assert [(u.result_id, u.value) for u in data.urine] == [("A1-U1", 1.7), ("A1-U2", 0.6)]
-    assert [(a.ae_id, a.grade) for a in data.adverse_events] == [("AE-1", 2), ("AE-1", 3)]  # as recorded
+    assert [(type(a).__name__, a.ae_id, a.grade) for a in data.adverse_events] == [
+        ("AdverseEventReported", "AE-1", 2), ("AdverseEventUpdated", "AE-1", 3)]  # by version, the latest last
 
 
 def test_only_enrolled_patients_are_subjects() -> None:
