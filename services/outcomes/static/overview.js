@@ -1,16 +1,25 @@
-// The cohort overview page (GET /): cohort table, eGFR trajectories, Kaplan–Meier survival,
-// patient list, filters and downloads. Data: GET /v1/cohorts, /v1/cohorts/{group}/egfr,
-// /v1/cohorts/{group}/survival and /v1/export/patients.csv, refetched when /v1/freshness moves.
+// The cohort overview page (GET /): cohort table and the v2 evidence table, eGFR and UPCR
+// trajectories, Kaplan–Meier survival, the kidney-endpoint curves, slopes, safety, paired
+// biopsies, patient list, filters and downloads. Data: GET /v1/cohorts, /v1/cohorts/{group}/egfr,
+// /survival, /endpoints, /slopes, /safety, /biopsies, /v1/export/patients.csv and each patient's
+// GET /v1/patients/{id} (UPCR and biopsies), refetched when /v1/freshness moves.
 
 import {
-  GROUP_LABEL, GROUPS, api, apiText, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
+  ApiError, GROUP_LABEL, GROUPS, api, apiText, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
   round, value, wireToggles, writeQuery,
 } from "./common.js";
 import {
   survivalChart, survivalLegend, survivalTable, trajectoryChart, trajectoryLegend, trajectoryTable,
 } from "./charts.js";
+import {
+  endpointChart, endpointLegend, endpointTable, upcrChart, upcrLegend, upcrTable, upcrTrajectories,
+} from "./evidence-charts.js";
+import { renderBiopsies, renderEvidenceCohorts, renderSafety, renderSlopes } from "./evidence.js";
 
-const state = { cohorts: [], trajectories: [], survival: [], patients: [], seen: null, fresh: new Set() };
+const state = {
+  cohorts: [], trajectories: [], survival: [], patients: [], seen: null, fresh: new Set(),
+  endpoints: [], slopes: [], safety: [], biopsies: [], details: [], upcr: [],
+};
 const form = document.getElementById("filters");
 
 // --- filters -------------------------------------------------------------------------------
@@ -48,18 +57,42 @@ function startedInRange(treatmentStart) {
 
 // --- loading -------------------------------------------------------------------------------
 
+/** Each group's answer of ``/v1/cohorts/{group}/{route}``, with its group. */
+function perGroup(groups, route) {
+  return Promise.all(groups.map(async (group) => ({ group, ...(await api(`/v1/cohorts/${encodeURIComponent(group)}/${route}`)).data })));
+}
+
+/** Every listed patient's ``GET /v1/patients/{id}`` (there is no group route for UPCRs); a
+ * patient erased since the list was read is left out. */
+function patientDetails(patients) {
+  return Promise.all(patients.map(async (p) => {
+    try {
+      return (await api(`/v1/patients/${encodeURIComponent(p.subject_id)}`)).data;
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) return null;
+      throw error;
+    }
+  })).then((details) => details.filter(Boolean));
+}
+
 async function load() {
   const cohorts = (await api("/v1/cohorts")).data;
   const groups = cohorts.map((row) => row.group);
-  const [trajectories, survival, csv] = await Promise.all([
+  const [trajectories, survival, endpoints, slopes, safety, biopsies, csv] = await Promise.all([
     Promise.all(groups.map(async (g) => (await api(`/v1/cohorts/${encodeURIComponent(g)}/egfr`)).data)),
     Promise.all(groups.map(async (g) => (await api(`/v1/cohorts/${encodeURIComponent(g)}/survival`)).data)),
+    perGroup(groups, "endpoints"), perGroup(groups, "slopes"), perGroup(groups, "safety"), perGroup(groups, "biopsies"),
     apiText("/v1/export/patients.csv"),
   ]);
+  const patients = parseCsv(csv.data);
+  const details = await patientDetails(patients);
   const ids = new Set(trajectories.flatMap((t) => t.patients.flatMap((p) => p.points.map((pt) => pt.result_id))));
   state.fresh = state.seen ? new Set([...ids].filter((id) => !state.seen.has(id))) : new Set();
   state.seen = ids;
-  Object.assign(state, { cohorts, trajectories, survival, patients: parseCsv(csv.data) });
+  Object.assign(state, {
+    cohorts, trajectories, survival, endpoints, slopes, safety, biopsies, patients, details,
+    upcr: upcrTrajectories(details, groups),
+  });
   render();
 }
 
@@ -68,9 +101,18 @@ async function load() {
 function render() {
   const { groups } = filters();
   const visible = (group) => groups.includes(group);
-  renderCohorts(state.cohorts.filter((row) => visible(row.group)));
+  const rows = state.cohorts.filter((row) => visible(row.group));
+  renderCohorts(rows);
+  renderEvidenceCohorts(rows, state.cohorts.length > 0);
   renderTrajectories(state.trajectories.filter((t) => visible(t.group)));
+  renderUpcr(state.upcr.filter((t) => visible(t.group)));
   renderSurvival(state.survival.filter((c) => visible(c.group)));
+  const endpoints = state.endpoints.filter((a) => visible(a.group));
+  renderEndpoint("composite", "composite", endpoints);
+  renderEndpoint("kidney_failure", "incidence", endpoints);
+  renderSlopes(state.slopes.filter((a) => visible(a.group)));
+  renderSafety(state.safety.filter((a) => visible(a.group)), rows);
+  renderBiopsies(state.biopsies.filter((a) => visible(a.group)), state.details);
   renderPatients(state.patients.filter((p) => visible(p.group) && startedInRange(p.treatment_start)));
   const { from, to } = filters();
   document.getElementById("filter-note").classList.toggle("deviation", Boolean(from || to));
@@ -119,6 +161,24 @@ function renderTrajectories(trajectories) {
   }
   document.getElementById("trajectory-legend").replaceChildren(...trajectoryLegend(trajectories.map((t) => t.group)));
   document.getElementById("trajectory-table").replaceChildren(trajectoryTable(trajectories, keep));
+}
+
+function renderUpcr(series) {
+  const box = document.getElementById("upcr-chart-box");
+  const keep = (p) => startedInRange(p.treatment_start);
+  const any = series.some((t) => t.patients.some(keep));
+  box.replaceChildren(any ? upcrChart(series, { keep, onOpen: openPatient })
+    : h("p", {}, series.length ? "No counted UPCR results yet." : "No group selected."));
+  document.getElementById("upcr-legend").replaceChildren(...upcrLegend(series.map((t) => t.group)));
+  document.getElementById("upcr-table").replaceChildren(upcrTable(series, keep));
+}
+
+/** ``kind``: the key in the endpoints answer; ``id``: the figure's element ids. */
+function renderEndpoint(kind, id, answers) {
+  const box = document.getElementById(`${id}-chart-box`);
+  box.replaceChildren(answers.length ? endpointChart(kind, answers) : h("p", {}, "No group selected."));
+  document.getElementById(`${id}-legend`).replaceChildren(...endpointLegend(answers.map((a) => a.group)));
+  document.getElementById(`${id}-table`).replaceChildren(endpointTable(kind, answers));
 }
 
 function renderSurvival(curves) {
