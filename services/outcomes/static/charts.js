@@ -253,37 +253,56 @@ export function survivalChart(curves) {
     svg.append(g);
   });
 
-  // direct labels at each curve's end (curves often coincide at 100 %), stacked when they would collide
-  const placed = [];
-  for (const c of [...curves].sort((a, b) => (b.steps.at(-1)?.time ?? 0) - (a.steps.at(-1)?.time ?? 0))) {
-    const lastStep = c.steps.at(-1);
-    if (!lastStep) continue;
-    let ly = y(lastStep.survival) + (lastStep.survival > 0.5 ? 16 : -8);
-    while (placed.some((p) => Math.abs(p - ly) < 14)) ly += lastStep.survival > 0.5 ? 14 : -14;
-    placed.push(ly);
-    svg.append(s("text", {
-      class: `curve-label group-${c.group}`, x: Math.min(x(lastStep.time), W - M.right) - 4, y: ly, "text-anchor": "end",
-      "data-source": `GET /v1/cohorts/${c.group}/survival`, "data-field": `steps[${c.steps.length - 1}].survival`, "data-raw": lastStep.survival,
-    }, `${GROUP_LABEL[c.group]} ${round(100 * lastStep.survival, 0)} %`));
-  }
+  svg.append(curveLabels(curves.filter((c) => c.steps.length).map((c) => ({
+    group: c.group, time: c.steps.at(-1).time, value: c.steps.at(-1).survival,
+    source: `GET /v1/cohorts/${c.group}/survival`, field: `steps[${c.steps.length - 1}].survival`,
+  })), x, y, W - M.right));
+  svg.append(atRiskRows(curves.map((c) => ({
+    group: c.group,
+    cells: c.at_risk_by_year.filter((entry) => entry.years % yearStep === 0).map((entry) => ({
+      years: entry.years, at_risk: entry.at_risk, source: `GET /v1/cohorts/${c.group}/survival`,
+      field: `at_risk_by_year[years=${entry.years}].at_risk`,
+    })),
+  })), x, plotBottom + 52));
+  return svg;
+}
 
-  const riskTop = plotBottom + 52;
-  const risk = s("g", { class: "at-risk-table" });
-  risk.append(s("text", { class: "at-risk-title", x: 8, y: riskTop }, "Number at risk"));
-  curves.forEach((c, row) => {
-    const source = `GET /v1/cohorts/${c.group}/survival`;
-    const ry = riskTop + 19 * (row + 1);
-    risk.append(s("text", { class: `at-risk group-${c.group}`, x: 8, y: ry }, GROUP_LABEL[c.group]));
-    for (const entry of c.at_risk_by_year) {
-      if (entry.years % yearStep) continue;
-      risk.append(s("text", {
-        class: `at-risk group-${c.group}`, x: x(entry.years), y: ry, "text-anchor": "middle",
-        "data-group": c.group, "data-source": source, "data-field": `at_risk_by_year[years=${entry.years}].at_risk`, "data-raw": entry.at_risk,
-      }, String(entry.at_risk), s("title", {}, `${GROUP_LABEL[c.group]}: ${entry.at_risk} at risk at ${entry.years} years — from ${source} → at_risk_by_year[years=${entry.years}].at_risk`)));
+/**
+ * Direct labels at each curve's end (curves often coincide at 100 %), stacked when they would
+ * collide. ``ends``: ``[{group, time, value, source, field}]``, value a proportion.
+ */
+export function curveLabels(ends, x, y, right) {
+  const g = s("g", { class: "curve-labels" });
+  const placed = [];
+  for (const end of [...ends].sort((a, b) => b.time - a.time)) {
+    const below = end.value > 0.5;
+    let ly = y(end.value) + (below ? 16 : -8);
+    while (placed.some((p) => Math.abs(p - ly) < 14)) ly += below ? 14 : -14;
+    placed.push(ly);
+    g.append(s("text", {
+      class: `curve-label group-${end.group}`, x: Math.min(x(end.time), right) - 4, y: ly, "text-anchor": "end",
+      "data-source": end.source, "data-field": end.field, "data-raw": end.value,
+    }, `${GROUP_LABEL[end.group]} ${round(100 * end.value, 0)} %`));
+  }
+  return g;
+}
+
+/** The "Number at risk" rows under a step chart, from ``top``: ``rows`` = ``[{group, cells:
+ * [{years, at_risk, source, field}]}]``, one row per group, a number under each year. */
+export function atRiskRows(rows, x, top) {
+  const g = s("g", { class: "at-risk-table" });
+  g.append(s("text", { class: "at-risk-title", x: 8, y: top }, "Number at risk"));
+  rows.forEach((r, row) => {
+    const ry = top + 19 * (row + 1);
+    g.append(s("text", { class: `at-risk group-${r.group}`, x: 8, y: ry }, GROUP_LABEL[r.group]));
+    for (const cell of r.cells) {
+      g.append(s("text", {
+        class: `at-risk group-${r.group}`, x: x(cell.years), y: ry, "text-anchor": "middle",
+        "data-group": r.group, "data-year": cell.years, "data-source": cell.source, "data-field": cell.field, "data-raw": cell.at_risk,
+      }, String(cell.at_risk), s("title", {}, `${GROUP_LABEL[r.group]}: ${cell.at_risk} at risk at ${cell.years} years — from ${cell.source} → ${cell.field}`)));
     }
   });
-  svg.append(risk);
-  return svg;
+  return g;
 }
 
 export function survivalLegend(groups) {

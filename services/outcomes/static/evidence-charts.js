@@ -5,7 +5,7 @@
 // its value, endpoint and field, and a data table alternative.
 
 import { GROUP_LABEL, h, linear, marker, round, s, table, value } from "./common.js";
-import { frame, legendItem, linePath, patientSeries, plotArea, xAxis, yAxis } from "./charts.js";
+import { atRiskRows, curveLabels, frame, legendItem, patientSeries, plotArea, xAxis, yAxis } from "./charts.js";
 
 const DAY = 86400000;
 const YEAR_DAYS = 365.25;
@@ -180,49 +180,21 @@ export function endpointChart(kind, answers) {
     });
     svg.append(g);
   }
-  svg.append(endLabels(curves, spec, x, y, W - M.right, kind));
-  svg.append(riskTable(curves, x, plotBottom + 52, lastYear, yearStep, kind));
+  svg.append(curveLabels(curves.filter((c) => c.times.length).map((c) => ({
+    group: c.group, time: c.times.at(-1), value: c[spec.key].at(-1),
+    source: `GET /v1/cohorts/${c.group}/endpoints`, field: `${kind}.${spec.key}[${c.times.length - 1}]`,
+  })), x, y, W - M.right));
+  svg.append(atRiskRows(curves.map((c) => ({ group: c.group, cells: yearTicks.map((year) => atRiskCell(c, year, kind)) })),
+    x, plotBottom + 52));
   return svg;
 }
 
-function endLabels(curves, spec, x, y, right, kind) {
-  const g = s("g", { class: "end-labels" });
-  const placed = [];
-  for (const c of curves.filter((curve) => curve.times.length)) {
-    const v = c[spec.key].at(-1);
-    const below = v > 0.5;
-    let ly = y(v) + (below ? 16 : -8);
-    while (placed.some((p) => Math.abs(p - ly) < 14)) ly += below ? 14 : -14;
-    placed.push(ly);
-    g.append(s("text", {
-      class: `curve-label group-${c.group}`, x: Math.min(x(c.times.at(-1)) + 40, right) - 4, y: ly, "text-anchor": "end",
-      "data-source": `GET /v1/cohorts/${c.group}/endpoints`, "data-field": `${kind}.${spec.key}[${c.times.length - 1}]`, "data-raw": v,
-    }, `${GROUP_LABEL[c.group]} ${round(100 * v, 0)} %`));
-  }
-  return g;
-}
-
-function riskTable(curves, x, top, lastYear, yearStep, kind) {
-  const g = s("g", { class: "at-risk-table" });
-  g.append(s("text", { class: "at-risk-title", x: 8, y: top }, "Number at risk"));
-  curves.forEach((c, row) => {
-    const source = `GET /v1/cohorts/${c.group}/endpoints`;
-    const ry = top + 19 * (row + 1);
-    g.append(s("text", { class: `at-risk group-${c.group}`, x: 8, y: ry }, GROUP_LABEL[c.group]));
-    for (let year = 0; year <= lastYear; year += yearStep) {
-      const { at_risk: n, index } = atRiskAt(c, year);
-      const field = index === null ? `${kind}.times (none at or after ${year} y)` : `${kind}.at_risk[${index}]`;
-      g.append(s("text", {
-        class: `at-risk group-${c.group}`, x: x(year), y: ry, "text-anchor": "middle",
-        "data-group": c.group, "data-year": year, "data-source": source, "data-field": field, "data-raw": n,
-      }, String(n), s("title", {}, `${GROUP_LABEL[c.group]}: ${n} at risk at ${year} years — from ${source} → ${field}`)));
-    }
-  });
-  return g;
-}
-
-export function endpointLegend(groups) {
-  return groups.map((group) => h("span", { class: "legend-item" }, legendItem(group, "km"), GROUP_LABEL[group]));
+function atRiskCell(curve, year, kind) {
+  const { at_risk: n, index } = atRiskAt(curve, year);
+  return {
+    years: year, at_risk: n, source: `GET /v1/cohorts/${curve.group}/endpoints`,
+    field: index === null ? `${kind}.times (none at or after ${year} y)` : `${kind}.at_risk[${index}]`,
+  };
 }
 
 export function endpointTable(kind, answers) {

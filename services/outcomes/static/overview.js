@@ -12,13 +12,13 @@ import {
   survivalChart, survivalLegend, survivalTable, trajectoryChart, trajectoryLegend, trajectoryTable,
 } from "./charts.js";
 import {
-  endpointChart, endpointLegend, endpointTable, upcrChart, upcrLegend, upcrTable, upcrTrajectories,
+  endpointChart, endpointTable, upcrChart, upcrLegend, upcrTable, upcrTrajectories,
 } from "./evidence-charts.js";
 import { renderBiopsies, renderEvidenceCohorts, renderSafety, renderSlopes } from "./evidence.js";
 
 const state = {
   cohorts: [], trajectories: [], survival: [], patients: [], seen: null, fresh: new Set(),
-  endpoints: [], slopes: [], safety: [], biopsies: [], details: [], upcr: [],
+  endpoints: [], slopes: [], safety: [], biopsies: [], details: [], upcr: [], evidence: false,
 };
 const form = document.getElementById("filters");
 
@@ -75,24 +75,29 @@ function patientDetails(patients) {
   })).then((details) => details.filter(Boolean));
 }
 
+/** The v1 sections first, then the evidence: a mixed-model fit or a patient's timeline per
+ * patient must not hold back the cohort table. Until the evidence has arrived once, its
+ * sections say "Loading…"; afterwards they show the last answers until the new ones are in. */
 async function load() {
   const cohorts = (await api("/v1/cohorts")).data;
   const groups = cohorts.map((row) => row.group);
-  const [trajectories, survival, endpoints, slopes, safety, biopsies, csv] = await Promise.all([
+  const [trajectories, survival, csv] = await Promise.all([
     Promise.all(groups.map(async (g) => (await api(`/v1/cohorts/${encodeURIComponent(g)}/egfr`)).data)),
     Promise.all(groups.map(async (g) => (await api(`/v1/cohorts/${encodeURIComponent(g)}/survival`)).data)),
-    perGroup(groups, "endpoints"), perGroup(groups, "slopes"), perGroup(groups, "safety"), perGroup(groups, "biopsies"),
     apiText("/v1/export/patients.csv"),
   ]);
   const patients = parseCsv(csv.data);
-  const details = await patientDetails(patients);
   const ids = new Set(trajectories.flatMap((t) => t.patients.flatMap((p) => p.points.map((pt) => pt.result_id))));
   state.fresh = state.seen ? new Set([...ids].filter((id) => !state.seen.has(id))) : new Set();
   state.seen = ids;
-  Object.assign(state, {
-    cohorts, trajectories, survival, endpoints, slopes, safety, biopsies, patients, details,
-    upcr: upcrTrajectories(details, groups),
-  });
+  Object.assign(state, { cohorts, trajectories, survival, patients });
+  render();
+
+  const [endpoints, slopes, safety, biopsies, details] = await Promise.all([
+    perGroup(groups, "endpoints"), perGroup(groups, "slopes"), perGroup(groups, "safety"), perGroup(groups, "biopsies"),
+    patientDetails(patients),
+  ]);
+  Object.assign(state, { endpoints, slopes, safety, biopsies, details, upcr: upcrTrajectories(details, groups), evidence: true });
   render();
 }
 
@@ -105,14 +110,8 @@ function render() {
   renderCohorts(rows);
   renderEvidenceCohorts(rows, state.cohorts.length > 0);
   renderTrajectories(state.trajectories.filter((t) => visible(t.group)));
-  renderUpcr(state.upcr.filter((t) => visible(t.group)));
   renderSurvival(state.survival.filter((c) => visible(c.group)));
-  const endpoints = state.endpoints.filter((a) => visible(a.group));
-  renderEndpoint("composite", "composite", endpoints);
-  renderEndpoint("kidney_failure", "incidence", endpoints);
-  renderSlopes(state.slopes.filter((a) => visible(a.group)));
-  renderSafety(state.safety.filter((a) => visible(a.group)), rows);
-  renderBiopsies(state.biopsies.filter((a) => visible(a.group)), state.details);
+  if (state.evidence) renderEvidence(visible, rows);
   renderPatients(state.patients.filter((p) => visible(p.group) && startedInRange(p.treatment_start)));
   const { from, to } = filters();
   document.getElementById("filter-note").classList.toggle("deviation", Boolean(from || to));
@@ -163,6 +162,16 @@ function renderTrajectories(trajectories) {
   document.getElementById("trajectory-table").replaceChildren(trajectoryTable(trajectories, keep));
 }
 
+function renderEvidence(visible, rows) {
+  renderUpcr(state.upcr.filter((t) => visible(t.group)));
+  const endpoints = state.endpoints.filter((a) => visible(a.group));
+  renderEndpoint("composite", "composite", endpoints);
+  renderEndpoint("kidney_failure", "incidence", endpoints);
+  renderSlopes(state.slopes.filter((a) => visible(a.group)));
+  renderSafety(state.safety.filter((a) => visible(a.group)), rows);
+  renderBiopsies(state.biopsies.filter((a) => visible(a.group)), state.details);
+}
+
 function renderUpcr(series) {
   const box = document.getElementById("upcr-chart-box");
   const keep = (p) => startedInRange(p.treatment_start);
@@ -177,7 +186,7 @@ function renderUpcr(series) {
 function renderEndpoint(kind, id, answers) {
   const box = document.getElementById(`${id}-chart-box`);
   box.replaceChildren(answers.length ? endpointChart(kind, answers) : h("p", {}, "No group selected."));
-  document.getElementById(`${id}-legend`).replaceChildren(...endpointLegend(answers.map((a) => a.group)));
+  document.getElementById(`${id}-legend`).replaceChildren(...survivalLegend(answers.map((a) => a.group)));
   document.getElementById(`${id}-table`).replaceChildren(endpointTable(kind, answers));
 }
 
