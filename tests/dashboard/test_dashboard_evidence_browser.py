@@ -22,7 +22,7 @@ import nats
 import pytest
 
 from shared.broker import Topology
-from tests.dashboard.test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _require_chromium, _sign_in
+from tests.dashboard.test_dashboard_browser import ARTIFACTS, _require_chromium, _sign_in, watched_page
 from tests.outcomes.conftest import Feed
 from tests.outcomes.mixed_run import Published
 from tests.outcomes.serving import outcomes_api
@@ -45,38 +45,24 @@ async def test_the_dashboard_shows_the_clinical_evidence(
     backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _require_chromium()
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
     started = time.monotonic()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     async with outcomes_api(run(), backend, tmp_path, nats_client, topology, monkeypatch) as client:
         base = str(client.base_url).rstrip("/")
         slopes = {g: (await client.get(f"/v1/cohorts/{g}/slopes")).json() for g in ("A", "control")}
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = await browser.new_page(viewport={"width": 1440, "height": 1000})
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type == "error" and "401" not in m.text else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("request", lambda r: None if r.url.startswith((base, "data:")) else problems.append(f"external {r.url}"))
-            try:
-                await _sign_in(page, expect, base)
-                await _cohort_values(page, expect)
-                await _safety(page, expect)
-                await _biopsies(page, expect)
-                await _upcr(page, expect)
-                await _endpoints(page, expect)
-                await _slopes(page, expect, slopes)
-                await page.screenshot(path=str(ARTIFACTS / "overview-evidence.png"), full_page=True)
-                await _small_screens(page, expect)
-                await _patient(page, expect, base)
-            except Exception:
-                await page.screenshot(path=str(ARTIFACTS / "evidence-failure.png"), full_page=True)
-                raise
-            finally:
-                await browser.close()
-            assert not problems, problems
+        async with watched_page(base, "evidence-failure.png") as page:
+            await _sign_in(page, expect, base)
+            await _cohort_values(page, expect)
+            await _safety(page, expect)
+            await _biopsies(page, expect)
+            await _upcr(page, expect)
+            await _endpoints(page, expect)
+            await _slopes(page, expect, slopes)
+            await page.screenshot(path=str(ARTIFACTS / "overview-evidence.png"), full_page=True)
+            await _small_screens(page, expect)
+            await _patient(page, expect, base)
     print(f"dashboard evidence browser test took {time.monotonic() - started:.1f} s", file=sys.stderr)
 
 
