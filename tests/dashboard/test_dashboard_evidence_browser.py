@@ -6,7 +6,9 @@ term is markup. The overview must show the numbers worked out there by hand — 
 values, the safety tables with the serious AE marked, the biopsies before → after, the UPCR
 lines, the composite-endpoint and kidney-failure curves with numbers at risk, the slopes or why
 not — and the patient page the AEs with their follow-ups and the urine results on the timeline.
-The term is shown as text, never parsed. Screenshots go to ``test-artifacts/dashboard/``.
+A follow-up report published while the page is open shows without a reload; the group filter
+hides a group's evidence; the term is shown as text, never parsed; at a phone's width nothing
+scrolls sideways. Screenshots go to ``test-artifacts/dashboard/``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ import nats
 import pytest
 
 from shared.broker import Topology
-from tests.dashboard.test_dashboard_browser import ARTIFACTS, _require_chromium, _sign_in, watched_page
+from tests.dashboard.test_dashboard_browser import (
+    ARTIFACTS,
+    LIVE_TIMEOUT_MS,
+    _require_chromium,
+    _sign_in,
+    watched_page,
+)
 from tests.outcomes.conftest import Feed
-from tests.outcomes.mixed_run import Published
+from tests.outcomes.mixed_run import Published, publish
 from tests.outcomes.serving import outcomes_api
 from tests.outcomes.test_api_v2 import A1, A1_DECLINE_DAYS, A2, A2_DEATH_DAYS, C1, C1_DIALYSIS_DAYS, cohort, years
 from tests.unit.outcomes.outcome_events import adverse_event
@@ -34,10 +42,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 MARKUP_TERM = '<img src=x onerror="window.__injected = 1">rash'
 
 
+def _patient_event(event: Any) -> Published:
+    """An enrollment event after the cohort's on the patient's stream (AE reports are versioned by it)."""
+    stream = f"patient-{event.subject_id}"
+    last = max((p.envelope.stream_version for p in cohort() if p.envelope.stream_id == stream), default=0)
+    return Published("enrollment", Feed().envelope(event, stream, last + 1))
+
+
 def run() -> list[Published]:
-    """The v2 cohort and, for the control patient (enrolled v1, dialysis v2), an AE named in markup."""
-    markup = adverse_event("AE-C1", MARKUP_TERM, date(2013, 5, 1), grade=1, sid=C1)
-    return [*cohort(), Published("enrollment", Feed().envelope(markup, f"patient-{C1}", 3))]
+    """The v2 cohort and, for the control patient, an AE named in markup."""
+    return [*cohort(), _patient_event(adverse_event("AE-C1", MARKUP_TERM, date(2013, 5, 1), grade=1, sid=C1))]
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
@@ -61,6 +75,8 @@ async def test_the_dashboard_shows_the_clinical_evidence(
             await _endpoints(page, expect)
             await _slopes(page, expect, slopes)
             await page.screenshot(path=str(ARTIFACTS / "overview-evidence.png"), full_page=True)
+            await _group_filter(page, expect)
+            await _live(page, expect, nats_client, topology)
             await _small_screens(page, expect)
             await _patient(page, expect, base)
     print(f"dashboard evidence browser test took {time.monotonic() - started:.1f} s", file=sys.stderr)
@@ -197,6 +213,33 @@ async def _slopes(page: Any, expect: Any, slopes: dict[str, Any]) -> None:
     assert slopes["control"]["total"]["reason"].startswith("too few patients")
 
 
+async def _group_filter(page: Any, expect: Any) -> None:
+    control = page.get_by_role("checkbox", name="Control")
+    await control.uncheck()
+    await expect(page.locator("#evidence-table tbody tr[data-group]")).to_have_count(1)
+    await expect(page.locator(".safety-group")).to_have_count(1)
+    await expect(page.locator("#composite-chart .step-curve")).to_have_count(1)
+    await expect(page.locator("#kidney-failure-chart .step-curve")).to_have_count(1)
+    await expect(page.locator('#slopes-table tr[data-group="control"]')).to_have_count(0)
+    await control.check()
+    await expect(page.locator(".safety-group")).to_have_count(2)
+
+
+async def _live(page: Any, expect: Any, nats_client: nats.NATS, topology: Topology) -> None:
+    """A follow-up report making A1's pulse-related hyperglycaemia serious reaches the open page
+    without a reload: now a significant related AE in A1 as well as in A2."""
+    await page.evaluate("window.__notReloaded = true")
+    serious = adverse_event("AE-1", "hyperglycaemia", date(2014, 1, 16), grade=2, serious=True, related_to=("mp_pulse",),
+                            causality="possible", outcome="recovered", follow_up=True, sid=A1)
+    await publish(nats_client.jetstream(), topology, [_patient_event(serious)])
+    hyper = page.locator('.safety-group[data-group="A"] tr[data-term="hyperglycaemia"]')
+    await expect(hyper).to_have_class("serious-row", timeout=LIVE_TIMEOUT_MS)
+    await expect(hyper.locator(".badge.sae")).to_have_text("SAE")
+    await expect(page.locator('#evidence-table [data-field="[group=A].patients_with_significant_related_ae"]')).to_have_text("2")
+    await expect(page.locator('.safety-group[data-group="A"] [data-field="serious"]')).to_have_text("2")
+    assert await page.evaluate("window.__notReloaded") is True, "the page reloaded"
+
+
 async def _small_screens(page: Any, expect: Any) -> None:
     """At 80 % zoom and at a phone's width the page does not scroll sideways (wide tables scroll in their box)."""
     await page.evaluate("document.documentElement.style.zoom = '0.8'")
@@ -216,7 +259,8 @@ async def _patient(page: Any, expect: Any, base: str) -> None:
         "baseline_upcr": "2.00", "post_upcr": "0.80", "upcr_change_pct": "−60 %", "complete_remission": "no",
         "partial_remission": "yes", "paired_biopsies": "yes", "decline_40_on": "2014-06-01", "decline_57_on": "none",
         "composite_endpoint": "confirmed ≥ 40 % eGFR decline", "composite_endpoint_days": f"day {A1_DECLINE_DAYS}",
-        "adverse_events": "2", "highest_ae_grade": "grade 3", "any_serious_ae": "yes", "any_significant_related_ae": "no",
+        "adverse_events": "2", "highest_ae_grade": "grade 3", "any_serious_ae": "yes",
+        "any_significant_related_ae": "yes",  # since the live follow-up made AE-1 serious
     }.items()}
     for field, text in summary.items():
         await expect(page.locator(f'#patient-summary [data-field="{field}"]')).to_have_text(text)
@@ -233,16 +277,17 @@ async def _patient(page: Any, expect: Any, base: str) -> None:
 
     aes = timeline.locator("[data-kind=adverse_event]")
     await expect(aes).to_have_count(2)  # one mark per AE, its follow-ups in it
-    await expect(timeline.locator('[data-ae-id="AE-1"]')).to_have_attribute("data-reports", "2")
+    await expect(timeline.locator('[data-ae-id="AE-1"]')).to_have_attribute("data-reports", "3")
     await expect(timeline.locator('[data-ae-id="AE-1"]')).to_have_attribute("data-raw", "2")  # the follow-up's grade
     await expect(timeline.locator('[data-ae-id="AE-2"]')).to_have_attribute("data-serious", "true")
     await expect(timeline.locator('[data-ae-id="AE-2"]')).to_have_class("ae serious")
 
     table = page.locator("#ae-table")
-    await expect(table.locator('tr[data-ae-id="AE-1"]')).to_have_count(2)
-    current = await table.locator('tr[data-ae-id="AE-1"]').evaluate_all(
-        "rows => rows.map(r => [r.dataset.kind, r.dataset.current, r.children[2].textContent])")
-    assert current == [["adverse_event", "false", "1"], ["adverse_event_follow_up", "true", "2"]]
+    await expect(table.locator('tr[data-ae-id="AE-1"]')).to_have_count(3)
+    reports = await table.locator('tr[data-ae-id="AE-1"]').evaluate_all(
+        "rows => rows.map(r => [r.dataset.kind, r.dataset.current, r.children[2].textContent, r.children[3].textContent])")
+    assert reports == [["adverse_event", "false", "1", "no"], ["adverse_event_follow_up", "false", "2", "no"],
+                       ["adverse_event_follow_up", "true", "2", "yes"]]
     await expect(table.locator('tr[data-ae-id="AE-2"]')).to_have_class("serious-row")
     await expect(table.locator('tr[data-ae-id="AE-2"] .badge.sae')).to_have_text("SAE")
     await page.screenshot(path=str(ARTIFACTS / "patient-evidence.png"), full_page=True)
