@@ -29,6 +29,7 @@ from tests.dashboard.test_dashboard_browser import (
     LIVE_TIMEOUT_MS,
     _require_chromium,
     _sign_in,
+    expect_cohort_cells,
     watched_page,
 )
 from tests.outcomes.conftest import Feed
@@ -97,12 +98,7 @@ async def _cohort_values(page: Any, expect: Any) -> None:
                     "decline_40_count": "0", "composite_endpoint_count": "1", "patients_with_ae": "1",
                     "patients_with_serious_ae": "0", "patients_with_significant_related_ae": "0"},
     }
-    for group, cells in expected.items():
-        row = table.locator(f'tr[data-group="{group}"]')
-        for field, text in cells.items():
-            cell = row.locator(f'[data-field="[group={group}].{field}"]')
-            await expect(cell).to_have_text(text)
-            assert await cell.get_attribute("data-source") == "GET /v1/cohorts"
+    await expect_cohort_cells(table, expect, expected)
     assert float(await table.locator('[data-field="[group=A].mean_baseline_upcr"]').get_attribute("data-raw")) == 1.6
     # a serious AE in the group is flagged in the table, not only counted
     await expect(table.locator('tr[data-group="A"] .serious-count')).to_have_count(2)
