@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.deviations import DeviationCode, ProtocolDeviationDetected
@@ -33,8 +34,10 @@ from shared.consumer import InboundMessage
 from shared.errors import Invalid
 from shared.events import CommandContext, Envelope
 from shared.patients import EnrolledPatient, drop_erased_patients, readable, remember_enrollments, wait_for_patient
-from shared.service import Service
 from shared.store import EventStore, UnitOfWork
+
+if TYPE_CHECKING:  # the service shell is wiring's business; the deciders' imports stay light
+    from shared.service import Service
 
 
 class ClinicalSettings(BaseSettings):
@@ -155,10 +158,19 @@ def expose_deviation_codes(codes: Iterable[DeviationCode]) -> None:
         metrics.PROTOCOL_DEVIATIONS.labels(code=code.value)
 
 
-def deviations_of(envelopes: Sequence[Envelope]) -> list[dict[str, str]]:
-    """``[{"code", "detail"}]`` of the deviations among ``envelopes`` (for command responses)."""
+class DeviationFound(BaseModel):
+    """A protocol deviation a command raised, as its response lists it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: DeviationCode
+    detail: str
+
+
+def deviations_of(envelopes: Sequence[Envelope]) -> list[DeviationFound]:
+    """The deviations among ``envelopes`` (for command responses)."""
     return [
-        {"code": e.payload["code"], "detail": e.payload["detail"]}
+        DeviationFound(code=e.payload["code"], detail=e.payload["detail"])
         for e in envelopes
         if e.event_type == ProtocolDeviationDetected.event_type
     ]
