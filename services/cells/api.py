@@ -69,7 +69,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     )
     async def harvest(subject_id: str, command: HarvestAdiposeTissue, request: Request) -> LotOut:
         await known_patient(service.store, subject_id, settings)  # a command right after enrolling waits for it
-        use_case = handlers.Harvest(subject_id, command, command_context(request))
+        use_case = handlers.Harvest(subject_id, command, context=command_context(request))
         return lot_out(await service.transact(partial(handlers.harvest, use_case)))
 
     @router.post(
@@ -79,7 +79,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
         summary="Record a lot's QC result: released, or failed QC (recorded, then answered 422)",
     )
     async def release(lot_id: str, command: ReleaseLot, request: Request) -> LotOut:
-        use_case = handlers.Release(lot_id, command, command_context(request))
+        use_case = handlers.Release(lot_id, command, context=command_context(request))
         released = await service.transact(partial(handlers.release, use_case))
         if released.qc_failure is not None:  # the QC failure is recorded; the release asked for did not happen
             raise Invalid(released.qc_failure, code="QcFailed")
@@ -92,7 +92,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
         summary="Record an infusion of a released lot into the patient it was harvested from",
     )
     async def infuse(subject_id: str, command: InfuseCells, request: Request) -> RecordedInfusion:
-        use_case = handlers.Infuse(subject_id, command, command_context(request))
+        use_case = handlers.Infuse(subject_id, command, context=command_context(request))
         envelopes = await service.transact(partial(handlers.infuse, use_case))
         infusion = envelopes[0]
         return RecordedInfusion.model_validate(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date
 
 from contracts.deviations import ProtocolDeviationDetected
 from services.cells.domain import (
@@ -37,7 +36,7 @@ from services.cells.domain import (
 )
 from services.clinical import check_within_study, count_deviations, study_end
 from services.clinical.patients import KnownPatient
-from shared.clinical_dates import utc_today
+from shared.commands import Command
 from shared.events import CommandContext, DomainEvent, Envelope
 from shared.ids import new_event_id
 from shared.store import UnitOfWork
@@ -62,28 +61,23 @@ def new_lot_id() -> str:
 
 
 @dataclass(frozen=True)
-class Harvest:
+class Harvest(Command):
     subject_id: str
     harvest: HarvestAdiposeTissue
-    context: CommandContext = field(default_factory=CommandContext)
     lot_id: str = field(default_factory=new_lot_id)
     """Chosen once per command, so a retried transaction records the same lot."""
-    today: date = field(default_factory=utc_today)
 
 
 @dataclass(frozen=True)
-class Release:
+class Release(Command):
     lot_id: str
     qc: ReleaseLot
-    context: CommandContext = field(default_factory=CommandContext)
 
 
 @dataclass(frozen=True)
-class Infuse:
+class Infuse(Command):
     subject_id: str
     infusion: InfuseCells
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 # --------------------------------------------------------------------------- use cases

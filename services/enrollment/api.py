@@ -43,19 +43,19 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
 
     @router.post("/patients", status_code=201, response_model=PatientView, summary="Enroll a patient")
     async def enroll(command: EnrollPatient, request: Request) -> PatientView:
-        use_case = handlers.Enroll(command, command_context(request))
+        use_case = handlers.Enroll(command, context=command_context(request))
         await handlers.create_patient_key(use_case, service.vault)  # before any payload needs it
         return await service.transact(partial(handlers.enroll, use_case))
 
     @router.post("/patients/{subject_id}/events", status_code=201, summary="Record dialysis, transplant, death or withdrawal")
     async def record_event(subject_id: str, command: RecordClinicalEvent, request: Request) -> dict[str, Any]:
-        use_case = handlers.RecordEvent(subject_id, command, command_context(request))
+        use_case = handlers.RecordEvent(subject_id, command, context=command_context(request))
         recorded = await service.transact(partial(handlers.record_clinical_event, use_case))
         return {"subject_id": subject_id, "type": command.type, "on": command.on, "event_id": recorded.event_id}
 
     @router.post("/patients/{subject_id}/biopsies", status_code=201, summary="Record follow-up biopsy findings")
     async def record_biopsy(subject_id: str, command: RecordBiopsy, request: Request) -> dict[str, Any]:
-        use_case = handlers.RecordBiopsyFindings(subject_id, command, command_context(request))
+        use_case = handlers.RecordBiopsyFindings(subject_id, command, context=command_context(request))
         recorded = await service.transact(partial(handlers.record_biopsy, use_case))
         return {"subject_id": subject_id, "performed_on": command.performed_on, "event_id": recorded.event_id}
 
@@ -73,7 +73,7 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
         request: Request,
         response: Response,
     ) -> AdverseEventOut:
-        use_case = handlers.ReportAdverse(subject_id, ae_id, command, command_context(request))
+        use_case = handlers.ReportAdverse(subject_id, ae_id, command, context=command_context(request))
         recorded = await service.transact(partial(handlers.report_adverse_event, use_case))
         if recorded.change != "reported":
             response.status_code = 200
@@ -92,7 +92,7 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
         a key deletion that fails answers ``"key_purge": "pending"`` and the key purge job
         finishes it (services/enrollment/key_purge.py). Idempotent: a repeated call answers 200
         with the first erasure and deletes the key again if it is still there."""
-        use_case = handlers.Erase(subject_id, command_context(request))
+        use_case = handlers.Erase(subject_id, context=command_context(request))
         erasure = await service.transact(partial(handlers.erase, use_case))
         if not erasure.first:
             response.status_code = 200

@@ -12,8 +12,7 @@ lost, whatever happens to the deletion).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 from prometheus_client import Counter
@@ -36,10 +35,10 @@ from services.enrollment.domain import (
     patient_view,
 )
 from shared import metrics
-from shared.clinical_dates import utc_today
+from shared.commands import Command
 from shared.erasures import remember_erased
 from shared.errors import Conflict
-from shared.events import CommandContext, DomainEvent, Envelope
+from shared.events import DomainEvent, Envelope
 from shared.keys import KeyErased
 from shared.store import UnitOfWork
 
@@ -58,42 +57,32 @@ def erasure_stream_id(subject_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class Enroll:
+class Enroll(Command):
     patient: EnrollPatient
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 @dataclass(frozen=True)
-class RecordEvent:
+class RecordEvent(Command):
     subject_id: str
     event: RecordClinicalEvent
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 @dataclass(frozen=True)
-class RecordBiopsyFindings:
+class RecordBiopsyFindings(Command):
     subject_id: str
     biopsy: RecordBiopsy
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 @dataclass(frozen=True)
-class ReportAdverse:
+class ReportAdverse(Command):
     subject_id: str
     ae_id: str
     report: ReportAdverseEvent
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 @dataclass(frozen=True)
-class Erase:
+class Erase(Command):
     subject_id: str
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 # --------------------------------------------------------------------------- enrolling

@@ -51,7 +51,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     )
     async def administer(subject_id: str, command: AdministerPulseDose, request: Request) -> RecordedDose:
         await known_patient(service.store, subject_id, settings)  # a command right after enrolling waits for it
-        use_case = handlers.AdministerDose(subject_id, command, command_context(request))
+        use_case = handlers.AdministerDose(subject_id, command, context=command_context(request))
         envelopes = await service.transact(partial(handlers.administer_dose, use_case))
         dose = envelopes[0]
         return RecordedDose.model_validate(

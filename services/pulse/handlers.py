@@ -9,14 +9,13 @@ private ``patient-status-`` stream), so no rule is decided on a stale fact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
 
 from services.clinical import check_within_study, count_deviations, study_end
 from services.clinical.patients import KnownPatient
 from services.pulse.domain import AdministerPulseDose, decide_administer_pulse_dose, fold
-from shared.clinical_dates import utc_today
-from shared.events import CommandContext, Envelope
+from shared.commands import Command
+from shared.events import Envelope
 from shared.store import UnitOfWork
 
 
@@ -25,11 +24,9 @@ def stream_id(subject_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class AdministerDose:
+class AdministerDose(Command):
     subject_id: str
     dose: AdministerPulseDose
-    context: CommandContext = field(default_factory=CommandContext)
-    today: date = field(default_factory=utc_today)
 
 
 async def administer_dose(command: AdministerDose, uow: UnitOfWork) -> list[Envelope]:

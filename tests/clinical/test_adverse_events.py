@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from sqlalchemy import select
 
@@ -27,9 +26,9 @@ from shared.keys import KeyErased
 from shared.schema import events
 from shared.sealing import SealingCodec
 from shared.store import EventStore, open_store
-from tests.conftest import BACKENDS, NATS_URL
+from tests.conftest import BACKENDS
 from tests.keys import stack_codec
-from tests.stack import Stack, eventually
+from tests.stack import Stack, eventually, running
 
 pytestmark = pytest.mark.slow
 
@@ -86,22 +85,12 @@ async def enrollment(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     prefix = f"t{uuid.uuid4().hex[:10]}"
     tmp_path: Path = tmp_path_factory.mktemp(f"adverse-{request.param}")
     stack = Stack(tmp_path, prefix, ["enrollment"], backend=request.param)
-    client = await nats.connect(NATS_URL)
-    store: EventStore | None = None
-    try:
-        await stack.start()
-        async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
-            store = open_store(stack.database_urls["enrollment"], codec=codec)
-            yield Enrollment(stack, prefix, http, client.jetstream(), store, codec)
-    finally:
-        if store is not None:
+    async with running(stack) as js, stack_codec(prefix) as codec, stack.client(timeout=30) as http:
+        store = open_store(stack.database_urls["enrollment"], codec=codec)
+        try:
+            yield Enrollment(stack, prefix, http, js, store, codec)
+        finally:  # before the stack stops and drops its database
             await store.close()
-        await stack.stop()
-        js = client.jetstream()
-        for name in [s.config.name for s in await js.streams_info()]:
-            if name.startswith(prefix.upper()):
-                await js.delete_stream(name)
-        await client.drain()
 
 
 async def test_report_follow_up_and_resend(enrollment: Enrollment) -> None:

@@ -45,7 +45,7 @@ def enroll_command(**overrides: Any) -> handlers.Enroll:
         "enrolled_on": date(2014, 3, 2), "baseline_egfr": 27.0, "lee_grade": "IV",
     }
     fields.update(overrides)
-    return handlers.Enroll(EnrollPatient.model_validate(fields), CommandContext(actor="staff:test"), today=TODAY)
+    return handlers.Enroll(EnrollPatient.model_validate(fields), context=CommandContext(actor="staff:test"), today=TODAY)
 
 
 def event(type_: str, on: date, subject_id: str = SUBJECT) -> handlers.RecordEvent:

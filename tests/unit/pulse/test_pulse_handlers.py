@@ -35,7 +35,7 @@ def administer(subject_id: str = SUBJECT, **dose: object) -> handlers.Administer
     fields: dict[str, object] = {"cycle": 1, "day": 1, "given_on": date(2014, 3, 10), "dose_mg": 1000, "weight_kg": 40.0}
     fields.update(dose)
     return handlers.AdministerDose(subject_id, AdministerPulseDose.model_validate(fields),
-                                   CommandContext(actor="staff:test"), today=TODAY)
+                                   context=CommandContext(actor="staff:test"), today=TODAY)
 
 
 def run(store: EventStore, command: handlers.AdministerDose) -> object:
