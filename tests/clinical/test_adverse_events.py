@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from shared.sealing import SealingCodec
 from shared.store import EventStore, open_store
 from tests.conftest import BACKENDS
 from tests.keys import stack_codec
+from tests.security.test_erasure import is_json
 from tests.stack import Stack, eventually, running
 
 pytestmark = pytest.mark.slow
@@ -213,7 +213,7 @@ async def test_erasure_makes_the_adverse_events_unreadable(enrollment: Enrollmen
                                                events.c.event_type == "AdverseEventReported"))).scalars().all()
     finally:
         await engine.dispose()
-    assert len(rows) == 1 and b"erasable-pneumonia" not in rows[0] and not _is_json(rows[0])
+    assert len(rows) == 1 and b"erasable-pneumonia" not in rows[0] and not is_json(rows[0])
 
 
 async def _erased_read(enrollment: Enrollment, subject_id: str) -> None:
@@ -222,11 +222,3 @@ async def _erased_read(enrollment: Enrollment, subject_id: str) -> None:
             break
         await asyncio.sleep(0.05)
     await enrollment.store.read_stream(f"patient-{subject_id}")
-
-
-def _is_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True
