@@ -65,6 +65,7 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
         response_model=AdverseEventOut,
         summary="Report an adverse event (201), or follow it up (200; the latest report is its state); "
                 "the same report again changes nothing (200)",
+        responses={200: {"model": AdverseEventOut, "description": "A follow-up report, or the same report again"}},
     )
     async def report_adverse_event(
         subject_id: str,
