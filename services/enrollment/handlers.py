@@ -17,7 +17,7 @@ from typing import Literal, Protocol, get_args
 
 from prometheus_client import Counter
 
-from contracts.enrollment import CtcaeGrade
+from contracts.enrollment import AdverseEventReported, AdverseEventUpdated, CtcaeGrade
 from services.enrollment.domain import (
     AdverseEvent,
     EnrollPatient,
@@ -152,8 +152,8 @@ class AdverseEventRecorded:
 async def report_adverse_event(command: ReportAdverse, uow: UnitOfWork) -> AdverseEventRecorded:
     """The first report of an adverse event, a follow-up that replaces it, or nothing (a resend).
 
-    A report that makes the adverse event serious — its first report, or a follow-up of one that
-    was not — is counted in ``nephrotrack_serious_adverse_events_total`` once committed, so an
+    The first report that makes the adverse event serious — its first report, or a follow-up of
+    one never reported serious before — is counted in ``nephrotrack_serious_adverse_events_total`` once committed, so an
     operator's alert fires for every serious adverse event, once.
     """
     subject_id, ae_id = command.subject_id, command.ae_id
@@ -164,10 +164,15 @@ async def report_adverse_event(command: ReportAdverse, uow: UnitOfWork) -> Adver
     envelopes = await uow.append(stream_id(subject_id), new_events, len(history), command.context)
     now = fold([*history, *new_events]).adverse_event(ae_id)
     assert now is not None  # reported now or before
-    if now.serious and not (earlier is not None and earlier.serious):
+    if now.serious and not _ever_serious(history, ae_id):
         uow.on_commit(lambda: serious_adverse_events(now.grade, now.treatment_related).inc())
     change: AdverseEventChange = "unchanged" if not envelopes else "reported" if earlier is None else "updated"
     return AdverseEventRecorded(change, now, envelopes[0] if envelopes else None)
+
+
+def _ever_serious(history: list[DomainEvent], ae_id: str) -> bool:
+    return any(isinstance(e, AdverseEventReported | AdverseEventUpdated) and e.ae_id == ae_id and e.serious
+               for e in history)
 
 
 def serious_adverse_events(grade: int, treatment_related: bool) -> Counter:

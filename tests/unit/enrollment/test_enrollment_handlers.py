@@ -205,6 +205,9 @@ async def test_a_follow_up_that_makes_an_adverse_event_serious_is_counted(store:
     assert serious_counted(2, False) == before
     await store.transact(partial(handlers.report_adverse_event, adverse("AE-2", grade=2, causality="unlikely", serious=True)))
     assert serious_counted(2, False) == before + 1
+    await store.transact(partial(handlers.report_adverse_event, adverse("AE-2", grade=2, causality="unlikely")))
+    await store.transact(partial(handlers.report_adverse_event, adverse("AE-2", grade=2, causality="unlikely", serious=True)))
+    assert serious_counted(2, False) == before + 1  # serious again after a correction: the same SAE, once
 
 
 async def test_a_serious_report_that_loses_to_a_concurrent_writer_is_counted_once(store: EventStore) -> None:
