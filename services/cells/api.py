@@ -23,10 +23,15 @@ from services.cells.domain import (
     fold_patient,
     infusions,
 )
-from services.clinical import ClinicalSettings, DeviationFound, deviations_of, known_patient
+from services.clinical import (
+    ClinicalSettings,
+    DeviationFound,
+    known_patient,
+    patient_history,
+    recorded_with_deviations,
+)
 from shared.errors import Invalid, NotFound
 from shared.http import command_context
-from shared.patients import find_patient
 from shared.service import Service
 
 # --------------------------------------------------------------------------- responses
@@ -93,11 +98,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     )
     async def infuse(subject_id: str, command: InfuseCells, request: Request) -> RecordedInfusion:
         use_case = handlers.Infuse(subject_id, command, context=command_context(request))
-        envelopes = await service.transact(partial(handlers.infuse, use_case))
-        infusion = envelopes[0]
-        return RecordedInfusion.model_validate(
-            {**infusion.payload, "event_id": infusion.event_id, "deviations": deviations_of(envelopes)}
-        )
+        return recorded_with_deviations(RecordedInfusion, await service.transact(partial(handlers.infuse, use_case)))
 
     @router.get(
         "/patients/{subject_id}/infusions",
@@ -105,12 +106,8 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
         summary="The patient's infusions, lots and cell-therapy deviations",
     )
     async def get_infusions(subject_id: str) -> PatientInfusions:
-        history = await service.store.read_stream(handlers.patient_stream_id(subject_id))
-        if not history:
-            if await find_patient(service.store, subject_id) is None:
-                raise NotFound(f"no patient is enrolled with subject id {subject_id}")
-        view = infusions(fold_patient(envelope.decode() for envelope in history))
-        return view.model_copy(update={"subject_id": subject_id})
+        history = await patient_history(service.store, handlers.patient_stream_id(subject_id), subject_id)
+        return infusions(fold_patient(history)).model_copy(update={"subject_id": subject_id})
 
     @router.get("/lots/{lot_id}", response_model=LotOut, summary="One lot, from its own stream")
     async def get_lot(lot_id: str) -> LotOut:

@@ -14,12 +14,16 @@ from uuid import UUID
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from services.clinical import ClinicalSettings, DeviationFound, deviations_of, known_patient
+from services.clinical import (
+    ClinicalSettings,
+    DeviationFound,
+    known_patient,
+    patient_history,
+    recorded_with_deviations,
+)
 from services.pulse import handlers
 from services.pulse.domain import AdministerPulseDose, PulseCycles, cycles, fold
-from shared.errors import NotFound
 from shared.http import command_context
-from shared.patients import find_patient
 from shared.service import Service
 
 
@@ -52,11 +56,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
     async def administer(subject_id: str, command: AdministerPulseDose, request: Request) -> RecordedDose:
         await known_patient(service.store, subject_id, settings)  # a command right after enrolling waits for it
         use_case = handlers.AdministerDose(subject_id, command, context=command_context(request))
-        envelopes = await service.transact(partial(handlers.administer_dose, use_case))
-        dose = envelopes[0]
-        return RecordedDose.model_validate(
-            {**dose.payload, "event_id": dose.event_id, "deviations": deviations_of(envelopes)}
-        )
+        return recorded_with_deviations(RecordedDose, await service.transact(partial(handlers.administer_dose, use_case)))
 
     @router.get(
         "/patients/{subject_id}/pulse-cycles",
@@ -64,11 +64,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
         summary="The patient's pulse course by cycle, with its deviations",
     )
     async def get_cycles(subject_id: str) -> PulseCycles:
-        history = await service.store.read_stream(handlers.stream_id(subject_id))
-        if not history:
-            if await find_patient(service.store, subject_id) is None:
-                raise NotFound(f"no patient is enrolled with subject id {subject_id}")
-        view = cycles(fold(envelope.decode() for envelope in history))
-        return view.model_copy(update={"subject_id": subject_id})
+        history = await patient_history(service.store, handlers.stream_id(subject_id), subject_id)
+        return cycles(fold(history)).model_copy(update={"subject_id": subject_id})
 
     return router
