@@ -1,5 +1,6 @@
 """What the clinical command services (pulse, cells) learn from enrollment's events, and the
-adapter plumbing they share.
+adapter plumbing they share. The patient their deciders take is
+:class:`services.clinical.patients.KnownPatient` (a pure module, for the domains).
 
 Enrollment's events are read from the broker by a durable consumer (``learn_from_enrollment``)
 and kept locally, in the service's own database, so no command ever calls enrollment:
