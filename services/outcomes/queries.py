@@ -195,7 +195,7 @@ class OutcomesQueries:
         order they were recorded — what the CDISC exports read (services/outcomes/cdisc)."""
         p, t = tables.patients.c, tables.timeline.c
         patients = await connection.execute(
-            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.outcome_json)
+            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json)
             .join_from(tables.patients, tables.projection_state, _active(tables.patients))
             .where(p.outcome_json.is_not(None)).order_by(p.subject_id)
         )
@@ -210,7 +210,7 @@ class OutcomesQueries:
                 str(e.event_id), e.occurred_on, tables.utc(e.recorded_at), e.kind, e.source, json.loads(e.detail_json)))
         return [
             PatientRecord(
-                patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json),
+                patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json, row.report_versions_json),
                 outcome=PatientOutcome.model_validate_json(row.outcome_json),
                 timeline=timelines.get(row.subject_id, []),
             )
