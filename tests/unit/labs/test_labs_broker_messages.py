@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -149,20 +150,38 @@ json_values = st.recursive(
 )
 
 
+CODE = re.compile(r"[a-z][a-z0-9_]*")
+
+
 @given(st.binary(max_size=300))
 def test_fuzz_bytes(data):
-    try:
+    """Arbitrary bytes are never a result: each is refused for what makes it so, with the text
+    it carried (when it was text) for the report."""
+    with pytest.raises(LabRejection) as caught:
         parse_broker_result(data, {})
-    except LabRejection:
-        pass
+    error = caught.value
+    assert error.code in {"bad_encoding", "malformed_json", "wrong_type", "missing_field", "too_deep"}, error.code
+    assert error.reason
+    if error.code != "bad_encoding":
+        assert error.raw == data.decode("utf-8")
 
 
 @given(st.dictionaries(st.sampled_from(sorted(BODY) + ["x"]), json_values, max_size=10))
 def test_fuzz_json_objects(body):
+    """Any JSON object is accepted as exactly what it says, or refused with a stable code, the
+    message id it carried and the whole body as raw."""
+    data = json.dumps(body).encode()
     try:
-        parse_broker_result(json.dumps(body).encode(), {"Nats-Msg-Id": "x"})
-    except LabRejection:
-        pass
+        result = parse_broker_result(data, {"Nats-Msg-Id": body.get("message_id", "x")})
+    except LabRejection as error:
+        assert CODE.fullmatch(error.code) and error.reason
+        assert error.raw is not None and json.loads(error.raw) == body
+        carried = body.get("message_id")
+        assert error.message_id == (carried if isinstance(carried, str) else None)
+    else:
+        assert (result.message_id, result.subject_id, result.result_id) == (
+            body["message_id"], body["subject_id"], body["result_id"])
+        assert result.value == body["value"] and json.loads(result.raw) == body
 
 
 @given(st.sampled_from(sorted(BODY)), json_values)

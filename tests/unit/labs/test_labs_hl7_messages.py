@@ -476,5 +476,6 @@ def test_fuzz_mutations_of_a_valid_message(position, cut, insert):
 
 @given(st.binary(max_size=200))
 def test_fuzz_msh18_prefixed_bytes(data):
+    """MSH-18 declares Latin-1, which decodes every byte: whatever follows, the declared charset is used."""
     head = MSH_25.replace("UNICODE UTF-8", "8859/1").encode()
-    assert isinstance(decode_hl7_bytes(head + b"\r" + data), str)
+    assert decode_hl7_bytes(head + b"\r" + data) == (head + b"\r" + data).decode("iso8859-1")
