@@ -9,9 +9,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from services.labs.broker_messages import MAX_PAYLOAD_BYTES, parse_broker_result
-from services.labs.domain import LabRejection, fold_result, stream_id
+from services.labs.domain import fold_result, stream_id
 from services.labs.handlers import IngestResults, IngestRunner
 from services.labs.ingest import Labs, Refusal
+from services.labs.inputs import LabRejection
 from services.labs.purge import purge_view
 from shared.errors import NotFound
 from shared.events import Envelope

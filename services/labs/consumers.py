@@ -12,7 +12,6 @@ from collections.abc import Callable
 import structlog
 
 from services.labs.broker_messages import parse_broker_result
-from services.labs.domain import LabRejection
 from services.labs.handlers import (
     IngestResults,
     LearnPatients,
@@ -22,6 +21,7 @@ from services.labs.handlers import (
     sweep_parked,
 )
 from services.labs.ingest import ERASED, Labs, Refusal, refusal_subject
+from services.labs.inputs import LabRejection
 from services.labs.redaction import carries_personal_data
 from shared import metrics
 from shared.consumer import BatchHandler, InboundMessage

@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.labs.domain import IncomingResult, LabRejection, raw_for_report
 from services.labs.fhir_observations import (
     MAX_BODY_BYTES,
     operation_outcome,
@@ -41,6 +40,7 @@ from services.labs.fhir_observations import (
 )
 from services.labs.handlers import IngestResults, IngestRunner
 from services.labs.ingest import Labs, Outcome, Refusal
+from services.labs.inputs import IncomingResult, LabRejection, raw_for_report
 from shared.errors import Conflict
 
 T = TypeVar("T")

@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from services.labs.domain import IncomingResult
 from services.labs.ingest import Labs, Outcome, Refusal, expired_refusal, ingest_batch, ingest_parked, record_refusals
+from services.labs.inputs import IncomingResult
 from shared.consumer import InboundMessage
 from shared.events import CommandContext, utcnow
 from shared.patients import drop_erased_patients, remember_enrollments

@@ -34,8 +34,9 @@ from typing import Literal
 
 import hl7
 
-from services.labs.domain import OPAQUE_ID, IncomingResult, LabRejection, measure, show
+from services.labs.catalogue import OPAQUE_ID, measure
 from services.labs.hl7_escapes import EscapeError, unescape
+from services.labs.inputs import IncomingResult, LabRejection, show
 
 MAX_MESSAGE_CHARS = 1 << 20
 """A lab result message is a few kB; a megabyte is garbage or an attack, refused before parsing."""

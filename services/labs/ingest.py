@@ -35,17 +35,9 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from contracts.labs import LabResultRejected, Source
-from services.labs.domain import (
-    IncomingResult,
-    LabRejection,
-    ResultState,
-    decide_result,
-    evolve,
-    raw_for_report,
-    rejection_event,
-    stream_id,
-    validate_result,
-)
+from services.labs.catalogue import validate_result
+from services.labs.domain import ResultState, decide_result, evolve, stream_id
+from services.labs.inputs import IncomingResult, LabRejection, raw_for_report, rejection_event
 from services.labs.labs_store import LabsStore, LoggedRejection, ParkedResult
 from services.labs.redaction import looks_personal, redact, redact_reason, redact_subject
 from services.labs.refused_subject import refused_subject

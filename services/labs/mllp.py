@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import structlog
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
 
-from services.labs.domain import LabRejection
 from services.labs.handlers import IngestResults, IngestRunner
 from services.labs.hl7_messages import (
     MAX_MESSAGE_CHARS,
@@ -48,6 +47,7 @@ from services.labs.hl7_messages import (
     parse_oru,
 )
 from services.labs.ingest import Refusal
+from services.labs.inputs import LabRejection
 from shared.errors import Conflict
 
 log = structlog.get_logger(__name__)

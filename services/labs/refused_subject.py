@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from contracts.labs import Source
-from services.labs.domain import SUBJECT_ID_SHAPE
+from services.labs.catalogue import SUBJECT_ID_SHAPE
 from services.labs.fhir_observations import PATIENT_REFERENCE
 from services.labs.redaction import looks_personal
 

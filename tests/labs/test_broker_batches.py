@@ -10,8 +10,8 @@ from typing import Any
 import nats
 from sqlalchemy import func, select
 
+from services.labs.catalogue import MAX_ID_CHARS
 from services.labs.consumers import results_handler
-from services.labs.domain import MAX_ID_CHARS
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import DurableConsumer, InboundMessage
 from shared.schema import events

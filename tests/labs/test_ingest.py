@@ -15,16 +15,12 @@ from prometheus_client import REGISTRY
 from sqlalchemy import event, func, select
 
 from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.domain import (
-    IncomingResult,
-    LabRejection,
-    age_on,
-    ckd_epi_2021,
-    stream_id,
-)
+from services.labs.domain import stream_id
+from services.labs.egfr import age_on, ckd_epi_2021
 from services.labs.events import LabResultRecorded
 from services.labs.handlers import SweepParked, sweep_parked
 from services.labs.ingest import RAW_LIMIT, Labs, Refusal, ingest_batch, record_refusals
+from services.labs.inputs import IncomingResult, LabRejection
 from services.labs.tables import lab_rejections, lab_result_index, parked_results
 from shared.schema import events, outbox
 from shared.store import EventStore

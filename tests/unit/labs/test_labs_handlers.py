@@ -12,7 +12,8 @@ import pytest
 
 from contracts.enrollment import PatientDataErased, PatientEnrolled
 from contracts.labs import EgfrComputed, LabResultRejected
-from services.labs.domain import IncomingResult, LabRejection, ckd_epi_2021, stream_id
+from services.labs.domain import stream_id
+from services.labs.egfr import ckd_epi_2021
 from services.labs.handlers import (
     CountPurged,
     EraseSubjects,
@@ -30,6 +31,7 @@ from services.labs.handlers import (
     sweep_parked,
 )
 from services.labs.ingest import ERASED, Labs, Outcome, Refusal
+from services.labs.inputs import IncomingResult, LabRejection
 from services.labs.labs_memory import MemoryLabsStore
 from shared.consumer import InboundMessage
 from shared.events import CommandContext, DomainEvent, Envelope

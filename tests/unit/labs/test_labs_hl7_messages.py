@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.labs.domain import IncomingResult, LabRejection
 from services.labs.hl7_messages import (
     MAX_MESSAGE_CHARS,
     Hl7MessageError,
@@ -21,6 +20,7 @@ from services.labs.hl7_messages import (
     decode_hl7_bytes,
     parse_oru,
 )
+from services.labs.inputs import IncomingResult, LabRejection
 
 
 def seg(name: str, fields: dict[int, str]) -> str:
