@@ -38,12 +38,12 @@ import structlog
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
 
 from services.labs.handlers import IngestResults, IngestRunner
+from services.labs.hl7_acks import build_ack
+from services.labs.hl7_charsets import decode_hl7_bytes
 from services.labs.hl7_messages import (
     MAX_MESSAGE_CHARS,
     Hl7MessageError,
     ParsedOru,
-    build_ack,
-    decode_hl7_bytes,
     parse_oru,
 )
 from services.labs.ingest import Refusal
