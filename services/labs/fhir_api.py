@@ -24,8 +24,9 @@ entry must be reported rather than take its good neighbours down with it).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -99,16 +100,40 @@ def _too_large(size: int) -> LabRejection:
     return LabRejection(f"body is at least {size} bytes; the limit is {MAX_BODY_BYTES}", "payload_too_large")
 
 
-def conflict_outcome(conflict: Conflict) -> dict[str, Any]:
-    """The OperationOutcome of a concurrent-writer conflict that outlasted the retries (409)."""
-    return operation_outcome(f"{conflict.reason}; nothing was recorded", "conflict")
+class Answered(Exception):
+    """A FHIR route's answer decided before its end: a refused request, or a conflict."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
-async def open_resource(
-    request: Request, parse: Callable[[bytes], T], ingest: IngestRunner
-) -> tuple[bytes, T] | Response:
-    """The request's body and what ``parse`` made of it, or the answer to a refused one (415, 413,
-    400, 422), recorded on ``labs.rejected`` first: how every FHIR route opens its request."""
+def answering(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """The route, answering what it raised as :class:`Answered`."""
+
+    @functools.wraps(route)
+    async def answered(request: Request) -> Response:
+        try:
+            return await route(request)
+        except Answered as answer:
+            return answer.response
+
+    return answered
+
+
+async def ingest_or_conflict(ingest: IngestRunner, command: IngestResults) -> list[Outcome]:
+    """:func:`~services.labs.handlers.ingest_results` by the runner; a conflict that outlasted the
+    retries answers 409 (:class:`Answered`)."""
+    try:
+        return await ingest(command)
+    except Conflict as conflict:
+        outcome = operation_outcome(f"{conflict.reason}; nothing was recorded", "conflict")
+        raise Answered(fhir_response(outcome, 409)) from conflict
+
+
+async def open_resource(request: Request, parse: Callable[[bytes], T], ingest: IngestRunner) -> tuple[bytes, T]:
+    """The request's body and what ``parse`` made of it; a refused one (415, 413, 400, 422) is
+    recorded on ``labs.rejected`` and answered (:class:`Answered`): how every FHIR route opens."""
     body = b""
     try:
         body = await read_body(request)
@@ -117,23 +142,13 @@ async def open_resource(
         refusal, status = Refusal(problem.rejection, "fhir", problem.raw), problem.status
     except LabRejection as rejection:
         refusal, status = Refusal.of_input(rejection, "fhir", body), status_for(rejection)
-    try:
-        await ingest(IngestResults([], [refusal], actor="labs:fhir"))
-    except Conflict as conflict:
-        return fhir_response(conflict_outcome(conflict), 409)
-    return fhir_response(outcome_for(refusal.rejection), status)
+    await ingest_or_conflict(ingest, IngestResults([], [refusal], actor="labs:fhir"))
+    raise Answered(fhir_response(outcome_for(refusal.rejection), status))
 
 
 def routes(labs: Labs, ingest: IngestRunner) -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"])
     wait = labs.unknown_patient_wait.total_seconds()
-
-    async def run(results: list[IncomingResult], refusals: list[Refusal], where: list[str | None] | None = None
-                  ) -> list[Outcome] | Response:
-        try:
-            return await ingest(IngestResults(results, refusals, where, actor="labs:fhir"))
-        except Conflict as conflict:
-            return fhir_response(conflict_outcome(conflict), 409)
 
     def parked_text(result: IncomingResult) -> str:
         return (f"subject {result.subject_id} is not enrolled yet; the result is held for up to {wait:g} s "
@@ -149,15 +164,10 @@ def routes(labs: Labs, ingest: IngestRunner) -> APIRouter:
                    409: {"description": "changed concurrently; nothing recorded, resend"},
                    422: {"description": "refused (OperationOutcome with the reason)"}},
     )
+    @answering
     async def post_observation(request: Request) -> Response:
-        opened = await open_resource(request, parse_observation, ingest)
-        if isinstance(opened, Response):
-            return opened
-        body, result = opened
-        outcomes = await run([result], [])
-        if isinstance(outcomes, Response):
-            return outcomes
-        (outcome,) = outcomes
+        body, result = await open_resource(request, parse_observation, ingest)
+        (outcome,) = await ingest_or_conflict(ingest, IngestResults([result], actor="labs:fhir"))
         if outcome.kind == "rejected":
             assert outcome.rejection is not None
             return fhir_response(outcome_for(outcome.rejection), 422)
@@ -179,19 +189,14 @@ def routes(labs: Labs, ingest: IngestRunner) -> APIRouter:
                    400: {"description": "not a Bundle (OperationOutcome)"},
                    409: {"description": "changed concurrently; nothing recorded, resend"}},
     )
+    @answering
     async def post_bundle(request: Request) -> Response:
-        opened = await open_resource(request, parse_bundle, ingest)
-        if isinstance(opened, Response):
-            return opened
-        body, items = opened
+        body, items = await open_resource(request, parse_bundle, ingest)
         kind = _bundle_type(body)
         results = [item for item in items if isinstance(item, IncomingResult)]
         where: list[str | None] = [f"entry[{index}]" for index, item in enumerate(items) if isinstance(item, IncomingResult)]
         refusals = [Refusal(item, "fhir") for item in items if isinstance(item, LabRejection)]
-        ran = await run(results, refusals, where)
-        if isinstance(ran, Response):
-            return ran
-        outcomes = iter(ran)
+        outcomes = iter(await ingest_or_conflict(ingest, IngestResults(results, refusals, where, actor="labs:fhir")))
         entries = []
         for item in items:
             if isinstance(item, LabRejection):

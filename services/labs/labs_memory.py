@@ -1,9 +1,8 @@
 """The labs tables in plain Python: the labs use cases tested in milliseconds on the in-memory
 event store (``open_store("memory://")``), without a database.
 
-A unit of work writes to its own copy of the tables, which becomes the committed one when the
-unit of work commits (``uow.on_commit``): a rolled-back one leaves nothing, as a transaction.
-That is sound because the in-memory event store runs one unit of work at a time.
+A unit of work writes to its own copy of the tables, which becomes the committed one when it
+commits (:class:`shared.store.staged.StagedTables`): a rolled-back one leaves nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from services.labs.domain import KnownPatient
 from services.labs.labs_store import PURGE_TARGETS, LabsStore, LoggedRejection, ParkedResult, PurgeJob
 from shared.store import UnitOfWork
+from shared.store.staged import StagedTables
 
 
 @dataclass
@@ -38,19 +37,16 @@ class MemoryLabsTables:
 
 class MemoryLabsStore(LabsStore):
     def __init__(self) -> None:
-        self.committed = MemoryLabsTables()
-        self._open: WeakKeyDictionary[UnitOfWork, MemoryLabsTables] = WeakKeyDictionary()
+        self._staged = StagedTables(MemoryLabsTables())
+
+    @property
+    def committed(self) -> MemoryLabsTables:
+        """The tables as committed."""
+        return self._staged.committed
 
     def tables(self, uow: UnitOfWork) -> MemoryLabsTables:
         """The tables as ``uow`` sees them: the committed ones with its own writes."""
-        tables = self._open.get(uow)
-        if tables is None:
-            tables = self._open[uow] = self.committed.copy()
-            uow.on_commit(lambda: self._commit(uow))
-        return tables
-
-    def _commit(self, uow: UnitOfWork) -> None:
-        self.committed = self._open.pop(uow)
+        return self._staged.of(uow)
 
     async def known_patients(self, uow: UnitOfWork, subject_ids: Sequence[str]) -> dict[str, KnownPatient]:
         found = {}

@@ -35,23 +35,20 @@ ORU = "\r".join([
 ])
 
 
-class AlwaysOvertaken(MemoryUnitOfWork):
+class ContendedStore(MemoryEventStore):
     """Every append meets a writer that got there first."""
 
-    async def _insert_events(self, rows: list[dict[str, Any]]) -> None:
-        self.store.attempts += 1  # type: ignore[attr-defined]
-        raise ConcurrencyError(rows[0]["stream_id"], rows[0]["stream_version"] - 1)
-
-
-class ContendedStore(MemoryEventStore):
     attempts = 0
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[MemoryUnitOfWork]:
-        async with self._writer:
-            uow = AlwaysOvertaken(self)
+        async with super()._begin() as uow:
+            uow._insert_events = self._overtaken  # type: ignore[method-assign]
             yield uow
-            uow._apply()
+
+    async def _overtaken(self, rows: list[dict[str, Any]]) -> None:
+        self.attempts += 1
+        raise ConcurrencyError(rows[0]["stream_id"], rows[0]["stream_version"] - 1)
 
 
 @pytest.fixture
