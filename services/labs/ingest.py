@@ -1,7 +1,7 @@
 """The ingestion step behind every lab input (broker JSON, HL7 v2 over MLLP, FHIR R4, HTTP JSON),
 shared by the use cases that ingest (:mod:`services.labs.handlers`: ingest, release, sweep).
 
-An adapter parses its payload into :class:`~services.labs.domain.IncomingResult` items (the
+An adapter parses its payload into :class:`~services.labs.inputs.IncomingResult` items (the
 pure parsers of this package); a use case hands them, a whole batch at a time, to
 :func:`ingest_batch` inside one unit of work. Every item ends in exactly one :class:`Outcome`:
 
@@ -90,7 +90,7 @@ class Refusal:
     @classmethod
     def of_input(cls, rejection: LabRejection, source: Source, data: bytes, limit: int = 1 << 20) -> Refusal:
         """The refusal of an input its parser refused: reported with the raw text the parser read,
-        else with the input's bytes as text (:func:`~services.labs.domain.raw_for_report`)."""
+        else with the input's bytes as text (:func:`~services.labs.inputs.raw_for_report`)."""
         return cls(rejection, source, rejection.raw if rejection.raw is not None else raw_for_report(data, limit))
 
 
