@@ -25,7 +25,7 @@ from services.labs.inputs import LabRejection
 from services.labs.redaction import carries_personal_data
 from shared import metrics
 from shared.consumer import BatchHandler, InboundMessage
-from shared.service import Service
+from shared.service import BackgroundTask, Service
 from shared.store import UnitOfWork
 
 log = structlog.get_logger(__name__)
@@ -115,7 +115,7 @@ def enrollment_handler(labs: Labs, purge_requested: Callable[[], None] | None = 
     return on_enrollment
 
 
-def sweeper(service: Service, labs: Labs, interval: float) -> Callable[[], object]:
+def sweeper(service: Service, labs: Labs, interval: float) -> BackgroundTask:
     """The background loop that runs :func:`~services.labs.handlers.sweep_parked` every ``interval``."""
 
     async def sweep_parked_results() -> None:
