@@ -9,20 +9,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.labs.handlers import (
-    CountPurged,
-    EraseSubjects,
-    FinishPurges,
-    IngestResults,
-    StartPurges,
-    SweepParked,
-    count_purged,
-    erase_subjects,
-    finish_purges,
-    ingest_results,
-    start_purges,
-    sweep_parked,
-)
+from services.labs import handlers
 from services.labs.ingest import Labs, Refusal
 from services.labs.inputs import LabRejection
 from services.labs.labs_memory import MemoryLabsStore
@@ -48,28 +35,28 @@ async def scenario(store: EventStore, labs: Labs) -> dict[str, Any]:
     await enroll(store, labs, "IGA-A-001")
     refusal = Refusal(LabRejection("unknown LOINC", "unknown_loinc", subject_id="IGA-A-003", message_id="m9"),
                       "broker", "{}")
-    await run(IngestResults([
+    await run(handlers.IngestResults([
         result("m1", result_id="r-1"), result("m2", result_id="r-2", subject_id="IGA-A-002"),
         result("m3", result_id="r-3", subject_id="IGA-A-003"), result("m3", result_id="r-3", subject_id="IGA-A-003"),
-    ], [refusal, Refusal(LabRejection("malformed JSON", "malformed_json"), "broker", "{x")], now=NOW), ingest_results)
+    ], [refusal, Refusal(LabRejection("malformed JSON", "malformed_json"), "broker", "{x")], now=NOW), handlers.ingest_results)
     await read("result_ids", lambda uow: labs.tables.result_ids_of(uow, "IGA-A-001"))
     await read("parked", lambda uow: labs.tables.parked_for(uow, "IGA-A-002"))
     await read("parked_count", labs.tables.parked_count)
     await enroll(store, labs, "IGA-A-002")  # releases r-2
     await read("parked_after_release", labs.tables.parked_count)
     await read("known", lambda uow: labs.tables.known_patients(uow, ["IGA-A-001", "IGA-A-002", "IGA-A-404"]))
-    swept = await run(SweepParked(NOW + timedelta(days=2)), sweep_parked)  # r-3 expires
+    swept = await run(handlers.SweepParked(NOW + timedelta(days=2)), handlers.sweep_parked)  # r-3 expires
     seen["swept"] = (len(swept.released), swept.expired, swept.still_parked)
     await read("rejections", lambda uow: labs.tables.rejections(uow, limit=10))
     await read("rejections_of_code", lambda uow: labs.tables.rejections(uow, limit=10, code="unknown_loinc"))
-    await run(EraseSubjects(["IGA-A-009"], NOW), erase_subjects)
-    await run(EraseSubjects(["IGA-A-003"], NOW + timedelta(minutes=1)), erase_subjects)
-    await run(EraseSubjects(["IGA-A-003"], NOW + timedelta(hours=1)), erase_subjects)  # a redelivery
+    await run(handlers.EraseSubjects(["IGA-A-009"], NOW), handlers.erase_subjects)
+    await run(handlers.EraseSubjects(["IGA-A-003"], NOW + timedelta(minutes=1)), handlers.erase_subjects)
+    await run(handlers.EraseSubjects(["IGA-A-003"], NOW + timedelta(hours=1)), handlers.erase_subjects)  # a redelivery
     await read("rejections_after_erasure", lambda uow: labs.tables.rejections(uow, limit=10))
-    seen["started"] = await run(StartPurges(limit=10), start_purges)
-    await run(CountPurged("labs_rejected", {"IGA-A-003": 2}), count_purged)
-    await run(FinishPurges(["IGA-A-009"], error="TimeoutError()"), finish_purges)
-    await run(FinishPurges(["IGA-A-003"], now=NOW), finish_purges)
+    seen["started"] = await run(handlers.StartPurges(limit=10), handlers.start_purges)
+    await run(handlers.CountPurged("labs_rejected", {"IGA-A-003": 2}), handlers.count_purged)
+    await run(handlers.FinishPurges(["IGA-A-009"], error="TimeoutError()"), handlers.finish_purges)
+    await run(handlers.FinishPurges(["IGA-A-003"], now=NOW), handlers.finish_purges)
     await read("pending", labs.tables.pending_purges)
     await read("purges", lambda uow: labs.tables.purges(uow, 10))
     return seen
