@@ -83,10 +83,14 @@ class Labs:
 
     async def egfr(self, result_id: str, count: int = 1) -> list[dict[str, Any]]:
         """The ``EgfrComputed`` payloads published for ``result_id`` once there are ``count``."""
+        return await self.events("EgfrComputed", result_id, count)
+
+    async def events(self, event_type: str, result_id: str, count: int = 1) -> list[dict[str, Any]]:
+        """The payloads of ``event_type`` published for ``result_id`` once there are ``count``."""
 
         async def check() -> list[dict[str, Any]]:
             found = [m["payload"] for m in self.published
-                     if m["event_type"] == "EgfrComputed" and m["payload"]["result_id"] == result_id]
+                     if m["event_type"] == event_type and m["payload"]["result_id"] == result_id]
             return found if len(found) >= count else []
 
         return await eventually(check)
