@@ -4,6 +4,7 @@ the kept units, the bounds, and the decider's UrineResultMeasured with the rules
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -47,6 +48,11 @@ def test_urine_codes_in_the_catalogue():
         "14959-1": ("uacr", ("mg/g", "ug/mg")),
         "14585-4": ("uacr", ("mg/mmol",)),
     }
+
+
+def test_docs_list_every_accepted_code():
+    accepted = (Path(__file__).parents[3] / "docs" / "labs.md").read_text().split("## Accepted analytes")[1]
+    assert [code for code in ACCEPTED_CODES if code not in accepted.split("## Rules")[0]] == []
 
 
 @pytest.mark.parametrize(
