@@ -163,3 +163,8 @@ async def test_fhir_urine_observations_are_normalised_corrected_and_refused_422(
         "code-invalid", True)
     rejection = await labs.rejection(lambda r: r["source"] == "fhir" and wrong["identifier"][0]["value"] in r["raw"])
     assert rejection["code"] == "unit_mismatch"
+
+
+async def test_asyncapi_documents_urine_result_measured(labs: Labs) -> None:
+    document = (await labs.get("/asyncapi.json")).json()
+    assert f"{labs.prefix}.labs.UrineResultMeasured" in str(document)
