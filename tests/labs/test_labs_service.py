@@ -69,6 +69,12 @@ class Labs:
         # labs learns the patient from enrollment's PatientEnrolled, through the broker
         await eventually(lambda: self.enrolled(subject_id))
 
+    async def enrolled_subject(self) -> str:
+        """A new subject id, enrolled (F, 58, on 2014-03-02) and known to labs."""
+        subject_id = self.subject()
+        await self.enroll(subject_id)
+        return subject_id
+
     async def enrolled(self, subject_id: str) -> bool:
         view = await self.get(f"/v1/patients/{subject_id}/results")
         return view.json()["enrolled"]

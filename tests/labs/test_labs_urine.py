@@ -28,8 +28,7 @@ async def measured(labs: Labs, result_id: str, count: int = 1) -> list[dict[str,
 
 
 async def test_broker_urine_results_in_every_unit_the_demo_sends_are_kept_in_g_per_g(labs: Labs) -> None:
-    subject = labs.subject()
-    await labs.enroll(subject)
+    subject = await labs.enrolled_subject()
     sent = [lab_json(labs, subject, loinc="2890-2", value=1.8, unit="g/g"),
             lab_json(labs, subject, loinc="2890-2", value=950.0, unit="mg/g"),
             lab_json(labs, subject, loinc="34366-5", value=56.56, unit="mg/mmol"),
@@ -46,8 +45,7 @@ async def test_broker_urine_results_in_every_unit_the_demo_sends_are_kept_in_g_p
 
 
 async def test_broker_urine_preliminary_correction_duplicate_and_refusal(labs: Labs) -> None:
-    subject = labs.subject()
-    await labs.enroll(subject)
+    subject = await labs.enrolled_subject()
     preliminary = lab_json(labs, subject, loinc="2890-2", value=2.0, unit="g/g", status="preliminary")
     await labs.send_json(preliminary)
     await labs.send_json(preliminary)  # redelivered: one effect
@@ -84,8 +82,7 @@ async def test_broker_urine_preliminary_correction_duplicate_and_refusal(labs: L
 
 
 async def test_hl7_urine_obx_with_ucum_units_is_acknowledged_and_a_wrong_unit_answered_ae(labs: Labs) -> None:
-    subject = labs.subject()
-    await labs.enroll(subject)
+    subject = await labs.enrolled_subject()
     filler, control = labs.unique("FIL"), labs.unique("MSG")
     message = oru_v25(
         control, subject, filler,
@@ -137,8 +134,7 @@ def urine_observation(subject_id: str, result_id: str, loinc: str, value: float,
 
 
 async def test_fhir_urine_observations_are_normalised_corrected_and_refused_422(labs: Labs) -> None:
-    subject = labs.subject()
-    await labs.enroll(subject)
+    subject = await labs.enrolled_subject()
     result_id = labs.unique("obs")
     upcr = urine_observation(subject, result_id, "34366-5", 84.84, "mg/mmol", status="preliminary")
     assert (await labs.post("/fhir/Observation", upcr)).status_code == 201
