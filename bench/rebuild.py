@@ -251,7 +251,8 @@ async def _projection_size(url: str) -> tuple[int, int, float]:
         async with engine.connect() as connection:
             row = (await connection.execute(text(
                 "SELECT (SELECT count(*) FROM outcome_patients), (SELECT count(*) FROM outcome_timeline), "
-                "(SELECT coalesce(sum(length(facts_json) + length(egfr_versions_json)), 0) FROM outcome_patients)"
+                "(SELECT coalesce(sum(length(facts_json) + length(egfr_versions_json) + length(report_versions_json)), 0) "
+                "FROM outcome_patients)"
             ))).one()
     finally:
         await engine.dispose()

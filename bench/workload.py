@@ -181,7 +181,7 @@ def _lab_result(log: _Log, patient: dict) -> list[Message]:
         return log.wrap("labs", "EgfrComputed", stream_id, {
             "result_id": result_id, "subject_id": sid, "egfr": value, "collected_at": collected, "status": status,
             "counted": status != "preliminary", "source": "broker", "derived_from": "reported",
-            "creatinine_mg_dl": None, "equation": None, "sex": None, "age_years": None,
+            "creatinine_mg_dl": None, "equation": None, "sex": None, "age_years": None, "loinc": "98979-8",
         }, "lab:broker")
 
     value = round(egfr, 2)

@@ -34,6 +34,10 @@ class EgfrComputed(DomainEvent):
     equation: Literal["CKD-EPI 2021"] | None = None
     sex: Literal["F", "M"] | None = None
     age_years: int | None = None
+    loinc: str | None = None
+    """The LOINC code the lab sent the result under (a creatinine code when ``derived_from`` is
+    ``creatinine``), so exports can name each result by it; ``None`` on events recorded before
+    the code was carried."""
 
 
 UrineAnalyte = Literal["upcr", "protein_24h", "uacr"]

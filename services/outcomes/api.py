@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.enrollment import Group
-from services.outcomes import exports, statistics
+from services.outcomes import exports, group_evidence, statistics
+from services.outcomes.evidence_views import BiopsySummary, GroupSlopes, KidneyEndpoints, SafetySummary
 from services.outcomes.queries import Freshness, OutcomesQueries
 from services.outcomes.rebuild.lease import RebuildBusy
 from services.outcomes.rebuild.wiring import BackgroundRebuild
@@ -36,6 +38,8 @@ from shared.service import Service
 FRESHNESS_HEADER = "X-Projection-Position"
 STAMP_TIMEOUT_SECONDS = 0.25
 
+T = TypeVar("T")
+
 _NOT_FOUND = {404: {"description": "unknown id, as `{\"detail\": \"<reason>\"}`"}}
 
 
@@ -49,8 +53,31 @@ def _stamp(response: Response, freshness: Freshness) -> None:
     response.headers.update(freshness.headers())
 
 
+class LastAnswers:
+    """The last answer per group, with the projection position it was computed at: a mixed-model
+    fit takes a tenth of a second to seconds, and the same generation and position mean the same
+    rows, hence the same answer (dashboards poll)."""
+
+    def __init__(self) -> None:
+        self._answers: dict[str, tuple[tuple[str, int, str], Any]] = {}
+
+    def get(self, key: tuple[str, int, str]) -> Any:
+        found = self._answers.get(key[0])
+        return found[1] if found is not None and found[0] == key else None
+
+    def put(self, key: tuple[str, int, str], answer: Any) -> None:
+        self._answers[key[0]] = (key, answer)
+
+
 def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["outcomes"])
+    fitted = LastAnswers()
+
+    async def of_group(response: Response, group: Group, read: Callable[[AsyncConnection, Group], Awaitable[T]]) -> T:
+        """One group's rows (``queries.outcomes`` or ``queries.facts``), freshness stamped from the same snapshot."""
+        async with queries.snapshot() as connection:
+            _stamp(response, await queries.freshness(connection))
+            return await read(connection, group)
 
     @router.get("/cohorts", response_model=list[CohortRow], summary="Cohort statistics per group (contract)")
     async def cohorts(response: Response) -> list[dict[str, Any]]:
@@ -101,19 +128,43 @@ def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebui
                 summary="Kaplan–Meier kidney-failure-free survival of a group")
     async def survival(group: str, response: Response) -> dict[str, Any]:
         chosen = _group(group)
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            outcomes = await queries.outcomes(connection)
-        return statistics.kaplan_meier(outcomes, chosen)
+        return statistics.kaplan_meier(await of_group(response, chosen, queries.outcomes), chosen)
 
     @router.get("/cohorts/{group}/egfr", response_model=EgfrTrajectories, responses=_NOT_FOUND,
                 summary="eGFR trajectories of a group, for plots")
     async def egfr(group: str, response: Response) -> dict[str, Any]:
         chosen = _group(group)
+        return statistics.egfr_trajectories(await of_group(response, chosen, queries.facts), chosen)
+
+    @router.get("/cohorts/{group}/biopsies", response_model=BiopsySummary, responses=_NOT_FOUND,
+                summary="Paired biopsies of a group: diagnostic → follow-up changes (v2)")
+    async def biopsies(group: str, response: Response) -> dict[str, Any]:
+        return group_evidence.biopsies(await of_group(response, _group(group), queries.outcomes))
+
+    @router.get("/cohorts/{group}/safety", response_model=SafetySummary, responses=_NOT_FOUND,
+                summary="Adverse events of a group by term, grade, seriousness and relatedness (v2)")
+    async def safety(group: str, response: Response) -> dict[str, Any]:
+        return group_evidence.safety(await of_group(response, _group(group), queries.facts))
+
+    @router.get("/cohorts/{group}/endpoints", response_model=KidneyEndpoints, responses=_NOT_FOUND,
+                summary="Composite kidney endpoint (Kaplan–Meier) and kidney failure with death competing (v2)")
+    async def kidney_endpoints(group: str, response: Response) -> dict[str, Any]:
+        return group_evidence.kidney_endpoints(await of_group(response, _group(group), queries.outcomes))
+
+    @router.get("/cohorts/{group}/slopes", response_model=GroupSlopes, responses=_NOT_FOUND,
+                summary="Total and chronic eGFR slopes of a group: REML linear mixed model (v2)")
+    async def group_slopes(group: str, response: Response) -> dict[str, Any]:
+        chosen = _group(group)
         async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
+            freshness = await queries.freshness(connection)
+            _stamp(response, freshness)
+            key = (chosen, freshness.generation, freshness.position)
+            if (answer := fitted.get(key)) is not None:
+                return answer
             facts = await queries.facts(connection, chosen)
-        return statistics.egfr_trajectories(facts, chosen)
+        answer = await asyncio.to_thread(group_evidence.group_slopes, facts)  # a fit: keep the loop free
+        fitted.put(key, answer)
+        return answer
 
     @router.get("/freshness", response_model=FreshnessView, summary="How far the projection has read each source")
     async def freshness(response: Response) -> FreshnessView:

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from contracts import register_all
 from services.outcomes import projections
 from services.outcomes.api import routes, stamp_every_response
+from services.outcomes.cdisc.routes import cdisc_routes
 from services.outcomes.dashboard import dashboard_routes
 from services.outcomes.lag import lag_watcher
 from services.outcomes.projection_sql import SqlProjectionStore
@@ -36,6 +37,7 @@ def create_app(service: Service) -> FastAPI:
     service.background.append(lag_watcher(service, queries))
     app = service.app(
         routes(service, queries, rebuilds),
+        cdisc_routes(queries),
         public(dashboard_routes(service)),  # pages hold no data; their API calls carry the key
         title="nephrotrack outcomes",
         description=__doc__ or "",

@@ -9,8 +9,10 @@ Nothing is computed incrementally, so the outcome never depends on arrival order
 Why sets: the broker delivers at least once. Recording a fact as a member of a frozenset makes
 a redelivered event a no-op instead of a second dose or a second infusion.
 
-Definitions (contract, "Outcome statistics"): dates are UTC calendar dates, years are
-days / 365.25, nothing is rounded.
+Definitions (contract, "Outcome statistics" and "Outcome statistics (v2)"): dates are UTC
+calendar dates, years are days / 365.25, nothing is rounded. The v2 values (proteinuria,
+paired biopsies, kidney endpoints, safety) are the pure functions of ``evidence.py`` and
+``endpoints.py``, filled here from the same facts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import asdict
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
@@ -26,6 +29,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from contracts.cells import CellsInfused
 from contracts.deviations import ProtocolDeviationDetected
 from contracts.enrollment import (
+    AdverseEventReported,
+    AdverseEventUpdated,
     BiopsyRecorded,
     DialysisStarted,
     Group,
@@ -36,16 +41,12 @@ from contracts.enrollment import (
     PatientWithdrawn,
     Sex,
 )
-from contracts.labs import EgfrComputed, Source, Status
+from contracts.labs import EgfrComputed, Source, Status, UrineAnalyte, UrineResultMeasured, UrineUnit
 from contracts.pulse import PulseDoseAdministered
+from services.outcomes import endpoints, evidence
+from services.outcomes.endpoints import EndpointKind
+from services.outcomes.measurements import Measurement, years_between
 from shared.events import DomainEvent
-
-DAYS_PER_YEAR = 365.25
-
-
-def years_between(start: date, end: date) -> float:
-    """Contract years: whole calendar days divided by 365.25 (not a datetime difference)."""
-    return (end - start).days / DAYS_PER_YEAR
 
 
 class EgfrPoint(BaseModel):
@@ -72,6 +73,27 @@ class EgfrPoint(BaseModel):
         the choice is deterministic whatever order the results arrived in."""
         return (self.collected_at, self.result_id)
 
+    def measurement(self) -> Measurement:
+        """As the v2 definitions read a counted value (endpoints, slopes)."""
+        return Measurement(self.result_id, self.egfr, self.collected_at)
+
+
+class UrinePoint(BaseModel):
+    """The effective value of one urine result id (UPCR, 24-hour protein or UACR), in the unit
+    labs keeps the analyte in (UPCR g/g), as the labs service last published it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    result_id: str
+    analyte: UrineAnalyte
+    value: float
+    unit: UrineUnit
+    loinc: str
+    collected_at: AwareDatetime
+    status: Status
+    counted: bool
+    source: Source
+
 
 class PatientFacts(BaseModel):
     """Everything the outcomes service knows about one patient, as recorded facts.
@@ -92,6 +114,10 @@ class PatientFacts(BaseModel):
     baseline_egfr: float | None = None
     lee_grade: LeeGrade | None = None
     egfr: dict[str, EgfrPoint] = {}
+    urine: dict[str, UrinePoint] = {}
+    adverse_events: dict[str, evidence.AdverseEventReport] = {}
+    """Per AE id, what the safety statistics read of its latest report (the whole report is on the
+    timeline)."""
     doses: frozenset[PulseDoseAdministered] = frozenset()
     infusions: frozenset[CellsInfused] = frozenset()
     dialysis_on: frozenset[date] = frozenset()
@@ -179,6 +205,29 @@ class PatientOutcome(BaseModel):
     deviations: int
     biopsies: int
     counted_egfr_n: int
+    # v2 (contract, "Outcome statistics (v2)"). Defaults: rows written before v2 still read.
+    baseline_upcr: float | None = None
+    post_upcr: float | None = None
+    upcr_change_pct: float | None = None
+    complete_remission: bool | None = None
+    partial_remission: bool | None = None
+    paired_biopsies: bool = False
+    deposits_cleared: bool | None = None
+    iga_cleared: bool | None = None
+    proliferation_resolved: bool | None = None
+    foot_process_improved: bool | None = None
+    lee_grade_improved: bool | None = None
+    decline_40_on: date | None = None
+    decline_57_on: date | None = None
+    composite_endpoint: EndpointKind | None = None
+    composite_endpoint_days: int | None = None
+    composite_endpoint_years: float | None = None
+    kidney_failure_competing: Literal["kidney_failure", "death"] | None = None
+    kidney_failure_competing_days: int | None = None
+    adverse_events: int = 0
+    highest_ae_grade: int | None = None
+    any_serious_ae: bool = False
+    any_significant_related_ae: bool = False
 
 
 class PatientNotEnrolled(ValueError):
@@ -211,7 +260,11 @@ _COLLECTED: Mapping[type[DomainEvent], tuple[str, Callable[[Any], Hashable]]] = 
 }
 """Events recorded as a member (the event itself, or its date) of one of the facts' sets."""
 
-CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = (PatientEnrolled, EgfrComputed, *_COLLECTED)
+_AE_REPORTS = (AdverseEventReported, AdverseEventUpdated)
+
+CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = (
+    PatientEnrolled, EgfrComputed, UrineResultMeasured, *_AE_REPORTS, *_COLLECTED,
+)
 """The event types ``apply`` records; the adapter subscribes to exactly these."""
 _CONSUMED = frozenset(CONSUMED_EVENTS)
 
@@ -229,7 +282,7 @@ class FactsRecorder:
     recorder holds sets, plain scalars and a tuple per result, and builds the frozen
     ``PatientFacts`` only when one is needed (a row to write, an outcome to compute)."""
 
-    __slots__ = ("subject_id", "enrollment", "egfr", "sets")
+    __slots__ = ("subject_id", "enrollment", "egfr", "urine", "adverse_events", "sets")
 
     def __init__(self, facts: PatientFacts) -> None:
         self.subject_id = facts.subject_id
@@ -238,6 +291,8 @@ class FactsRecorder:
             result_id: (p.egfr, p.collected_at, p.status, p.counted, p.source, p.derived_from)
             for result_id, p in facts.egfr.items()
         }
+        self.urine: dict[str, UrinePoint] = dict(facts.urine)
+        self.adverse_events: dict[str, evidence.AdverseEventReport] = dict(facts.adverse_events)
         self.sets: dict[str, set[Any]] = {name: set(getattr(facts, name)) for name in _SET_FIELDS}
 
     @classmethod
@@ -264,6 +319,10 @@ class FactsRecorder:
             self.sets[name].add(member(event))
         elif kind is EgfrComputed:
             self._egfr(event)  # type: ignore[arg-type]
+        elif kind is UrineResultMeasured:
+            self._urine(event)  # type: ignore[arg-type]
+        elif kind in _AE_REPORTS:
+            self._adverse_event(event)  # type: ignore[arg-type]
         else:
             self.enrollment.update({name: getattr(event, name) for name in _ENROLLMENT_FIELDS})
 
@@ -273,6 +332,19 @@ class FactsRecorder:
         naive collection time (labs always sends UTC) is read as UTC rather than dropped."""
         collected_at = e.collected_at if e.collected_at.tzinfo else e.collected_at.replace(tzinfo=UTC)
         self.egfr[e.result_id] = (e.egfr, collected_at, e.status, e.counted, e.source, e.derived_from)
+
+    def _urine(self, e: UrineResultMeasured) -> None:
+        """Last writer wins per result id, as for eGFR (the adapter guards by stream version)."""
+        point = e.model_dump(exclude={"subject_id"})
+        if point["collected_at"].tzinfo is None:
+            point["collected_at"] = point["collected_at"].replace(tzinfo=UTC)
+        self.urine[e.result_id] = UrinePoint(**point)
+
+    def _adverse_event(self, e: AdverseEventReported | AdverseEventUpdated) -> None:
+        """A follow-up replaces the whole report: the latest is the AE (the adapter guards by the
+        version in the patient's stream). Only what the statistics read is kept."""
+        self.adverse_events[e.ae_id] = evidence.AdverseEventReport(e.ae_id, e.term, e.grade, e.serious, e.causality,
+                                                                   e.related_to)
 
     def facts(self) -> PatientFacts:
         """The frozen facts recorded so far (a new object; the recorder stays usable)."""
@@ -284,6 +356,8 @@ class FactsRecorder:
                                      counted=counted, source=source, derived_from=derived_from)
                 for result_id, (egfr, collected_at, status, counted, source, derived_from) in self.egfr.items()
             },
+            urine=dict(self.urine),
+            adverse_events=dict(self.adverse_events),
             **{name: frozenset(members) for name, members in self.sets.items()},
         )
 
@@ -392,4 +466,46 @@ def compute_outcome(facts: PatientFacts) -> PatientOutcome:
         deviations=facts.deviation_count,
         biopsies=facts.biopsy_count,
         counted_egfr_n=len(counted),
+        **_evidence(facts, start, baseline, counted),
     )
+
+
+def _evidence(facts: PatientFacts, start: date | None, baseline_egfr: float | None,
+              counted: list[tuple[date, EgfrPoint]]) -> dict[str, Any]:
+    """The v2 values: proteinuria (counted UPCRs, g/g), the paired biopsies, the kidney endpoints
+    (from the contract baseline eGFR, enrollment's when no lab value precedes the start) and
+    safety (each AE's latest report)."""
+    upcr = [Measurement(u.result_id, u.value, u.collected_at)
+            for u in facts.urine.values() if u.counted and u.analyte == "upcr"]
+    protein = evidence.proteinuria(start, upcr)
+    changes = evidence.biopsy_changes(
+        start, (evidence.Biopsy(**b.model_dump(exclude={"subject_id"})) for b in facts.biopsies))
+    course = endpoints.KidneyCourse(
+        treatment_start=start, baseline_egfr=baseline_egfr,
+        egfr=tuple(Measurement(p.result_id, p.egfr, p.collected_at, day) for day, p in counted),
+        kidney_failure_on=facts.kidney_failure_on, died_on=min(facts.died_on, default=None),
+    )
+    kidney = endpoints.patient_endpoints(course)
+    composite, competing = kidney.composite, kidney.kidney_failure
+    safety = evidence.patient_safety(facts.adverse_events.values())
+    return {
+        "baseline_upcr": protein.baseline_upcr,
+        "post_upcr": protein.post_upcr,
+        "upcr_change_pct": protein.upcr_change_pct,
+        "complete_remission": protein.complete_remission,
+        "partial_remission": protein.partial_remission,
+        "paired_biopsies": changes is not None,
+        **(asdict(changes) if changes is not None else dict.fromkeys(evidence.BIOPSY_CHANGES)),
+        "decline_40_on": kidney.decline_40_on,
+        "decline_57_on": kidney.decline_57_on,
+        "composite_endpoint": composite.event if composite else None,
+        "composite_endpoint_days": composite.days if composite else None,
+        "composite_endpoint_years": composite.years if composite else None,
+        "kidney_failure_competing": competing.event if competing else None,
+        "kidney_failure_competing_days": competing.days if competing else None,
+        "adverse_events": safety.adverse_events,
+        "highest_ae_grade": safety.highest_grade,
+        "any_serious_ae": safety.any_serious,
+        "any_significant_related_ae": safety.any_significant_related,
+    }
+

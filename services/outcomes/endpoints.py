@@ -8,14 +8,14 @@ whole calendar days (``days``, ADTTE's AVAL) and years = days / 365.25; nothing 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, Literal
 
-from services.outcomes.domain import DAYS_PER_YEAR
-from services.outcomes.measurements import Measurement, after_start, at_most_percent
+from services.outcomes.measurements import DAYS_PER_YEAR, Measurement, after_start, at_most_percent_of
 
 CONFIRMATION_DAYS = 28
 """A low eGFR is confirmed by the first counted eGFR collected at least this many days later."""
@@ -79,23 +79,35 @@ def confirmed_decline(baseline: float | None, start: date | None, egfr: Iterable
     results on the confirmation day, the first in that order confirms. The confirmation need not
     be the next result: those in between (collected < 28 days later) neither confirm nor refute.
     """
-    if baseline is None or start is None:
+    if start is None:
         return None
-    remaining = 100 - percent
-    after = after_start(egfr, start)
-    for i, low in enumerate(after):
-        if not at_most_percent(low.value, baseline, remaining):
+    return _confirmed(baseline, after_start(egfr, start), percent)
+
+
+def _confirmed(baseline: float | None, after: Sequence[Measurement], percent: int) -> date | None:
+    """``confirmed_decline`` over the eGFRs after the start, in collection order."""
+    if baseline is None:
+        return None
+    days = [m.collected_on for m in after]  # non-decreasing: ``after`` is in collection order
+    low = at_most_percent_of(baseline, 100 - percent)
+    is_low: dict[int, bool] = {}  # decided when needed: most values are never looked at twice
+
+    def low_at(i: int) -> bool:
+        if i not in is_low:
+            is_low[i] = low(after[i].value)
+        return is_low[i]
+
+    for i, day in enumerate(days):
+        if not low_at(i):
             continue
-        confirmation = next((m for m in after[i + 1:]
-                             if (m.collected_on - low.collected_on).days >= CONFIRMATION_DAYS), None)
-        if confirmation is not None and at_most_percent(confirmation.value, baseline, remaining):
-            return low.collected_on
+        confirmation = bisect_left(days, day + timedelta(days=CONFIRMATION_DAYS), lo=i + 1)
+        if confirmation < len(after) and low_at(confirmation):
+            return day
     return None
 
 
-def _censored_at(course: KidneyCourse, start: date) -> TimeToEvent:
+def _censored_at(after: Sequence[Measurement], start: date) -> TimeToEvent:
     """Censoring (contract): the latest counted eGFR after treatment start, 0 when none."""
-    after = after_start(course.egfr, start)
     return TimeToEvent((after[-1].collected_on - start).days if after else 0, None)
 
 
@@ -126,24 +138,42 @@ def composite_endpoint(course: KidneyCourse) -> TimeToEvent | None:
     Censoring follows the contract to the letter — death is an event here, and withdrawal does
     not extend follow-up beyond the last eGFR, the only date the endpoint was known not reached.
     """
-    start = _at_risk_from(course)
-    if start is None:
-        return None
-    decline = confirmed_decline(course.baseline_egfr, start, course.egfr, 40)
-    first = _first_of(start, {"decline_40": decline, "kidney_failure": course.kidney_failure_on,
-                              "death": course.died_on})
-    return first or _censored_at(course, start)
+    return patient_endpoints(course).composite
 
 
 def kidney_failure_competing(course: KidneyCourse) -> TimeToEvent | None:
     """Kidney failure (state 1) with death before it competing (state 2), else censored as the
     composite is (state 0); ``competing_state`` gives the state. Death on the day of kidney
     failure does not compete: the failure was observed. ``None`` when never at risk."""
-    start = _at_risk_from(course)
+    return patient_endpoints(course).kidney_failure
+
+
+@dataclass(frozen=True, slots=True)
+class PatientEndpoints:
+    """One patient's kidney endpoints (the functions above), from one ordering of the eGFRs."""
+
+    decline_40_on: date | None
+    decline_57_on: date | None
+    composite: TimeToEvent | None
+    kidney_failure: TimeToEvent | None
+
+
+def patient_endpoints(course: KidneyCourse) -> PatientEndpoints:
+    """Every kidney endpoint of a patient at once: the projection computes them for each patient
+    a batch touches, so the eGFRs are ordered once and the 40 % decline found once."""
+    start = course.treatment_start
     if start is None:
-        return None
-    first = _first_of(start, {"kidney_failure": course.kidney_failure_on, "death": course.died_on})
-    return first or _censored_at(course, start)
+        return PatientEndpoints(None, None, None, None)
+    after = after_start(course.egfr, start)
+    decline_40 = _confirmed(course.baseline_egfr, after, 40)
+    decline_57 = _confirmed(course.baseline_egfr, after, 57)
+    if _at_risk_from(course) is None:
+        return PatientEndpoints(decline_40, decline_57, None, None)
+    censored = _censored_at(after, start)
+    composite = _first_of(start, {"decline_40": decline_40, "kidney_failure": course.kidney_failure_on,
+                                  "death": course.died_on})
+    competing = _first_of(start, {"kidney_failure": course.kidney_failure_on, "death": course.died_on})
+    return PatientEndpoints(decline_40, decline_57, composite or censored, competing or censored)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,14 +10,13 @@ and a value that cannot be defined is ``None`` rather than a guess.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from datetime import date
 from typing import Any, Literal
 
 from contracts.enrollment import LeeGrade
 from services.outcomes.endpoints import TimeToEvent
-from services.outcomes.measurements import Measurement, at_most_percent, latest_after, latest_on_or_before
-from services.outcomes.statistics import mean
+from services.outcomes.measurements import Measurement, at_most_percent, latest_after, latest_on_or_before, mean
 
 # --- proteinuria ------------------------------------------------------------------------------
 
@@ -105,6 +104,10 @@ class BiopsyChanges:
     proliferation_resolved: bool
     foot_process_improved: bool
     lee_grade_improved: bool
+
+
+BIOPSY_CHANGES: tuple[str, ...] = tuple(f.name for f in fields(BiopsyChanges))
+"""The fields of ``BiopsyChanges``, in order (a patient's values and the group counts use them)."""
 
 
 def paired_biopsies(start: date | None, biopsies: Iterable[Biopsy]) -> tuple[Biopsy, Biopsy] | None:

@@ -32,6 +32,7 @@ COPY_AT_LEAST = 500
 
 _ROW_COLUMNS = tuple(column.name for column in tables.timeline.columns if column.name != "generation")
 _row_values = operator.itemgetter(*_ROW_COLUMNS)
+_PATIENT_VALUES = tuple(c.name for c in tables.patients.columns if c.name not in ("generation", "subject_id"))
 
 
 async def read_state(connection: AsyncConnection, lock: Lock = None) -> ProjectionState:
@@ -74,7 +75,7 @@ class SqlProjectionStore(ProjectionStore):
         await connection.execute(_insert(connection, tables.patients).on_conflict_do_nothing(), placeholders)
         p = tables.patients.c
         rows = await connection.execute(
-            select(p.subject_id, p.facts_json, p.egfr_versions_json)
+            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json)
             .where(p.generation == generation, p.subject_id.in_(ordered))
             .order_by(p.subject_id)
             .with_for_update()
@@ -89,7 +90,7 @@ class SqlProjectionStore(ProjectionStore):
         patients = {
             row.subject_id: _patient(row)
             for row in await connection.execute(
-                select(p.subject_id, p.facts_json, p.egfr_versions_json).where(p.generation == generation)
+                select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json).where(p.generation == generation)
             )
         }
         marks = {
@@ -128,7 +129,7 @@ class SqlProjectionStore(ProjectionStore):
         await connection.execute(
             insert.on_conflict_do_update(
                 index_elements=["generation", "subject_id"],
-                set_={c: insert.excluded[c] for c in ("group", "facts_json", "outcome_json", "egfr_versions_json")},
+                set_={c: insert.excluded[c] for c in _PATIENT_VALUES},
             ),
             [{"generation": generation, **row} for row in rows],
         )
@@ -212,4 +213,4 @@ def _greatest(connection: AsyncConnection, current: Any, new: Any) -> Any:
 
 
 def _patient(row: Any) -> ProjectedPatient:
-    return ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json)
+    return ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json, row.report_versions_json)

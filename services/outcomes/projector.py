@@ -5,9 +5,11 @@ rebuilt generation is the same function of the same messages as the live one. Th
 makes "rebuild == live" true by construction rather than by luck.
 
 Why the result is independent of arrival order: :func:`services.outcomes.domain.apply` records
-facts in sets and per-key maps, and the one non-commutative fact — the effective eGFR of a lab
-result id — is guarded here by the labs stream version: an ``EgfrComputed`` older than the one
-already applied (a redelivery, or the four streams replayed one after another) is ignored.
+facts in sets and per-key maps, and the non-commutative facts — the effective eGFR and urine
+value of a lab result id, the latest report of an adverse event — are guarded here by the
+version of the event in its stream (``labresult-<result id>``, ``patient-<subject id>``): an
+event older than the one already applied (a redelivery, or the four streams replayed one after
+another) is ignored.
 Patient rows are serialised canonically (sorted keys, sorted set members), so the same facts
 give byte-identical rows whatever order they were recorded in; a timeline row is a function of
 its one event (:mod:`services.outcomes.timeline`). Messages arrive parsed
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from contracts.enrollment import PatientDataErased
-from contracts.labs import EgfrComputed
+from contracts.enrollment import AdverseEventReported, AdverseEventUpdated, PatientDataErased
+from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.outcomes import domain
 from services.outcomes.domain import PatientFacts, PatientOutcome
 from services.outcomes.incoming import Incoming
@@ -56,14 +58,18 @@ def _facts_json(facts: PatientFacts) -> str:
 
 class ProjectedPatient:
     """One patient's facts (recorded in place: :class:`~services.outcomes.domain.FactsRecorder`)
-    plus, per lab result id, the labs stream version of the applied ``EgfrComputed`` (the guard
-    that makes the newest version win whatever the arrival order)."""
+    plus the guards that make the newest version win whatever the arrival order: per lab result
+    id the labs stream version of the applied ``EgfrComputed``, and in ``report_versions`` the
+    stream version of the applied urine result (``urine``, per result id) and adverse-event
+    report (``adverse_event``, per AE id)."""
 
-    __slots__ = ("recorder", "egfr_versions")
+    __slots__ = ("recorder", "egfr_versions", "report_versions")
 
-    def __init__(self, facts: PatientFacts, egfr_versions: dict[str, int] | None = None) -> None:
+    def __init__(self, facts: PatientFacts, egfr_versions: dict[str, int] | None = None,
+                 report_versions: dict[str, dict[str, int]] | None = None) -> None:
         self.recorder = domain.FactsRecorder(facts)
         self.egfr_versions = egfr_versions if egfr_versions is not None else {}
+        self.report_versions = report_versions if report_versions is not None else {}
 
     @classmethod
     def new(cls, subject_id: str) -> ProjectedPatient:
@@ -74,12 +80,24 @@ class ProjectedPatient:
         return self.recorder.facts()
 
     def apply(self, envelope: Meta, event: DomainEvent) -> None:
-        if isinstance(event, EgfrComputed):
-            applied = self.egfr_versions.get(event.result_id)
+        guarded = self._versions_of(event)
+        if guarded is not None:
+            versions, key = guarded
+            applied = versions.get(key)
             if applied is not None and applied >= envelope.stream_version:
                 return
-            self.egfr_versions[event.result_id] = envelope.stream_version
+            versions[key] = envelope.stream_version
         self.recorder.record(event)
+
+    def _versions_of(self, event: DomainEvent) -> tuple[dict[str, int], str] | None:
+        """The versions applied and the key of an event of which only the newest counts."""
+        if isinstance(event, EgfrComputed):
+            return self.egfr_versions, event.result_id
+        if isinstance(event, UrineResultMeasured):
+            return self.report_versions.setdefault("urine", {}), event.result_id
+        if isinstance(event, AdverseEventReported | AdverseEventUpdated):
+            return self.report_versions.setdefault("adverse_event", {}), event.ae_id
+        return None
 
     def outcome(self) -> PatientOutcome | None:
         """The contract values, once the enrollment is known (before it there are none)."""
@@ -94,11 +112,13 @@ class ProjectedPatient:
             "facts_json": _facts_json(facts),
             "outcome_json": canonical_json(outcome.model_dump(mode="json")) if outcome else None,
             "egfr_versions_json": canonical_json(self.egfr_versions),
+            "report_versions_json": canonical_json(self.report_versions),
         }
 
     @classmethod
-    def from_row(cls, facts_json: str, egfr_versions_json: str) -> ProjectedPatient:
-        return cls(PatientFacts.model_validate_json(facts_json), json.loads(egfr_versions_json))
+    def from_row(cls, facts_json: str, egfr_versions_json: str, report_versions_json: str) -> ProjectedPatient:
+        return cls(PatientFacts.model_validate_json(facts_json), json.loads(egfr_versions_json),
+                   json.loads(report_versions_json))
 
 
 @dataclass

@@ -10,7 +10,7 @@ O(patients), whatever the length of the log.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -148,13 +148,12 @@ class OutcomesQueries:
             ))
         return Freshness(generation, sources)
 
-    async def outcomes(self, connection: AsyncConnection) -> list[PatientOutcome]:
-        """Every enrolled patient's values, by subject id."""
+    async def outcomes(self, connection: AsyncConnection, group: str | None = None) -> list[PatientOutcome]:
+        """Every enrolled patient's values (of one group, if given), by subject id."""
         p = tables.patients.c
-        rows = await connection.execute(
-            select(p.outcome_json).join_from(tables.patients, tables.projection_state, _active(tables.patients))
-            .where(p.outcome_json.is_not(None)).order_by(p.subject_id)
-        )
+        query = (select(p.outcome_json).join_from(tables.patients, tables.projection_state, _active(tables.patients))
+                 .where(p.outcome_json.is_not(None)).order_by(p.subject_id))
+        rows = await connection.execute(query if group is None else query.where(p.group == group))
         return [PatientOutcome.model_validate_json(row.outcome_json) for row in rows]
 
     async def facts(self, connection: AsyncConnection, group: str) -> list[PatientFacts]:
@@ -169,7 +168,7 @@ class OutcomesQueries:
         """The patient's row and timeline (oldest first), or None if no event named them."""
         p, t = tables.patients.c, tables.timeline.c
         row = (await connection.execute(
-            select(p.facts_json, p.egfr_versions_json, p.outcome_json)
+            select(p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json)
             .join_from(tables.patients, tables.projection_state, _active(tables.patients))
             .where(p.subject_id == subject_id)
         )).first()
@@ -182,7 +181,7 @@ class OutcomesQueries:
             .order_by(t.occurred_on, t.recorded_at, t.event_id)
         )
         return PatientRecord(
-            patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json),
+            patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json, row.report_versions_json),
             outcome=PatientOutcome.model_validate_json(row.outcome_json) if row.outcome_json else None,
             timeline=[
                 TimelineEntry(str(e.event_id), e.occurred_on, tables.utc(e.recorded_at), e.kind, e.source,
@@ -190,3 +189,30 @@ class OutcomesQueries:
                 for e in events
             ],
         )
+
+    async def enrolled_records(self, connection: AsyncConnection, kinds: Collection[str]) -> list[PatientRecord]:
+        """Every enrolled patient (by subject id) with the timeline rows of ``kinds``, in the
+        order they were recorded — what the CDISC exports read (services/outcomes/cdisc)."""
+        p, t = tables.patients.c, tables.timeline.c
+        patients = await connection.execute(
+            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json)
+            .join_from(tables.patients, tables.projection_state, _active(tables.patients))
+            .where(p.outcome_json.is_not(None)).order_by(p.subject_id)
+        )
+        events = await connection.execute(
+            select(t.subject_id, t.event_id, t.occurred_on, t.recorded_at, t.kind, t.source, t.detail_json)
+            .join_from(tables.timeline, tables.projection_state, _active(tables.timeline))
+            .where(t.kind.in_(list(kinds))).order_by(t.recorded_at, t.event_id)
+        )
+        timelines: dict[str, list[TimelineEntry]] = {}
+        for e in events:
+            timelines.setdefault(e.subject_id, []).append(TimelineEntry(
+                str(e.event_id), e.occurred_on, tables.utc(e.recorded_at), e.kind, e.source, json.loads(e.detail_json)))
+        return [
+            PatientRecord(
+                patient=ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json, row.report_versions_json),
+                outcome=PatientOutcome.model_validate_json(row.outcome_json),
+                timeline=timelines.get(row.subject_id, []),
+            )
+            for row in patients
+        ]

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from services.outcomes.domain import years_between
-from services.outcomes.measurements import Measurement, after_start
+from services.outcomes.measurements import Measurement, after_start, years_between
 
 CHRONIC_FROM_DAY = 91
 """The chronic slope starts at day 91 after treatment start (days since start ≥ 91): the first

@@ -15,7 +15,9 @@ from datetime import date
 from typing import Any
 
 from contracts.enrollment import Group
-from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome, compute_outcome, years_between
+from services.outcomes import group_evidence
+from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome, compute_outcome
+from services.outcomes.measurements import mean, years_between
 
 GROUPS: tuple[Group, ...] = ("A", "B", "control")
 
@@ -29,11 +31,6 @@ _SUMMARISED: dict[str, str] = {
     "egfr_change": "egfr_change",
     "egfr_change_pct": "egfr_change_pct",
 }
-
-
-def mean(values: Sequence[float]) -> float | None:
-    """Exact-sum mean of the defined values; ``None`` when there are none."""
-    return math.fsum(values) / len(values) if values else None
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -74,6 +71,7 @@ def cohort_summary(outcomes: Iterable[PatientOutcome], group: Group) -> dict[str
     row["withdrawals"] = sum(o.withdrawn_on is not None for o in members)
     row["n_with_post_egfr"] = sum(o.post_egfr is not None for o in members)
     row["n_with_egfr_slope"] = sum(o.egfr_slope is not None for o in members)
+    row.update(group_evidence.cohort_keys(members))
     return row
 
 

@@ -41,6 +41,8 @@ patients = Table(
     Column("facts_json", Text, nullable=False),
     Column("outcome_json", Text, nullable=True),
     Column("egfr_versions_json", Text, nullable=False),
+    # Added by 0002: per kind (urine, adverse_event) and id, the stream version applied.
+    Column("report_versions_json", Text, nullable=False, server_default="{}"),
 )
 
 timeline = Table(

@@ -12,6 +12,8 @@ from typing import Any
 from contracts.cells import CellsInfused
 from contracts.deviations import ProtocolDeviationDetected
 from contracts.enrollment import (
+    AdverseEventReported,
+    AdverseEventUpdated,
     BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
@@ -19,7 +21,7 @@ from contracts.enrollment import (
     PatientEnrolled,
     PatientWithdrawn,
 )
-from contracts.labs import EgfrComputed, LabResultCorrected
+from contracts.labs import EgfrComputed, LabResultCorrected, UrineResultMeasured
 from contracts.pulse import PulseDoseAdministered
 from services.outcomes.wire import Meta
 from shared.events import DomainEvent
@@ -41,6 +43,12 @@ def _timeline_kind(event: DomainEvent, envelope: Meta) -> tuple[str, date] | Non
             return "infusion", event.given_on
         case EgfrComputed():
             return "egfr", _utc_date(event.collected_at)
+        case UrineResultMeasured():
+            return "urine_result", _utc_date(event.collected_at)
+        case AdverseEventReported():
+            return "adverse_event", event.onset_on
+        case AdverseEventUpdated():
+            return "adverse_event_follow_up", event.onset_on
         case LabResultCorrected():
             # The event carries no collection date; the correction happened when it was recorded.
             return "lab_correction", _utc_date(envelope.occurred_at)
@@ -60,15 +68,17 @@ def _timeline_kind(event: DomainEvent, envelope: Meta) -> tuple[str, date] | Non
 
 
 TIMELINE_EVENTS: tuple[type[DomainEvent], ...] = (
-    PatientEnrolled, PulseDoseAdministered, CellsInfused, EgfrComputed, LabResultCorrected,
-    ProtocolDeviationDetected, BiopsyRecorded, DialysisStarted, KidneyTransplanted, PatientDied, PatientWithdrawn,
+    PatientEnrolled, PulseDoseAdministered, CellsInfused, EgfrComputed, UrineResultMeasured, LabResultCorrected,
+    AdverseEventReported, AdverseEventUpdated, ProtocolDeviationDetected, BiopsyRecorded, DialysisStarted,
+    KidneyTransplanted, PatientDied, PatientWithdrawn,
 )
 """The event models ``_timeline_kind`` gives a row (keep the two in step)."""
 
 
 def timeline_row(envelope: Meta, event: DomainEvent, source: str) -> dict[str, Any] | None:
     """The timeline row of one event, keyed by its event id (so inserting it twice is a no-op).
-    An eGFR row keeps its labs stream version, which tells the effective one from superseded.
+    An eGFR or urine row keeps its labs stream version, an adverse-event report its version in
+    the patient's stream: which tells the effective value or report from a superseded one.
 
     The detail is the event's JSON in its model's field order (``model_dump_json``, pydantic's
     Rust serializer): a function of the event alone, so the same event gives the same bytes live
@@ -78,8 +88,9 @@ def timeline_row(envelope: Meta, event: DomainEvent, source: str) -> dict[str, A
         return None
     kind, occurred_on = found
     detail = event.model_dump_json(exclude=_NOT_IN_DETAIL)
-    if isinstance(event, EgfrComputed):
-        detail = f'{detail[:-1]},"lab_stream_version":{envelope.stream_version:d}}}'
+    version_key = _VERSIONED.get(type(event))
+    if version_key is not None:
+        detail = f'{detail[:-1]},"{version_key}":{envelope.stream_version:d}}}'
     return {
         "event_id": envelope.event_id,
         "subject_id": getattr(event, "subject_id"),
@@ -92,3 +103,11 @@ def timeline_row(envelope: Meta, event: DomainEvent, source: str) -> dict[str, A
 
 
 _NOT_IN_DETAIL = {"subject_id"}
+
+_VERSIONED: dict[type[DomainEvent], str] = {
+    EgfrComputed: "lab_stream_version",
+    UrineResultMeasured: "lab_stream_version",
+    AdverseEventReported: "report_version",
+    AdverseEventUpdated: "report_version",
+}
+"""Events of which only the newest version counts, and the detail key that carries it."""

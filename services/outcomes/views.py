@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.enrollment import Group, LeeGrade
 from services.outcomes.domain import PatientOutcome
-from services.outcomes.queries import Freshness, PatientRecord
+from services.outcomes.queries import Freshness, PatientRecord, TimelineEntry
 
 _MEANS = "over the group's patients where the value is defined; unrounded; null when none defines it"
 
@@ -51,6 +51,19 @@ class CohortRow(BaseModel):
     withdrawals: int
     n_with_post_egfr: int
     n_with_egfr_slope: int
+    mean_baseline_upcr: float | None = Field(description=f"g/g, latest counted UPCR on or before treatment start, {_MEANS}")
+    mean_post_upcr: float | None = Field(description=f"g/g, latest counted UPCR after treatment start, {_MEANS}")
+    complete_remission_count: int = Field(description="patients with post UPCR < 0.3 g/g")
+    partial_remission_count: int = Field(description="patients not in complete remission with post UPCR < 1.0 g/g "
+                                         "and ≤ 50 % of baseline")
+    decline_40_count: int = Field(description="patients with a confirmed ≥ 40 % eGFR decline (confirmed ≥ 28 days later)")
+    composite_endpoint_count: int = Field(description="patients reaching the composite kidney endpoint (confirmed "
+                                          "40 % decline, kidney failure or death)")
+    patients_with_ae: int = Field(description="patients with at least one adverse event")
+    patients_with_serious_ae: int = Field(description="patients with a serious adverse event")
+    patients_with_significant_related_ae: int = Field(
+        description="patients with a treatment-related (possible, probable, definite) adverse event of grade ≥ 3 "
+        "or serious")
 
 
 class SurvivalStep(BaseModel):
@@ -115,6 +128,7 @@ class FactsSummary(BaseModel):
     first_dose_on: date | None
     egfr_results: int = Field(description="lab result ids with an eGFR (counted or not)")
     preliminary_egfr_results: int = Field(description="results whose effective eGFR is not counted")
+    urine_results: int = Field(description="urine result ids (UPCR, 24-hour protein, UACR; counted or not)")
 
 
 class TimelineItem(BaseModel):
@@ -122,13 +136,15 @@ class TimelineItem(BaseModel):
     occurred_on: date = Field(description="the date it happened (UTC calendar date)")
     recorded_at: datetime
     kind: str = Field(
-        description="enrolled, pulse_dose, infusion, egfr, lab_correction, protocol_deviation, biopsy, "
-        "dialysis_started, kidney_transplant, death or withdrawn"
+        description="enrolled, pulse_dose, infusion, egfr, urine_result, lab_correction, protocol_deviation, biopsy, "
+        "adverse_event (first report), adverse_event_follow_up, dialysis_started, kidney_transplant, death or "
+        "withdrawn"
     )
     source: str = Field(description="the service that published it")
     detail: dict[str, Any] = Field(
-        description="the event's fields; an egfr item also says whether it is the effective value of its "
-        "result id (``effective``) or was superseded by a later version"
+        description="the event's fields; an egfr or urine_result item also says whether it is the effective "
+        "value of its result id (``effective``) or was superseded by a later version, an adverse_event or "
+        "adverse_event_follow_up item whether it is the adverse event's current report"
     )
 
 
@@ -143,12 +159,12 @@ class PatientDetail(PatientOutcome):
 
 def patient_detail(record: PatientRecord, outcome: PatientOutcome) -> PatientDetail:
     facts = record.patient.facts
-    versions = record.patient.egfr_versions
     timeline = []
     for entry in record.timeline:
         detail = entry.detail
-        if entry.kind == "egfr":
-            detail = {**detail, "effective": versions.get(detail["result_id"]) == detail.get("lab_stream_version")}
+        effective = _effective(record, entry)
+        if effective is not None:
+            detail = {**detail, "effective": effective}
         timeline.append(TimelineItem(
             event_id=entry.event_id, occurred_on=entry.occurred_on, recorded_at=entry.recorded_at,
             kind=entry.kind, source=entry.source, detail=detail,
@@ -159,9 +175,24 @@ def patient_detail(record: PatientRecord, outcome: PatientOutcome) -> PatientDet
             weight_kg=facts.weight_kg, lee_grade=facts.lee_grade, enrollment_baseline_egfr=facts.baseline_egfr,
             first_dose_on=facts.first_dose_on, egfr_results=len(facts.egfr),
             preliminary_egfr_results=sum(not p.counted for p in facts.egfr.values()),
+            urine_results=len(facts.urine),
         ),
         timeline=timeline,
     )
+
+
+def _effective(record: PatientRecord, entry: TimelineEntry) -> bool | None:
+    """Whether a versioned timeline item (a lab value, an AE report) is the one that counts now;
+    ``None`` for the other kinds."""
+    patient, detail = record.patient, entry.detail
+    match entry.kind:
+        case "egfr":
+            return patient.egfr_versions.get(detail["result_id"]) == detail.get("lab_stream_version")
+        case "urine_result":
+            return patient.report_versions.get("urine", {}).get(detail["result_id"]) == detail.get("lab_stream_version")
+        case "adverse_event" | "adverse_event_follow_up":
+            return patient.report_versions.get("adverse_event", {}).get(detail["ae_id"]) == detail.get("report_version")
+    return None
 
 
 class SourceStatus(BaseModel):

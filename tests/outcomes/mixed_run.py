@@ -1,9 +1,10 @@
 """A long, deterministic, mixed run of every service's events, as they would reach JetStream.
 
 Several patients in every group; pulse cycles with deviations; harvest → lot → infusion chains;
-lab results with corrections, preliminaries superseded by finals and a few versions published
-out of order; biopsies, dialysis, transplants, deaths and withdrawals; and events outcomes does
-not read (lab raw results, lots) mixed in, as in a real stream.
+lab results (eGFR and UPCR) with corrections, preliminaries superseded by finals and a few
+versions published out of order; diagnostic and follow-up biopsies, adverse events with follow-up
+reports, dialysis, transplants, deaths and withdrawals; and events outcomes does not read (lab
+raw results, lots) mixed in, as in a real stream.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from nats.js import JetStreamContext
 from contracts.cells import AdiposeTissueHarvested, CellLotReleased, CellsInfused
 from contracts.deviations import DeviationCode, ProtocolDeviationDetected
 from contracts.enrollment import (
+    AdverseEventReported,
+    AdverseEventUpdated,
     BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
@@ -25,7 +28,7 @@ from contracts.enrollment import (
     PatientEnrolled,
     PatientWithdrawn,
 )
-from contracts.labs import EgfrComputed, LabResultCorrected
+from contracts.labs import EgfrComputed, LabResultCorrected, UrineResultMeasured
 from contracts.pulse import PulseDoseAdministered
 from services.labs.events import LabResultRecorded
 from shared.broker import Topology
@@ -84,6 +87,49 @@ def _lab_events(streams: _Streams, rng: random.Random, sid: str, n: int, on: dat
     return events
 
 
+def _urine_events(streams: _Streams, rng: random.Random, sid: str, n: int, on: date, value: float) -> list[Envelope]:
+    """One UPCR result (g/g): final, a typo and its correction, or a preliminary then the final;
+    sometimes the newer version overtakes the older."""
+    result_id = f"{sid}-U{n:03d}"
+
+    def measured(value: float, status: str) -> Envelope:
+        return streams.wrap(UrineResultMeasured(
+            result_id=result_id, subject_id=sid, analyte="upcr", value=value, unit="g/g", loinc="2890-2",
+            collected_at=datetime(on.year, on.month, on.day, 9, 0, tzinfo=UTC), status=status,
+            counted=status != "preliminary", source="broker",
+        ), f"labresult-{result_id}")
+
+    kind = rng.random()
+    if kind < 0.2:
+        events = [measured(value * 10, "final"), measured(value, "corrected")]
+    elif kind < 0.35:
+        events = [measured(value + 0.2, "preliminary"), measured(value, "final")]
+    else:
+        events = [measured(value, "final")]
+    if len(events) > 1 and rng.random() < 0.4:
+        events.reverse()
+    return events
+
+
+def _adverse_events(rng: random.Random, sid: str, start: date) -> list[DomainEvent]:
+    """A few adverse events, some followed up (the whole report again, changed)."""
+    events: list[DomainEvent] = []
+    for n in range(rng.randint(0, 3)):
+        onset = start + timedelta(days=rng.randint(1, 400))
+        report = {
+            "subject_id": sid, "ae_id": f"AE-{n}", "onset_on": onset, "outcome": "recovering",
+            "term": rng.choice(["hyperglycaemia", "insomnia", "facial flushing", "pneumonia"]),
+            "grade": rng.randint(1, 3), "serious": rng.random() < 0.2,
+            "related_to": rng.choice([(), ("mp_pulse",), ("cell_infusion", "fat_harvest")]),
+            "causality": rng.choice(["unrelated", "unlikely", "possible", "probable", "definite"]),
+        }
+        events.append(AdverseEventReported(**report))
+        if rng.random() < 0.5:
+            events.append(AdverseEventUpdated(**{**report, "grade": min(4, report["grade"] + 1), "outcome": "recovered",
+                                                 "resolved_on": onset + timedelta(days=10)}))
+    return events
+
+
 def _patient(streams: _Streams, rng: random.Random, index: int, results: int) -> list[Published]:
     group = ("A", "B", "control")[index % 3]
     sid = f"IGA-{group[0].upper()}-{index:03d}"
@@ -120,10 +166,20 @@ def _patient(streams: _Streams, rng: random.Random, index: int, results: int) ->
         egfr = max(5.0, egfr + rng.uniform(-2, 2.5))
         on = start + timedelta(days=n * 20 - 10)
         out += [Published("labs", e) for e in _lab_events(streams, rng, sid, n, on, round(egfr, 2))]
+    upcr = rng.uniform(0.5, 3.0)
+    for n in range(results // 10):
+        upcr = max(0.05, upcr * rng.uniform(0.6, 1.1))
+        on = start + timedelta(days=n * 200 - 5)
+        out += [Published("labs", e) for e in _urine_events(streams, rng, sid, n, on, round(upcr, 2))]
     last = start + timedelta(days=results * 20)
     fate = rng.random()
-    clinical: list[DomainEvent] = [BiopsyRecorded(subject_id=sid, performed_on=start + timedelta(days=365),
-                                                  mesangial_deposits=rng.random() < 0.5, lee_grade="III")]
+    clinical: list[DomainEvent] = [
+        BiopsyRecorded(subject_id=sid, performed_on=enrolled_on, mesangial_deposits=True, iga_immunofluorescence="2+",
+                       lee_grade="IV"),
+        BiopsyRecorded(subject_id=sid, performed_on=start + timedelta(days=365), mesangial_deposits=rng.random() < 0.5,
+                       iga_immunofluorescence=rng.choice(["negative", "trace"]), lee_grade="III"),
+        *_adverse_events(rng, sid, start),
+    ]
     if fate < 0.25:
         clinical.append(DialysisStarted(subject_id=sid, on=last - timedelta(days=100)))
     elif fate < 0.35:

@@ -1,5 +1,5 @@
 """The analyst API over HTTP: a real outcomes process (uvicorn, in this event loop) consuming a
-small hand-made cohort from the real NATS, answered from its projection."""
+small hand-made cohort from the real NATS, answered from its projection (tests/outcomes/serving.py)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,13 @@ import httpx
 import nats
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
 
-from services.outcomes.app import create_app
 from services.outcomes.exports import CONTRACT_COLUMNS
 from shared.broker import Topology
-from shared.database import migrate
-from shared.service import Service
-from tests.conftest import NATS_URL, drop_database, free_port, new_database_url
 from tests.outcomes.conftest import Feed
-from tests.outcomes.mixed_run import Published, publish
-from tests.stack import AUTH_HEADERS, TEST_API_KEYS
+from tests.outcomes.mixed_run import Published
+from tests.outcomes.serving import outcomes_api
+from tests.stack import AUTH_HEADERS
 from tests.unit.outcomes.outcome_events import dialysis, dose, egfr, enrolled
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,34 +60,8 @@ def cohort() -> list[Published]:
 @pytest.fixture
 async def api(backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology,
               monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
-    monkeypatch.setenv("NATS_URL", NATS_URL)
-    monkeypatch.setenv("NEPHROTRACK_API_KEYS", TEST_API_KEYS)
-    url = new_database_url(backend, tmp_path, "outcomes")
-    await asyncio.to_thread(migrate, "outcomes", url)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Service("outcomes", database=url)), host="127.0.0.1",
-                                           port=port, log_config=None, access_log=False))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=AUTH_HEADERS) as client:
-            await publish(nats_client.jetstream(), topology, cohort())
-            await caught_up(client)
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
-        await drop_database(url)
-
-
-async def caught_up(client: httpx.AsyncClient, timeout: float = 15) -> None:
-    for _ in range(int(timeout / 0.1)):
-        sources = (await client.get("/v1/freshness")).json()["sources"]
-        if all(s["pending"] == 0 for s in sources) and sum(s["last_sequence"] for s in sources) == len(cohort()):
-            return
-        await asyncio.sleep(0.1)
-    pytest.fail(f"projection did not catch up: {sources}")
+    async with outcomes_api(cohort(), backend, tmp_path, nats_client, topology, monkeypatch) as client:
+        yield client
 
 
 def years(days: int) -> float:

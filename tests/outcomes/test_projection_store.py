@@ -5,6 +5,7 @@ If the fake drifts from the tables, the handler tests would prove nothing: this 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -12,6 +13,7 @@ from typing import Any
 
 from contracts.enrollment import PatientDataErased
 from services.outcomes import handlers, tables
+from services.outcomes.domain import PatientOutcome
 from services.outcomes.incoming import Incoming
 from services.outcomes.projection_memory import MemoryProjectionStore
 from services.outcomes.projection_sql import SqlProjectionStore, read_state
@@ -21,7 +23,7 @@ from services.outcomes.timeline import timeline_row
 from shared.store import EventStore, SqlEventStore, open_store
 from tests.outcomes.conftest import Feed
 from tests.outcomes.rows import generation_rows
-from tests.unit.outcomes.outcome_events import dialysis, dose, egfr, enrolled, infused
+from tests.unit.outcomes.outcome_events import SID, adverse_event, dialysis, dose, egfr, enrolled, infused, upcr
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 OTHER = "IGA-C-902"
@@ -38,15 +40,23 @@ def messages() -> dict[str, list[Incoming]]:
         m = feed.message("labs", feed.envelope(event, f"labresult-{event.result_id}", version))
         return Incoming.parse(m.stream, m.stream_sequence, "labs", m.data)
 
+    def patient(event: Any, version: int) -> Incoming:
+        m = feed.message("enrollment", feed.envelope(event, f"patient-{event.subject_id}", version))
+        return Incoming.parse(m.stream, m.stream_sequence, "enrollment", m.data)
+
+    report, follow_up = (adverse_event("AE-1", "insomnia", date(2014, 3, 12), grade=grade, related_to=("mp_pulse",),
+                                       causality="possible", follow_up=grade > 1) for grade in (1, 2))
     return {
         "enrollment": parsed("enrollment", enrolled(), enrolled(sid=OTHER, group="control"), enrolled(sid="IGA-B-903"),
                              dialysis(date(2019, 1, 1), sid=OTHER),
-                             PatientDataErased(subject_id="IGA-B-903", erased_on=date(2025, 1, 1))),
+                             PatientDataErased(subject_id="IGA-B-903", erased_on=date(2025, 1, 1)))
+        + [patient(follow_up, 3), patient(report, 2)],  # a follow-up overtaking the first report
         "pulse": parsed("pulse", dose(date(2014, 3, 10), 1, 1), dose(date(2014, 3, 11), 1, 2),
                         dose(date(2014, 3, 10), sid="IGA-B-903")),
         "cells": parsed("cells", infused("LOT-1", date(2014, 5, 1))),
         "labs": [lab(egfr("R1", 29.0, "2014-03-02", status="corrected"), 4), lab(egfr("R1", 27.0, "2014-03-02"), 2),
-                 lab(egfr("R2", 31.0, "2016-03-02"), 2), lab(egfr("R3", 20.0, "2018-01-01", sid=OTHER), 2)],
+                 lab(egfr("R2", 31.0, "2016-03-02"), 2), lab(egfr("R3", 20.0, "2018-01-01", sid=OTHER), 2),
+                 lab(upcr("U1", 0.8, "2016-03-02", status="corrected"), 4), lab(upcr("U1", 8.0, "2016-03-02"), 2)],
     }
 
 
@@ -135,7 +145,11 @@ async def test_the_sql_tables_hold_what_the_memory_projection_holds(outcomes_sto
         expected = memory_rows(memory, generation)
         assert aware(await generation_rows(outcomes_store.engine, generation)) == expected
     live, rebuilt = memory_rows(memory, 1), memory_rows(memory, 5)
-    assert live == rebuilt and [len(rows) for rows in live.values()] == [2, 10, 4]
+    assert live == rebuilt and [len(rows) for rows in live.values()] == [2, 14, 4]
+    patient = memory.committed.patients[5][SID]
+    assert json.loads(patient["report_versions_json"]) == {"adverse_event": {"AE-1": 3}, "urine": {"U1": 4}}
+    values = PatientOutcome.model_validate_json(patient["outcome_json"])
+    assert (values.highest_ae_grade, values.post_upcr) == (2, 0.8)  # the newest versions, whatever the order
 
     for store, projection in ((memory_store, memory), (outcomes_store, SqlProjectionStore())):
         await store.transact(partial(handlers.drop_generations_before, handlers.DropGenerationsBefore(5),

@@ -146,6 +146,8 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
             await caught_up(reference_engine, js, topology)
             reference = await generation_rows(reference_engine, 1)
             assert sum(len(rows) for rows in reference.values()) > 1500
+            kinds = {row[4] for row in reference["outcome_timeline"]}
+            assert {"urine_result", "adverse_event", "adverse_event_follow_up", "biopsy"} <= kinds  # v2 facts too
             assert await active_rows(engine) == reference
             assert await generation_rows(engine, 1) == {table: [] for table in reference}  # old generation dropped
 

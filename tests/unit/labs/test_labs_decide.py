@@ -10,19 +10,10 @@ from hypothesis import strategies as st
 
 from contracts.enrollment import PatientEnrolled
 from contracts.labs import EgfrComputed, LabResultCorrected
-from services.labs.domain import (
-    IncomingResult,
-    KnownPatient,
-    LabRejection,
-    ResultState,
-    age_on,
-    ckd_epi_2021,
-    decide_result,
-    fold_result,
-    known_patient,
-    stream_id,
-)
+from services.labs.domain import KnownPatient, ResultState, decide_result, fold_result, known_patient, stream_id
+from services.labs.egfr import age_on, ckd_epi_2021
 from services.labs.events import LabResultRecorded
+from services.labs.inputs import IncomingResult, LabRejection
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 PATIENT = KnownPatient("IGA-A-001", "F", 58, date(2014, 3, 2))
@@ -46,6 +37,13 @@ def deliver(history: list, result: IncomingResult, patient: KnownPatient | None 
 
 def types(events) -> list[str]:
     return [type(event).__name__ for event in events]
+
+
+@pytest.mark.parametrize("loinc, value, unit", [("2160-0", 2.1, "mg/dL"), ("14682-9", 185.64, "umol/L"),
+                                                ("98979-8", 31.0, "mL/min/1.73m2"), ("33914-3", 31.0, "mL/min/1.73m2")])
+def test_the_effective_egfr_names_the_code_the_lab_sent(loinc: str, value: float, unit: str):
+    computed = deliver([], incoming("m1", loinc=loinc, value=value, unit=unit))[-1]
+    assert isinstance(computed, EgfrComputed) and computed.loinc == loinc
 
 
 def test_first_final_creatinine_is_recorded_and_computed():

@@ -7,13 +7,16 @@ from datetime import UTC, date, datetime
 from contracts.cells import CellsInfused
 from contracts.deviations import DeviationCode, ProtocolDeviationDetected
 from contracts.enrollment import (
+    AdverseEventReported,
+    AdverseEventUpdated,
+    BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
     PatientDied,
     PatientEnrolled,
     PatientWithdrawn,
 )
-from contracts.labs import EgfrComputed
+from contracts.labs import EgfrComputed, UrineResultMeasured
 from contracts.pulse import PulseDoseAdministered
 
 SID = "IGA-A-900"
@@ -68,3 +71,25 @@ def withdrawn(on: date, sid: str = SID) -> PatientWithdrawn:
 def deviation(on: date, sid: str = SID) -> ProtocolDeviationDetected:
     return ProtocolDeviationDetected(subject_id=sid, code=DeviationCode.DOSE_ABOVE_DAILY_MAX,
                                      detail="1200 mg > 1000 mg", occurred_on=on, cycle=1, day=1)
+
+
+def upcr(result_id: str, value: float, collected: str, status: str = "final", sid: str = SID) -> UrineResultMeasured:
+    """A urine protein/creatinine ratio in g/g, as labs publishes it after normalising the unit."""
+    return UrineResultMeasured(result_id=result_id, subject_id=sid, analyte="upcr", value=value, unit="g/g",
+                               loinc="2890-2", collected_at=at(collected), status=status,
+                               counted=status != "preliminary", source="broker")
+
+
+def biopsy(on: date, deposits: bool | None = None, iga: str | None = None, proliferation: bool | None = None,
+           foot: bool | None = None, lee: str | None = None, sid: str = SID) -> BiopsyRecorded:
+    return BiopsyRecorded(subject_id=sid, performed_on=on, mesangial_deposits=deposits, iga_immunofluorescence=iga,
+                          mesangial_proliferation=proliferation, foot_process_effacement=foot, lee_grade=lee)
+
+
+def adverse_event(ae_id: str, term: str, onset: date, grade: int = 1, serious: bool = False,
+                  related_to: tuple[str, ...] = (), causality: str = "unrelated", outcome: str = "recovering",
+                  follow_up: bool = False, sid: str = SID) -> AdverseEventReported | AdverseEventUpdated:
+    """A first report, or with ``follow_up`` the whole report as it now stands."""
+    kind = AdverseEventUpdated if follow_up else AdverseEventReported
+    return kind(subject_id=sid, ae_id=ae_id, term=term, onset_on=onset, grade=grade, serious=serious,
+                related_to=related_to, causality=causality, outcome=outcome)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
+from uuid import uuid4
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from outcome_events import SID, deviation, dialysis, died, dose, enrolled, infused, transplant, withdrawn
+from outcome_events import (
+    SID,
+    adverse_event,
+    biopsy,
+    deviation,
+    dialysis,
+    died,
+    dose,
+    enrolled,
+    infused,
+    transplant,
+    withdrawn,
+)
 
-from contracts.labs import EgfrComputed
+from contracts.enrollment import AdverseEventReported, AdverseEventUpdated
+from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.outcomes.domain import PatientOutcome, compute_outcome, fold
+from services.outcomes.projector import ProjectedPatient
 from services.outcomes.statistics import all_cohorts, cohort_summary
+from services.outcomes.wire import Meta
 
 DAY0 = date(2012, 1, 1)
 days = st.integers(min_value=0, max_value=4000).map(lambda n: DAY0 + timedelta(days=n))
@@ -33,6 +49,34 @@ def egfr_versions(draw, result_id: str) -> list[EgfrComputed]:
 
 
 @st.composite
+def upcr_versions(draw, result_id: str) -> list[UrineResultMeasured]:
+    """One urine result id's UrineResultMeasured events (UPCR, g/g) in labs stream order."""
+    collected = datetime.combine(draw(days), datetime.min.time(), draw(offsets))
+    statuses = draw(st.lists(st.sampled_from(["final", "corrected", "preliminary"]), min_size=1, max_size=3))
+    return [
+        UrineResultMeasured(result_id=result_id, subject_id=SID, analyte="upcr", value=draw(st.floats(0.01, 8)),
+                            unit="g/g", loinc="2890-2", collected_at=collected, status=status,
+                            counted=status != "preliminary", source="broker")
+        for status in statuses
+    ]
+
+
+@st.composite
+def ae_reports(draw, ae_id: str) -> list:
+    """One adverse event's reports in the patient's stream order: the first, then follow-ups."""
+    onset = draw(days)
+    return [
+        adverse_event(ae_id, draw(st.sampled_from(["insomnia", "pneumonia"])), onset, grade=draw(st.integers(1, 4)),
+                      serious=draw(st.booleans()), related_to=draw(st.sampled_from([(), ("mp_pulse",)])),
+                      causality=draw(st.sampled_from(["unrelated", "possible"])), follow_up=n > 0)
+        for n in range(draw(st.integers(1, 3)))
+    ]
+
+
+findings = st.none() | st.booleans()
+
+
+@st.composite
 def patient_events(draw) -> list:
     events = [enrolled(group=draw(st.sampled_from(["A", "B", "control"])), enrolled_on=draw(days),
                        baseline=draw(st.none() | st.floats(5, 130)))]
@@ -42,18 +86,35 @@ def patient_events(draw) -> list:
     for make in (dialysis, transplant, died, withdrawn, deviation):
         events += [make(d) for d in draw(st.lists(days, max_size=2))]
     events += [infused(f"L{n}", d, number=n + 1) for n, d in enumerate(draw(st.lists(days, max_size=4)))]
+    for n in range(draw(st.integers(0, 4))):
+        events += draw(upcr_versions(f"u{n}"))
+    for n in range(draw(st.integers(0, 3))):
+        events += draw(ae_reports(f"AE-{n}"))
+    events += [biopsy(d, deposits=draw(findings), iga=draw(st.none() | st.sampled_from(["negative", "2+"])),
+                      proliferation=draw(findings), foot=draw(findings),
+                      lee=draw(st.none() | st.sampled_from(["II", "IV"])))
+               for d in draw(st.lists(days, max_size=3, unique=True))]
     return events
 
 
+def version_key(event: object) -> tuple[str, str] | None:
+    """Events of which the newest version counts, by what identifies them; None for the others."""
+    if isinstance(event, EgfrComputed | UrineResultMeasured):
+        return type(event).__name__, event.result_id
+    if isinstance(event, AdverseEventReported | AdverseEventUpdated):
+        return "adverse_event", event.ae_id
+    return None
+
+
 def interleave(events: list, order: list[int]) -> list:
-    """``events`` in the order ``order`` — except that each result id's versions keep their
-    stream order, which the adapter guarantees (it applies only newer stream versions)."""
+    """``events`` in the order ``order`` — except that each result id's (and AE's) versions keep
+    their stream order, which the adapter guarantees (it applies only newer stream versions)."""
     shuffled = [events[i] for i in order]
-    versions: dict[str, list] = {}
+    versions: dict[tuple[str, str], list] = {}
     for e in events:
-        if isinstance(e, EgfrComputed):
-            versions.setdefault(e.result_id, []).append(e)
-    return [versions[e.result_id].pop(0) if isinstance(e, EgfrComputed) else e for e in shuffled]
+        if (key := version_key(e)) is not None:
+            versions.setdefault(key, []).append(e)
+    return [versions[key].pop(0) if (key := version_key(e)) is not None else e for e in shuffled]
 
 
 @st.composite
@@ -70,6 +131,38 @@ def test_outcome_is_independent_of_arrival_order(pair):
     facts, again = fold(SID, events), fold(SID, shuffled)
     assert again == facts
     assert compute_outcome(again) == compute_outcome(facts)
+
+
+def stream_versions(events: list) -> list[int]:
+    """Each event's version in its stream, as the services number them: per result id or AE in
+    order (1, 2, …); the others 1 (the adapter guards only the versioned kinds)."""
+    seen: dict[tuple[str, str], int] = {}
+    numbered = []
+    for e in events:
+        key = version_key(e)
+        if key is not None:
+            seen[key] = seen.get(key, 0) + 1
+        numbered.append(seen[key] if key is not None else 1)
+    return numbered
+
+
+@settings(max_examples=100, deadline=None)
+@given(patient_events().flatmap(lambda events: st.tuples(st.just(events), st.permutations(range(len(events))))))
+def test_a_projected_patient_keeps_the_newest_versions_whatever_the_order(pair):
+    """In any order at all (an older version redelivered after a newer one included), the stream
+    versions decide: the patient's row is the one the stream order gives."""
+    events, order = pair
+    versions = stream_versions(events)
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def projected(indices) -> ProjectedPatient:
+        patient = ProjectedPatient.new(SID)
+        for i in indices:
+            meta = Meta(uuid4(), type(events[i]).__name__, "s", 1, versions[i], moment, moment)
+            patient.apply(meta, events[i])
+        return patient
+
+    assert projected(order).row() == projected(range(len(events))).row()
 
 
 maybe = st.none() | st.floats(-50, 150)

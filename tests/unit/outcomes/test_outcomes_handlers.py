@@ -33,7 +33,17 @@ from services.outcomes.timeline import timeline_row
 from shared.events import DomainEvent
 from shared.store import EventStore, JsonCodec, open_store
 from tests.outcomes.conftest import Feed
-from tests.unit.outcomes.outcome_events import SID, dialysis, dose, egfr, enrolled, infused
+from tests.unit.outcomes.outcome_events import (
+    SID,
+    adverse_event,
+    biopsy,
+    dialysis,
+    dose,
+    egfr,
+    enrolled,
+    infused,
+    upcr,
+)
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 PULSE, LABS = Feed.STREAMS["pulse"], Feed.STREAMS["labs"]
@@ -210,6 +220,94 @@ async def test_a_batch_that_fails_before_its_commit_leaves_nothing(
             raise Crash  # the process dies after the handler, before the commit
     assert projection.committed is before
     assert marks(projection) == {Feed.STREAMS["enrollment"]: 1} and kinds(projection) == ["enrolled"]
+
+
+# --- the v2 facts: adverse events, urine results, biopsies ---------------------------------------
+
+
+def patient_stream(feed: Feed, event: Any, version: int) -> Incoming:
+    """An enrollment event on the patient's own stream (where adverse-event reports are), at a version."""
+    m = feed.message("enrollment", feed.envelope(event, f"patient-{event.subject_id}", version))
+    return Incoming.parse(m.stream, m.stream_sequence, "enrollment", m.data)
+
+
+async def test_an_adverse_event_is_its_latest_report_and_an_older_one_arriving_later_is_ignored(
+    store: EventStore, projection: MemoryProjectionStore, feed: Feed
+) -> None:
+    await project(store, projection, [patient_stream(feed, enrolled(), 1)])
+    first = adverse_event("AE-1", "hyperglycaemia", date(2014, 3, 11), grade=1)
+    follow_up = adverse_event("AE-1", "hyperglycaemia", date(2014, 3, 11), grade=3, serious=True,
+                              related_to=("mp_pulse",), causality="probable", follow_up=True)
+    reported = patient_stream(feed, first, 2)
+    await project(store, projection, [reported, patient_stream(feed, follow_up, 3)])
+    await project(store, projection, [reported])  # redelivered after the follow-up
+    await project(store, projection, [patient_stream(feed, adverse_event("AE-2", "insomnia", date(2014, 3, 12),
+                                                                         related_to=("mp_pulse",),
+                                                                         causality="possible"), 4)])
+
+    values = outcome(projection)
+    assert values is not None
+    assert (values.adverse_events, values.highest_ae_grade) == (2, 3)
+    assert values.any_serious_ae and values.any_significant_related_ae  # the follow-up's grade 3, probable
+    assert kinds(projection) == ["enrolled", "adverse_event", "adverse_event_follow_up", "adverse_event"]
+
+
+async def test_urine_results_give_baseline_and_post_upcr_with_corrections_and_preliminaries(
+    store: EventStore, projection: MemoryProjectionStore, feed: Feed
+) -> None:
+    await project(store, projection, parsed(feed, "enrollment", enrolled()))
+    await project(store, projection, parsed(feed, "pulse", dose(date(2014, 3, 10))))
+    await project(store, projection, [
+        lab(feed, upcr("U1", 2.4, "2014-03-01"), 2),
+        lab(feed, upcr("U2", 0.9, "2015-03-01", status="corrected"), 4),
+        lab(feed, upcr("U2", 9.0, "2015-03-01"), 2),  # the typo's version, after its correction: ignored
+        lab(feed, upcr("U3", 0.1, "2015-06-01", status="preliminary"), 2),  # kept, never counted
+    ])
+
+    values = outcome(projection)
+    assert values is not None
+    assert (values.baseline_upcr, values.post_upcr) == (2.4, 0.9)
+    assert values.upcr_change_pct == (0.9 - 2.4) / 2.4 * 100
+    assert (values.complete_remission, values.partial_remission) == (False, True)  # 0.9 < 1.0 and ≤ 1.2
+    assert kinds(projection).count("urine_result") == 4
+
+
+async def test_paired_biopsies_and_a_confirmed_decline_reach_the_patients_values(
+    store: EventStore, projection: MemoryProjectionStore, feed: Feed
+) -> None:
+    start = date(2014, 3, 10)
+    await project(store, projection, parsed(feed, "enrollment", enrolled(baseline=30.0),
+                                            biopsy(date(2014, 2, 1), deposits=True, iga="2+", proliferation=True,
+                                                   lee="IV"),
+                                            biopsy(date(2016, 2, 1), deposits=False, iga="negative",
+                                                   proliferation=True, lee="II")))
+    await project(store, projection, parsed(feed, "pulse", dose(start)))
+    await project(store, projection, [lab(feed, egfr("R1", 18.0, "2015-01-01"), 2),   # ≤ 60 % of 30
+                                      lab(feed, egfr("R2", 25.0, "2015-01-20"), 2),   # < 28 days: neither
+                                      lab(feed, egfr("R3", 17.0, "2015-01-29"), 2)])  # 28 days: confirms
+
+    values = outcome(projection)
+    assert values is not None and values.paired_biopsies
+    changes = (values.deposits_cleared, values.iga_cleared, values.proliferation_resolved,
+               values.foot_process_improved, values.lee_grade_improved)
+    assert changes == (True, True, False, False, True)
+    assert (values.decline_40_on, values.decline_57_on) == (date(2015, 1, 1), None)
+    days = (date(2015, 1, 1) - start).days
+    assert (values.composite_endpoint, values.composite_endpoint_days) == ("decline_40", days)
+    assert values.composite_endpoint_years == days / 365.25
+    assert (values.kidney_failure_competing, values.kidney_failure_competing_days) == (None, (date(2015, 1, 29) - start).days)
+
+
+async def test_an_erasure_deletes_the_adverse_events_and_urine_results_with_the_patient(
+    projection: MemoryProjectionStore, feed: Feed
+) -> None:
+    store = open_store("memory://", codec=KeyMirror())
+    await project(store, projection, [patient_stream(feed, enrolled(), 1),
+                                      patient_stream(feed, adverse_event("AE-1", "flushing", date(2014, 3, 11)), 2)])
+    await project(store, projection, [lab(feed, upcr("U1", 1.0, "2014-03-01"), 2)])
+    await project(store, projection, parsed(feed, "enrollment", PatientDataErased(subject_id=SID, erased_on=NOW.date())))
+    await project(store, projection, [lab(feed, upcr("U2", 0.5, "2015-03-01"), 2)])  # a late one
+    assert projection.committed.patients[1] == {} and projection.committed.timeline[1] == {}
 
 
 # --- the rebuild's steps -------------------------------------------------------------------------

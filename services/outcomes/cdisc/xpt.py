@@ -1,0 +1,46 @@
+"""SAS transport version 5 (``.xpt``), the format FDA accepts for SDTM and ADaM, via pyreadstat.
+
+Names, labels and character values already respect v5's limits (:mod:`.model`); here the values
+become SAS's two types: character (a missing value is blank: SAS has no null text) and numeric
+(missing is ``.``; an ADaM date is days since 1960-01-01, formatted ``DATE9.``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyreadstat
+
+from services.outcomes.cdisc.model import Dataset, Variable
+
+SAS_EPOCH = date(1960, 1, 1)
+MEDIA_TYPE = "application/x-sas-xport"
+
+
+def sas_date(day: date) -> int:
+    return (day - SAS_EPOCH).days
+
+
+def _column(variable: Variable, values: list[Any]) -> pd.Series:
+    if variable.character:
+        return pd.Series(["" if v is None else v for v in values], dtype=object)
+    if variable.kind == "sas_date":
+        values = [None if v is None else sas_date(v) for v in values]
+    return pd.Series([float("nan") if v is None else float(v) for v in values], dtype="float64")
+
+
+def to_xpt(dataset: Dataset) -> bytes:
+    """The dataset as a v5 transport file: one member named and labelled as the dataset."""
+    frame = pd.DataFrame({v.name: _column(v, dataset.column(v.name)) for v in dataset.variables})
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"{dataset.name.lower()}.xpt"
+        pyreadstat.write_xport(
+            frame, str(path), file_label=dataset.label, table_name=dataset.name, file_format_version=5,
+            column_labels=[v.label for v in dataset.variables],
+            variable_format={v.name: "DATE9." for v in dataset.variables if v.kind == "sas_date"},
+        )
+        return path.read_bytes()
