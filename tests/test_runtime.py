@@ -227,6 +227,13 @@ def test_run_moves_its_nats_off_a_taken_default_port_demo_finds_it_and_a_lost_na
                                   capture_output=True, text=True, timeout=240)
             assert demo.returncode == 0, demo.stdout + demo.stderr
             assert "Unrounded means" in demo.stdout and all(len(line) <= 80 for line in demo.stdout.splitlines())
+            printed = " ".join(demo.stdout.split())
+            assert "Safety (\"no significant side-effects\"): group A: 5 of 7 patients with adverse events, 0 serious, " \
+                   "0 significant and treatment-related; group B: 2 of 3" in printed, demo.stdout
+            assert "Proteinuria: group A: UPCR 2.64 g/g → 0.86 g/g, complete remission 1, partial 4; " \
+                   "group B: UPCR 1.73 g/g → 0.28 g/g, complete remission 2, partial 1" in printed, demo.stdout
+            assert "group B: 3 paired, mesangial deposits cleared in 3, IgA deposition cleared in 3, " \
+                   "Lee grade improved in 2" in printed, demo.stdout
             assert local_broker_url("outcomes", RuntimeSettings(var_dir=var)).endswith(f"@127.0.0.1:{port}")
 
             os.kill(children["nats"], signal.SIGKILL)
