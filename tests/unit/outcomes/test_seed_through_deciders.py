@@ -70,7 +70,7 @@ def measure(patient: SeedPatient, enrolled) -> list:
     known = labs.known_patient(enrolled)
     streams: dict[str, labs.ResultState | None] = {}
     events: list = []
-    for message in patient.lab_results:
+    for message in [*patient.lab_results, *patient.urine_results]:
         incoming = parse_broker_result(json.dumps(message).encode(), {"Nats-Msg-Id": message["message_id"]})
         decided = labs.decide_result(streams.get(incoming.result_id), incoming, known, now=NOW)
         for event in decided:
