@@ -148,8 +148,8 @@ class Service:
         self._announce_keys()
         await self.broker.connect()
         js = self.broker.connection.jetstream()
-        await ensure_streams(js, self.topology.all_streams(SERVICES))
-        await self.vault.connect(js)
+        await ensure_streams(js, self.topology.all_streams(SERVICES), replicas=self.settings.stream_replicas)
+        await self.vault.connect(js, replicas=self.settings.stream_replicas)
         # before the mirror loads any key; a database not answering yet is waited for
         for subject_id in await self.outages.outlast(lambda: erased_subjects(self.store)):
             self.vault.mark_erased(subject_id)
