@@ -12,6 +12,7 @@ stacks share one NATS server without seeing each other's events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import structlog
 from faststream.nats import JStream, NatsBroker, NatsToken, NatsUserPassword
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
@@ -167,16 +169,27 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             await ensure_replicas(js, config.name, config.num_replicas or 1)
 
 
-async def ensure_replicas(js: JetStreamContext, name: str, replicas: int) -> None:
+async def ensure_replicas(js: JetStreamContext, name: str, replicas: int, *, attempts: int = 5) -> None:
     """Raise an existing stream to ``replicas`` copies (JetStream copies its messages to the new
     peers by RAFT while it keeps serving); never lowers them: a stream an operator scaled up
-    stays so. :class:`NotFoundError` if there is no such stream."""
-    info = await js.stream_info(name)
-    current = info.config.num_replicas or 1
-    if current >= replicas:
-        return
-    log.warning("raising the replicas of a stream", stream=name, replicas_before=current, replicas=replicas)
-    await js.update_stream(replace(info.config, num_replicas=replicas))
+    stays so. :class:`NotFoundError` if there is no such stream.
+
+    Every service does this at start, so several often ask at once: a request that times out or
+    is refused meanwhile is answered by reading the stream again (another's update counts)."""
+    for attempt in range(attempts):
+        info = await js.stream_info(name)
+        current = info.config.num_replicas or 1
+        if current >= replicas:
+            return
+        if attempt == 0:
+            log.warning("raising the replicas of a stream", stream=name, replicas_before=current, replicas=replicas)
+        try:
+            await js.update_stream(replace(info.config, num_replicas=replicas))
+            return
+        except (NatsTimeoutError, BadRequestError) as error:
+            log.info("stream update not confirmed, reading the stream again", stream=name, error=repr(error))
+            await asyncio.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"stream {name} still has fewer than {replicas} replicas after {attempts} updates")
 
 
 def make_broker(url: str, *, name: str) -> NatsBroker:
