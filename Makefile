@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool
+.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool cluster
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -20,6 +20,9 @@ run: $(STAMP)  ## all five services + embedded NATS, SQLite under var/
 
 demo: $(STAMP)  ## load the published cohort into a running stack and print the table
 	$(BIN)/nephrotrack demo
+
+cluster:  ## 3 NATS nodes, R3 streams, 2 replicas of each service, with Docker Compose (deploy/README.md)
+	deploy/cluster.sh
 
 migrate: $(STAMP)
 	$(BIN)/nephrotrack migrate

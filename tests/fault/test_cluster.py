@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.broker import Topology, ensure_streams
-from shared.keys import bucket_name
+from shared.events import registry
+from shared.keys import bucket_name, key_name
 from shared.settings import SERVICES
 from tests.fault.cluster import NatsCluster
 from tests.fault.conftest import STACK_ENV, full_only
@@ -99,6 +102,40 @@ async def replicas_current(cluster: NatsCluster, client: nats.NATS, timeout: flo
         await asyncio.sleep(1.0)
 
 
+async def missing_from_the_log(stack: ClusterStack, client: nats.NATS) -> dict[str, int]:
+    """Per service: how many of the events it recorded (of the types it publishes) its stream no
+    longer holds — the log rebuilds and every other reader depend on."""
+    js = client.jetstream(timeout=5)
+    missing = {}
+    for service, url in stack.database_urls.items():
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as connection:
+                rows = (await connection.exec_driver_sql("SELECT event_type, count(*) FROM events GROUP BY event_type")).all()
+        finally:
+            await engine.dispose()
+        recorded = sum(n for event_type, n in rows if not registry.knows(event_type) or registry.model(event_type).published)
+        held = (await js.stream_info(TOPOLOGY.service_stream(service).name)).state.messages
+        if held < recorded:
+            missing[service] = recorded - held
+    return missing
+
+
+async def keys_lost(client: nats.NATS, ledger: Ledger, plans: list[PatientPlan]) -> int:
+    """Enrolled patients whose data key the bucket no longer holds: their data are unreadable to
+    any process that starts from now on (a restarted service, a rebuild of its own)."""
+    kv = await client.jetstream(timeout=5).key_value(bucket_name(TOPOLOGY))
+    lost = 0
+    for plan in plans:
+        if f"enroll:{plan.subject_id}" not in ledger.accepted:
+            continue
+        try:
+            await kv.get(key_name(plan.subject_id))
+        except nats.js.errors.KeyNotFoundError:
+            lost += 1
+    return lost
+
+
 async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPlan], *, down_for: float,
                            label: str) -> Outcome:
     outcome = Outcome()
@@ -131,6 +168,8 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
 
         async def faults(sender: Sender) -> None:
             await sender.wait_progress(0.3)
+            while sum(f"enroll:{plan.subject_id}" in sender.ledger.accepted for plan in plans) < len(plans) // 2:
+                await asyncio.sleep(0.1)  # mid-load for the clinics too: half the cohort enrolled
             cluster.kill(victim)
             for service in SERVICES:
                 stack.kill(service)
@@ -159,9 +198,17 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
         outcome.say(f"[{label}] rebuild == live: {not differences}")
         outcome.check(not differences, "rebuilt projection differs from the live one:\n" + "\n".join(differences[:10]))
 
+        gone = await missing_from_the_log(stack, operator)
+        keys = await keys_lost(operator, ledger, plans)
+        outcome.say(f"[{label}] events missing from the service streams: {gone or 'none'}; "
+                    f"patients' keys lost from the bucket: {keys}")
+        outcome.check(not gone, f"events missing from the service streams: {gone}")
+        outcome.check(keys == 0, f"patients' keys lost from the bucket: {keys}")
+
         waited, behind = caught_up[0]
         infos = await cluster.streams(operator)
-        outcome.say(f"[{label}] streams: " + ", ".join(f"{i.config.name}=R{i.config.num_replicas}" for i in infos)
+        outcome.say(f"[{label}] streams (replicas, first sequence): "
+                    + ", ".join(f"{i.config.name}=R{i.config.num_replicas}@{i.state.first_seq}" for i in infos)
                     + f"; every replica current {waited:.1f} s after {victim} returned"
                     + (f" — NOT within {CATCH_UP_SECONDS:.0f} s: {behind[:5]}" if behind else ""))
         outcome.check(not behind, f"replicas not current within {CATCH_UP_SECONDS:.0f} s: {behind[:10]}")
@@ -211,5 +258,6 @@ async def test_one_replica_loses_data(tmp_path: Path) -> None:
     outcome = await cluster_scenario(tmp_path, 1, make_plan(24, 100, seed=31), down_for=20.0, label="R1")
     print("[R1] failed as it must:\n  " + "\n  ".join(failure.splitlines()[0] for failure in outcome.failures))
     assert outcome.failures
-    data = [f for f in outcome.failures if f.startswith(("sent=", "rebuilt projection differs"))]
+    data = [f for f in outcome.failures
+            if f.startswith(("sent=", "rebuilt projection differs", "events missing", "patients' keys lost"))]
     assert data, f"R1 failed only on its replica count, not on the data: {outcome.failures}"
