@@ -19,8 +19,18 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from shared.settings import DatabaseSettings, ListenSettings, RuntimeSettings
-from tests.deploy.conftest import CONTRACT_PORTS, DEPLOY, MLLP_PORT, ROOT, SERVICES, environment, find_tool, load_yaml
-from tests.deploy.conftest import skip_loudly, yaml
+from tests.deploy.conftest import (
+    CONTRACT_PORTS,
+    DEPLOY,
+    MLLP_PORT,
+    ROOT,
+    SERVICES,
+    environment,
+    find_tool,
+    load_yaml,
+    skip_loudly,
+    yaml,
+)
 
 K8S = DEPLOY / "k8s"
 CRD_SCHEMAS = Path(__file__).parent / "crd_schemas"
