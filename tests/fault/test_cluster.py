@@ -6,7 +6,10 @@ of each service, then started again with its store wiped, so it catches up from 
 The nodes run the committed deploy/nats/ configuration (cluster/nats-{1,2,3}.conf, accounts.conf):
 each service connects as its own user to ``NATS_URL`` = all three nodes, the lab systems as
 ``lab``. Checked and printed: sent / accepted / rejected, lost = 0, duplicated = 0, the rebuilt
-projection equal to the live one, every stream with ``num_replicas=3`` and all its replicas
+projection equal to the live one, every message the log (service and lab streams) held before
+the loss still there,
+every enrolled patient's key still in the bucket, no dead letter, every stream with
+``num_replicas=3`` and all its replicas
 current within 60 s of the node's return, no surviving service exited, no 5xx but 503 with
 ``Retry-After``, no authentication or permission error in the nodes' logs, and the longest
 outage each client saw.
@@ -27,10 +30,8 @@ from pathlib import Path
 import nats
 import nats.js.errors
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.broker import Topology, ensure_streams
-from shared.events import registry
 from shared.keys import bucket_name, key_name
 from shared.settings import SERVICES
 from tests.fault.cluster import NatsCluster
@@ -38,7 +39,7 @@ from tests.fault.conftest import STACK_ENV, full_only
 from tests.fault.infra import FaultStack
 from tests.fault.load import PatientPlan, make_plan
 from tests.fault.send import Ledger, Sender, Target
-from tests.fault.verify import converge, rebuild_and_compare
+from tests.fault.verify import converge, read_stream, rebuild_and_compare
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -102,23 +103,23 @@ async def replicas_current(cluster: NatsCluster, client: nats.NATS, timeout: flo
         await asyncio.sleep(1.0)
 
 
-async def missing_from_the_log(stack: ClusterStack, client: nats.NATS) -> dict[str, int]:
-    """Per service: how many of the events it recorded (of the types it publishes) its stream no
-    longer holds — the log rebuilds and every other reader depend on."""
-    js = client.jetstream(timeout=5)
-    missing = {}
-    for service, url in stack.database_urls.items():
-        engine = create_async_engine(url)
-        try:
-            async with engine.connect() as connection:
-                rows = (await connection.exec_driver_sql("SELECT event_type, count(*) FROM events GROUP BY event_type")).all()
-        finally:
-            await engine.dispose()
-        recorded = sum(n for event_type, n in rows if not registry.knows(event_type) or registry.model(event_type).published)
-        held = (await js.stream_info(TOPOLOGY.service_stream(service).name)).state.messages
-        if held < recorded:
-            missing[service] = recorded - held
-    return missing
+LOG_STREAMS = (*(TOPOLOGY.service_stream(service).name for service in SERVICES),
+               TOPOLOGY.lab_results_stream.name, TOPOLOGY.lab_rejected_stream.name)
+
+
+async def log_contents(cluster: NatsCluster) -> dict[str, set[str]]:
+    """The messages of every stream of the log (service events, lab inputs and refusals), by
+    ``Nats-Msg-Id`` (every publisher of ours sets one)."""
+    contents = {}
+    for stream in LOG_STREAMS:
+        messages = await read_stream(cluster.url("operator"), stream)
+        contents[stream] = {headers.get("Nats-Msg-Id") or f"{subject}:{hash(data)}" for subject, data, headers in messages}
+    return contents
+
+
+def missing_from_the_log(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, int]:
+    """Per stream: messages it held before the loss and holds no longer."""
+    return {stream: len(held - after.get(stream, set())) for stream, held in before.items() if held - after.get(stream, set())}
 
 
 async def keys_lost(client: nats.NATS, ledger: Ledger, plans: list[PatientPlan]) -> int:
@@ -137,7 +138,7 @@ async def keys_lost(client: nats.NATS, ledger: Ledger, plans: list[PatientPlan])
 
 
 async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPlan], *, down_for: float,
-                           label: str) -> Outcome:
+                           label: str, load_deadline: float = 600.0) -> Outcome:
     outcome = Outcome()
     cluster = NatsCluster(tmp_path / "cluster")
     await cluster.start()
@@ -165,11 +166,13 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
                   if info.cluster and victim in {info.cluster.leader, *(p.name for p in info.cluster.replicas or [])}]
         outcome.say(f"[{label}] victim {victim} leads {KEY_STREAM} and holds {', '.join(sorted(hosted))}")
         caught_up: list[tuple[float, list[str]]] = []
+        logged: list[dict[str, set[str]]] = []  # the log just before the loss
 
         async def faults(sender: Sender) -> None:
             await sender.wait_progress(0.3)
             while sum(f"enroll:{plan.subject_id}" in sender.ledger.accepted for plan in plans) < len(plans) // 2:
                 await asyncio.sleep(0.1)  # mid-load for the clinics too: half the cohort enrolled
+            logged.append(await log_contents(cluster))
             cluster.kill(victim)
             for service in SERVICES:
                 stack.kill(service)
@@ -182,8 +185,13 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
         async with Sender(target, ledger) as sender:
             load = asyncio.create_task(sender.send(plans))
             await faults(sender)
-            await load
-        outcome.say(f"[{label}] load: {ledger.total} inputs answered in {time.monotonic() - started:.1f} s")
+            try:  # a client retries an input for up to 5 min: after a loss, a patient's inputs may each wait that long
+                await asyncio.wait_for(load, max(1.0, load_deadline - (time.monotonic() - started)))
+            except TimeoutError:
+                outcome.check(False, f"the load did not finish within {load_deadline:.0f} s: "
+                                     f"{ledger.total - ledger.answered} inputs unanswered")
+        outcome.say(f"[{label}] load: {ledger.answered} of {ledger.total} inputs answered in "
+                    f"{time.monotonic() - started:.1f} s")
 
         alive = Target(urls=survivors, mllp_ports=[stack.extra_mllp_ports[second["labs"]]],
                        nats_url=target.nats_url, reader_nats_url=target.reader_nats_url)
@@ -198,12 +206,14 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
         outcome.say(f"[{label}] rebuild == live: {not differences}")
         outcome.check(not differences, "rebuilt projection differs from the live one:\n" + "\n".join(differences[:10]))
 
-        gone = await missing_from_the_log(stack, operator)
+        gone = missing_from_the_log(logged[0], await log_contents(cluster))
         keys = await keys_lost(operator, ledger, plans)
-        outcome.say(f"[{label}] events missing from the service streams: {gone or 'none'}; "
-                    f"patients' keys lost from the bucket: {keys}")
-        outcome.check(not gone, f"events missing from the service streams: {gone}")
+        dead = (await operator.jetstream(timeout=5).stream_info(TOPOLOGY.dead_letter_stream.name)).state.messages
+        outcome.say(f"[{label}] messages of the log before the loss missing after it: {gone or 'none'}; "
+                    f"patients' keys lost from the bucket: {keys}; dead letters: {dead}")
+        outcome.check(not gone, f"messages of the log lost: {gone}")
         outcome.check(keys == 0, f"patients' keys lost from the bucket: {keys}")
+        outcome.check(dead == 0, f"messages dead-lettered: {dead}")
 
         waited, behind = caught_up[0]
         infos = await cluster.streams(operator)
@@ -255,9 +265,11 @@ async def test_node_with_the_labs_and_key_leaders_lost_with_its_disk(tmp_path: P
 @full_only
 async def test_one_replica_loses_data(tmp_path: Path) -> None:
     """Sensitivity: with ``NEPHROTRACK_STREAM_REPLICAS=1`` the same loss is not survived."""
-    outcome = await cluster_scenario(tmp_path, 1, make_plan(24, 100, seed=31), down_for=20.0, label="R1")
+    outcome = await cluster_scenario(tmp_path, 1, make_plan(24, 100, seed=31), down_for=20.0, label="R1",
+                                     load_deadline=240.0)
     print("[R1] failed as it must:\n  " + "\n  ".join(failure.splitlines()[0] for failure in outcome.failures))
     assert outcome.failures
     data = [f for f in outcome.failures
-            if f.startswith(("sent=", "rebuilt projection differs", "events missing", "patients' keys lost"))]
+            if f.startswith(("sent=", "rebuilt projection differs", "messages of the log lost", "patients' keys lost",
+                             "messages dead-lettered"))]
     assert data, f"R1 failed only on its replica count, not on the data: {outcome.failures}"
