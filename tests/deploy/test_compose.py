@@ -233,6 +233,15 @@ def test_nats_auth_override_gives_each_service_its_own_user() -> None:
     assert referenced <= set(environment(override["nats"]))
 
 
+def test_haproxy_accepts_the_front_door_configuration() -> None:
+    haproxy = find_tool("haproxy")
+    if haproxy is None:
+        skip_loudly("haproxy not installed (Debian: apt-get install haproxy): the front door configuration not checked")
+    result = subprocess.run([haproxy, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_cluster_override_runs_r3_and_two_replicas_of_every_service_on_all_three_nodes() -> None:
     override = load_yaml(CLUSTER_OVERRIDE)["services"]
     nodes = {"nats", "nats-2", "nats-3"}
