@@ -16,7 +16,9 @@ outage each client saw.
 
 Sensitivity: the same scenario with ``NEPHROTRACK_STREAM_REPLICAS=1`` fails (the wiped node took
 the only copy of its streams, and of every patient's key, with it) — :func:`test_one_replica_loses_data`.
-The numbers of both runs are in docs/robustness.md. ``make test`` runs the short scenario;
+The numbers of both runs are in docs/robustness.md. Before all that, one client shows the
+failover itself: credentials on the first node of ``NATS_URL`` only, that node killed, the client
+goes on at another as the same user. ``make test`` runs that and the short scenario;
 ``make test-faults`` (``NEPHROTRACK_FAULTS=full``) the long one and the sensitivity run.
 """
 
@@ -28,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 
-from shared.broker import Topology, ensure_streams
+from shared.broker import Topology, ensure_streams, nats_connect_options
 from shared.keys import bucket_name, key_name
 from shared.settings import SERVICES
 from tests.fault.cluster import NatsCluster
@@ -167,12 +170,15 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
         outcome.say(f"[{label}] victim {victim} leads {KEY_STREAM} and holds {', '.join(sorted(hosted))}")
         caught_up: list[tuple[float, list[str]]] = []
         logged: list[dict[str, set[str]]] = []  # the log just before the loss
+        moved: list[str] = []  # the services' users connected to the victim when it died
 
         async def faults(sender: Sender) -> None:
             await sender.wait_progress(0.3)
             while sum(f"enroll:{plan.subject_id}" in sender.ledger.accepted for plan in plans) < len(plans) // 2:
                 await asyncio.sleep(0.1)  # mid-load for the clinics too: half the cohort enrolled
             logged.append(await log_contents(cluster))
+            connections = cluster.nodes[victim].monitor("connz?auth=true&limit=1024").get("connections") or []
+            moved.extend(c["authorized_user"] for c in connections if c.get("authorized_user") in SERVICES)
             cluster.kill(victim)
             for service in SERVICES:
                 stack.kill(service)
@@ -226,6 +232,9 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
             outcome.check("raising the replicas of a stream" in stack.logs(),
                           f"{TOPOLOGY.lab_rejected_stream.name} created with one replica was not raised (logged)")
 
+        outcome.say(f"[{label}] service connections on {victim} when it died (they reconnected to the other "
+                    f"nodes, authenticating with the credentials of NATS_URL's first server): {len(moved)} "
+                    f"({', '.join(sorted(set(moved)))})")
         exited = [name for name, process in stack.extra.items() if process.poll() is not None]
         outcome.check(not exited, f"services exited: {exited}")
         bad = {answer: n for answer, n in ledger.server_errors.items() if not answer.endswith(" 503")}
@@ -247,6 +256,39 @@ def assert_held(outcome: Outcome) -> None:
 
 
 # --------------------------------------------------------------------------- make test
+
+
+async def test_a_client_whose_node_dies_reconnects_to_another_and_authenticates(tmp_path: Path) -> None:
+    """``NATS_URL`` with the credentials on the first node only: the client connected to that node
+    goes on, after it is SIGKILLed, on another node of the list — as the same user."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    await cluster.start()
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    client = await nats.connect(**nats_connect_options(cluster.url("labs"), dont_randomize=True,
+                                                       reconnected_cb=on_reconnect, reconnect_time_wait=0.2))
+    try:
+        first = client.connected_url
+        assert first is not None and first.port == cluster.nodes["nats-1"].client_port
+        assert first.username is None, "the credentials travel as options, not in the server's URL"
+        cluster.kill("nats-1")
+        await asyncio.wait_for(reconnected.wait(), 30)
+        assert client.connected_url is not None and client.connected_url.port != first.port
+        deadline = time.monotonic() + 30
+        while True:  # the labs user's JetStream answers there, once the meta leader is elected again
+            try:
+                assert await client.jetstream(timeout=2).account_info() is not None
+                break
+            except nats.errors.TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+    finally:
+        await client.close()
+        cluster.stop()
+    assert not cluster.log_trouble(), cluster.log_trouble()
 
 
 async def test_node_with_the_labs_and_key_leaders_lost_with_its_disk_short(tmp_path: Path) -> None:
