@@ -84,6 +84,10 @@ class Topology:
         ]
 
 
+class NatsUrlError(ValueError):
+    """``NATS_URL`` names no server, or its servers carry different credentials."""
+
+
 @dataclass(frozen=True)
 class NatsServers:
     """``NATS_URL`` taken apart: one server or several, comma-separated, and the credentials.
@@ -112,9 +116,9 @@ class NatsServers:
             host = parts.netloc.rpartition("@")[2]
             servers.append(urlunsplit(parts._replace(netloc=host)))
         if not servers:
-            raise ValueError("NATS_URL names no server")
+            raise NatsUrlError("NATS_URL names no server")
         if len(credentials) > 1:
-            raise ValueError("NATS_URL: the servers of one NATS_URL must carry the same credentials (or only the first)")
+            raise NatsUrlError("NATS_URL: its servers must carry the same credentials (or only the first one any)")
         user, password = credentials.pop() if credentials else (None, None)
         return cls(tuple(servers), user, password)
 

@@ -24,7 +24,7 @@ from shared.auth import (
     AuthConfigError,
     KeyRing,
 )
-from shared.broker import Topology, ensure_streams, make_broker
+from shared.broker import NatsUrlError, Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import keep_statistics
 from shared.erasures import erased_subjects
@@ -276,6 +276,6 @@ def run_service(name: str, create_app: Callable[[Service], FastAPI]) -> None:
     """Entry point of a service process (``python -m services.<name>``)."""
     try:
         service = Service(name)
-    except AuthConfigError as exc:
+    except (AuthConfigError, NatsUrlError) as exc:
         raise SystemExit(f"{name}: {exc}") from None
     service.serve(create_app(service))
