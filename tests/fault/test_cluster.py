@@ -232,9 +232,9 @@ async def cluster_scenario(tmp_path: Path, replicas: int, plans: list[PatientPla
             outcome.check("raising the replicas of a stream" in stack.logs(),
                           f"{TOPOLOGY.lab_rejected_stream.name} created with one replica was not raised (logged)")
 
-        outcome.say(f"[{label}] service connections on {victim} when it died (they reconnected to the other "
-                    f"nodes, authenticating with the credentials of NATS_URL's first server): {len(moved)} "
-                    f"({', '.join(sorted(set(moved)))})")
+        outcome.say(f"[{label}] service connections on {victim} when it died: {len(moved)} "
+                    f"({', '.join(sorted(set(moved))) or 'none'}; a surviving replica's reconnects to another node "
+                    f"with the credentials NATS_URL gives once)")
         exited = [name for name, process in stack.extra.items() if process.poll() is not None]
         outcome.check(not exited, f"services exited: {exited}")
         bad = {answer: n for answer, n in ledger.server_errors.items() if not answer.endswith(" 503")}
