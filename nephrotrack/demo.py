@@ -38,7 +38,7 @@ from nephrotrack.credentials import API_KEYS_FILE, read_env_file
 from nephrotrack.seed import ABSTRACT, EXPECTED_BIOPSIES, EXPECTED_COHORTS, SEED, Body, SeedPatient
 from shared.auth import ENV_VAR as API_KEYS_VAR
 from shared.auth import first_key_with_role
-from shared.broker import LAB_RESULTS_SUBJECT
+from shared.broker import LAB_RESULTS_SUBJECT, nats_connect_options
 from shared.settings import DEFAULT_PORTS
 
 WAIT_SECONDS = 120.0
@@ -179,8 +179,9 @@ async def _lab_broker(stack: Stack) -> Any:
     user = stack.keys.get("NEPHROTRACK_LAB_NATS_USER")
     password = stack.keys.get("NEPHROTRACK_LAB_NATS_PASSWORD")
     try:
-        client = await nats.connect(stack.nats_url, user=user, password=password, connect_timeout=5,
-                                    max_reconnect_attempts=0)
+        credentials = {"user": user, "password": password} if user and password else {}
+        client = await nats.connect(**nats_connect_options(stack.nats_url, connect_timeout=5, max_reconnect_attempts=0,
+                                                           **credentials))
     except Exception as exc:
         raise DemoError(f"cannot reach NATS at {stack.nats_url} ({exc!r}); is `nephrotrack run` running?") from exc
     try:

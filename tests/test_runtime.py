@@ -297,6 +297,15 @@ def test_an_embedded_nats_that_cannot_listen_stops_the_run_instead_of_counting_a
             supervisor._start_embedded_nats(nats)
 
 
+def test_replicated_streams_on_the_embedded_single_node_stop_the_run_naming_the_way_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NATS_URL", "NEPHROTRACK_SUBJECT_PREFIX", "NEPHROTRACK_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    supervisor = Supervisor(RuntimeSettings(var_dir=tmp_path / "var", stream_replicas=3))
+    with pytest.raises(SystemExit, match="NEPHROTRACK_STREAM_REPLICAS=3: the embedded NATS is one node.*NATS_URL"):
+        supervisor.prepare_credentials()
+
+
 def test_the_record_of_a_stopped_or_killed_run_is_not_a_running_stack(tmp_path: Path) -> None:
     stack = running.RunningStack(pid=os.getpid(), started_at="2026-12-05T00:00:00+00:00", http={},
                                  mllp="127.0.0.1:2575", nats_url="nats://127.0.0.1:4333", nats_embedded=True)
