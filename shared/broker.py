@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -26,6 +25,8 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shared.settings import RuntimeSettings
+
 log = structlog.get_logger(__name__)
 
 LAB_RESULTS_SUBJECT = "labs.results"
@@ -34,7 +35,7 @@ DUPLICATE_WINDOW_SECONDS = 600.0
 
 
 def subject_prefix() -> str:
-    return os.environ.get("NEPHROTRACK_SUBJECT_PREFIX", "nephrotrack")
+    return RuntimeSettings().subject_prefix
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,10 @@ async def ensure_replicas(js: JetStreamContext, name: str, replicas: int, *, att
     raise RuntimeError(f"stream {name} still has fewer than {replicas} replicas after {attempts} updates")
 
 
-def make_broker(url: str, *, name: str) -> NatsBroker:
+def make_broker(url: str, *, name: str, log: bool = False) -> NatsBroker:
     """A FastStream NATS broker that reconnects forever: an outage delays, never kills, a service.
-    ``url``: ``NATS_URL``, one server or several (:class:`NatsServers`)."""
+    ``url``: ``NATS_URL``, one server or several (:class:`NatsServers`); ``log``: FastStream's own
+    log lines (``NEPHROTRACK_BROKER_LOG``)."""
     servers = NatsServers.parse(url)
     return NatsBroker(
         list(servers.servers),
@@ -207,5 +209,5 @@ def make_broker(url: str, *, name: str) -> NatsBroker:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
-        logger=None if os.environ.get("NEPHROTRACK_BROKER_LOG") is None else logging.getLogger("faststream"),
+        logger=logging.getLogger("faststream") if log else None,
     )

@@ -53,7 +53,7 @@ class Service:
         self.store = open_store(
             database or database_url(name, self.settings), subject_for=self._subject_for, codec=SealingCodec(self.vault)
         )
-        self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}")
+        self.broker = make_broker(self.settings.broker_url(), name=f"nephrotrack-{name}", log=self.settings.broker_log)
         self.consumers: list[DurableConsumer] = []
         self.outages = Outages({
             Dependency.STORE: self.store.ping,

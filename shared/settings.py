@@ -24,6 +24,10 @@ class RuntimeSettings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5, alias="NEPHROTRACK_STREAM_REPLICAS")
     """Copies JetStream keeps of every stream and of the key bucket the services create (3 on a
     three-node cluster: any one node may be lost with its disk); existing ones are raised to it."""
+    subject_prefix: str = Field(default="nephrotrack", min_length=1, alias="NEPHROTRACK_SUBJECT_PREFIX")
+    """First token of every subject and stream name (tests give each run its own)."""
+    broker_log: bool = Field(default=False, alias="NEPHROTRACK_BROKER_LOG")
+    """FastStream's own log lines (connections, subscriptions), for debugging the broker wiring."""
     host: str = Field(default="127.0.0.1", alias="NEPHROTRACK_HOST")
     log_level: str = Field(default="info", alias="NEPHROTRACK_LOG_LEVEL")
     gc: Literal["service", "default"] = Field(default="service", alias="NEPHROTRACK_GC")
