@@ -59,6 +59,13 @@ class Freshness:
     sources: list[SourceFreshness]
     lock: str | None = None
     as_of: datetime | None = None
+    locked_at: datetime | None = None
+
+    @property
+    def answered_at(self) -> datetime | None:
+        """The past moment answered (a lock's time, or ``as_of``); None for a live answer. What
+        a file export is stamped with, so that a past answer is the same bytes every time."""
+        return self.locked_at or self.as_of
 
     @property
     def position(self) -> str:
@@ -153,7 +160,8 @@ class OutcomesQueries:
             rows = await connection.execute(
                 select(s.source, s.last_sequence, s.last_event_recorded_at).where(s.generation == lock.generation)
             )
-            return self.freshness_of({row.source: row for row in rows}, lock.generation, lock=lock.name)
+            return self.freshness_of({row.source: row for row in rows}, lock.generation, lock=lock.name,
+                                     locked_at=lock.locked_at)
         rows = await connection.execute(
             select(_state.active_generation, s.source, s.last_sequence, s.last_event_recorded_at)
             .select_from(tables.projection_state.outerjoin(tables.sources, _active(tables.sources)))

@@ -20,13 +20,14 @@ from services.outcomes.cdisc.source import KINDS, study_data
 from services.outcomes.queries import PatientRecord
 from services.outcomes.viewpoint import Viewpoint
 
-Writer = Callable[[Dataset, datetime | None], bytes]
+Writer = Callable[[Dataset, datetime | None, datetime | None], bytes]
 
 FORMATS: dict[str, tuple[str, Writer]] = {
-    "xpt": (xpt.MEDIA_TYPE, lambda ds, _modified: xpt.to_xpt(ds)),
+    "xpt": (xpt.MEDIA_TYPE, lambda ds, created, _modified: xpt.to_xpt(ds, created)),
     "json": (dataset_json.MEDIA_TYPE,
-             lambda ds, modified: dataset_json.to_dataset_json(ds, datetime.now(UTC), modified)),
+             lambda ds, created, modified: dataset_json.to_dataset_json(ds, created or datetime.now(UTC), modified)),
 }
+"""Each writer takes the dataset, the creation time to write (None: now) and when the data last changed."""
 
 _RESPONSES = {
     200: {"content": {xpt.MEDIA_TYPE: {}, dataset_json.MEDIA_TYPE: {}},
@@ -55,7 +56,7 @@ def cdisc_routes(viewpoint: Callable[..., Viewpoint]) -> APIRouter:
             records = await view.enrolled_records(KINDS)
 
         def written(rows: list[PatientRecord]) -> bytes:
-            return write(build(study_data(rows)), freshness.updated_at)
+            return write(build(study_data(rows)), freshness.answered_at, freshness.updated_at)
 
         body = await asyncio.to_thread(written, records)
         return Response(body, media_type=media_type, headers={
