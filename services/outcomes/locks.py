@@ -54,7 +54,7 @@ EVENTS: tuple[type[DomainEvent], ...] = (AnalysisLocked,)
 
 def check_name(name: str) -> str:
     """The name, if the rules allow it (:data:`NAME_PATTERN`)."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # not match: "$" would let a final newline through
         raise LockNameInvalid(
             f"lock name {name[:80]!r} is not allowed: 1 to 64 letters, digits, '.', '_' or '-', "
             "beginning with a letter or digit"
