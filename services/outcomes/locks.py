@@ -54,12 +54,17 @@ EVENTS: tuple[type[DomainEvent], ...] = (AnalysisLocked,)
 
 def check_name(name: str) -> str:
     """The name, if the rules allow it (:data:`NAME_PATTERN`)."""
-    if not _NAME.fullmatch(name):  # not match: "$" would let a final newline through
+    if not is_valid_name(name):
         raise LockNameInvalid(
             f"lock name {name[:80]!r} is not allowed: 1 to 64 letters, digits, '.', '_' or '-', "
             "beginning with a letter or digit"
         )
     return name
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether the rules allow the name (a name they refuse names no lock, whatever it holds)."""
+    return _NAME.fullmatch(name) is not None  # not match: "$" would let a final newline through
 
 
 def stream_id(name: str) -> str:

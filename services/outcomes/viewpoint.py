@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import HTTPException, Query, Response
 
+from services.outcomes.locks import is_valid_name
 from services.outcomes.queries import OutcomesQueries
 from services.outcomes.reading import ProjectionView, SqlView
 from services.outcomes.time_travel import LogUnavailable, TimeTravel
@@ -35,7 +36,10 @@ def parse_as_of(value: str) -> datetime:
     if moment.tzinfo is None:
         raise HTTPException(422, f"as_of {value[:60]!r} has no offset: give one (Z for UTC, or e.g. +02:00), "
                                  "a naive time is ambiguous")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise HTTPException(422, f"as_of {value[:60]!r} is outside the years 1 to 9999 in UTC") from None
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ class Viewpoint:
             return
         async with self.queries.snapshot() as connection:
             lock = None
-            if self.lock is not None:
-                lock = await self.queries.lock(connection, self.lock)
+            if self.lock is not None:  # a name the rules refuse (a NUL byte, say) is not looked up
+                lock = await self.queries.lock(connection, self.lock) if is_valid_name(self.lock) else None
                 if lock is None:
                     raise HTTPException(404, f"no analysis lock is named {self.lock[:80]!r}; GET /v1/locks lists them")
             view = SqlView(self.queries, connection, await self.queries.freshness(connection, lock),

@@ -177,6 +177,8 @@ async def test_bad_time_travel_parameters_are_refused_with_their_reason(
             ("as_of=2026-01-01T00:00:00+01:00", 422, "%2B"),  # '+' unencoded reads as a space
             ("as_of=2026-01-01T00:00:00Z&lock=interim", 422, "exclude each other"),
             ("lock=nobody-made-this", 404, "no analysis lock"),
+            ("lock=nul%00byte", 404, "no analysis lock"),  # never sent to PostgreSQL (text holds no NUL)
+            ("as_of=0001-01-01T00:00:00%2B14:00", 422, "outside the years"),
         ]:
             for path in ("/v1/cohorts", "/v1/freshness", "/v1/cohorts/B/safety", "/v1/export/sdtm/dm.json"):
                 response = await api.get(f"{path}?{query}")

@@ -216,7 +216,7 @@ def test_as_of_is_an_rfc_3339_time_read_in_utc(value: str, expected: datetime) -
 
 @pytest.mark.parametrize(("value", "reason"), [
     ("2026-06-30T23:59:59", "no offset"), ("2026-06-30", "no offset"), ("last tuesday", "not an RFC 3339"),
-    ("2026-06-30T23:59:59 02:00", "%2B"),
+    ("2026-06-30T23:59:59 02:00", "%2B"), ("0001-01-01T00:00:00+14:00", "outside the years"),
 ])
 def test_a_naive_or_unreadable_as_of_is_refused_with_the_reason(value: str, reason: str) -> None:
     with pytest.raises(HTTPException) as refused:
