@@ -444,7 +444,7 @@ async def _delete(js: nats.js.JetStreamContext, stream: str, sequences: list[int
 
 async def run(tmp: str) -> str:
     # Letters only: a random hex tag holds six digits in a row about one run in ten, and labs rightly
-    # refuses subject ids with such a run as medical record numbers (services/labs/domain.py).
+    # refuses subject ids with such a run as medical record numbers (services/labs/catalogue.py).
     prefix = "bench" + "".join(random.choices(string.ascii_lowercase, k=8))
     nc = await nats.connect(NATS_URL)
     try:

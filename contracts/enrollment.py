@@ -73,6 +73,9 @@ class BiopsyRecorded(DomainEvent):
 Intervention = Literal["mp_pulse", "cell_infusion", "fat_harvest"]
 """What an adverse event may be related to: the protocol's three interventions."""
 Causality = Literal["unrelated", "unlikely", "possible", "probable", "definite"]
+TREATMENT_RELATED_CAUSALITIES: frozenset[str] = frozenset({"possible", "probable", "definite"})
+"""An adverse event is treatment-related when it names an intervention (``related_to``) with one
+of these causalities (contract: "Clinical evidence (v2)")."""
 AdverseEventOutcome = Literal["recovered", "recovering", "not_recovered", "recovered_with_sequelae", "fatal", "unknown"]
 CtcaeGrade = Literal[1, 2, 3, 4, 5]
 """CTCAE v5: 1 mild, 2 moderate, 3 severe, 4 life-threatening, 5 death related to the AE."""

@@ -38,6 +38,9 @@ LABELS: dict[str, str] = {
     "dependency": "what a service's consumers wait for in an outage: `store`, `broker`, `key_vault` "
     "(shared/outages.py)",
     "reason": "a lab rejection code (`unknown_loinc`, `unknown_unit`, …: a closed set in the labs service)",
+    "grade": "an adverse event's CTCAE v5 grade: `1` … `5`",
+    "treatment_related": "`true` when the adverse event names an intervention with a possible, probable or "
+    "definite causality (the contract's *treatment-related*), else `false`",
 }
 
 UNITS = {"_seconds": "seconds", "_bytes": "bytes"}

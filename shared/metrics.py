@@ -82,6 +82,12 @@ LAB_RESULTS_PARKED = Gauge(
     "nephrotrack_lab_results_parked",
     "Lab results held because their subject is not enrolled (yet) with the labs service.",
 )
+SERIOUS_ADVERSE_EVENTS = Counter(
+    "nephrotrack_serious_adverse_events_total",
+    "Enrollment: adverse events reported serious (counted once each, when a report first makes one serious), "
+    "by CTCAE grade (1-5) and treatment_related (true/false).",
+    ["grade", "treatment_related"],
+)
 ERASURE_PURGES_PENDING = Gauge(
     "nephrotrack_erasure_purges_pending",
     "Labs: erased patients whose lab messages in clear (labs.results, labs.rejected, the labs stream's "

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import APIRouter, FastAPI
@@ -28,18 +28,19 @@ from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import keep_statistics
 from shared.erasures import erased_subjects
-from shared.events import CommandContext, DomainEvent, Envelope, registry
+from shared.events import DomainEvent, Envelope, registry
 from shared.http import build_app, serve
 from shared.keys import KeyVault, bucket_name
 from shared.outages import Dependency, Outages
 from shared.relay import OutboxRelay
 from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
-from shared.store import PostgresEventStore, UnitOfWork, open_store
+from shared.store import PostgresEventStore, open_store
+from shared.store.base import Work
 
 log = structlog.get_logger(__name__)
 
-Decide = Callable[[list[DomainEvent]], Sequence[DomainEvent]]
+T = TypeVar("T")
 BackgroundTask = Callable[[], Awaitable[None]]
 
 class Service:
@@ -74,24 +75,13 @@ class Service:
         if self.relay is not None:
             self.relay.notify()
 
-    async def execute(
-        self, stream_id: str, decide: Decide, context: CommandContext, *, retries: int = 10
-    ) -> list[Envelope]:
-        """Load a stream, decide on its history, append with optimistic concurrency.
-
-        A concurrent writer makes the append fail with ConcurrencyError; the command is then
-        decided again on the new history (``EventStore.transact``), so no write is ever lost and
-        no rule is skipped.
-        """
-
-        async def decide_and_append(uow: UnitOfWork) -> list[Envelope]:
-            history = await uow.read_stream(stream_id)
-            new_events = decide([envelope.decode() for envelope in history])
-            return await uow.append(stream_id, new_events, len(history), context)
-
-        envelopes = await self.store.transact(decide_and_append, retries=retries)
+    async def transact(self, work: Work[T]) -> T:
+        """Run a use case in one unit of work (``EventStore.transact``: run again on a concurrent
+        write, 409 when the conflict outlasts the retries), then wake the relay for what it
+        recorded."""
+        result = await self.store.transact(work)
         self.wake_relay()
-        return envelopes
+        return result
 
     def declare_published(self, *models: type[DomainEvent]) -> None:
         """Declare the events this service publishes, for its AsyncAPI document (the relay does

@@ -8,15 +8,17 @@ test stack can run beside anything else on the machine (including the machine's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import httpx
+import nats
 
 from shared.database import migrate
 from shared.settings import DEFAULT_PORTS
@@ -134,3 +136,20 @@ async def eventually(check, timeout: float = 20.0, interval: float = 0.2):  # ty
             last = exc
         await asyncio.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout}s; last: {last!r}")
+
+
+@contextlib.asynccontextmanager
+async def running(stack: Stack) -> AsyncIterator[nats.js.JetStreamContext]:
+    """The stack started, and JetStream on its NATS for the test to read; on exit the stack is
+    stopped and the streams of its subject prefix deleted."""
+    client = await nats.connect(stack.env["NATS_URL"])
+    try:
+        await stack.start()
+        yield client.jetstream()
+    finally:
+        await stack.stop()
+        js = client.jetstream()
+        for name in [s.config.name for s in await js.streams_info()]:
+            if name.startswith(stack.prefix.upper()):
+                await js.delete_stream(name)
+        await client.drain()

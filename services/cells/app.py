@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from contracts import cells, deviations, register_all
 from contracts.deviations import DeviationCode
-from services.cells.api import LOT_STREAM_PREFIX, routes
+from services.cells.api import routes
+from services.cells.handlers import LOT_STREAM_PREFIX
 from services.clinical import (
     STATUS_STREAM_PREFIX,
     ClinicalSettings,

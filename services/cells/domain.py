@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.cells import AdiposeTissueHarvested, CellLotFailedQc, CellLotReleased, CellsInfused
 from contracts.deviations import DeviationCode, ProtocolDeviationDetected
-from contracts.enrollment import Group, PatientEnrolled
+from services.clinical.patients import KnownPatient
 from shared.clinical_dates import check_clinical_date
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
@@ -46,19 +46,6 @@ MAX_INFUSION_CELLS = TARGET_INFUSION_CELLS * (1 + INFUSION_DOSE_TOLERANCE)
 MAX_INFUSIONS = 4
 
 LotStatus = Literal["harvested", "released", "failed_qc", "infused"]
-
-
-@dataclass(frozen=True)
-class KnownPatient:
-    """The enrollment facts cell processing needs, learned from ``PatientEnrolled``."""
-
-    subject_id: str
-    group: Group
-    enrolled_on: date
-
-    @classmethod
-    def from_enrolled(cls, enrolled: PatientEnrolled) -> KnownPatient:
-        return cls(subject_id=enrolled.subject_id, group=enrolled.group, enrolled_on=enrolled.enrolled_on)
 
 
 # --------------------------------------------------------------------------- commands

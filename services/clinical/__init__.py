@@ -1,5 +1,6 @@
 """What the clinical command services (pulse, cells) learn from enrollment's events, and the
-adapter plumbing they share.
+adapter plumbing they share. The patient their deciders take is
+:class:`services.clinical.patients.KnownPatient` (a pure module, for the domains).
 
 Enrollment's events are read from the broker by a durable consumer (``learn_from_enrollment``)
 and kept locally, in the service's own database, so no command ever calls enrollment:
@@ -22,19 +23,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.deviations import DeviationCode, ProtocolDeviationDetected
 from contracts.enrollment import PatientDied, PatientWithdrawn
 from shared import metrics
 from shared.consumer import InboundMessage
-from shared.errors import Invalid
-from shared.events import CommandContext, Envelope
-from shared.patients import EnrolledPatient, drop_erased_patients, readable, remember_enrollments, wait_for_patient
-from shared.service import Service
+from shared.errors import Invalid, NotFound
+from shared.events import CommandContext, DomainEvent, Envelope
+from shared.patients import (
+    EnrolledPatient,
+    drop_erased_patients,
+    find_patient,
+    readable,
+    remember_enrollments,
+    wait_for_patient,
+)
 from shared.store import EventStore, UnitOfWork
+
+if TYPE_CHECKING:  # the service shell is wiring's business; the deciders' imports stay light
+    from shared.service import Service
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ClinicalSettings(BaseSettings):
@@ -155,10 +169,35 @@ def expose_deviation_codes(codes: Iterable[DeviationCode]) -> None:
         metrics.PROTOCOL_DEVIATIONS.labels(code=code.value)
 
 
-def deviations_of(envelopes: Sequence[Envelope]) -> list[dict[str, str]]:
-    """``[{"code", "detail"}]`` of the deviations among ``envelopes`` (for command responses)."""
+class DeviationFound(BaseModel):
+    """A protocol deviation a command raised, as its response lists it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: DeviationCode
+    detail: str
+
+
+def recorded_with_deviations(model: type[M], envelopes: Sequence[Envelope]) -> M:
+    """A command's answer: the fact it recorded (the first envelope) as ``model``, with its event
+    id and the deviations it raised."""
+    fact = envelopes[0]
+    return model.model_validate({**fact.payload, "event_id": fact.event_id, "deviations": deviations_of(envelopes)})
+
+
+async def patient_history(store: EventStore, stream_id: str, subject_id: str) -> list[DomainEvent]:
+    """A read of the patient's stream in this service; 404 when it is empty and the patient is
+    not known either (a known patient with nothing recorded yet reads as empty)."""
+    history = await store.read_stream(stream_id)
+    if not history and await find_patient(store, subject_id) is None:
+        raise NotFound(f"no patient is enrolled with subject id {subject_id}")
+    return [envelope.decode() for envelope in history]
+
+
+def deviations_of(envelopes: Sequence[Envelope]) -> list[DeviationFound]:
+    """The deviations among ``envelopes`` (for command responses)."""
     return [
-        {"code": e.payload["code"], "detail": e.payload["detail"]}
+        DeviationFound(code=e.payload["code"], detail=e.payload["detail"])
         for e in envelopes
         if e.event_type == ProtocolDeviationDetected.event_type
     ]

@@ -1,42 +1,41 @@
-"""Enrollment's HTTP adapter: contract commands in, events out through the service shell."""
+"""Enrollment's HTTP adapter: each route parses the contract's request, runs its use case
+(services/enrollment/handlers.py) in one transaction, and answers with what was recorded."""
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Annotated, Any
+from uuid import UUID
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
+from services.enrollment import handlers
 from services.enrollment.domain import (
+    AdverseEvent,
     EnrollPatient,
     PatientView,
     RecordBiopsy,
     RecordClinicalEvent,
-    check_enrollable,
-    decide_enroll_patient,
-    decide_erase_patient,
-    decide_record_biopsy,
-    decide_record_clinical_event,
+    ReportAdverseEvent,
     fold,
     patient_view,
 )
 from services.enrollment.key_purge import KeyPurger
-from shared.clinical_dates import utc_today
-from shared.erasures import remember_erased
-from shared.errors import Conflict
 from shared.http import command_context
-from shared.keys import KeyErased
 from shared.service import Service
-from shared.store import ConcurrencyError
+
+AE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+"""A site's adverse event id: 1–64 letters, digits and ``._:-`` (it is kept in the event and
+echoed in answers, so it is bounded and cannot carry free text)."""
 
 
-def stream_id(subject_id: str) -> str:
-    return f"patient-{subject_id}"
+class AdverseEventOut(AdverseEvent):
+    """An adverse event as it stands after a report, and what the report did: ``reported``
+    (201), ``updated`` by a follow-up, or ``unchanged`` (a resend; ``event_id`` null)."""
 
-
-def erasure_stream_id(subject_id: str) -> str:
-    """The erasure event's own stream: recorded in clear (shared.sealing), apart from the
-    patient's sealed stream, which is unreadable once the key is gone."""
-    return f"erasure-{subject_id}"
+    subject_id: str
+    change: handlers.AdverseEventChange
+    event_id: UUID | None
 
 
 def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
@@ -44,39 +43,47 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
 
     @router.post("/patients", status_code=201, response_model=PatientView, summary="Enroll a patient")
     async def enroll(command: EnrollPatient, request: Request) -> PatientView:
-        today = utc_today()
-        check_enrollable(command, today=today)
-        try:
-            await service.vault.create(command.subject_id)  # before any payload needs it
-        except KeyErased:
-            raise Conflict(
-                f"subject {command.subject_id} was erased and cannot be enrolled again; use a new pseudonym",
-                code="erased",
-            ) from None
-        await service.execute(
-            stream_id(command.subject_id),
-            lambda history: decide_enroll_patient(fold(history), command, today=today),
-            command_context(request),
-        )
-        return await _view(command.subject_id)
+        use_case = handlers.Enroll(command, context=command_context(request))
+        await handlers.create_patient_key(use_case, service.vault)  # before any payload needs it
+        return await service.transact(partial(handlers.enroll, use_case))
 
     @router.post("/patients/{subject_id}/events", status_code=201, summary="Record dialysis, transplant, death or withdrawal")
     async def record_event(subject_id: str, command: RecordClinicalEvent, request: Request) -> dict[str, Any]:
-        envelopes = await service.execute(
-            stream_id(subject_id),
-            lambda history: decide_record_clinical_event(fold(history), command, subject_id, today=utc_today()),
-            command_context(request),
-        )
-        return {"subject_id": subject_id, "type": command.type, "on": command.on, "event_id": envelopes[0].event_id}
+        use_case = handlers.RecordEvent(subject_id, command, context=command_context(request))
+        recorded = await service.transact(partial(handlers.record_clinical_event, use_case))
+        return {"subject_id": subject_id, "type": command.type, "on": command.on, "event_id": recorded.event_id}
 
     @router.post("/patients/{subject_id}/biopsies", status_code=201, summary="Record follow-up biopsy findings")
     async def record_biopsy(subject_id: str, command: RecordBiopsy, request: Request) -> dict[str, Any]:
-        envelopes = await service.execute(
-            stream_id(subject_id),
-            lambda history: decide_record_biopsy(fold(history), command, subject_id, today=utc_today()),
-            command_context(request),
+        use_case = handlers.RecordBiopsyFindings(subject_id, command, context=command_context(request))
+        recorded = await service.transact(partial(handlers.record_biopsy, use_case))
+        return {"subject_id": subject_id, "performed_on": command.performed_on, "event_id": recorded.event_id}
+
+    @router.put(
+        "/patients/{subject_id}/adverse-events/{ae_id}",
+        status_code=201,
+        response_model=AdverseEventOut,
+        summary="Report an adverse event (201), or follow it up (200; the latest report is its state); "
+                "the same report again changes nothing (200)",
+        responses={200: {"model": AdverseEventOut, "description": "A follow-up report, or the same report again"}},
+    )
+    async def report_adverse_event(
+        subject_id: str,
+        ae_id: Annotated[str, Path(pattern=AE_ID_PATTERN)],
+        command: ReportAdverseEvent,
+        request: Request,
+        response: Response,
+    ) -> AdverseEventOut:
+        use_case = handlers.ReportAdverse(subject_id, ae_id, command, context=command_context(request))
+        recorded = await service.transact(partial(handlers.report_adverse_event, use_case))
+        if recorded.change != "reported":
+            response.status_code = 200
+        return AdverseEventOut(
+            **recorded.adverse_event.model_dump(),
+            subject_id=subject_id,
+            change=recorded.change,
+            event_id=recorded.event.event_id if recorded.event is not None else None,
         )
-        return {"subject_id": subject_id, "performed_on": command.performed_on, "event_id": envelopes[0].event_id}
 
     @router.post("/patients/{subject_id}/erasure", status_code=201,
                  summary="Erase a withdrawn patient's data (crypto-shredding); repeated: 200, same event")
@@ -86,33 +93,16 @@ def routes(service: Service, key_purger: KeyPurger) -> APIRouter:
         a key deletion that fails answers ``"key_purge": "pending"`` and the key purge job
         finishes it (services/enrollment/key_purge.py). Idempotent: a repeated call answers 200
         with the first erasure and deletes the key again if it is still there."""
-        context = command_context(request)
-        for _ in range(10):
-            try:
-                async with service.store.transaction() as uow:
-                    done = await uow.read_stream(erasure_stream_id(subject_id))
-                    if done:
-                        erased, response.status_code = done[0], 200
-                    else:
-                        history = await uow.read_stream(stream_id(subject_id))
-                        new_events = decide_erase_patient(fold(e.decode() for e in history), subject_id, utc_today())
-                        [erased] = await uow.append(erasure_stream_id(subject_id), new_events, 0, context)
-                        await remember_erased(uow, [subject_id])
-                break
-            except ConcurrencyError:  # a concurrent erasure of the same patient committed first
-                continue
-        else:
-            raise Conflict(f"the erasure of {subject_id} is being recorded concurrently; try again")
-        service.wake_relay()
-        key_purge = await key_purger.purge(subject_id, erased.event_id)
-        return {**erased.payload, "event_id": erased.event_id, "key_purge": key_purge}
+        use_case = handlers.Erase(subject_id, context=command_context(request))
+        erasure = await service.transact(partial(handlers.erase, use_case))
+        if not erasure.first:
+            response.status_code = 200
+        key_purge = await key_purger.purge(subject_id, erasure.event.event_id)
+        return {**erasure.event.payload, "event_id": erasure.event.event_id, "key_purge": key_purge}
 
     @router.get("/patients/{subject_id}", response_model=PatientView, summary="The patient, from their own stream")
     async def get_patient(subject_id: str) -> PatientView:
-        return await _view(subject_id)
-
-    async def _view(subject_id: str) -> PatientView:
-        history = await service.store.read_stream(stream_id(subject_id))
+        history = await service.store.read_stream(handlers.stream_id(subject_id))
         return patient_view(fold(e.decode() for e in history), subject_id)
 
     return router

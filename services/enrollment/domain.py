@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contracts.enrollment import (
+    TREATMENT_RELATED_CAUSALITIES,
     AdverseEventOutcome,
     AdverseEventReported,
     AdverseEventUpdated,
@@ -139,6 +140,11 @@ class AdverseEvent(ReportAdverseEvent):
     """An adverse event as it stands: its latest report, under its id."""
 
     ae_id: str
+
+    @property
+    def treatment_related(self) -> bool:
+        """Related to an intervention it names, with a possible, probable or definite causality."""
+        return bool(self.related_to) and self.causality in TREATMENT_RELATED_CAUSALITIES
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,16 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 
 from services.labs.broker_messages import MAX_PAYLOAD_BYTES, parse_broker_result
-from services.labs.domain import LabRejection, fold_result, raw_for_report, stream_id
-from services.labs.fhir_api import Ingestor
-from services.labs.ingest import LabIngestion, Refusal, lab_rejections, lab_result_index, parked_results
-from services.labs.purge import list_purges
+from services.labs.domain import fold_result, stream_id
+from services.labs.handlers import IngestResults, IngestRunner
+from services.labs.ingest import Labs, Refusal
+from services.labs.inputs import LabRejection
+from services.labs.purge import purge_view
 from shared.errors import NotFound
 from shared.events import Envelope
-from shared.service import Service
+from shared.store import EventStore
 
 
 def result_view(result_id: str, history: list[Envelope]) -> dict[str, Any]:
@@ -41,9 +41,9 @@ def result_view(result_id: str, history: list[Envelope]) -> dict[str, Any]:
     }
 
 
-def routes(service: Service, labs: LabIngestion) -> APIRouter:
+def routes(store: EventStore, labs: Labs, ingest: IngestRunner) -> APIRouter:
+    """A conflict that outlasts the command runner's retries answers 409 (shared.errors.Conflict)."""
     router = APIRouter(prefix="/v1", tags=["labs"])
-    ingestor = Ingestor(service, labs, "labs:http")
 
     @router.post(
         "/results",
@@ -51,6 +51,7 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
         responses={
             201: {"description": "recorded"}, 200: {"description": "already recorded (no effect)"},
             202: {"description": "subject not enrolled yet: held"}, 422: {"description": "refused, with the reason"},
+            409: {"description": "changed concurrently; nothing recorded, resend"},
         },
     )
     async def post_result(request: Request) -> JSONResponse:
@@ -64,10 +65,9 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
         try:
             result = parse_broker_result(data, headers)
         except LabRejection as rejection:
-            raw = rejection.raw if rejection.raw is not None else raw_for_report(data)
-            await ingestor.run([], [Refusal(rejection, "broker", raw)])
+            await ingest(IngestResults([], [Refusal.of_input(rejection, "broker", data)], actor="labs:http"))
             return JSONResponse({"detail": rejection.reason, "code": rejection.code}, status_code=422)
-        (outcome,) = await ingestor.run([result], [])
+        (outcome,) = await ingest(IngestResults([result], actor="labs:http"))
         if outcome.rejection is not None:
             return JSONResponse({"detail": outcome.rejection.reason, "code": outcome.rejection.code}, status_code=422)
         status = {"accepted": 201, "duplicate": 200, "parked": 202}[outcome.kind]
@@ -83,24 +83,17 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
 
     @router.get("/results/{result_id:path}", summary="One result id: effective eGFR and full history")
     async def get_result(result_id: str) -> dict[str, Any]:
-        history = await service.store.read_stream(stream_id(result_id))
+        history = await store.read_stream(stream_id(result_id))
         if not history:
             raise NotFound(f"no lab result {result_id}")
         return result_view(result_id, history)
 
     @router.get("/patients/{subject_id}/results", summary="A subject's results (effective values, history) and parked results")
     async def patient_results(subject_id: str) -> dict[str, Any]:
-        async with service.store.transaction() as uow:
-            rows = await uow.connection.execute(
-                select(lab_result_index.c.result_id).where(lab_result_index.c.subject_id == subject_id)
-            )
-            result_ids = [row.result_id for row in rows]
+        async with store.transaction() as uow:
+            result_ids = await labs.tables.result_ids_of(uow, subject_id)
             histories = await uow.read_streams([stream_id(r) for r in result_ids])
-            parked = (
-                await uow.connection.execute(
-                    select(parked_results).where(parked_results.c.subject_id == subject_id).order_by(parked_results.c.id)
-                )
-            ).all()
+            parked = await labs.tables.parked_for(uow, subject_id)
             patient = await uow.patients.find(subject_id)
         results = [result_view(r, histories[stream_id(r)]) for r in result_ids]
         results.sort(key=lambda view: (view["effective"] or {}).get("collected_at") or "")
@@ -123,13 +116,8 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
         source: Literal["broker", "mllp", "fhir"] | None = None,
         code: str | None = Query(None, max_length=64),
     ) -> list[dict[str, Any]]:
-        query = select(lab_rejections).order_by(lab_rejections.c.id.desc()).limit(limit)
-        if source:
-            query = query.where(lab_rejections.c.source == source)
-        if code:
-            query = query.where(lab_rejections.c.code == code)
-        async with service.store.engine.connect() as connection:
-            rows = (await connection.execute(query)).all()
+        async with store.transaction() as uow:
+            rows = await labs.tables.rejections(uow, limit=limit, source=source, code=code)
         return [
             {
                 "event_id": str(row.event_id),
@@ -149,7 +137,7 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
         summary="Purges of erased patients' lab messages in clear from the broker (operator), newest first",
     )
     async def erasures(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
-        async with service.store.engine.connect() as connection:
-            return await list_purges(connection, limit)
+        async with store.transaction() as uow:
+            return [purge_view(job) for job in await labs.tables.purges(uow, limit)]
 
     return router

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.labs.domain import IncomingResult, LabRejection, json_too_deep, measure, nested_too_deeply, show
+from services.labs.catalogue import measure
+from services.labs.inputs import IncomingResult, LabRejection, json_too_deep, nested_too_deeply, show
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MSG_ID_HEADER = "Nats-Msg-Id"

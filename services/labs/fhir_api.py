@@ -11,7 +11,9 @@ Answers (``Content-Type: application/fhir+json``):
 - refused: an OperationOutcome with the reason, ``400`` (not JSON, not an Observation, not valid
   FHIR, nested more than 64 levels deep), ``413`` (body over 1 MiB), ``415`` (content type), ``422`` (valid FHIR, but not a result
   we accept: code, unit, value, time, subject, …). Every refusal is also published on
-  ``labs.rejected``.
+  ``labs.rejected``;
+- a concurrent writer kept changing the result's record through every retry: ``409`` with an
+  OperationOutcome (code ``conflict``); nothing was recorded, send it again.
 
 A Bundle is answered ``200`` with a ``transaction-response`` (``batch-response``) Bundle whose
 ``entry[i].response.status`` is per entry (``201 Created``, ``200 OK``, ``202 Accepted``,
@@ -22,22 +24,27 @@ entry must be reported rather than take its good neighbours down with it).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.labs.domain import IncomingResult, LabRejection, raw_for_report
-from services.labs.fhir_observations import MAX_BODY_BYTES, outcome_for, parse_bundle, parse_observation
-from services.labs.ingest import LabIngestion, Outcome, Refusal
-from shared.events import CommandContext
-from shared.service import Service
-from shared.store import ConcurrencyError
+from services.labs.fhir_observations import (
+    MAX_BODY_BYTES,
+    operation_outcome,
+    outcome_for,
+    parse_bundle,
+    parse_observation,
+)
+from services.labs.handlers import IngestResults, IngestRunner
+from services.labs.ingest import Labs, Outcome, Refusal
+from services.labs.inputs import IncomingResult, LabRejection, raw_for_report
+from shared.errors import Conflict
 
+T = TypeVar("T")
 FHIR_JSON = "application/fhir+json"
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 _BAD_REQUEST = frozenset({"malformed_json", "bad_encoding", "wrong_type", "wrong_resource_type", "invalid_resource",
@@ -93,32 +100,54 @@ def _too_large(size: int) -> LabRejection:
     return LabRejection(f"body is at least {size} bytes; the limit is {MAX_BODY_BYTES}", "payload_too_large")
 
 
-class Ingestor:
-    """Run ingestion + refusals in one transaction (retrying a concurrent-writer conflict)."""
+class Answered(Exception):
+    """A FHIR route's answer decided before its end: a refused request, or a conflict."""
 
-    def __init__(self, service: Service, labs: LabIngestion, actor: str) -> None:
-        self.service, self.labs, self.actor = service, labs, actor
-
-    async def run(
-        self, results: Sequence[IncomingResult], refusals: Sequence[Refusal], where: Sequence[str | None] | None = None
-    ) -> list[Outcome]:
-        context = CommandContext(actor=self.actor)
-        for attempt in range(5):
-            try:
-                async with self.service.store.transaction() as uow:
-                    now = datetime.now(UTC)
-                    outcomes = await self.labs.ingest(uow, results, now, where=where, context=context)
-                    await self.labs.record_rejections(uow, refusals, now)
-                self.service.wake_relay()
-                return outcomes
-            except ConcurrencyError:
-                await asyncio.sleep(0.01 * (attempt + 1))
-        raise ConcurrencyError("labresult-*", 0)
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
-def routes(service: Service, labs: LabIngestion) -> APIRouter:
+def answering(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """The route, answering what it raised as :class:`Answered`."""
+
+    @functools.wraps(route)
+    async def answered(request: Request) -> Response:
+        try:
+            return await route(request)
+        except Answered as answer:
+            return answer.response
+
+    return answered
+
+
+async def ingest_or_conflict(ingest: IngestRunner, command: IngestResults) -> list[Outcome]:
+    """:func:`~services.labs.handlers.ingest_results` by the runner; a conflict that outlasted the
+    retries answers 409 (:class:`Answered`)."""
+    try:
+        return await ingest(command)
+    except Conflict as conflict:
+        outcome = operation_outcome(f"{conflict.reason}; nothing was recorded", "conflict")
+        raise Answered(fhir_response(outcome, 409)) from conflict
+
+
+async def open_resource(request: Request, parse: Callable[[bytes], T], ingest: IngestRunner) -> tuple[bytes, T]:
+    """The request's body and what ``parse`` made of it; a refused one (415, 413, 400, 422) is
+    recorded on ``labs.rejected`` and answered (:class:`Answered`): how every FHIR route opens."""
+    body = b""
+    try:
+        body = await read_body(request)
+        return body, parse(body)
+    except BodyProblem as problem:
+        refusal, status = Refusal(problem.rejection, "fhir", problem.raw), problem.status
+    except LabRejection as rejection:
+        refusal, status = Refusal.of_input(rejection, "fhir", body), status_for(rejection)
+    await ingest_or_conflict(ingest, IngestResults([], [refusal], actor="labs:fhir"))
+    raise Answered(fhir_response(outcome_for(refusal.rejection), status))
+
+
+def routes(labs: Labs, ingest: IngestRunner) -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"])
-    ingestor = Ingestor(service, labs, "labs:fhir")
     wait = labs.unknown_patient_wait.total_seconds()
 
     def parked_text(result: IncomingResult) -> str:
@@ -132,21 +161,13 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
                    202: {"description": "subject not enrolled yet: held"},
                    400: {"description": "not a FHIR Observation (OperationOutcome)"},
                    413: {"description": "body over 1 MiB"}, 415: {"description": "content type"},
+                   409: {"description": "changed concurrently; nothing recorded, resend"},
                    422: {"description": "refused (OperationOutcome with the reason)"}},
     )
+    @answering
     async def post_observation(request: Request) -> Response:
-        try:
-            body = await read_body(request)
-        except BodyProblem as problem:
-            await ingestor.run([], [Refusal(problem.rejection, "fhir", problem.raw)])
-            return fhir_response(outcome_for(problem.rejection), problem.status)
-        try:
-            result = parse_observation(body)
-        except LabRejection as rejection:
-            raw = rejection.raw if rejection.raw is not None else raw_for_report(body)
-            await ingestor.run([], [Refusal(rejection, "fhir", raw)])
-            return fhir_response(outcome_for(rejection), status_for(rejection))
-        (outcome,) = await ingestor.run([result], [])
+        body, result = await open_resource(request, parse_observation, ingest)
+        (outcome,) = await ingest_or_conflict(ingest, IngestResults([result], actor="labs:fhir"))
         if outcome.kind == "rejected":
             assert outcome.rejection is not None
             return fhir_response(outcome_for(outcome.rejection), 422)
@@ -165,25 +186,17 @@ def routes(service: Service, labs: LabIngestion) -> APIRouter:
         "",
         summary="Submit a transaction (or batch) Bundle of Observation POSTs",
         responses={200: {"description": "transaction-response Bundle, per-entry status"},
-                   400: {"description": "not a Bundle (OperationOutcome)"}},
+                   400: {"description": "not a Bundle (OperationOutcome)"},
+                   409: {"description": "changed concurrently; nothing recorded, resend"}},
     )
+    @answering
     async def post_bundle(request: Request) -> Response:
-        try:
-            body = await read_body(request)
-        except BodyProblem as problem:
-            await ingestor.run([], [Refusal(problem.rejection, "fhir", problem.raw)])
-            return fhir_response(outcome_for(problem.rejection), problem.status)
-        try:
-            items = parse_bundle(body)
-        except LabRejection as rejection:
-            raw = rejection.raw if rejection.raw is not None else raw_for_report(body)
-            await ingestor.run([], [Refusal(rejection, "fhir", raw)])
-            return fhir_response(outcome_for(rejection), status_for(rejection))
+        body, items = await open_resource(request, parse_bundle, ingest)
         kind = _bundle_type(body)
         results = [item for item in items if isinstance(item, IncomingResult)]
-        where = [f"entry[{index}]" for index, item in enumerate(items) if isinstance(item, IncomingResult)]
+        where: list[str | None] = [f"entry[{index}]" for index, item in enumerate(items) if isinstance(item, IncomingResult)]
         refusals = [Refusal(item, "fhir") for item in items if isinstance(item, LabRejection)]
-        outcomes = iter(await ingestor.run(results, refusals, where))
+        outcomes = iter(await ingest_or_conflict(ingest, IngestResults(results, refusals, where, actor="labs:fhir")))
         entries = []
         for item in items:
             if isinstance(item, LabRejection):

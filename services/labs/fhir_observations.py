@@ -34,15 +34,9 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from pydantic import ValidationError
 
-from services.labs.domain import (
-    ACCEPTED_CODES,
-    IncomingResult,
-    LabRejection,
-    json_too_deep,
-    measure,
-    nested_too_deeply,
-    show,
-)
+from contracts.labs import ACCEPTED_CODES
+from services.labs.catalogue import measure
+from services.labs.inputs import IncomingResult, LabRejection, json_too_deep, nested_too_deeply, show
 
 MAX_BODY_BYTES = 1 << 20
 LOINC_SYSTEM = "http://loinc.org"

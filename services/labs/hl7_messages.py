@@ -1,7 +1,8 @@
-"""HL7 v2.x ORU^R01 lab results: decoding, parsing into :class:`IncomingResult`, building ACKs.
+"""HL7 v2.x ORU^R01 lab results parsed into :class:`IncomingResult` items.
 
-Pure: the MLLP server (another module) frames, decodes with :func:`decode_hl7_bytes`, calls
-:func:`parse_oru`, decides, and answers with :func:`build_ack`:
+Pure: the MLLP server (:mod:`services.labs.mllp`) frames, decodes
+(:func:`services.labs.hl7_charsets.decode_hl7_bytes`), calls :func:`parse_oru`, ingests, and
+answers (:func:`services.labs.hl7_acks.build_ack`):
 
 - :class:`Hl7MessageError` (a :class:`LabRejection`) for a message we cannot take at all (not
   HL7, no MSH, not ORU^R01, no PID, no OBX, unparseable): answer ``AR``;
@@ -26,22 +27,20 @@ that precede it.
 from __future__ import annotations
 
 import re
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
 import hl7
 
-from services.labs.domain import OPAQUE_ID, IncomingResult, LabRejection, measure, show
+from services.labs.catalogue import OPAQUE_ID, measure
 from services.labs.hl7_escapes import EscapeError, unescape
+from services.labs.inputs import IncomingResult, LabRejection, show
 
 MAX_MESSAGE_CHARS = 1 << 20
 """A lab result message is a few kB; a megabyte is garbage or an attack, refused before parsing."""
 
-AckCode = Literal["AA", "AE", "AR"]
-ACK_APPLICATION = "NEPHROTRACK"
 _STATUSES = {"F": "final", "C": "corrected", "P": "preliminary"}
 _NUMERIC_TYPES = {"", "NM", "SN", "ST"}
 _HEADER_FIELDS = ((4, 1), (4, 2), (9, 1), (9, 2), (10, 1), (12, 1))
@@ -50,7 +49,8 @@ _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _CENSORED = re.compile(r"\s*(?:<=|>=|<|>)\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)\s*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
-_VERSION = re.compile(r"2\.\d+(?:\.\d+)?")
+VERSION = re.compile(r"2\.\d+(?:\.\d+)?")
+"""An HL7 v2.x version id (MSH-12)."""
 _TS = re.compile(
     r"(?P<date>\d{8})(?:(?P<hh>\d{2})(?:(?P<mm>\d{2})(?:(?P<ss>\d{2})(?:\.(?P<frac>\d{1,6}))?)?)?)?"
     r"(?P<zone>[+-]\d{4})?"
@@ -128,53 +128,6 @@ class _ObxProblem(Exception):
     def __init__(self, reason: str, code: str, field: int | None = None) -> None:
         super().__init__(reason)
         self.reason, self.code, self.field = reason, code, field
-
-
-# --------------------------------------------------------------------------- decoding
-
-_CHARSETS = {
-    # HL7 table 0211 (MSH-18) values, plus spellings seen in the wild.
-    "ASCII": "ascii", "ISO IR6": "ascii", "US-ASCII": "ascii",
-    **{f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
-    "ISO IR100": "iso8859-1", "ISO-8859-1": "iso8859-1", "LATIN1": "iso8859-1",
-    "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8", "UTF-8": "utf-8", "UTF8": "utf-8", "ISO IR192": "utf-8",
-    "WINDOWS-1252": "cp1252", "CP1252": "cp1252",
-    "GB 18030-2000": "gb18030", "BIG-5": "big5", "KS X 1001": "euc_kr",
-}
-
-
-def decode_hl7_bytes(data: bytes) -> str:
-    """Bytes of one HL7 message as text; never raises.
-
-    Tries, in order, the charset MSH-18 declares (HL7 table 0211, e.g. ``8859/1``,
-    ``UNICODE UTF-8``), then UTF-8, then Latin-1 (which decodes any byte). Why not refuse bytes
-    that are invalid in the declared charset: labs routinely declare ASCII and send an accented
-    name in an NTE; the fields we use (ids, codes, numbers, times) are ASCII in every charset
-    we know, so a lenient decode loses nothing we read, and refusing would lose the result.
-    The reverse mistake (Latin-1 declared, UTF-8 sent) cannot be detected and only garbles
-    free text. UTF-16/32 are not supported: the ``MSH`` marker itself would not be readable.
-    """
-    declared = _CHARSETS.get(_declared_charset(data))
-    for encoding in (declared, "utf-8"):
-        if encoding is not None:
-            try:
-                return data.decode(encoding)
-            except UnicodeDecodeError:
-                continue
-    return data.decode("latin-1")
-
-
-def _declared_charset(data: bytes) -> str:
-    start = data.lstrip(b"\x0b \t\r\n")
-    if not start.startswith(b"MSH") or len(start) < 8:
-        return ""
-    separator = start[3:4]
-    first_segment = re.split(rb"[\r\n]", start, maxsplit=1)[0]
-    fields = first_segment.split(separator)
-    if len(fields) < 18:
-        return ""
-    value = re.split(rb"[~^&]", fields[17], maxsplit=1)[0]
-    return value.decode("ascii", errors="ignore").strip().upper()
 
 
 # --------------------------------------------------------------------------- parsing
@@ -278,7 +231,7 @@ def _check_header(msh: hl7.Segment, control_id: str, refuse: _Refuse) -> None:
     if not OPAQUE_ID.fullmatch(control_id):
         raise refuse(f"MSH-10 message control id {show(control_id)} is malformed", "bad_control_id")
     version = _field(msh, 12)
-    if not _VERSION.fullmatch(version):
+    if not VERSION.fullmatch(version):
         raise refuse(f"MSH-12 version {show(version)} is not an HL7 v2.x version", "bad_version")
 
 
@@ -495,164 +448,3 @@ def _components(segment: hl7.Segment, field: int) -> tuple[str, ...]:
     while parts and not parts[-1]:
         parts.pop()
     return tuple(parts)
-
-
-# --------------------------------------------------------------------------- ACK
-
-_HL7_ERROR = {
-    # our code -> HL7 table 0357 (message error condition codes)
-    "not_hl7": ("100", "Segment sequence error"),
-    "bad_delimiters": ("100", "Segment sequence error"),
-    "malformed_segment": ("100", "Segment sequence error"),
-    "unparseable": ("100", "Segment sequence error"),
-    "batch_not_supported": ("100", "Segment sequence error"),
-    "no_pid": ("100", "Segment sequence error"),
-    "no_obx": ("100", "Segment sequence error"),
-    "missing_control_id": ("101", "Required field missing"),
-    "missing_unit": ("101", "Required field missing"),
-    "missing_value": ("101", "Required field missing"),
-    "missing_collected_at": ("101", "Required field missing"),
-    "missing_result_id": ("101", "Required field missing"),
-    "bad_subject_id": ("101", "Required field missing"),
-    "not_a_number": ("102", "Data type error"),
-    "censored_value": ("102", "Data type error"),
-    "non_finite_value": ("102", "Data type error"),
-    "bad_datetime": ("102", "Data type error"),
-    "bad_escape": ("102", "Data type error"),
-    "bad_control_id": ("102", "Data type error"),
-    "unknown_loinc": ("103", "Table value not found"),
-    "unit_mismatch": ("103", "Table value not found"),
-    "unsupported_status": ("103", "Table value not found"),
-    "not_oru_r01": ("200", "Unsupported message type"),
-    "bad_version": ("203", "Unsupported version id"),
-    "unknown_subject": ("204", "Unknown key identifier"),
-    "duplicate_result_id": ("205", "Duplicate key identifier"),
-    "result_id_conflict": ("205", "Duplicate key identifier"),
-}
-_DEFAULT_HL7_ERROR = ("207", "Application internal error")
-_MSA_TEXT_LIMIT = 200
-
-
-def build_ack(
-    source: ParsedOru | str | bytes | None,
-    code: AckCode,
-    error_text: str | None = None,
-    *,
-    error_code: str | None = None,
-    errors: Sequence[ObxError] = (),
-    control_id: str | None = None,
-    now: datetime | None = None,
-) -> str:
-    """An HL7 ACK for ``source``: a :class:`ParsedOru`, or the raw text/bytes of a message that
-    could not be parsed (its MSH is then read best-effort; missing values fall back to control
-    id ``UNKNOWN`` and version ``2.5``), or ``None``. Returns the ACK text, segments separated
-    by CR, for the server to encode and frame.
-
-    - MSH: delimiters ``|^~\\&``; sending/receiving application and facility swapped from the
-      original (``NEPHROTRACK`` when the original named no receiver); MSH-9 ``ACK^R01^ACK``;
-      MSH-10 ``control_id`` or a new random 20-character id; processing id and version copied.
-    - MSA: ``code``, the original control id, and a summary text (MSA-3; at most 200 chars).
-    - ERR, one per error: ``error_text`` (message level, HL7 code from ``error_code``), then one
-      per ``errors`` item (located at its OBX). Version 2.5 and later use ERR-2 location
-      (``OBX^<n>^<field>``), ERR-3 HL7 table 0357 code, ERR-4 severity ``E``, ERR-5 our stable
-      code and ERR-8 the full reason; earlier versions (2.1–2.4) only have ERR-1
-      (``OBX^<n>^<field>^<0357 code>&<text>&HL70357``), so the reason is in MSA-3 only.
-
-    The ACK is plain ASCII (other characters become ``?``) so that it is valid whatever charset
-    the sender declared. Pass ``control_id`` and ``now`` for a deterministic ACK.
-    """
-    if code not in ("AA", "AE", "AR"):
-        raise ValueError(f"ACK code must be AA, AE or AR, not {code!r}")
-    header = source if isinstance(source, ParsedOru) else _fallback_header(source)
-    version = header.version if _VERSION.fullmatch(header.version) else "2.5"
-    moment = (now or datetime.now(UTC)).astimezone(UTC)
-    msh = "|".join([
-        "MSH", "^~\\&",
-        _join(header.receiving_application) or ACK_APPLICATION, _join(header.receiving_facility),
-        _join(header.sending_application), _join(header.sending_facility),
-        moment.strftime("%Y%m%d%H%M%S+0000"), "", "ACK^R01^ACK",
-        _escape(control_id or uuid.uuid4().hex[:20].upper()),
-        _escape(header.processing_id or "P"), version,
-    ])
-    summaries = ([error_text] if error_text else []) + [f"OBX {e.obx_index}: {e.reason}" for e in errors]
-    summary = "; ".join(summaries)
-    if len(summary) > _MSA_TEXT_LIMIT:
-        summary = summary[: _MSA_TEXT_LIMIT - 3] + "..."
-    msa = "|".join(["MSA", code, _escape(header.control_id or "UNKNOWN"), _escape(summary)]).rstrip("|")
-    segments = [msh, msa]
-    if error_text:
-        segments.append(_err(version, None, error_text, error_code))
-    segments.extend(_err(version, error, error.reason, error.code) for error in errors)
-    return "\r".join(segments) + "\r"
-
-
-def _err(version: str, error: ObxError | None, reason: str, code: str | None) -> str:
-    hl7_code, hl7_text = _HL7_ERROR.get(code or "", _DEFAULT_HL7_ERROR)
-    location = ["OBX", str(error.obx_index), str(error.field or "")] if error else []
-    if _version_tuple(version) < (2, 5):
-        eld = "^".join(location + [f"{hl7_code}&{hl7_text}&HL70357"]) if error else f"^^^{hl7_code}&{hl7_text}&HL70357"
-        return f"ERR|{eld}"
-    fields = [
-        "ERR", "", "^".join(location).rstrip("^"), f"{hl7_code}^{hl7_text}^HL70357", "E",
-        _escape(code or ""), "", "", _escape(reason),
-    ]
-    return "|".join(fields)
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
-
-
-def _escape(value: str) -> str:
-    """HL7 escape sequences for the delimiters; control characters become blanks and anything
-    outside ASCII ``?`` (see :func:`build_ack`)."""
-    escaped = (
-        value.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
-        .replace("&", "\\T\\").replace("~", "\\R\\")
-    )
-    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch if ord(ch) < 128 else "?" for ch in escaped)
-
-
-def _join(components: tuple[str, ...]) -> str:
-    return "^".join(_escape(part) for part in components)
-
-
-@dataclass(frozen=True)
-class _Header:
-    control_id: str = ""
-    version: str = ""
-    processing_id: str = ""
-    sending_application: tuple[str, ...] = ()
-    sending_facility: tuple[str, ...] = ()
-    receiving_application: tuple[str, ...] = ()
-    receiving_facility: tuple[str, ...] = ()
-
-
-def _fallback_header(source: str | bytes | None) -> _Header:
-    """Best-effort MSH fields of a message that could not be parsed, with plain string
-    operations only (no parser that could fail again); missing parts stay empty."""
-    if source is None:
-        return _Header()
-    text = decode_hl7_bytes(source) if isinstance(source, bytes) else source
-    text = text.lstrip("\x0b\r\n\t ")
-    if not text.startswith("MSH") or len(text) < 8:
-        return _Header()
-    first = re.split(r"[\r\n]", text, maxsplit=1)[0]
-    fields = first.split(first[3]) if len(first) > 3 else []
-    if len(fields) < 2:
-        return _Header()
-    component = fields[1][:1] or "^"
-
-    def get(number: int) -> tuple[str, ...]:
-        value = fields[number - 1] if number - 1 < len(fields) else ""
-        return tuple(part.strip() for part in value.split(component)[:3]) if value else ()
-
-    def first_of(number: int) -> str:
-        parts = get(number)
-        return parts[0] if parts else ""
-
-    return _Header(
-        control_id=first_of(10), version=first_of(12), processing_id=first_of(11),
-        sending_application=get(3), sending_facility=get(4),
-        receiving_application=get(5), receiving_facility=get(6),
-    )

@@ -1,22 +1,22 @@
-"""The one ingestion core behind every lab input (broker JSON, HL7 v2 over MLLP, FHIR R4, HTTP JSON).
+"""The ingestion step behind every lab input (broker JSON, HL7 v2 over MLLP, FHIR R4, HTTP JSON),
+shared by the use cases that ingest (:mod:`services.labs.handlers`: ingest, release, sweep).
 
-An adapter parses its payload into :class:`~services.labs.domain.IncomingResult` items (the
-pure parsers of this package) and hands them, a whole batch at a time, to
-:meth:`LabIngestion.ingest` inside one database transaction. Every item ends in exactly one
-:class:`Outcome`:
+An adapter parses its payload into :class:`~services.labs.inputs.IncomingResult` items (the
+pure parsers of this package); a use case hands them, a whole batch at a time, to
+:func:`ingest_batch` inside one unit of work. Every item ends in exactly one :class:`Outcome`:
 
 - ``accepted``: recorded on ``labresult-<result_id>`` (``LabResultRecorded`` and, when the
   effective eGFR changed, ``LabResultCorrected``/``EgfrComputed``);
 - ``duplicate``: that message was already recorded for that result id (no effect);
-- ``parked``: the subject is not enrolled with the labs service (yet): the result waits in
-  ``parked_results`` until the ``PatientEnrolled`` arrives (:meth:`LabIngestion.release_parked`)
-  or the configured wait expires (:meth:`LabIngestion.sweep`, then ``unknown_subject``);
+- ``parked``: the subject is not enrolled with the labs service (yet): the result waits among
+  the parked results until the ``PatientEnrolled`` arrives (release) or the configured wait
+  expires (sweep, then ``unknown_subject``);
 - ``rejected``: a ``LabResultRejected`` event is recorded on its own ``rejection-<uuid>``
   stream; the outbox publishes it on ``labs.rejected`` (contract) and on
   ``<prefix>.labs.LabResultRejected`` (the service's own stream), in the same transaction.
 
 Refusals an adapter meets before it has a result (unparseable payload, a bad OBX) go through
-:meth:`LabIngestion.record_rejections`, the same path. Nothing is dropped silently.
+:func:`record_refusals`, the same path. Nothing is dropped silently.
 
 Batching (the broker consumer hands in ~500 results at once): one query for the batch's known
 patients, one ``read_streams`` for all its result ids, decisions in memory (several results for
@@ -29,49 +29,21 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    Uuid,
-    delete,
-    func,
-    insert,
-    select,
-)
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
 from contracts.labs import LabResultRejected, Source
-from services.labs.domain import (
-    IncomingResult,
-    KnownPatient,
-    LabRejection,
-    ResultState,
-    decide_result,
-    evolve,
-    rejection_event,
-    stream_id,
-    validate_result,
-)
+from services.labs.catalogue import validate_result
+from services.labs.domain import ResultState, decide_result, evolve, stream_id
+from services.labs.inputs import IncomingResult, LabRejection, raw_for_report, rejection_event
+from services.labs.labs_store import LabsStore, LoggedRejection, ParkedResult
 from services.labs.redaction import looks_personal, redact, redact_reason, redact_subject
 from services.labs.refused_subject import refused_subject
 from shared import metrics
-from shared.database import one_of
 from shared.events import CommandContext, DomainEvent, Envelope, registry
-from shared.schema import known_patients, outbox
+from shared.moments import as_utc
 from shared.store import UnitOfWork
 
 RAW_LIMIT = 100_000
@@ -87,79 +59,6 @@ ERASED = "subject_erased"
 RESULT_STREAM_PREFIX = "labresult-"
 REJECTION_STREAM_PREFIX = "rejection-"
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
-
-
-class LabsSettings(BaseSettings):
-    """The labs service's own settings (environment variables)."""
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
-
-    unknown_patient_wait_seconds: float = Field(
-        default=86_400, gt=0, alias="NEPHROTRACK_LABS_UNKNOWN_PATIENT_WAIT_SECONDS"
-    )
-    """How long a result for a subject the labs service has not seen enrolled is held."""
-    park_sweep_seconds: float | None = Field(default=None, gt=0, alias="NEPHROTRACK_LABS_PARK_SWEEP_SECONDS")
-    """How often parked results are checked (default: a quarter of the wait, 0.2-10 s)."""
-    batch_size: int = Field(default=500, ge=1, le=5000, alias="NEPHROTRACK_LABS_BATCH_SIZE")
-    consumer_workers: int = Field(default=2, ge=1, le=16, alias="NEPHROTRACK_LABS_CONSUMER_WORKERS")
-    """Concurrent pull loops (each its own transaction) on the ``labs.results`` durable consumer."""
-    purge_interval_seconds: float = Field(default=30, gt=0, alias="NEPHROTRACK_LABS_PURGE_INTERVAL_SECONDS")
-    """How often pending inbound purges are looked for (an erasure handled by this process
-    starts its purge at once; this catches the rest, e.g. jobs left by a crash)."""
-    mllp_idle_timeout_seconds: float = Field(default=60, gt=0, alias="NEPHROTRACK_MLLP_IDLE_TIMEOUT_SECONDS")
-    """How long an MLLP connection may wait between messages (lab systems reconnect when closed)."""
-    mllp_read_timeout_seconds: float = Field(default=30, gt=0, alias="NEPHROTRACK_MLLP_READ_TIMEOUT_SECONDS")
-    """Deadline of one MLLP frame, from its first byte to its end block."""
-    mllp_max_connections: int = Field(default=100, ge=1, alias="NEPHROTRACK_MLLP_MAX_CONNECTIONS")
-    mllp_max_connections_per_address: int = Field(
-        default=10, ge=1, alias="NEPHROTRACK_MLLP_MAX_CONNECTIONS_PER_ADDRESS"
-    )
-    """So that one peer address cannot take all ``mllp_max_connections`` and lock the labs out."""
-
-    @property
-    def sweep_interval(self) -> float:
-        if self.park_sweep_seconds is not None:
-            return self.park_sweep_seconds
-        return min(10.0, max(0.2, self.unknown_patient_wait_seconds / 4))
-
-
-# --------------------------------------------------------------------------- tables
-
-labs_metadata = MetaData()
-_Id = BigInteger().with_variant(Integer(), "sqlite")
-
-parked_results = Table(
-    "parked_results",
-    labs_metadata,
-    Column("id", _Id, primary_key=True, autoincrement=True),
-    Column("source", String(10), nullable=False),
-    Column("message_id", String(200), nullable=False),
-    Column("result_id", String(200), nullable=False),
-    Column("subject_id", String(64), nullable=False),
-    Column("payload", Text, nullable=False),
-    Column("parked_at", DateTime(timezone=True), nullable=False),
-)
-
-lab_result_index = Table(
-    "lab_result_index",
-    labs_metadata,
-    Column("result_id", String(200), primary_key=True),
-    Column("subject_id", String(64), nullable=False),
-)
-
-lab_rejections = Table(
-    "lab_rejections",
-    labs_metadata,
-    Column("id", _Id, primary_key=True, autoincrement=True),
-    Column("event_id", Uuid, nullable=False),
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
-    Column("source", String(10), nullable=False),
-    Column("code", String(64), nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("message_id", Text, nullable=True),
-    Column("subject_id", Text, nullable=True),
-    Column("raw_preview", Text, nullable=False),
-)
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -188,6 +87,12 @@ class Refusal:
     source: Source
     raw: str | None = None
 
+    @classmethod
+    def of_input(cls, rejection: LabRejection, source: Source, data: bytes, limit: int = 1 << 20) -> Refusal:
+        """The refusal of an input its parser refused: reported with the raw text the parser read,
+        else with the input's bytes as text (:func:`~services.labs.inputs.raw_for_report`)."""
+        return cls(rejection, source, rejection.raw if rejection.raw is not None else raw_for_report(data, limit))
+
 
 def cap(text: str, limit: int = RAW_LIMIT) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
@@ -202,255 +107,177 @@ def code_label(code: str | None) -> str:
 # --------------------------------------------------------------------------- the core
 
 
-class LabIngestion:
-    """The ingestion core, bound to the service's settings.
+@dataclass(frozen=True)
+class Labs:
+    """What the labs use cases need besides the unit of work: the labs tables (a
+    :class:`~services.labs.labs_store.LabsStore`) and the service's settings.
 
     ``rejected_also_on``: a second subject every ``LabResultRejected`` is published on (the
     service's own ``<prefix>.labs.LabResultRejected``), besides the store's subject for it
     (``labs.rejected``, set by the app).
     """
 
-    def __init__(self, *, unknown_patient_wait: float = 86_400, rejected_also_on: str | None = None) -> None:
-        self.unknown_patient_wait = timedelta(seconds=unknown_patient_wait)
-        self.rejected_also_on = rejected_also_on
+    tables: LabsStore
+    unknown_patient_wait: timedelta = timedelta(days=1)
+    rejected_also_on: str | None = None
 
-    async def ingest(
-        self,
-        uow: UnitOfWork,
-        incoming: Sequence[IncomingResult],
-        now: datetime,
-        *,
-        where: Sequence[str | None] | None = None,
-        context: CommandContext | None = None,
-    ) -> list[Outcome]:
-        """Decide and record a batch of results in ``uow``; one :class:`Outcome` per item, in order.
 
-        ``where`` (same length as ``incoming``) prefixes each rejection reason with the item's
-        location in its message, for the sender's ACK and for ``labs.rejected``.
-        """
-        if not incoming:
-            return []
-        outcomes: list[Outcome | None] = [None] * len(incoming)
-        patients = await self._patients(uow, {result.subject_id for result in incoming})
+async def ingest_batch(
+    uow: UnitOfWork,
+    labs: Labs,
+    incoming: Sequence[IncomingResult],
+    now: datetime,
+    *,
+    where: Sequence[str | None] | None = None,
+    context: CommandContext | None = None,
+) -> list[Outcome]:
+    """Decide and record a batch of results in ``uow``; one :class:`Outcome` per item, in order.
 
-        def reject(index: int, rejection: LabRejection) -> None:
-            label = where[index] if where is not None else None
-            if label:
-                rejection = LabRejection(
-                    f"{label}: {rejection.reason}", rejection.code, message_id=rejection.message_id,
-                    subject_id=rejection.subject_id, raw=rejection.raw,
-                )
-            outcomes[index] = Outcome("rejected", incoming[index], rejection)
+    ``where`` (same length as ``incoming``) prefixes each rejection reason with the item's
+    location in its message, for the sender's ACK and for ``labs.rejected``.
+    """
+    if not incoming:
+        return []
+    outcomes: list[Outcome | None] = [None] * len(incoming)
+    patients = await labs.tables.known_patients(uow, [result.subject_id for result in incoming])
 
-        to_decide: list[int] = []
-        to_park: list[int] = []
-        for index, result in enumerate(incoming):
-            if result.subject_id in patients:
-                to_decide.append(index)
-                continue
-            if uow.store.codec.is_erased(result.subject_id):
-                reject(index, _erased(result))
-                continue
-            try:  # refuse now what no enrollment can fix, rather than hold it for a day
-                validate_result(result, now)
-            except LabRejection as rejection:
-                reject(index, rejection)
-            else:
-                to_park.append(index)
-                outcomes[index] = Outcome("parked", result)
-
-        stream_ids = list(dict.fromkeys(stream_id(incoming[i].result_id) for i in to_decide))
-        histories = await uow.read_streams(stream_ids) if stream_ids else {}
-        versions = {sid: len(history) for sid, history in histories.items()}
-        states: dict[str, ResultState | None] = {
-            sid: _fold(history) if history else None for sid, history in histories.items()
-        }
-        pending: dict[str, list[DomainEvent]] = {}
-        for index in to_decide:
-            result = incoming[index]
-            sid = stream_id(result.result_id)
-            state = states[sid]
-            try:
-                new_events = decide_result(state, result, patients[result.subject_id], now=now)
-            except LabRejection as rejection:
-                reject(index, rejection)
-                continue
-            except ValueError as error:  # CKD-EPI undefined, e.g. a negative age on collection
-                reject(index, LabRejection(
-                    f"eGFR cannot be computed: {error}", "egfr_not_computable",
-                    message_id=result.message_id, subject_id=result.subject_id, raw=result.raw,
-                ))
-                continue
-            if not new_events:
-                outcomes[index] = Outcome("duplicate", result)
-                continue
-            for new_event in new_events:
-                state = evolve(state, new_event)
-            states[sid] = state
-            pending.setdefault(sid, []).extend(new_events)
-            outcomes[index] = Outcome("accepted", result, events=tuple(new_events))
-
-        if pending:
-            await uow.append_many(
-                [(sid, new_events, versions[sid]) for sid, new_events in pending.items()],
-                context or CommandContext(actor="labs"),
+    def reject(index: int, rejection: LabRejection) -> None:
+        label = where[index] if where is not None else None
+        if label:
+            rejection = LabRejection(
+                f"{label}: {rejection.reason}", rejection.code, message_id=rejection.message_id,
+                subject_id=rejection.subject_id, raw=rejection.raw,
             )
-            index_rows = [
-                {"result_id": sid[len(RESULT_STREAM_PREFIX):], "subject_id": new_events[0].subject_id}  # type: ignore[attr-defined]
-                for sid, new_events in pending.items()
-                if versions[sid] == 0
-            ]
-            # Only new streams: had another writer created one meanwhile, its event at version 1
-            # would already have made this append fail.
-            await uow.insert_rows(lab_result_index, index_rows)
-        if to_park:
-            await self._park(uow, [incoming[i] for i in to_park], now)
+        outcomes[index] = Outcome("rejected", incoming[index], rejection)
 
-        done = [outcome for outcome in outcomes if outcome is not None]
-        assert len(done) == len(incoming)
-        refusals = [Refusal(o.rejection, o.result.source) for o in done if o.rejection is not None]
-        if refusals:
-            await self.record_rejections(uow, refusals, now)
-        _count_on_commit(uow, done)
-        return done
+    to_decide: list[int] = []
+    to_park: list[int] = []
+    for index, result in enumerate(incoming):
+        if result.subject_id in patients:
+            to_decide.append(index)
+            continue
+        if uow.store.codec.is_erased(result.subject_id):
+            reject(index, _erased(result))
+            continue
+        try:  # refuse now what no enrollment can fix, rather than hold it for a day
+            validate_result(result, now)
+        except LabRejection as rejection:
+            reject(index, rejection)
+        else:
+            to_park.append(index)
+            outcomes[index] = Outcome("parked", result)
 
-    async def record_rejections(
-        self, uow: UnitOfWork, refusals: Sequence[Refusal], now: datetime | None = None
-    ) -> list[Envelope]:
-        """Record each refusal as a ``LabResultRejected`` (published on ``labs.rejected`` by the
-        outbox), log it for ``GET /v1/rejections`` and count it (on commit)."""
-        if not refusals:
-            return []
-        rejected = [_rejected_event(refusal, uow.store.codec.is_erased) for refusal in refusals]
-        envelopes = await uow.append_many(
-            [(f"{REJECTION_STREAM_PREFIX}{uuid.uuid4().hex}", [item], 0) for item in rejected],
-            CommandContext(actor="labs"),
+    stream_ids = list(dict.fromkeys(stream_id(incoming[i].result_id) for i in to_decide))
+    histories = await uow.read_streams(stream_ids) if stream_ids else {}
+    versions = {sid: len(history) for sid, history in histories.items()}
+    states: dict[str, ResultState | None] = {
+        sid: _fold(history) if history else None for sid, history in histories.items()
+    }
+    pending: dict[str, list[DomainEvent]] = {}
+    for index in to_decide:
+        result = incoming[index]
+        sid = stream_id(result.result_id)
+        state = states[sid]
+        try:
+            new_events = decide_result(state, result, patients[result.subject_id], now=now)
+        except LabRejection as rejection:
+            reject(index, rejection)
+            continue
+        except ValueError as error:  # CKD-EPI undefined, e.g. a negative age on collection
+            reject(index, LabRejection(
+                f"eGFR cannot be computed: {error}", "egfr_not_computable",
+                message_id=result.message_id, subject_id=result.subject_id, raw=result.raw,
+            ))
+            continue
+        if not new_events:
+            outcomes[index] = Outcome("duplicate", result)
+            continue
+        for new_event in new_events:
+            state = evolve(state, new_event)
+        states[sid] = state
+        pending.setdefault(sid, []).extend(new_events)
+        outcomes[index] = Outcome("accepted", result, events=tuple(new_events))
+
+    if pending:
+        await uow.append_many(
+            [(sid, new_events, versions[sid]) for sid, new_events in pending.items()],
+            context or CommandContext(actor="labs"),
         )
-        recorded_at = now or datetime.now(UTC)
-        await uow.connection.execute(
-            insert(lab_rejections),
-            [
-                {
-                    "event_id": envelope.event_id, "recorded_at": recorded_at, "source": item.source,
-                    "code": code_label(item.code), "reason": _sql_text(item.reason),
-                    "message_id": _sql_text(item.message_id), "subject_id": _sql_text(item.subject_id),
-                    "raw_preview": _sql_text(cap(item.raw, RAW_PREVIEW)),
-                }
-                for envelope, item in zip(envelopes, rejected, strict=True)
-            ],
+        # Only new streams: had another writer created one meanwhile, its event at version 1
+        # would already have made this append fail.
+        await labs.tables.index_results(uow, [
+            (sid[len(RESULT_STREAM_PREFIX):], new_events[0].subject_id)  # type: ignore[attr-defined]
+            for sid, new_events in pending.items()
+            if versions[sid] == 0
+        ])
+    if to_park:
+        await labs.tables.park(uow, [_parked(incoming[i], now) for i in to_park])
+
+    done = [outcome for outcome in outcomes if outcome is not None]
+    assert len(done) == len(incoming)
+    refusals = [Refusal(o.rejection, o.result.source) for o in done if o.rejection is not None]
+    if refusals:
+        await record_refusals(uow, labs, refusals, now)
+    _count_on_commit(uow, done)
+    return done
+
+
+async def record_refusals(uow: UnitOfWork, labs: Labs, refusals: Sequence[Refusal], now: datetime) -> list[Envelope]:
+    """Record each refusal as a ``LabResultRejected`` (published on ``labs.rejected`` by the
+    outbox), log it for ``GET /v1/rejections`` and count it (on commit)."""
+    if not refusals:
+        return []
+    rejected = [_rejected_event(refusal, uow.store.codec.is_erased) for refusal in refusals]
+    envelopes = await uow.append_many(
+        [(f"{REJECTION_STREAM_PREFIX}{uuid.uuid4().hex}", [item], 0) for item in rejected],
+        CommandContext(actor="labs"),
+    )
+    await labs.tables.log_rejections(uow, [
+        LoggedRejection(
+            event_id=envelope.event_id, recorded_at=now, source=item.source, code=code_label(item.code),
+            reason=_sql_text(item.reason) or "", message_id=_sql_text(item.message_id),
+            subject_id=_sql_text(item.subject_id), raw_preview=_sql_text(cap(item.raw, RAW_PREVIEW)) or "",
         )
-        if self.rejected_also_on:
-            await uow.insert_rows(
-                outbox,
-                [
-                    {
-                        "event_id": envelope.event_id, "subject": self.rejected_also_on,
-                        "body": envelope.model_dump_json().encode(), "created_at": envelope.recorded_at,
-                    }
-                    for envelope in envelopes
-                ],
-            )
-        labels = [(item.source, code_label(item.code)) for item in rejected]
-
-        def count() -> None:
-            for source, code in labels:
-                metrics.LAB_RESULTS_REJECTED.labels(source=source, reason=code).inc()
-
-        uow.on_commit(count)
-        return envelopes
-
-    async def release_parked(self, uow: UnitOfWork, subject_ids: Iterable[str], now: datetime) -> list[Outcome]:
-        """Ingest the results parked for these (now enrolled) subjects, oldest first."""
-        subject_ids = list(dict.fromkeys(subject_ids))
-        rows: list[Any] = []
-        for start in range(0, len(subject_ids), 500):
-            chunk = subject_ids[start : start + 500]
-            rows.extend(
-                await uow.connection.execute(
-                    delete(parked_results)
-                    .where(parked_results.c.subject_id.in_(chunk))
-                    .returning(parked_results.c.id, parked_results.c.payload)
-                )
-            )
-        return await self._ingest_parked(uow, rows, now)
-
-    async def sweep(self, uow: UnitOfWork, now: datetime) -> tuple[list[Outcome], int]:
-        """Release parked results whose subject is known by now (an enrollment that committed
-        while the result was being parked), then refuse (``unknown_subject``) those that waited
-        longer than the configured wait. Returns (released outcomes, number expired)."""
-        known = select(known_patients.c.subject_id)
-        released_rows = list(
-            await uow.connection.execute(
-                delete(parked_results)
-                .where(parked_results.c.subject_id.in_(known))
-                .returning(parked_results.c.id, parked_results.c.payload)
-            )
-        )
-        released = await self._ingest_parked(uow, released_rows, now)
-        wait = self.unknown_patient_wait
-        expired_rows = sorted(
-            await uow.connection.execute(
-                delete(parked_results)
-                .where(parked_results.c.parked_at < now - wait)
-                .returning(parked_results.c.id, parked_results.c.payload, parked_results.c.parked_at)
-            ),
-            key=lambda row: row.id,
-        )
-        refusals = []
-        for row in expired_rows:
-            result = IncomingResult.model_validate_json(row.payload)
-            refusals.append(Refusal(LabRejection(
-                f"subject {result.subject_id} is not enrolled: the result waited "
-                f"{_seconds(wait)} for the enrollment (parked at {_aware(row.parked_at).isoformat()})",
-                "unknown_subject", message_id=result.message_id, subject_id=result.subject_id, raw=result.raw,
-            ), result.source))
-        await self.record_rejections(uow, refusals, now)
-        return released, len(expired_rows)
-
-    async def forget(self, uow: UnitOfWork, subject_ids: Sequence[str]) -> None:
-        """Drop what labs holds outside its log about erased subjects: results still parked for
-        them and their rows in the rejection log (``GET /v1/rejections``). Their events stay,
-        sealed with the key that is gone (docs/erasure.md)."""
-        for table in (parked_results, lab_rejections):
-            await uow.connection.execute(delete(table).where(table.c.subject_id.in_(subject_ids)))
-
-    async def parked_count(self, uow: UnitOfWork) -> int:
-        return int(await uow.connection.scalar(select(func.count()).select_from(parked_results)) or 0)
-
-    # ------------------------------------------------------------------ internals
-
-    async def _patients(self, uow: UnitOfWork, subject_ids: set[str]) -> dict[str, KnownPatient]:
-        found: dict[str, KnownPatient] = {}
-        ids = list(subject_ids)
-        columns = (known_patients.c.subject_id, known_patients.c.sex, known_patients.c.age_years,
-                   known_patients.c.enrolled_on)
-        for start in range(0, len(ids), 500):
-            rows = await uow.connection.execute(
-                select(*columns).where(
-                    one_of(known_patients.c.subject_id, ids[start : start + 500], postgres=uow.store.is_postgres)
-                )
-            )
-            for row in rows:
-                found[row.subject_id] = KnownPatient(row.subject_id, row.sex, row.age_years, row.enrolled_on)
-        return found
-
-    async def _park(self, uow: UnitOfWork, results: Sequence[IncomingResult], now: datetime) -> None:
-        rows = [
+        for envelope, item in zip(envelopes, rejected, strict=True)
+    ])
+    if labs.rejected_also_on:
+        await labs.tables.publish_also(uow, [
             {
-                "source": result.source, "message_id": result.message_id, "result_id": result.result_id,
-                "subject_id": result.subject_id, "parked_at": now,
-                # The raw copy is kept for a later refusal's report: without identifiers.
-                "payload": result.model_copy(update={"raw": redact(cap(result.raw)) or ""}).model_dump_json(),
+                "event_id": envelope.event_id, "subject": labs.rejected_also_on,
+                "body": envelope.model_dump_json().encode(), "created_at": envelope.recorded_at,
             }
-            for result in results
-        ]
-        # The same message parked twice (resent while waiting) is held once.
-        await uow.connection.execute(_insert_ignore(uow, parked_results), rows)
+            for envelope in envelopes
+        ])
+    labels = [(item.source, code_label(item.code)) for item in rejected]
 
-    async def _ingest_parked(self, uow: UnitOfWork, rows: list[Any], now: datetime) -> list[Outcome]:
-        rows.sort(key=lambda row: row.id)  # arrival order: a correction after its original
-        incoming = [IncomingResult.model_validate_json(row.payload) for row in rows]
-        return await self.ingest(uow, incoming, now, context=CommandContext(actor="labs:released"))
+    def count() -> None:
+        for source, code in labels:
+            metrics.LAB_RESULTS_REJECTED.labels(source=source, reason=code).inc()
+
+    uow.on_commit(count)
+    return envelopes
+
+
+async def ingest_parked(uow: UnitOfWork, labs: Labs, parked: Sequence[ParkedResult], now: datetime) -> list[Outcome]:
+    """Ingest results that were parked, in arrival order (a correction after its original)."""
+    incoming = [IncomingResult.model_validate_json(item.payload) for item in sorted(parked, key=lambda p: p.id)]
+    return await ingest_batch(uow, labs, incoming, now, context=CommandContext(actor="labs:released"))
+
+
+def expired_refusal(parked: ParkedResult, wait: timedelta) -> Refusal:
+    """The refusal (``unknown_subject``) of a result that waited ``wait`` for an enrollment."""
+    result = IncomingResult.model_validate_json(parked.payload)
+    return Refusal(LabRejection(
+        f"subject {result.subject_id} is not enrolled: the result waited "
+        f"{_seconds(wait)} for the enrollment (parked at {as_utc(parked.parked_at).isoformat()})",
+        "unknown_subject", message_id=result.message_id, subject_id=result.subject_id, raw=result.raw,
+    ), result.source)
+
+
+def _parked(result: IncomingResult, now: datetime) -> ParkedResult:
+    # The raw copy is kept for a later refusal's report: without identifiers.
+    payload = result.model_copy(update={"raw": redact(cap(result.raw)) or ""}).model_dump_json()
+    return ParkedResult(result.source, result.message_id, result.result_id, result.subject_id, payload, now)
 
 
 def _erased(result: IncomingResult) -> LabRejection:
@@ -533,28 +360,11 @@ def _count_on_commit(uow: UnitOfWork, outcomes: Sequence[Outcome]) -> None:
     uow.on_commit(count)
 
 
-def _insert_ignore(uow: UnitOfWork, table: Table) -> Any:
-    dialect_insert = pg_insert if uow.store.is_postgres else sqlite_insert
-    return dialect_insert(table).on_conflict_do_nothing()
-
-
 def _sql_text(value: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL characters (garbage input may): show them escaped."""
     return value.replace("\x00", "\\x00") if value else value
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _seconds(wait: timedelta) -> str:
     seconds = wait.total_seconds()
     return f"{seconds:g} s" if seconds < 3600 else f"{seconds / 3600:g} h"
-
-
-_default = LabIngestion()
-
-
-async def ingest(uow: UnitOfWork, incoming: Sequence[IncomingResult], now: datetime) -> list[Outcome]:
-    """:meth:`LabIngestion.ingest` with the default settings (tests, tools)."""
-    return await _default.ingest(uow, incoming, now)

@@ -10,8 +10,10 @@ on the same connection. For each message:
    ``AA`` means the results are in the store), ``AA`` when every OBX was accepted (a duplicate
    or a result parked for a not-yet-enrolled subject counts as accepted), else ``AE`` with the
    reasons in MSA-3 and one ERR segment per refused OBX.
-3. If the store cannot be written (database down), the answer is ``AR`` "resend later", and
-   nothing is recorded: the lab's resend has the effect, once.
+3. If the store cannot be written (database down), the answer is ``AR`` "resend later"
+   (``storage_unavailable``), and nothing is recorded: the lab's resend has the effect, once.
+   The same for a concurrent writer that kept changing a result's record through every retry
+   of the command runner (``store.transact``): ``AR`` ``concurrent_update``, resend later.
 
 Defences (garbage must never take the listener down): a frame may hold at most
 :data:`MAX_FRAME_BYTES`; a longer one is discarded up to its end block and refused
@@ -31,24 +33,22 @@ import asyncio
 import contextlib
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import structlog
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
 
-from services.labs.domain import LabRejection, raw_for_report
+from services.labs.handlers import IngestResults, IngestRunner
+from services.labs.hl7_acks import build_ack
+from services.labs.hl7_charsets import decode_hl7_bytes
 from services.labs.hl7_messages import (
     MAX_MESSAGE_CHARS,
     Hl7MessageError,
-    ObxError,
     ParsedOru,
-    build_ack,
-    decode_hl7_bytes,
     parse_oru,
 )
-from services.labs.ingest import LabIngestion, Refusal
-from shared.events import CommandContext
-from shared.store import ConcurrencyError, EventStore
+from services.labs.ingest import Refusal
+from services.labs.inputs import LabRejection
+from shared.errors import Conflict
 
 log = structlog.get_logger(__name__)
 
@@ -75,10 +75,12 @@ class FrameProblem:
 
 
 class MllpServer:
+    """``ingest`` runs a message's results and refusals in one transaction
+    (:func:`services.labs.handlers.ingest_runner`)."""
+
     def __init__(
         self,
-        store: EventStore,
-        labs: LabIngestion,
+        ingest: IngestRunner,
         *,
         host: str,
         port: int,
@@ -86,17 +88,14 @@ class MllpServer:
         read_timeout: float = 30.0,
         max_connections: int = 100,
         max_connections_per_address: int = 10,
-        committed: object = None,
     ) -> None:
-        self.store = store
-        self.labs = labs
+        self.ingest = ingest
         self.host = host
         self.port = port
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.max_connections_per_address = max_connections_per_address
-        self._committed = committed
         self.active = 0
         self.active_by_address: Counter[str] = Counter()
         self.server: asyncio.AbstractServer | None = None
@@ -222,10 +221,9 @@ class MllpServer:
     # ------------------------------------------------------------------ messages
 
     async def _refuse_frame(self, problem: FrameProblem) -> str:
-        rejection = LabRejection(problem.reason, problem.code)
-        raw = raw_for_report(problem.data, _REPORT_BYTES)
-        if not await self._store_refusals([Refusal(rejection, "mllp", raw)]):
-            return _storage_ack(problem.data)
+        refusal = Refusal.of_input(LabRejection(problem.reason, problem.code), "mllp", problem.data, _REPORT_BYTES)
+        if (failed := await self._store_refusals([refusal], problem.data)) is not None:
+            return failed
         return build_ack(problem.data, "AR", problem.reason, error_code=problem.code)
 
     async def handle_message(self, data: bytes) -> str:
@@ -234,67 +232,47 @@ class MllpServer:
         text = decode_hl7_bytes(data)
         try:
             parsed = parse_oru(text)
-        except Hl7MessageError as error:
-            raw = error.raw if error.raw is not None else raw_for_report(data)
-            if not await self._store_refusals([Refusal(error, "mllp", raw)]):
-                return _storage_ack(text)
-            return build_ack(text, "AR", error.reason, error_code=error.code)
         except Exception as error:  # noqa: BLE001 - a parser bug must still get an answer
-            log.exception("HL7 parser failed", error=repr(error))
-            rejection = LabRejection(f"message could not be parsed: {type(error).__name__}", "unparseable")
-            if not await self._store_refusals([Refusal(rejection, "mllp", raw_for_report(data))]):
-                return _storage_ack(text)
+            rejection = error if isinstance(error, Hl7MessageError) else _parser_failed(error)
+            if (failed := await self._store_refusals([Refusal.of_input(rejection, "mllp", data)], text)) is not None:
+                return failed
             return build_ack(text, "AR", rejection.reason, error_code=rejection.code)
-        errors = await self._ingest(parsed)
-        if errors is None:
-            return _storage_ack(parsed)
-        if errors:
-            return build_ack(parsed, "AE", errors=sorted(errors, key=lambda error: error.obx_index))
-        return build_ack(parsed, "AA")
-
-    async def _ingest(self, parsed: ParsedOru) -> list[ObxError] | None:
-        """Results and refusals of one message in one transaction; the OBX errors for the ACK,
-        or ``None`` when the store could not be written."""
         results = parsed.results
-        where = [f"OBX {_position(parsed, result)}" for result in results]
-        context = CommandContext(actor="labs:mllp")
-        for attempt in range(5):
-            try:
-                async with self.store.transaction() as uow:
-                    now = datetime.now(UTC)
-                    outcomes = await self.labs.ingest(uow, results, now, where=where, context=context)
-                    await self.labs.record_rejections(
-                        uow, [Refusal(rejection, "mllp") for rejection in parsed.rejections()], now
-                    )
-                self._notify()
-                break
-            except ConcurrencyError:
-                await asyncio.sleep(0.01 * (attempt + 1))
-            except Exception as error:  # noqa: BLE001 - database down: answer "resend later"
-                log.error("MLLP message not stored", control_id=parsed.control_id, error=repr(error))
-                return None
-        else:
-            return None
+        where: list[str | None] = [f"OBX {_position(parsed, result)}" for result in results]
+        refusals = [Refusal(rejection, "mllp") for rejection in parsed.rejections()]
+        try:
+            outcomes = await self.ingest(IngestResults(results, refusals, where, actor="labs:mllp"))
+        except Conflict as conflict:
+            log.warning("MLLP message not stored: concurrent updates", control_id=parsed.control_id)
+            return _conflict_ack(parsed, conflict)
+        except Exception as error:  # noqa: BLE001 - database down: answer "resend later"
+            log.error("MLLP message not stored", control_id=parsed.control_id, error=repr(error))
+            return _storage_ack(parsed)
         errors = list(parsed.errors)
         for outcome, label in zip(outcomes, where, strict=True):
             if outcome.rejection is not None:
                 reason = outcome.rejection.reason.removeprefix(f"{label}: ")  # the ACK locates it itself
                 errors.append(parsed.error_for(outcome.result, LabRejection(reason, outcome.rejection.code)))
-        return errors
+        if errors:
+            return build_ack(parsed, "AE", errors=sorted(errors, key=lambda error: error.obx_index))
+        return build_ack(parsed, "AA")
 
-    async def _store_refusals(self, refusals: list[Refusal]) -> bool:
+    async def _store_refusals(self, refusals: list[Refusal], source: str | bytes) -> str | None:
+        """Record the refusal of a whole message (``source``); ``None`` when it was recorded,
+        else the ACK to send instead."""
         try:
-            async with self.store.transaction() as uow:
-                await self.labs.record_rejections(uow, refusals, datetime.now(UTC))
+            await self.ingest(IngestResults([], refusals, actor="labs:mllp"))
+        except Conflict as conflict:
+            return _conflict_ack(source, conflict)
         except Exception as error:  # noqa: BLE001 - database down: answer "resend later"
             log.error("MLLP refusal not stored", error=repr(error))
-            return False
-        self._notify()
-        return True
+            return _storage_ack(source)
+        return None
 
-    def _notify(self) -> None:
-        if callable(self._committed):
-            self._committed()
+
+def _parser_failed(error: Exception) -> LabRejection:
+    log.exception("HL7 parser failed", error=repr(error))
+    return LabRejection(f"message could not be parsed: {type(error).__name__}", "unparseable")
 
 
 def _position(parsed: ParsedOru, result: object) -> int:
@@ -305,3 +283,8 @@ def _storage_ack(source: ParsedOru | str | bytes) -> str:
     return build_ack(
         source, "AR", "temporarily unable to store the message; resend it later", error_code="storage_unavailable"
     )
+
+
+def _conflict_ack(source: ParsedOru | str | bytes | None, conflict: Conflict) -> str:
+    return build_ack(source, "AR", f"{conflict.reason}; nothing was recorded, resend it later",
+                     error_code="concurrent_update")

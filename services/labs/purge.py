@@ -5,7 +5,7 @@ two kinds of lab message travel in clear and cannot be sealed: the lab systems' 
 ``labs.results`` (they have no keys) and the contract's ``LabResultRejected`` on ``labs.rejected``
 (and on ``<prefix>.labs.LabResultRejected``), which may carry the subject id and a redacted raw
 payload. When labs learns of a ``PatientDataErased`` it records, in the same transaction, a
-durable job in ``inbound_purges`` (:func:`request_purges`); :class:`InboundPurger` (a background
+durable purge job (:func:`services.labs.handlers.erase_subjects`); :class:`InboundPurger` (a background
 task) scans the streams for the pending subjects and deletes each message that names one with
 the server's secure erase (``STREAM.MSG.DELETE`` without ``no_erase``: overwritten on disk),
 then marks the jobs done with what it deleted.
@@ -44,23 +44,20 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
-from sqlalchemy import Column, DateTime, Integer, String, Table, Text, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.labs import LabResultRejected
-from services.labs.ingest import labs_metadata
+from services.labs.handlers import CountPurged, FinishPurges, StartPurges, count_purged, finish_purges, start_purges
+from services.labs.ingest import Labs
+from services.labs.labs_store import PurgeJob
 from services.labs.refused_subject import refused_subject
 from shared import metrics
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
-from shared.store import EventStore, UnitOfWork
+from shared.store import EventStore
 
 log = structlog.get_logger(__name__)
 
@@ -77,57 +74,21 @@ ALREADY_GONE = frozenset({10043, 10057})
 """JetStream's error codes for deleting a message no longer in the stream: "sequence … not found",
 or "no message found" (when the stream holds no message any more)."""
 
-inbound_purges = Table(
-    "inbound_purges",
-    labs_metadata,
-    Column("subject_id", String(64), primary_key=True),
-    Column("requested_at", DateTime(timezone=True), nullable=False),
-    Column("done_at", DateTime(timezone=True), nullable=True),
-    Column("attempts", Integer, nullable=False, server_default="0"),
-    Column("last_error", Text, nullable=True),
-    Column("results_deleted", Integer, nullable=False, server_default="0"),
-    Column("rejected_deleted", Integer, nullable=False, server_default="0"),
-    Column("events_deleted", Integer, nullable=False, server_default="0"),
-)
 
-
-async def request_purges(uow: UnitOfWork, subject_ids: Iterable[str], now: datetime) -> None:
-    """Record a pending purge for each subject, in the caller's transaction (the erasure's
-    handling). A subject erased twice (a redelivered event) keeps its one job."""
-    rows = [{"subject_id": subject_id, "requested_at": now} for subject_id in dict.fromkeys(subject_ids)]
-    if rows:
-        insert = pg_insert if uow.store.is_postgres else sqlite_insert
-        await uow.connection.execute(insert(inbound_purges).on_conflict_do_nothing(), rows)
-
-
-async def list_purges(connection: AsyncConnection, limit: int) -> list[dict[str, Any]]:
-    """The newest jobs first, for ``GET /v1/admin/erasures``."""
-    rows = await connection.execute(
-        select(inbound_purges).order_by(inbound_purges.c.requested_at.desc()).limit(limit)
-    )
-    return [
-        {
-            "subject_id": row.subject_id,
-            "status": "done" if row.done_at else "pending",
-            "requested_at": _aware(row.requested_at).isoformat(),
-            "done_at": _aware(row.done_at).isoformat() if row.done_at else None,
-            "attempts": row.attempts,
-            "last_error": row.last_error,
-            "deleted": {label: getattr(row, column) for label, column in DELETED_COLUMNS.items()},
-        }
-        for row in rows
-    ]
+def purge_view(job: PurgeJob) -> dict[str, Any]:
+    """A job as ``GET /v1/admin/erasures`` shows it."""
+    return {
+        "subject_id": job.subject_id,
+        "status": "done" if job.done_at else "pending",
+        "requested_at": job.requested_at.isoformat(),
+        "done_at": job.done_at.isoformat() if job.done_at else None,
+        "attempts": job.attempts,
+        "last_error": job.last_error,
+        "deleted": dict(job.deleted),
+    }
 
 
 # --------------------------------------------------------------------------- what is scanned
-
-
-DELETED_COLUMNS = {
-    "labs_results": "results_deleted",
-    "labs_rejected": "rejected_deleted",
-    "labs_events": "events_deleted",
-}
-"""A target's label (the metric's ``stream`` label) -> the job's count of deletions there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +96,9 @@ class Target:
     """The messages on ``subject`` in ``stream``, to scan."""
 
     label: str
+    """One of :data:`services.labs.labs_store.PURGE_TARGETS` (and the metric's ``stream`` label)."""
     stream: str
     subject: str
-
-    @property
-    def column(self) -> str:
-        return DELETED_COLUMNS[self.label]
 
 
 def targets(topology: Topology) -> tuple[Target, ...]:
@@ -194,10 +152,11 @@ class InboundPurger:
     """
 
     def __init__(
-        self, store: EventStore, jetstream: Callable[[], JetStreamContext], targets: Sequence[Target], *,
+        self, store: EventStore, labs: Labs, jetstream: Callable[[], JetStreamContext], targets: Sequence[Target], *,
         interval: float,
     ) -> None:
         self.store = store
+        self.labs = labs
         self.jetstream = jetstream
         self.targets = tuple(targets)
         self.interval = interval
@@ -220,16 +179,9 @@ class InboundPurger:
 
     async def run_once(self) -> int:
         """One pass over the pending jobs; returns how many it finished."""
-        async with self.store.transaction() as uow:
-            subject_ids = list((await uow.connection.execute(
-                select(inbound_purges.c.subject_id).where(inbound_purges.c.done_at.is_(None))
-                .order_by(inbound_purges.c.requested_at).limit(MAX_JOBS)
-            )).scalars())
-            if subject_ids:
-                await uow.connection.execute(
-                    update(inbound_purges).where(inbound_purges.c.subject_id.in_(subject_ids))
-                    .values(attempts=inbound_purges.c.attempts + 1)
-                )
+        subject_ids = await self.store.transact(
+            lambda uow: start_purges(StartPurges(MAX_JOBS), uow, labs=self.labs)
+        )
         await self._count_pending()
         if not subject_ids:
             return 0
@@ -241,11 +193,7 @@ class InboundPurger:
         except Exception as error:
             await self._failed(subject_ids, error)
             raise
-        async with self.store.transaction() as uow:
-            await uow.connection.execute(
-                update(inbound_purges).where(inbound_purges.c.subject_id.in_(subject_ids))
-                .values(done_at=datetime.now(UTC), last_error=None)
-            )
+        await self.store.transact(lambda uow: finish_purges(FinishPurges(subject_ids), uow, labs=self.labs))
         await self._count_pending()
         log.info("inbound purge done", subjects=len(subject_ids))  # no subject ids in logs
         return len(subject_ids)
@@ -314,29 +262,15 @@ class InboundPurger:
                 await self._count_deleted(target, deleted)
 
     async def _count_deleted(self, target: Target, deleted: Counter[str]) -> None:
-        column = inbound_purges.c[target.column]
-        async with self.store.transaction() as uow:
-            for subject_id, count in deleted.items():
-                await uow.connection.execute(
-                    update(inbound_purges).where(inbound_purges.c.subject_id == subject_id)
-                    .values({target.column: column + count})
-                )
+        command = CountPurged(target.label, deleted)
+        await self.store.transact(lambda uow: count_purged(command, uow, labs=self.labs))
 
     async def _failed(self, subject_ids: list[str], error: Exception) -> None:
+        command = FinishPurges(subject_ids, error=(repr(error) or type(error).__name__)[:ERROR_LIMIT])
         with contextlib.suppress(Exception):
-            async with self.store.transaction() as uow:
-                await uow.connection.execute(
-                    update(inbound_purges).where(inbound_purges.c.subject_id.in_(subject_ids))
-                    .values(last_error=(repr(error) or type(error).__name__)[:ERROR_LIMIT])
-                )
+            await self.store.transact(lambda uow: finish_purges(command, uow, labs=self.labs))
 
     async def _count_pending(self) -> None:
-        async with self.store.engine.connect() as connection:
-            pending = await connection.scalar(
-                select(func.count()).select_from(inbound_purges).where(inbound_purges.c.done_at.is_(None))
-            )
-        metrics.ERASURE_PURGES_PENDING.set(pending or 0)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        async with self.store.transaction() as uow:
+            pending = await self.labs.tables.pending_purges(uow)
+        metrics.ERASURE_PURGES_PENDING.set(pending)

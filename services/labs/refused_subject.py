@@ -20,8 +20,9 @@ import re
 from typing import Any
 
 from contracts.labs import Source
-from services.labs.domain import SUBJECT_ID_SHAPE
+from services.labs.catalogue import SUBJECT_ID_SHAPE
 from services.labs.fhir_observations import PATIENT_REFERENCE
+from services.labs.hl7_msh import sniff_msh
 from services.labs.redaction import looks_personal
 
 _SEGMENT_BREAK = re.compile(r"[\r\n\x0b\x1c]+")
@@ -56,11 +57,8 @@ def _hl7_subject(text: str) -> str | None:
     """PID-3's first component, with the delimiters MSH-1/MSH-2 declare (HL7's defaults
     otherwise). Escape sequences are not read: a value holding one is no pseudonym."""
     segments = [segment for segment in _SEGMENT_BREAK.split(text.strip()) if segment]
-    field, component, repetition = "|", "^", "~"
-    if segments and segments[0].startswith("MSH") and len(segments[0]) > 4:
-        field = segments[0][3]
-        declared = segments[0][4:].split(field, 1)[0]  # MSH-2, completed with the defaults
-        component, repetition = (declared + "^~"[len(declared):])[:2]
+    msh = sniff_msh(segments[0]) if segments else None
+    field, component, repetition = (msh.separator, msh.component, msh.repetition) if msh else ("|", "^", "~")
     for segment in segments:
         if segment.startswith("PID" + field):
             fields = segment.split(field)

@@ -44,7 +44,7 @@ def create_app(service: Service) -> FastAPI:
     app = service.app(
         routes(service, queries, rebuilds, viewpoint),
         cdisc_routes(viewpoint),
-        lock_routes(service.store, projection, queries, viewpoint),
+        lock_routes(service, projection, queries, viewpoint),
         public(dashboard_routes(service)),  # pages hold no data; their API calls carry the key
         title="nephrotrack outcomes",
         description=__doc__ or "",

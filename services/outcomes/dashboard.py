@@ -4,16 +4,26 @@
 ``services/outcomes/static`` (hand-written HTML, CSS and vanilla JavaScript; the charts are SVG
 drawn by that JavaScript — no framework, no build step, no CDN):
 
-- ``GET /`` — cohort overview: the cohort table, eGFR trajectories, Kaplan–Meier
-  kidney-failure-free survival, the patient list, filters and the export downloads;
-- ``GET /patients/{subject_id}`` — one patient's timeline;
+- ``GET /`` — cohort overview: the cohort table and the v2 evidence table (UPCR before →
+  after, remissions, confirmed 40 % decline, composite endpoint, patients with AEs), eGFR and
+  UPCR trajectories, Kaplan–Meier kidney-failure-free survival, the composite-endpoint
+  Kaplan–Meier and the kidney-failure cumulative incidence (death competing) with numbers at
+  risk, the mixed-model total and chronic slopes with their 95 % CI (or why not fitted), a
+  safety table per group (serious AEs marked), the paired biopsies before → after, the patient
+  list, filters and the export downloads (``overview.js``, ``evidence.js``,
+  ``evidence-charts.js``, ``charts.js``);
+- ``GET /patients/{subject_id}`` — one patient's values and timeline: eGFR and UPCR, pulse
+  cycles, infusions, biopsies, adverse events with their follow-up reports, clinical events
+  (``patient.js``, ``patient-evidence.js``);
 - ``GET /static/{name}`` — the assets.
 
 The pages hold no data. Their JavaScript reads the JSON API on the same origin
-(``/v1/cohorts``, ``/v1/cohorts/{group}/egfr``, ``/v1/cohorts/{group}/survival``,
-``/v1/patients/{id}``, ``/v1/export/patients.csv``) and polls ``/v1/freshness`` every two
-seconds, refetching when the projection's position moves, so new lab results appear without a
-reload. Every number on a page names the endpoint and field it came from (``data-source`` /
+(``/v1/cohorts``, ``/v1/cohorts/{group}/egfr``, ``/survival``, ``/endpoints``, ``/slopes``,
+``/safety``, ``/biopsies``, ``/v1/patients/{id}``, ``/v1/export/patients.csv``) and polls
+``/v1/freshness`` every two seconds, refetching when the projection's position moves, so new
+lab results appear without a reload. The UPCR lines and the biopsy findings come from every
+listed patient's ``/v1/patients/{id}`` (the API has no group route for them): one request per
+patient per refresh, fine for a trial's cohort, not for thousands. Every number on a page names the endpoint and field it came from (``data-source`` /
 ``data-field`` attributes, a tooltip, and a "show sources" switch), so each is traceable to
 the API.
 

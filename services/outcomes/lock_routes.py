@@ -17,7 +17,7 @@ from services.outcomes.projection_store import ProjectionStore
 from services.outcomes.queries import OutcomesQueries
 from services.outcomes.viewpoint import Viewpoint
 from shared.http import command_context
-from shared.store import EventStore
+from shared.service import Service
 
 
 class LockRequest(BaseModel):
@@ -47,7 +47,7 @@ def lock_view(lock: AnalysisLock, streams: Mapping[str, str]) -> LockView:
 
 
 def lock_routes(
-    store: EventStore, projection: ProjectionStore, queries: OutcomesQueries, viewpoint: Callable[..., Viewpoint]
+    service: Service, projection: ProjectionStore, queries: OutcomesQueries, viewpoint: Callable[..., Viewpoint]
 ) -> APIRouter:
     router = APIRouter(prefix="/v1/locks", tags=["time travel"])
     at_viewpoint = Depends(viewpoint)  # as_of / lock (a default: annotations are strings here)
@@ -56,7 +56,7 @@ def lock_routes(
                  responses={409: {"description": "the name is taken"}, 422: {"description": "the name is not allowed"}},
                  summary="Freeze the current answers under a name (analyst; an audited AnalysisLocked event)")
     async def lock(command: LockRequest, request: Request) -> LockView:
-        locked = await store.transact(partial(
+        locked = await service.transact(partial(
             handlers.lock_analysis, handlers.LockAnalysis(command.name, command_context(request)), projection=projection,
         ))
         return lock_view(locked, queries.streams)

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
-from weakref import WeakKeyDictionary
 
 from services.outcomes.locks import AnalysisLock, is_frozen
 from services.outcomes.projection_store import Lock, ProjectionState, ProjectionStore
 from services.outcomes.projector import ProjectedPatient, SourceMark
 from shared.store import UnitOfWork
+from shared.store.staged import StagedTables
 
 Rows = dict[int, dict[Any, Any]]
 """Generation -> key -> row."""
@@ -48,19 +48,16 @@ class MemoryProjection:
 
 class MemoryProjectionStore(ProjectionStore):
     def __init__(self, active_generation: int = 1) -> None:
-        self.committed = MemoryProjection(ProjectionState(active_generation))
-        self._open: WeakKeyDictionary[UnitOfWork, MemoryProjection] = WeakKeyDictionary()
+        self._staged = StagedTables(MemoryProjection(ProjectionState(active_generation)))
+
+    @property
+    def committed(self) -> MemoryProjection:
+        """The tables as committed."""
+        return self._staged.committed
 
     def tables(self, uow: UnitOfWork) -> MemoryProjection:
         """The tables as ``uow`` sees them: the committed ones with its own writes."""
-        tables = self._open.get(uow)
-        if tables is None:
-            tables = self._open[uow] = self.committed.copy()
-            uow.on_commit(lambda: self._commit(uow))
-        return tables
-
-    def _commit(self, uow: UnitOfWork) -> None:
-        self.committed = self._open.pop(uow)
+        return self._staged.of(uow)
 
     async def state(self, uow: UnitOfWork, *, lock: Lock = None) -> ProjectionState:
         return self.tables(uow).state

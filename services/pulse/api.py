@@ -1,4 +1,5 @@
-"""Pulse administration's HTTP adapter: contract commands in, events out through the service shell.
+"""Pulse administration's HTTP adapter: parse the contract's request, run the use case
+(services/pulse/handlers.py) in one transaction, answer with what was recorded.
 
 One stream per subject, ``pulse-<subject_id>``, holding ``PulseDoseAdministered`` and the
 ``ProtocolDeviationDetected`` events each dose raised (published on ``<prefix>.pulse.<EventType>``).
@@ -7,45 +8,23 @@ One stream per subject, ``pulse-<subject_id>``, holding ``PulseDoseAdministered`
 from __future__ import annotations
 
 from datetime import date
+from functools import partial
 from uuid import UUID
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from contracts.deviations import DeviationCode
 from services.clinical import (
     ClinicalSettings,
-    check_within_study,
-    count_deviations,
-    deviations_of,
+    DeviationFound,
     known_patient,
-    study_end,
+    patient_history,
+    recorded_with_deviations,
 )
-from services.pulse.domain import (
-    AdministerPulseDose,
-    KnownPatient,
-    PulseCycles,
-    cycles,
-    decide_administer_pulse_dose,
-    fold,
-)
-from shared.clinical_dates import utc_today
-from shared.errors import NotFound
-from shared.events import DomainEvent
+from services.pulse import handlers
+from services.pulse.domain import AdministerPulseDose, PulseCycles, cycles, fold
 from shared.http import command_context
-from shared.patients import find_patient
 from shared.service import Service
-
-
-def stream_id(subject_id: str) -> str:
-    return f"pulse-{subject_id}"
-
-
-class DeviationFound(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    code: DeviationCode
-    detail: str
 
 
 class RecordedDose(BaseModel):
@@ -75,28 +54,9 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
         responses={404: {"description": "no such enrolled patient (after waiting for enrollment)"}},
     )
     async def administer(subject_id: str, command: AdministerPulseDose, request: Request) -> RecordedDose:
-        enrolled = await known_patient(service.store, subject_id, settings)
-        patient = None
-        if enrolled is not None:
-            patient = KnownPatient(
-                subject_id=enrolled.subject_id,
-                group=enrolled.group,  # type: ignore[arg-type]  # a Group, stored as text
-                enrolled_on=enrolled.enrolled_on,
-            )
-        end = await study_end(service.store, subject_id)
-        today = utc_today()
-
-        def decide(history: list[DomainEvent]) -> list[DomainEvent]:
-            new_events = decide_administer_pulse_dose(fold(history), command, patient, subject_id, today=today)
-            check_within_study(end, subject_id, command.given_on, "a pulse dose")
-            return new_events
-
-        envelopes = await service.execute(stream_id(subject_id), decide, command_context(request))
-        count_deviations(envelopes)
-        dose = envelopes[0]
-        return RecordedDose.model_validate(
-            {**dose.payload, "event_id": dose.event_id, "deviations": deviations_of(envelopes)}
-        )
+        await known_patient(service.store, subject_id, settings)  # a command right after enrolling waits for it
+        use_case = handlers.AdministerDose(subject_id, command, context=command_context(request))
+        return recorded_with_deviations(RecordedDose, await service.transact(partial(handlers.administer_dose, use_case)))
 
     @router.get(
         "/patients/{subject_id}/pulse-cycles",
@@ -104,11 +64,7 @@ def routes(service: Service, settings: ClinicalSettings) -> APIRouter:
         summary="The patient's pulse course by cycle, with its deviations",
     )
     async def get_cycles(subject_id: str) -> PulseCycles:
-        history = await service.store.read_stream(stream_id(subject_id))
-        if not history:
-            if await find_patient(service.store, subject_id) is None:
-                raise NotFound(f"no patient is enrolled with subject id {subject_id}")
-        view = cycles(fold(envelope.decode() for envelope in history))
-        return view.model_copy(update={"subject_id": subject_id})
+        history = await patient_history(service.store, handlers.stream_id(subject_id), subject_id)
+        return cycles(fold(history)).model_copy(update={"subject_id": subject_id})
 
     return router

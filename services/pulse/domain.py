@@ -19,8 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.deviations import DeviationCode, ProtocolDeviationDetected
-from contracts.enrollment import Group, PatientEnrolled
 from contracts.pulse import PulseDoseAdministered
+from services.clinical.patients import KnownPatient
 from shared.clinical_dates import check_clinical_date
 from shared.errors import Conflict, Invalid, NotFound
 from shared.events import DomainEvent
@@ -29,19 +29,6 @@ MAX_DAILY_DOSE_MG = 1000.0
 MIN_MG_PER_KG = 20.0
 MAX_MG_PER_KG = 30.0
 MAX_CYCLES = 17
-
-
-@dataclass(frozen=True)
-class KnownPatient:
-    """The enrollment facts pulse needs, learned from ``PatientEnrolled``."""
-
-    subject_id: str
-    group: Group
-    enrolled_on: date
-
-    @classmethod
-    def from_enrolled(cls, enrolled: PatientEnrolled) -> KnownPatient:
-        return cls(subject_id=enrolled.subject_id, group=enrolled.group, enrolled_on=enrolled.enrolled_on)
 
 
 class AdministerPulseDose(BaseModel):

@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 
 from services.cells.domain import fold_lot, fold_patient, infusions
 from services.pulse.domain import cycles, fold
 from shared.broker import Topology
 from shared.store import EventStore, open_store
-from tests.conftest import BACKENDS, NATS_URL
+from tests.conftest import BACKENDS
 from tests.keys import stack_codec
-from tests.stack import Stack, eventually
+from tests.stack import Stack, eventually, running
 
 pytestmark = pytest.mark.slow
 
@@ -140,22 +139,13 @@ async def clinical(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         backend=backend,
         extra_env={"NEPHROTRACK_UNKNOWN_PATIENT_WAIT_SECONDS": str(UNKNOWN_PATIENT_WAIT)},
     )
-    client = await nats.connect(NATS_URL)
-    stores: dict[str, EventStore] = {}
-    try:
-        await stack.start()
-        async with stack_codec(prefix) as codec, stack.client(timeout=30) as http:
-            stores = {s: open_store(stack.database_urls[s], codec=codec) for s in ("pulse", "cells")}
-            yield Clinical(stack, prefix, http, client.jetstream(), stores)
-    finally:
-        for store in stores.values():
-            await store.close()
-        await stack.stop()
-        js = client.jetstream()
-        for name in [s.config.name for s in await js.streams_info()]:
-            if name.startswith(prefix.upper()):
-                await js.delete_stream(name)
-        await client.drain()
+    async with running(stack) as js, stack_codec(prefix) as codec, stack.client(timeout=30) as http:
+        stores = {s: open_store(stack.database_urls[s], codec=codec) for s in ("pulse", "cells")}
+        try:
+            yield Clinical(stack, prefix, http, js, stores)
+        finally:  # before the stack stops and drops its databases
+            for store in stores.values():
+                await store.close()
 
 
 # --------------------------------------------------------------------------- the contract

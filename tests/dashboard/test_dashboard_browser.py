@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ class LabResults:
 
 async def test_the_dashboard_shows_the_study_and_updates_live(tmp_path: Path, prefix: str, nats_client: nats.NATS) -> None:
     _require_chromium()
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
     started = time.monotonic()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -132,26 +133,12 @@ async def test_the_dashboard_shows_the_study_and_updates_live(tmp_path: Path, pr
         api = {row["group"]: row for row in cohorts}
         print(f"stack and demo ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
 
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = await browser.new_page(viewport={"width": 1440, "height": 1000})
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type == "error" and "401" not in m.text else None)  # 401s: before the key is given
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("request", lambda r: None if r.url.startswith((base, "data:")) else problems.append(f"external request {r.url}"))
-            try:
-                await _overview(page, expect, base, api)
-                await _live_overview(page, expect, labs, prefix)
-                await _filters(page, expect)
-                await _patient(page, expect, base, labs, prefix)
-                await _keyboard_to_the_control_patient(page, expect, base)
-            except Exception:
-                await page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
-                raise
-            finally:
-                await browser.close()
-            assert not problems, problems
+        async with watched_page(base, "failure.png") as page:
+            await _overview(page, expect, base, api)
+            await _live_overview(page, expect, labs, prefix)
+            await _filters(page, expect)
+            await _patient(page, expect, base, labs, prefix)
+            await _keyboard_to_the_control_patient(page, expect, base)
     except Exception:
         for service in SERVICES:
             print(f"--- {service} log ---\n{stack.log(service)}", file=sys.stderr)
@@ -161,6 +148,30 @@ async def test_the_dashboard_shows_the_study_and_updates_live(tmp_path: Path, pr
         await stack.stop()
         await labs.forget_consumers(prefix)
     print(f"dashboard browser test took {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
+@contextlib.asynccontextmanager
+async def watched_page(base: str, failure_png: str) -> AsyncIterator[Any]:
+    """A Chromium page on ``base`` that must raise no console or page error and request nothing
+    off ``base``; a failing test leaves a screenshot ``failure_png`` in the artifacts."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = await browser.new_page(viewport={"width": 1440, "height": 1000})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                if m.type == "error" and "401" not in m.text else None)  # 401s: before the key is given
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("request", lambda r: None if r.url.startswith((base, "data:")) else problems.append(f"external request {r.url}"))
+        try:
+            yield page
+        except Exception:
+            await page.screenshot(path=str(ARTIFACTS / failure_png), full_page=True)
+            raise
+        finally:
+            await browser.close()
+        assert not problems, problems
 
 
 async def _sign_in(page: Any, expect: Any, base: str) -> None:
@@ -175,17 +186,24 @@ async def _sign_in(page: Any, expect: Any, base: str) -> None:
     await expect(page.locator("#auth")).to_be_hidden()
 
 
-async def _overview(page: Any, expect: Any, base: str, api: dict[str, dict[str, Any]]) -> None:
-    await _sign_in(page, expect, base)
-    await expect(page.locator("#cohort-table tbody tr[data-group]")).to_have_count(3)
-    for group, cells in TABLE.items():
-        row = page.locator(f'#cohort-table tr[data-group="{group}"]')
+async def expect_cohort_cells(table: Any, expect: Any, expected: dict[str, dict[str, str]],
+                              api: dict[str, dict[str, Any]] | None = None) -> None:
+    """Each group's row of ``table`` shows the expected texts; each number is traceable: it names
+    its endpoint and field, and (given the API's rows) its raw value is the API's."""
+    for group, cells in expected.items():
+        row = table.locator(f'tr[data-group="{group}"]')
         for field, text in cells.items():
             cell = row.locator(f'[data-field="[group={group}].{field}"]')
             await expect(cell).to_have_text(text)
-            # traceable: the number names its endpoint and field, and its raw value is the API's
             assert await cell.get_attribute("data-source") == "GET /v1/cohorts"
-            assert math.isclose(float(await cell.get_attribute("data-raw")), api[group][field], rel_tol=1e-12)
+            if api is not None:
+                assert math.isclose(float(await cell.get_attribute("data-raw")), api[group][field], rel_tol=1e-12)
+
+
+async def _overview(page: Any, expect: Any, base: str, api: dict[str, dict[str, Any]]) -> None:
+    await _sign_in(page, expect, base)
+    await expect(page.locator("#cohort-table tbody tr[data-group]")).to_have_count(3)
+    await expect_cohort_cells(page.locator("#cohort-table"), expect, TABLE, api)
     # every number on the page carries its source
     untraced = await page.eval_on_selector_all(".value", "els => els.filter(e => !e.dataset.source || !e.dataset.field).length")
     assert untraced == 0

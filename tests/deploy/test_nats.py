@@ -230,7 +230,10 @@ async def _purge_as_labs(labs: Client, operator: Client, topology: Any, tmp_path
 
     from nats.js.errors import NotFoundError
 
-    from services.labs.purge import InboundPurger, list_purges, request_purges, targets
+    from services.labs.handlers import EraseSubjects, erase_subjects
+    from services.labs.ingest import Labs
+    from services.labs.purge import InboundPurger, purge_view, targets
+    from services.labs.queries import SqlLabsStore
     from shared.broker import LAB_REJECTED_SUBJECT
     from shared.database import migrate
     from shared.store import open_store
@@ -251,11 +254,11 @@ async def _purge_as_labs(labs: Client, operator: Client, topology: Any, tmp_path
     await asyncio.to_thread(migrate, "labs", url)
     store = open_store(url, subject_for=lambda envelope: None)
     try:
+        labs_deps = Labs(SqlLabsStore())
+        await store.transact(lambda uow: erase_subjects(EraseSubjects([erased], datetime.now(UTC)), uow, labs=labs_deps))
+        assert await InboundPurger(store, labs_deps, lambda: labs.js, targets(topology), interval=60).run_once() == 1
         async with store.transaction() as uow:
-            await request_purges(uow, [erased], datetime.now(UTC))
-        assert await InboundPurger(store, lambda: labs.js, targets(topology), interval=60).run_once() == 1
-        async with store.engine.connect() as connection:
-            (job,) = await list_purges(connection, 1)
+            (job,) = [purge_view(job) for job in await labs_deps.tables.purges(uow, 1)]
     finally:
         await store.close()
     assert job["deleted"] == {"labs_results": 1, "labs_rejected": 1, "labs_events": 1}, job

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 
 from contracts.enrollment import PatientEnrolled
-from services.labs.app import enrollment_handler
-from services.labs.ingest import LabIngestion
+from services.labs.consumers import enrollment_handler
+from services.labs.ingest import Labs
+from services.labs.queries import SqlLabsStore
 from shared.consumer import InboundMessage
 from shared.database import migrate
 from shared.events import CommandContext, Envelope
@@ -40,6 +41,11 @@ def enrolled_message(subject_id: str, *, sex: str = "F", age_years: int = 58,
     )
 
 
-async def enroll(store: EventStore, labs: LabIngestion, subject_id: str, **fields) -> None:  # type: ignore[no-untyped-def]
+def sql_labs(*, unknown_patient_wait: float = 86_400, rejected_also_on: str | None = None) -> Labs:
+    """The labs use cases' dependencies on the SQL tables, with these settings."""
+    return Labs(SqlLabsStore(), timedelta(seconds=unknown_patient_wait), rejected_also_on)
+
+
+async def enroll(store: EventStore, labs: Labs, subject_id: str, **fields) -> None:  # type: ignore[no-untyped-def]
     async with store.transaction() as uow:
         await enrollment_handler(labs)(uow, [enrolled_message(subject_id, **fields)])

@@ -10,16 +10,15 @@ from typing import Any
 import nats
 from sqlalchemy import func, select
 
-from services.labs.app import broker_handler
-from services.labs.domain import MAX_ID_CHARS
-from services.labs.ingest import LabIngestion
+from services.labs.catalogue import MAX_ID_CHARS
+from services.labs.consumers import results_handler
 from shared.broker import Topology, ensure_streams, make_broker
 from shared.consumer import DurableConsumer, InboundMessage
 from shared.schema import events
 from shared.store import EventStore, UnitOfWork
 from tests.conftest import NATS_URL
 from tests.foundation.test_messaging import make_stream
-from tests.labs.conftest import enroll
+from tests.labs.conftest import enroll, sql_labs
 from tests.labs.test_ingest import SUBJECT, rejected_events, scalar
 
 
@@ -48,7 +47,7 @@ async def test_an_over_long_message_id_is_refused_and_its_batch_mates_accepted_i
     PostgreSQL its inbox row failed the batch, the nine were retried one by one and it was
     dead-lettered after five tries. Now the batch is handled once: nine results recorded, the
     long one refused (``bad_message_id``) on ``labs.rejected``, and sent again, it has no effect."""
-    labs = LabIngestion()
+    labs = sql_labs()
     await enroll(labs_store, labs, SUBJECT)
     js = nats_client.jetstream()
     stream = topology.service_stream("src")
@@ -60,7 +59,7 @@ async def test_an_over_long_message_id_is_refused_and_its_batch_mates_accepted_i
         await js.publish(subject, body(message_id, f"R-{n}"), headers={"Nats-Msg-Id": message_id})
 
     batches: list[list[InboundMessage]] = []
-    handle = broker_handler(labs)
+    handle = results_handler(labs)
 
     async def recording(uow: UnitOfWork, messages: list[InboundMessage]) -> None:
         batches.append(list(messages))

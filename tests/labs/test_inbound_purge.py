@@ -21,15 +21,17 @@ import pytest
 from sqlalchemy import select
 
 from contracts.enrollment import PatientDataErased
-from services.labs.app import enrollment_handler
-from services.labs.ingest import LabIngestion
-from services.labs.purge import InboundPurger, SubjectMatcher, inbound_purges, list_purges, targets
+from services.labs.consumers import enrollment_handler
+from services.labs.ingest import Labs
+from services.labs.purge import InboundPurger, SubjectMatcher, purge_view, targets
+from services.labs.tables import inbound_purges
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology, ensure_streams
 from shared.consumer import InboundMessage
 from shared.events import CommandContext, Envelope
 from shared.settings import SERVICES
 from shared.store import EventStore
 from tests.fault.infra import NatsServer
+from tests.labs.conftest import sql_labs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -100,14 +102,13 @@ async def test_a_pass_deletes_what_names_the_erased_subject_and_survives_a_failu
     erased, kept = f"IGA-P-{tag}-1", f"IGA-P-{tag}-10"  # the kept id extends the erased one
 
     # The erasure's handling records the job; a redelivered erasure leaves one job.
-    labs = LabIngestion()
+    labs = sql_labs()
     woken: list[bool] = []
     for _ in range(2):
         async with labs_store.transaction() as uow:
             await enrollment_handler(labs, lambda: woken.append(True))(uow, [erased_message(erased)])
     assert woken == [True, True]
-    async with labs_store.engine.connect() as connection:
-        (job,) = await list_purges(connection, 10)
+    (job,) = await jobs(labs_store, labs)
     assert (job["subject_id"], job["status"], job["attempts"]) == (erased, "pending", 0)
 
     def result(subject_id: str, n: int) -> bytes:
@@ -131,7 +132,7 @@ async def test_a_pass_deletes_what_names_the_erased_subject_and_survives_a_failu
     }
 
     # A pass that fails after its first deletion leaves the job pending, with the error.
-    purger = InboundPurger(labs_store, nats_client.jetstream, targets(topology), interval=60)
+    purger = InboundPurger(labs_store, labs, nats_client.jetstream, targets(topology), interval=60)
     deletions = 0
     delete_msg = type(js).delete_msg
 
@@ -146,8 +147,7 @@ async def test_a_pass_deletes_what_names_the_erased_subject_and_survives_a_failu
     with pytest.raises(Exception):  # noqa: B017 - the TaskGroup wraps the readers' error
         await purger.run_once()
     monkeypatch.setattr(type(js), "delete_msg", delete_msg)
-    async with labs_store.engine.connect() as connection:
-        (job,) = await list_purges(connection, 10)
+    (job,) = await jobs(labs_store, labs)
     assert job["status"] == "pending" and job["attempts"] == 1 and "TimeoutError" in job["last_error"]
     assert sum(job["deleted"].values()) == 1  # the one deletion that succeeded is counted
 
@@ -171,11 +171,17 @@ async def test_a_pass_deletes_what_names_the_erased_subject_and_survives_a_failu
     for stream, sequences in spared.items():
         for sequence in sequences:
             assert await present(js, stream, sequence), (stream, sequence)
+    (job,) = await jobs(labs_store, labs)
     async with labs_store.engine.connect() as connection:
-        (job,) = await list_purges(connection, 10)
         pending = (await connection.execute(select(inbound_purges).where(inbound_purges.c.done_at.is_(None)))).all()
     assert job["status"] == "done" and job["last_error"] is None and job["attempts"] == 2
     # every deletion but the raced one counted (the first pass deleted a result)
     assert job["deleted"] == {"labs_results": 3 - 1, "labs_rejected": 2, "labs_events": 1}
     assert pending == []
     assert await purger.run_once() == 0  # nothing pending: a pass does nothing
+
+
+async def jobs(store: EventStore, labs: Labs) -> list[dict[str, Any]]:
+    """The purge jobs as ``GET /v1/admin/erasures`` shows them."""
+    async with store.transaction() as uow:
+        return [purge_view(job) for job in await labs.tables.purges(uow, 10)]

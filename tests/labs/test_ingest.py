@@ -1,6 +1,6 @@
 """The ingestion core on PostgreSQL and SQLite: what is recorded, parked, released, refused.
 
-Every test calls :meth:`LabIngestion.ingest` inside ``store.transaction()`` the way the adapters
+Every test calls :func:`ingest_batch` (or a use case of services.labs.handlers) inside ``store.transaction()`` the way the adapters
 do, then reads the store back.
 """
 
@@ -15,26 +15,16 @@ from prometheus_client import REGISTRY
 from sqlalchemy import event, func, select
 
 from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected
-from services.labs.domain import (
-    IncomingResult,
-    LabRejection,
-    age_on,
-    ckd_epi_2021,
-    stream_id,
-)
+from services.labs.domain import stream_id
+from services.labs.egfr import age_on, ckd_epi_2021
 from services.labs.events import LabResultRecorded
-from services.labs.ingest import (
-    RAW_LIMIT,
-    LabIngestion,
-    Refusal,
-    ingest,
-    lab_rejections,
-    lab_result_index,
-    parked_results,
-)
+from services.labs.handlers import SweepParked, sweep_parked
+from services.labs.ingest import RAW_LIMIT, Labs, Refusal, ingest_batch, record_refusals
+from services.labs.inputs import IncomingResult, LabRejection
+from services.labs.tables import lab_rejections, lab_result_index, parked_results
 from shared.schema import events, outbox
 from shared.store import EventStore
-from tests.labs.conftest import enroll
+from tests.labs.conftest import enroll, sql_labs
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 COLLECTED = datetime(2015, 6, 1, 8, 30, tzinfo=UTC)
@@ -51,10 +41,10 @@ def result(message_id: str, *, result_id: str = "r-1", status: str = "final", va
     return IncomingResult(**(fields | changes))
 
 
-async def run(store: EventStore, items: list[IncomingResult], labs: LabIngestion | None = None,
+async def run(store: EventStore, items: list[IncomingResult], labs: Labs | None = None,
               now: datetime = NOW) -> list[str]:
     async with store.transaction() as uow:
-        outcomes = await (labs or LabIngestion()).ingest(uow, items, now)
+        outcomes = await ingest_batch(uow, labs or sql_labs(), items, now)
     return [outcome.kind for outcome in outcomes]
 
 
@@ -88,7 +78,7 @@ def sample(name: str, labels: dict[str, str]) -> float:
 
 @pytest.fixture
 async def enrolled(labs_store: EventStore) -> EventStore:
-    await enroll(labs_store, LabIngestion(), SUBJECT)
+    await enroll(labs_store, sql_labs(), SUBJECT)
     return labs_store
 
 
@@ -153,7 +143,7 @@ async def test_the_same_message_twice_has_one_effect(enrolled: EventStore) -> No
 
 
 async def test_unknown_patient_is_parked_then_released_by_the_enrollment(labs_store: EventStore) -> None:
-    labs = LabIngestion()
+    labs = sql_labs()
     subject = "IGA-A-077"
     kinds = await run(labs_store, [
         result("m1", subject_id=subject, result_id="p-1"),
@@ -173,15 +163,16 @@ async def test_unknown_patient_is_parked_then_released_by_the_enrollment(labs_st
 
 
 async def test_parked_results_expire_into_unknown_subject_rejections(labs_store: EventStore) -> None:
-    labs = LabIngestion(unknown_patient_wait=60, rejected_also_on="t.labs.LabResultRejected")
+    labs = sql_labs(unknown_patient_wait=60, rejected_also_on="t.labs.LabResultRejected")
     subject = "IGA-X-404"
     assert await run(labs_store, [result("m1", subject_id=subject, result_id="x-1")], labs) == ["parked"]
     rejected_before = sample("nephrotrack_lab_results_rejected_total", {"source": "broker", "reason": "unknown_subject"})
     async with labs_store.transaction() as uow:
-        assert await labs.sweep(uow, NOW + timedelta(seconds=59)) == ([], 0)
+        swept = await sweep_parked(SweepParked(NOW + timedelta(seconds=59)), uow, labs=labs)
+    assert (swept.released, swept.expired) == ([], 0)
     async with labs_store.transaction() as uow:
-        released, expired = await labs.sweep(uow, NOW + timedelta(seconds=61))
-    assert (released, expired) == ([], 1)
+        swept = await sweep_parked(SweepParked(NOW + timedelta(seconds=61)), uow, labs=labs)
+    assert (swept.released, swept.expired) == ([], 1)
     (rejection,) = await rejected_events(labs_store)
     assert (rejection.code, rejection.subject_id, rejection.message_id, rejection.source) == (
         "unknown_subject", subject, "m1", "broker")
@@ -200,7 +191,7 @@ async def test_parked_results_expire_into_unknown_subject_rejections(labs_store:
 async def test_the_sweep_releases_results_parked_while_their_enrollment_committed(labs_store: EventStore) -> None:
     """PostgreSQL race: a batch parks a result while the enrollment commits beside it; the
     enrollment's release did not see the row, so the sweep takes it in."""
-    labs = LabIngestion()
+    labs = sql_labs()
     subject = "IGA-A-078"
     await run(labs_store, [result("m1", subject_id=subject, result_id="race-1")], labs)
     from shared.schema import known_patients
@@ -209,8 +200,8 @@ async def test_the_sweep_releases_results_parked_while_their_enrollment_committe
         await uow.connection.execute(known_patients.insert().values(
             subject_id=subject, group="A", sex="F", age_years=58, enrolled_on=date(2014, 3, 2)))
     async with labs_store.transaction() as uow:
-        released, expired = await labs.sweep(uow, NOW)
-    assert ([o.kind for o in released], expired) == (["accepted"], 0)
+        swept = await sweep_parked(SweepParked(NOW), uow, labs=labs)
+    assert ([o.kind for o in swept.released], swept.expired) == (["accepted"], 0)
     assert (await effective(labs_store, "race-1")).egfr == ckd_epi_2021(2.1, 59, "F")
 
 
@@ -229,7 +220,7 @@ async def test_refusals_are_recorded_with_reason_and_raw_and_nothing_else(enroll
 
 
 async def test_a_negative_age_on_collection_is_refused_not_crashed(labs_store: EventStore) -> None:
-    labs = LabIngestion()
+    labs = sql_labs()
     await enroll(labs_store, labs, "IGA-A-002", age_years=1, enrolled_on=date(2020, 1, 1))
     kinds = await run(labs_store, [result("m1", subject_id="IGA-A-002", collected_at=datetime(2015, 1, 1, tzinfo=UTC))], labs)
     assert kinds == ["rejected"]
@@ -240,12 +231,12 @@ async def test_a_negative_age_on_collection_is_refused_not_crashed(labs_store: E
 async def test_record_rejections_caps_the_raw_payload_and_escapes_what_the_database_cannot_hold(
     labs_store: EventStore,
 ) -> None:
-    labs = LabIngestion()
+    labs = sql_labs()
     huge = "\x00" + "x" * (RAW_LIMIT + 10)
     async with labs_store.transaction() as uow:
-        await labs.record_rejections(uow, [
+        await record_refusals(uow, labs, [
             Refusal(LabRejection("bad", "malformed_json", message_id="\ud800" * 3), "broker", huge),
-        ])
+        ], NOW)
     (rejection,) = await rejected_events(labs_store)
     assert rejection.raw.startswith("\x00x") and rejection.raw.endswith("... [11 more characters]")
     assert rejection.message_id == "\\ud800" * 3
@@ -255,7 +246,7 @@ async def test_metrics_count_only_what_commits(enrolled: EventStore) -> None:
     before = sample("nephrotrack_lab_results_accepted_total", {"source": "broker"})
     with pytest.raises(RuntimeError):
         async with enrolled.transaction() as uow:
-            await ingest(uow, [result("m1", result_id="rolled-back")], NOW)
+            await ingest_batch(uow, sql_labs(), [result("m1", result_id="rolled-back")], NOW)
             raise RuntimeError("handler failed later in the batch")
     assert sample("nephrotrack_lab_results_accepted_total", {"source": "broker"}) == before
     assert await events_of(enrolled, "rolled-back") == []
@@ -273,7 +264,7 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(enrolled: Eve
 
         async with enrolled.transaction() as uow:
             event.listen(uow.connection.sync_connection, "before_cursor_execute", on_execute)
-            outcomes = await ingest(uow, [result(f"{tag}-{n}", result_id=f"{tag}-{n}") for n in range(size)], NOW)
+            outcomes = await ingest_batch(uow, sql_labs(), [result(f"{tag}-{n}", result_id=f"{tag}-{n}") for n in range(size)], NOW)
         assert {o.kind for o in outcomes} == {"accepted"}
         return count
 

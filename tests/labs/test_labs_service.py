@@ -30,7 +30,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from hl7.client import MLLPClient
 
-from services.labs.domain import ckd_epi_2021
+from services.labs.egfr import ckd_epi_2021
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
 from shared.store import EventStore, open_store
 from tests.conftest import BACKENDS, NATS_URL

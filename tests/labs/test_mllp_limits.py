@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.labs.ingest import LabIngestion
+from services.labs.handlers import ingest_runner
 from services.labs.mllp import MllpServer
 from shared.store import EventStore
 from tests.conftest import free_port
 from tests.fuzz.probe import ack_fields, mllp_exchange
+from tests.labs.conftest import sql_labs
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"])
 
@@ -30,7 +31,7 @@ MESSAGE = b"\x0b" + PAYLOAD + b"\x1c\r"
 
 @pytest.fixture
 async def mllp(labs_store: EventStore) -> AsyncIterator[MllpServer]:
-    server = MllpServer(labs_store, LabIngestion(), host="127.0.0.1", port=free_port(), idle_timeout=IDLE,
+    server = MllpServer(ingest_runner(labs_store, sql_labs()), host="127.0.0.1", port=free_port(), idle_timeout=IDLE,
                         read_timeout=READ, max_connections=10, max_connections_per_address=PER_ADDRESS)
     task = asyncio.create_task(server.run())
     while server.server is None:

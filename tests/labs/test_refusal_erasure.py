@@ -24,7 +24,7 @@ import nats.js.errors
 import pytest
 from sqlalchemy import or_, select
 
-from services.labs.ingest import lab_rejections
+from services.labs.tables import lab_rejections
 from shared.broker import LAB_RESULTS_SUBJECT, Topology
 from shared.database import create_engine
 from shared.schema import events

@@ -58,6 +58,7 @@ ALLOWED_LABELS: dict[str, frozenset[str]] = {
         "nephrotrack_dependency_up": {"dependency"},
         "nephrotrack_http_request_duration_seconds": {"route", "method", "status"},
         "nephrotrack_protocol_deviations": {"code"},
+        "nephrotrack_serious_adverse_events": {"grade", "treatment_related"},
         "nephrotrack_lab_results_accepted": {"source"},
         "nephrotrack_lab_results_rejected": {"source", "reason"},
         "nephrotrack_lab_results_duplicate": {"source"},
@@ -154,6 +155,12 @@ async def drive(traffic: Traffic) -> None:
     assert (await call("GET", "enrollment", f"/v1/patients/{unknown}")).status_code == 404
     assert (await call("POST", "enrollment", f"/v1/patients/{control}/events",
                        json={"type": "dialysis_started", "on": "2016-05-01"})).status_code == 201
+    # a serious adverse event under an id of the site's (never a label), then its follow-up
+    serious = {"term": "pneumonia", "onset_on": "2014-04-01", "grade": 3, "serious": True, "related_to": ["mp_pulse"],
+               "causality": "possible", "outcome": "recovering", "resolved_on": None}
+    ae_path = f"/v1/patients/{a}/adverse-events/{traffic.new('AE')}"
+    assert (await call("PUT", "enrollment", ae_path, json=serious)).status_code == 201
+    assert (await call("PUT", "enrollment", ae_path, json={**serious, "outcome": "recovered"})).status_code == 200
     # pulse: three days, one of them a deviation (1250 mg); unknown subject
     for day, dose in ((1, 1000), (2, 1250), (3, 1000)):
         response = await call("POST", "pulse", f"/v1/patients/{a}/pulse-doses", json={
@@ -269,6 +276,10 @@ def check_labels(service: str, samples: list[tuple[str, str, dict[str, str]]], p
                     assert ROUTE.match(value), where
                 case "consumer":
                     assert value in consumers, where
+                case "grade":  # CTCAE v5
+                    assert value in {"1", "2", "3", "4", "5"}, where
+                case "treatment_related":
+                    assert value in {"true", "false"}, where
                 case "code":
                     assert value in {c.value for c in DeviationCode}, where
                 case "event_type":
@@ -337,6 +348,8 @@ async def test_every_metric_label_is_bounded_and_every_operational_metric_is_liv
         assert values(labs, "nephrotrack_lab_results_accepted_total"), "no accepted lab results counted"
         codes = {labels["code"] for labels in values(scraped["pulse"], "nephrotrack_protocol_deviations_total")}
         assert DeviationCode.DOSE_ABOVE_DAILY_MAX.value in codes, codes
+        serious = values(scraped["enrollment"], "nephrotrack_serious_adverse_events_total")
+        assert len(serious) == 10 and {"grade": "3", "treatment_related": "true"} in serious, serious
         appended = {labels["event_type"] for labels in values(scraped["enrollment"], "nephrotrack_events_appended_total")}
         assert {"PatientEnrolled", "DialysisStarted"} <= appended, appended
     finally:

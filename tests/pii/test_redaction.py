@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.labs.domain import LabRejection, measure
+from services.labs.catalogue import measure
 from services.labs.ingest import Refusal, _rejected_event
+from services.labs.inputs import LabRejection
 from services.labs.redaction import REDACTED, carries_personal_data, redact, redact_reason, redact_subject
 
 HL7 = (
@@ -68,7 +69,7 @@ def test_text_that_is_not_json_loses_personal_looking_values_but_keeps_keys() ->
 def test_a_refusal_for_a_personal_subject_records_none_of_it(subject: str) -> None:
     from datetime import UTC, datetime
 
-    from services.labs.domain import IncomingResult
+    from services.labs.inputs import IncomingResult
 
     raw = json.dumps({"subject_id": subject, "message_id": "m-1", "result_id": "r-1"})
     incoming = IncomingResult(message_id="m-1", subject_id=subject, source="broker", loinc="2160-0", value=1.2,

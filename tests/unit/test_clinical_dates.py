@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from services.cells import domain as cells
 from services.enrollment import domain as enrollment
-from services.labs.domain import IncomingResult, LabRejection, measure
+from services.labs.catalogue import measure
+from services.labs.inputs import IncomingResult, LabRejection
 from services.pulse import domain as pulse
 from shared.clinical_dates import EARLIEST_CLINICAL_DATE, check_clinical_date
 from shared.errors import Invalid

@@ -6,7 +6,7 @@ import { CKD_BANDS, GROUP_LABEL, h, linear, marker, round, s, table, value } fro
 
 let chartIds = 0;
 
-function frame(id, width, height, titleText, descText) {
+export function frame(id, width, height, titleText, descText) {
   const n = ++chartIds;
   return s("svg", {
     id, viewBox: `0 0 ${width} ${height}`, role: "img",
@@ -17,7 +17,16 @@ function frame(id, width, height, titleText, descText) {
   s("desc", { id: `${id}-desc-${n}` }, descText));
 }
 
-function xAxis(x, y0, ticks, format, titleText, height) {
+/** A group clipped to the plot's rectangle, appended to ``svg``: lines never cross the axes. */
+export function plotArea(svg, left, top, right, bottom) {
+  const clipId = `clip-${++chartIds}`;
+  svg.append(s("defs", {}, s("clipPath", { id: clipId }, s("rect", { x: left, y: top, width: right - left, height: bottom - top }))));
+  const plot = s("g", { "clip-path": `url(#${clipId})` });
+  svg.append(plot);
+  return plot;
+}
+
+export function xAxis(x, y0, ticks, format, titleText, height) {
   const g = s("g", { class: "axis axis-x" });
   g.append(s("line", { x1: x.range[0], x2: x.range[1], y1: y0, y2: y0 }));
   for (const t of ticks) {
@@ -30,7 +39,7 @@ function xAxis(x, y0, ticks, format, titleText, height) {
   return g;
 }
 
-function yAxis(y, x0, ticks, format, titleText, gridTo) {
+export function yAxis(y, x0, ticks, format, titleText, gridTo) {
   const g = s("g", { class: "axis axis-y" });
   for (const t of ticks) {
     if (gridTo !== undefined) g.append(s("line", { class: "grid", x1: x0, x2: gridTo, y1: y(t), y2: y(t) }));
@@ -64,11 +73,11 @@ export function ckdBands(x, y, labelX) {
   return g;
 }
 
-function linePath(points) {
+export function linePath(points) {
   return points.map(([px, py], i) => `${i ? "L" : "M"}${px.toFixed(1)},${py.toFixed(1)}`).join("");
 }
 
-function legendItem(group, kind) {
+export function legendItem(group, kind) {
   const icon = s("svg", { viewBox: "0 0 36 16", "aria-hidden": "true", focusable: "false" });
   if (kind === "mean") {
     icon.append(s("path", { d: "M2,8H34", class: `legend-line group-${group} dash-${group}`, "stroke-width": 3.5 }));
@@ -79,6 +88,17 @@ function legendItem(group, kind) {
     icon.append(s("path", { d: "M2,12L18,6L34,9", class: `legend-line group-${group} dash-${group}`, "stroke-width": 1.5, "stroke-opacity": 0.7 }));
   }
   return icon;
+}
+
+/** One patient's line through ``coords``, with a wider invisible path to click; the caller adds the points. */
+export function patientSeries(group, subjectId, coords, { source, field, title, onOpen }) {
+  const g = s("g", {
+    class: "series series-patient", "data-group": group, "data-subject": subjectId, "data-source": source, "data-field": field,
+  }, s("title", {}, title));
+  g.append(s("path", { class: `line group-${group} dash-${group}`, d: linePath(coords) }));
+  g.append(s("path", { class: "hit", d: linePath(coords) }));
+  if (onOpen) g.addEventListener("click", () => onOpen(subjectId));
+  return g;
 }
 
 // --- eGFR trajectories ---------------------------------------------------------------------
@@ -102,9 +122,6 @@ export function trajectoryChart(trajectories, { keep = () => true, fresh = new S
     `${patientCount} patients' counted eGFRs (mL/min/1.73 m²) against years since treatment start, one line each, ` +
     `coloured by group (${shown.map((t) => GROUP_LABEL[t.group]).join(", ")}), with each group's yearly mean ` +
     "and the CKD stages G1 to G5 shaded. The data table below the chart lists every point.");
-  const clipId = `clip-${chartIds}`;
-  svg.append(s("defs", {}, s("clipPath", { id: clipId },
-    s("rect", { x: M.left, y: M.top, width: W - M.left - M.right, height: H - M.top - M.bottom }))));
   svg.append(ckdBands(x, y, W - M.right + 6));
   svg.append(yAxis(y, M.left, y.ticks(7), (t) => String(t), "eGFR (mL/min/1.73 m²)", W - M.right));
   svg.append(xAxis(x, H - M.bottom, x.ticks(10).filter(Number.isInteger), (t) => (t < 0 ? `−${-t}` : String(t)),
@@ -112,19 +129,16 @@ export function trajectoryChart(trajectories, { keep = () => true, fresh = new S
   svg.append(s("line", { class: "start-line", x1: x(0), x2: x(0), y1: M.top, y2: H - M.bottom }));
   svg.append(s("text", { class: "start-label", x: x(0) + 4, y: M.top + 12 }, "treatment start"));
 
-  const plot = s("g", { "clip-path": `url(#${clipId})` });
-  svg.append(plot);
+  const plot = plotArea(svg, M.left, M.top, W - M.right, H - M.bottom);
   for (const t of shown) {
     const source = `GET /v1/cohorts/${t.group}/egfr`;
     for (const p of t.patients) {
       const coords = p.points.map((pt) => [x(pt.years), y(pt.egfr)]);
-      const g = s("g", {
-        class: "series series-patient", "data-group": t.group, "data-subject": p.subject_id,
-        "data-source": source, "data-field": `patients[subject_id=${p.subject_id}].points`,
-      }, s("title", {}, `${p.subject_id} (${GROUP_LABEL[t.group]}), treatment start ${p.treatment_start}: ` +
-        `${p.points.length} counted eGFRs — from ${source}. Click to open the patient.`));
-      g.append(s("path", { class: `line group-${t.group} dash-${t.group}`, d: linePath(coords) }));
-      g.append(s("path", { class: "hit", d: linePath(coords) }));
+      const g = patientSeries(t.group, p.subject_id, coords, {
+        source, field: `patients[subject_id=${p.subject_id}].points`, onOpen,
+        title: `${p.subject_id} (${GROUP_LABEL[t.group]}), treatment start ${p.treatment_start}: ` +
+          `${p.points.length} counted eGFRs — from ${source}. Click to open the patient.`,
+      });
       p.points.forEach((pt, i) => {
         const [cx, cy] = coords[i];
         const field = `patients[subject_id=${p.subject_id}].points[result_id=${pt.result_id}].egfr`;
@@ -137,7 +151,6 @@ export function trajectoryChart(trajectories, { keep = () => true, fresh = new S
             s("title", {}, `corrected value: ${pt.result_id} (${round(pt.egfr, 1)}) replaced an earlier result — from ${source} → ${field}`)));
         }
       });
-      if (onOpen) g.addEventListener("click", () => onOpen(p.subject_id));
       plot.append(g);
     }
   }
@@ -240,37 +253,56 @@ export function survivalChart(curves) {
     svg.append(g);
   });
 
-  // direct labels at each curve's end (curves often coincide at 100 %), stacked when they would collide
-  const placed = [];
-  for (const c of [...curves].sort((a, b) => (b.steps.at(-1)?.time ?? 0) - (a.steps.at(-1)?.time ?? 0))) {
-    const lastStep = c.steps.at(-1);
-    if (!lastStep) continue;
-    let ly = y(lastStep.survival) + (lastStep.survival > 0.5 ? 16 : -8);
-    while (placed.some((p) => Math.abs(p - ly) < 14)) ly += lastStep.survival > 0.5 ? 14 : -14;
-    placed.push(ly);
-    svg.append(s("text", {
-      class: `curve-label group-${c.group}`, x: Math.min(x(lastStep.time), W - M.right) - 4, y: ly, "text-anchor": "end",
-      "data-source": `GET /v1/cohorts/${c.group}/survival`, "data-field": `steps[${c.steps.length - 1}].survival`, "data-raw": lastStep.survival,
-    }, `${GROUP_LABEL[c.group]} ${round(100 * lastStep.survival, 0)} %`));
-  }
+  svg.append(curveLabels(curves.filter((c) => c.steps.length).map((c) => ({
+    group: c.group, time: c.steps.at(-1).time, value: c.steps.at(-1).survival,
+    source: `GET /v1/cohorts/${c.group}/survival`, field: `steps[${c.steps.length - 1}].survival`,
+  })), x, y, W - M.right));
+  svg.append(atRiskRows(curves.map((c) => ({
+    group: c.group,
+    cells: c.at_risk_by_year.filter((entry) => entry.years % yearStep === 0).map((entry) => ({
+      years: entry.years, at_risk: entry.at_risk, source: `GET /v1/cohorts/${c.group}/survival`,
+      field: `at_risk_by_year[years=${entry.years}].at_risk`,
+    })),
+  })), x, plotBottom + 52));
+  return svg;
+}
 
-  const riskTop = plotBottom + 52;
-  const risk = s("g", { class: "at-risk-table" });
-  risk.append(s("text", { class: "at-risk-title", x: 8, y: riskTop }, "Number at risk"));
-  curves.forEach((c, row) => {
-    const source = `GET /v1/cohorts/${c.group}/survival`;
-    const ry = riskTop + 19 * (row + 1);
-    risk.append(s("text", { class: `at-risk group-${c.group}`, x: 8, y: ry }, GROUP_LABEL[c.group]));
-    for (const entry of c.at_risk_by_year) {
-      if (entry.years % yearStep) continue;
-      risk.append(s("text", {
-        class: `at-risk group-${c.group}`, x: x(entry.years), y: ry, "text-anchor": "middle",
-        "data-group": c.group, "data-source": source, "data-field": `at_risk_by_year[years=${entry.years}].at_risk`, "data-raw": entry.at_risk,
-      }, String(entry.at_risk), s("title", {}, `${GROUP_LABEL[c.group]}: ${entry.at_risk} at risk at ${entry.years} years — from ${source} → at_risk_by_year[years=${entry.years}].at_risk`)));
+/**
+ * Direct labels at each curve's end (curves often coincide at 100 %), stacked when they would
+ * collide. ``ends``: ``[{group, time, value, source, field}]``, value a proportion.
+ */
+export function curveLabels(ends, x, y, right) {
+  const g = s("g", { class: "curve-labels" });
+  const placed = [];
+  for (const end of [...ends].sort((a, b) => b.time - a.time)) {
+    const below = end.value > 0.5;
+    let ly = y(end.value) + (below ? 16 : -8);
+    while (placed.some((p) => Math.abs(p - ly) < 14)) ly += below ? 14 : -14;
+    placed.push(ly);
+    g.append(s("text", {
+      class: `curve-label group-${end.group}`, x: Math.min(x(end.time), right) - 4, y: ly, "text-anchor": "end",
+      "data-source": end.source, "data-field": end.field, "data-raw": end.value,
+    }, `${GROUP_LABEL[end.group]} ${round(100 * end.value, 0)} %`));
+  }
+  return g;
+}
+
+/** The "Number at risk" rows under a step chart, from ``top``: ``rows`` = ``[{group, cells:
+ * [{years, at_risk, source, field}]}]``, one row per group, a number under each year. */
+export function atRiskRows(rows, x, top) {
+  const g = s("g", { class: "at-risk-table" });
+  g.append(s("text", { class: "at-risk-title", x: 8, y: top }, "Number at risk"));
+  rows.forEach((r, row) => {
+    const ry = top + 19 * (row + 1);
+    g.append(s("text", { class: `at-risk group-${r.group}`, x: 8, y: ry }, GROUP_LABEL[r.group]));
+    for (const cell of r.cells) {
+      g.append(s("text", {
+        class: `at-risk group-${r.group}`, x: x(cell.years), y: ry, "text-anchor": "middle",
+        "data-group": r.group, "data-year": cell.years, "data-source": cell.source, "data-field": cell.field, "data-raw": cell.at_risk,
+      }, String(cell.at_risk), s("title", {}, `${GROUP_LABEL[r.group]}: ${cell.at_risk} at risk at ${cell.years} years — from ${cell.source} → ${cell.field}`)));
     }
   });
-  svg.append(risk);
-  return svg;
+  return g;
 }
 
 export function survivalLegend(groups) {

@@ -1,16 +1,25 @@
-// The cohort overview page (GET /): cohort table, eGFR trajectories, Kaplan–Meier survival,
-// patient list, filters and downloads. Data: GET /v1/cohorts, /v1/cohorts/{group}/egfr,
-// /v1/cohorts/{group}/survival and /v1/export/patients.csv, refetched when /v1/freshness moves.
+// The cohort overview page (GET /): cohort table and the v2 evidence table, eGFR and UPCR
+// trajectories, Kaplan–Meier survival, the kidney-endpoint curves, slopes, safety, paired
+// biopsies, patient list, filters and downloads. Data: GET /v1/cohorts, /v1/cohorts/{group}/egfr,
+// /survival, /endpoints, /slopes, /safety, /biopsies, /v1/export/patients.csv and each patient's
+// GET /v1/patients/{id} (UPCR and biopsies), refetched when /v1/freshness moves.
 
 import {
-  GROUP_LABEL, GROUPS, api, apiText, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
+  ApiError, GROUP_LABEL, GROUPS, api, apiText, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
   round, value, wireToggles, writeQuery,
 } from "./common.js";
 import {
   survivalChart, survivalLegend, survivalTable, trajectoryChart, trajectoryLegend, trajectoryTable,
 } from "./charts.js";
+import {
+  endpointChart, endpointTable, upcrChart, upcrLegend, upcrTable, upcrTrajectories,
+} from "./evidence-charts.js";
+import { renderBiopsies, renderEvidenceCohorts, renderSafety, renderSlopes } from "./evidence.js";
 
-const state = { cohorts: [], trajectories: [], survival: [], patients: [], seen: null, fresh: new Set() };
+const state = {
+  cohorts: [], trajectories: [], survival: [], patients: [], seen: null, fresh: new Set(),
+  endpoints: [], slopes: [], safety: [], biopsies: [], details: [], upcr: [], evidence: false,
+};
 const form = document.getElementById("filters");
 
 // --- filters -------------------------------------------------------------------------------
@@ -48,6 +57,27 @@ function startedInRange(treatmentStart) {
 
 // --- loading -------------------------------------------------------------------------------
 
+/** Each group's answer of ``/v1/cohorts/{group}/{route}``, with its group. */
+function perGroup(groups, route) {
+  return Promise.all(groups.map(async (group) => ({ group, ...(await api(`/v1/cohorts/${encodeURIComponent(group)}/${route}`)).data })));
+}
+
+/** Every listed patient's ``GET /v1/patients/{id}`` (there is no group route for UPCRs); a
+ * patient erased since the list was read is left out. */
+function patientDetails(patients) {
+  return Promise.all(patients.map(async (p) => {
+    try {
+      return (await api(`/v1/patients/${encodeURIComponent(p.subject_id)}`)).data;
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) return null;
+      throw error;
+    }
+  })).then((details) => details.filter(Boolean));
+}
+
+/** The v1 sections first, then the evidence: a mixed-model fit or a patient's timeline per
+ * patient must not hold back the cohort table. Until the evidence has arrived once, its
+ * sections say "Loading…"; afterwards they show the last answers until the new ones are in. */
 async function load() {
   const cohorts = (await api("/v1/cohorts")).data;
   const groups = cohorts.map((row) => row.group);
@@ -56,10 +86,18 @@ async function load() {
     Promise.all(groups.map(async (g) => (await api(`/v1/cohorts/${encodeURIComponent(g)}/survival`)).data)),
     apiText("/v1/export/patients.csv"),
   ]);
+  const patients = parseCsv(csv.data);
   const ids = new Set(trajectories.flatMap((t) => t.patients.flatMap((p) => p.points.map((pt) => pt.result_id))));
   state.fresh = state.seen ? new Set([...ids].filter((id) => !state.seen.has(id))) : new Set();
   state.seen = ids;
-  Object.assign(state, { cohorts, trajectories, survival, patients: parseCsv(csv.data) });
+  Object.assign(state, { cohorts, trajectories, survival, patients });
+  render();
+
+  const [endpoints, slopes, safety, biopsies, details] = await Promise.all([
+    perGroup(groups, "endpoints"), perGroup(groups, "slopes"), perGroup(groups, "safety"), perGroup(groups, "biopsies"),
+    patientDetails(patients),
+  ]);
+  Object.assign(state, { endpoints, slopes, safety, biopsies, details, upcr: upcrTrajectories(details, groups), evidence: true });
   render();
 }
 
@@ -68,9 +106,12 @@ async function load() {
 function render() {
   const { groups } = filters();
   const visible = (group) => groups.includes(group);
-  renderCohorts(state.cohorts.filter((row) => visible(row.group)));
+  const rows = state.cohorts.filter((row) => visible(row.group));
+  renderCohorts(rows);
+  renderEvidenceCohorts(rows, state.cohorts.length > 0);
   renderTrajectories(state.trajectories.filter((t) => visible(t.group)));
   renderSurvival(state.survival.filter((c) => visible(c.group)));
+  if (state.evidence) renderEvidence(visible, rows);
   renderPatients(state.patients.filter((p) => visible(p.group) && startedInRange(p.treatment_start)));
   const { from, to } = filters();
   document.getElementById("filter-note").classList.toggle("deviation", Boolean(from || to));
@@ -119,6 +160,34 @@ function renderTrajectories(trajectories) {
   }
   document.getElementById("trajectory-legend").replaceChildren(...trajectoryLegend(trajectories.map((t) => t.group)));
   document.getElementById("trajectory-table").replaceChildren(trajectoryTable(trajectories, keep));
+}
+
+function renderEvidence(visible, rows) {
+  renderUpcr(state.upcr.filter((t) => visible(t.group)));
+  const endpoints = state.endpoints.filter((a) => visible(a.group));
+  renderEndpoint("composite", "composite", endpoints);
+  renderEndpoint("kidney_failure", "incidence", endpoints);
+  renderSlopes(state.slopes.filter((a) => visible(a.group)));
+  renderSafety(state.safety.filter((a) => visible(a.group)), rows);
+  renderBiopsies(state.biopsies.filter((a) => visible(a.group)), state.details);
+}
+
+function renderUpcr(series) {
+  const box = document.getElementById("upcr-chart-box");
+  const keep = (p) => startedInRange(p.treatment_start);
+  const any = series.some((t) => t.patients.some(keep));
+  box.replaceChildren(any ? upcrChart(series, { keep, onOpen: openPatient })
+    : h("p", {}, series.length ? "No counted UPCR results yet." : "No group selected."));
+  document.getElementById("upcr-legend").replaceChildren(...upcrLegend(series.map((t) => t.group)));
+  document.getElementById("upcr-table").replaceChildren(upcrTable(series, keep));
+}
+
+/** ``kind``: the key in the endpoints answer; ``id``: the figure's element ids. */
+function renderEndpoint(kind, id, answers) {
+  const box = document.getElementById(`${id}-chart-box`);
+  box.replaceChildren(answers.length ? endpointChart(kind, answers) : h("p", {}, "No group selected."));
+  document.getElementById(`${id}-legend`).replaceChildren(...survivalLegend(answers.map((a) => a.group)));
+  document.getElementById(`${id}-table`).replaceChildren(endpointTable(kind, answers));
 }
 
 function renderSurvival(curves) {

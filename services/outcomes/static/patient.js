@@ -1,12 +1,15 @@
-// One patient's page (GET /patients/{subject_id}): outcome values, the timeline chart (eGFR over
-// time above lanes of pulse cycles, infusions, biopsies and clinical events) and the same
-// timeline as tables. Data: GET /v1/patients/{subject_id}, refetched when /v1/freshness moves.
+// One patient's page (GET /patients/{subject_id}): outcome values, the timeline chart (eGFR and
+// UPCR over time above lanes of pulse cycles, infusions, biopsies, adverse events and clinical
+// events) and the same timeline as tables. Data: GET /v1/patients/{subject_id}, refetched when /v1/freshness moves.
 
 import {
   ApiError, GROUP_LABEL, api, ckdStage, formatCells, h, linear, live, readQuery, round, s, table,
   value, wireToggles, writeQuery,
 } from "./common.js";
 import { ckdBands } from "./charts.js";
+import {
+  describeEvidence, drawAdverseEvents, drawUpcrPanel, evidenceSummary, renderAdverseEvents, renderUrine, upcrResults,
+} from "./patient-evidence.js";
 
 const subjectId = decodeURIComponent(window.location.pathname.split("/").filter(Boolean).pop() || "");
 const endpoint = `/v1/patients/${encodeURIComponent(subjectId)}`;
@@ -48,7 +51,7 @@ async function load() {
     throw error;
   }
   document.getElementById("patient-error").hidden = true;
-  const ids = new Set(patient.timeline.filter((e) => e.kind === "egfr").map((e) => e.event_id));
+  const ids = new Set(patient.timeline.filter((e) => e.kind === "egfr" || e.kind === "urine_result").map((e) => e.event_id));
   state.fresh = state.seen ? new Set([...ids].filter((id) => !state.seen.has(id))) : new Set();
   state.seen = ids;
   state.patient = patient;
@@ -75,6 +78,8 @@ function render() {
   renderCycles(events);
   renderInfusions(events);
   renderEgfr(events);
+  renderUrine(events, evidenceContext());
+  renderAdverseEvents(events, evidenceContext());
   renderClinical(events);
   renderAll(events);
 }
@@ -106,6 +111,7 @@ function renderSummary(p) {
       traced("cells_infused", formatCells(p.cells_infused), p.cells_infused)),
     item("Counted eGFRs · biopsies", traced("counted_egfr_n", String(p.counted_egfr_n), p.counted_egfr_n), " · ",
       traced("biopsies", String(p.biopsies), p.biopsies)),
+    ...evidenceSummary(p, item, evidenceContext()),
   );
 }
 
@@ -129,17 +135,24 @@ function field(e, key) {
   return `timeline[event_id=${e.event_id}].detail.${key}`;
 }
 
+function evidenceContext() {
+  return { source: SOURCE, traced, field, fresh: state.fresh };
+}
+
 const LANES = [
   { key: "pulse", label: "MP pulses" },
   { key: "infusion", label: "Infusions" },
   { key: "biopsy", label: "Biopsies" },
+  { key: "ae", label: "Adverse events" },
   { key: "clinical", label: "Clinical" },
 ];
 
 function timelineChart(p, events) {
-  const W = 980, M = { left: 96, right: 46, top: 14 };
+  const W = 980, M = { left: 112, right: 46, top: 14 };
   const egfrBottom = 250;
-  const laneTop = egfrBottom + 34, laneH = 26;
+  const upcrs = upcrResults(events);
+  const upcrTop = egfrBottom + 24, upcrBottom = upcrs.length ? upcrTop + 90 : egfrBottom;
+  const laneTop = upcrBottom + 34, laneH = 26;
   const axisY = laneTop + LANES.length * laneH + 6;
   const H = axisY + 44;
   const egfrs = events.filter((e) => e.kind === "egfr");
@@ -158,7 +171,9 @@ function timelineChart(p, events) {
     s("title", { id: "timeline-title" }, `Timeline of ${p.subject_id}`),
     s("desc", { id: "timeline-desc" }, `${counted.length} counted eGFR results with the CKD stages shaded, ` +
       `${cyclesOf(events).length} pulse cycles, ${events.filter((e) => e.kind === "infusion").length} cell infusions, ` +
-      `${events.filter((e) => e.kind === "biopsy").length} biopsies` +
+      `${events.filter((e) => e.kind === "biopsy").length} biopsies, ` +
+      `${upcrs.filter((e) => e.detail.effective && e.detail.counted).length} counted UPCR results, ` +
+      `${new Set(events.filter((e) => e.kind === "adverse_event" || e.kind === "adverse_event_follow_up").map((e) => e.detail.ae_id)).size} adverse events` +
       `${p.kidney_failure ? `, kidney failure on ${p.kidney_failure_on}` : ""}. The tables below list every event.`));
   svg.append(s("defs", {}, s("clipPath", { id: "timeline-clip" },
     s("rect", { x: M.left, y: 0, width: W - M.left - M.right, height: H }))));
@@ -251,6 +266,8 @@ function timelineChart(p, events) {
       "data-kind": "infusion", "data-source": SOURCE, "data-field": field(e, "cell_count"), "data-raw": e.detail.cell_count },
     s("title", {}, `${e.occurred_on} infusion ${e.detail.infusion_number ?? ""}: ${formatCells(e.detail.cell_count)} cells from lot ${e.detail.lot_id} — from ${SOURCE} → ${field(e, "cell_count")}`)));
   }
+  if (upcrs.length) drawUpcrPanel(svg, plot, upcrs, { x, top: upcrTop, bottom: upcrBottom, left: M.left, right: W - M.right, day }, evidenceContext());
+  drawAdverseEvents(plot, events, { x, laneY: laneY("ae"), end: x.domain[1], day }, evidenceContext());
   // biopsies
   for (const e of events.filter((ev) => ev.kind === "biopsy")) {
     plot.append(s("circle", { class: "biopsy", cx: x(day(e.occurred_on)), cy: laneY("biopsy"), r: 6, "data-kind": "biopsy" },
@@ -347,6 +364,7 @@ function describe(e) {
     case "lab_correction": return `result ${d.result_id}: ${d.previous_value} → ${d.new_value} ${d.canonical_unit ?? ""}`;
     case "protocol_deviation": return `${d.code}: ${d.detail}`;
     case "biopsy": return Object.entries(d).filter(([k, v]) => v !== null && k !== "performed_on").map(([k, v]) => `${k.replaceAll("_", " ")} ${v}`).join(", ") || "recorded";
+    case "urine_result": case "adverse_event": case "adverse_event_follow_up": return describeEvidence(e);
     default: return Object.entries(d).filter(([, v]) => v !== null).map(([k, v]) => `${k} ${v}`).join(", ");
   }
 }

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.labs.domain import age_on, anniversary, whole_years_between
+from services.labs.egfr import age_on, anniversary, whole_years_between
 
 ENROLLED = date(2014, 3, 2)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.labs.broker_messages import MAX_PAYLOAD_BYTES, parse_broker_result
-from services.labs.domain import MAX_JSON_DEPTH, LabRejection
+from services.labs.inputs import MAX_JSON_DEPTH, LabRejection
 
 BODY = {
     "message_id": "6f1c1c2e-0b7a-4a56-9e53-3f0b3c6a1d01", "subject_id": "IGA-A-001", "lab_id": "LAB1",
@@ -149,20 +150,38 @@ json_values = st.recursive(
 )
 
 
+CODE = re.compile(r"[a-z][a-z0-9_]*")
+
+
 @given(st.binary(max_size=300))
 def test_fuzz_bytes(data):
-    try:
+    """Arbitrary bytes are never a result: each is refused for what makes it so, with the text
+    it carried (when it was text) for the report."""
+    with pytest.raises(LabRejection) as caught:
         parse_broker_result(data, {})
-    except LabRejection:
-        pass
+    error = caught.value
+    assert error.code in {"bad_encoding", "malformed_json", "wrong_type", "missing_field", "too_deep"}, error.code
+    assert error.reason
+    if error.code != "bad_encoding":
+        assert error.raw == data.decode("utf-8")
 
 
 @given(st.dictionaries(st.sampled_from(sorted(BODY) + ["x"]), json_values, max_size=10))
 def test_fuzz_json_objects(body):
+    """Any JSON object is accepted as exactly what it says, or refused with a stable code, the
+    message id it carried and the whole body as raw."""
+    data = json.dumps(body).encode()
     try:
-        parse_broker_result(json.dumps(body).encode(), {"Nats-Msg-Id": "x"})
-    except LabRejection:
-        pass
+        result = parse_broker_result(data, {"Nats-Msg-Id": body.get("message_id", "x")})
+    except LabRejection as error:
+        assert CODE.fullmatch(error.code) and error.reason
+        assert error.raw == data.decode()
+        carried = body.get("message_id")
+        assert error.message_id == (carried if isinstance(carried, str) else None)
+    else:
+        assert (result.message_id, result.subject_id, result.result_id) == (
+            body["message_id"], body["subject_id"], body["result_id"])
+        assert result.value == body["value"] and result.raw == data.decode()
 
 
 @given(st.sampled_from(sorted(BODY)), json_values)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.labs.domain import ckd_epi_2021
+from services.labs.egfr import ckd_epi_2021
 
 WORKED = [
     # (Scr mg/dL, age, sex, one decimal, whole number, hand working)

@@ -10,19 +10,10 @@ from hypothesis import strategies as st
 
 from contracts.enrollment import PatientEnrolled
 from contracts.labs import EgfrComputed, LabResultCorrected
-from services.labs.domain import (
-    IncomingResult,
-    KnownPatient,
-    LabRejection,
-    ResultState,
-    age_on,
-    ckd_epi_2021,
-    decide_result,
-    fold_result,
-    known_patient,
-    stream_id,
-)
+from services.labs.domain import KnownPatient, ResultState, decide_result, fold_result, known_patient, stream_id
+from services.labs.egfr import age_on, ckd_epi_2021
 from services.labs.events import LabResultRecorded
+from services.labs.inputs import IncomingResult, LabRejection
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 PATIENT = KnownPatient("IGA-A-001", "F", 58, date(2014, 3, 2))

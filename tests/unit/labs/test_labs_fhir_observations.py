@@ -17,7 +17,6 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from services.labs.domain import MAX_JSON_DEPTH, IncomingResult, LabRejection, nested_too_deeply
 from services.labs.fhir_api import status_for
 from services.labs.fhir_observations import (
     MAX_BODY_BYTES,
@@ -26,6 +25,7 @@ from services.labs.fhir_observations import (
     parse_bundle,
     parse_observation,
 )
+from services.labs.inputs import MAX_JSON_DEPTH, IncomingResult, LabRejection, nested_too_deeply
 
 CREATININE = {
     "resourceType": "Observation",

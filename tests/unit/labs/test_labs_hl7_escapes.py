@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.labs.domain import IncomingResult
 from services.labs.hl7_escapes import EscapeError, unescape
 from services.labs.hl7_messages import Hl7MessageError, parse_oru
+from services.labs.inputs import IncomingResult
 
 SEPARATORS = "\r|~^&"  # python-hl7's: segment, field, repetition, component, subcomponent
 _DELIMITERS = {"|": "F", "^": "S", "&": "T", "~": "R", "\\": "E"}

@@ -11,16 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.labs.domain import IncomingResult, LabRejection
+from services.labs.hl7_acks import build_ack
+from services.labs.hl7_charsets import decode_hl7_bytes
 from services.labs.hl7_messages import (
     MAX_MESSAGE_CHARS,
     Hl7MessageError,
     ObxError,
     ParsedOru,
-    build_ack,
-    decode_hl7_bytes,
     parse_oru,
 )
+from services.labs.hl7_msh import sniff_msh
+from services.labs.inputs import IncomingResult, LabRejection
 
 
 def seg(name: str, fields: dict[int, str]) -> str:
@@ -476,5 +477,28 @@ def test_fuzz_mutations_of_a_valid_message(position, cut, insert):
 
 @given(st.binary(max_size=200))
 def test_fuzz_msh18_prefixed_bytes(data):
+    """MSH-18 declares Latin-1, which decodes every byte: whatever follows, the declared charset is used."""
     head = MSH_25.replace("UNICODE UTF-8", "8859/1").encode()
-    assert isinstance(decode_hl7_bytes(head + b"\r" + data), str)
+    assert decode_hl7_bytes(head + b"\r" + data) == (head + b"\r" + data).decode("iso8859-1")
+
+
+@pytest.mark.parametrize("segments", [V25, V23])
+def test_the_msh_sniffer_reads_the_header_as_the_parser_does(segments):
+    text = message(segments)
+    parsed = parse_oru(text)
+    for source in (text, b"\x0b\r\n" + text.encode() + b"\x1c\r"):
+        msh = sniff_msh(source)
+        assert msh is not None
+        assert (msh.first(10), msh.first(11), msh.first(12)) == (parsed.control_id, parsed.processing_id, parsed.version)
+        assert (msh.separator, msh.component, msh.repetition) == ("|", "^", "~")
+
+
+@given(st.text(max_size=200) | st.binary(max_size=200))
+def test_the_msh_sniffer_never_raises_and_finds_only_an_msh(source):
+    msh = sniff_msh(source)
+    text = (source.decode("latin-1") if isinstance(source, bytes) else source).lstrip("\x0b\r\n\t ")
+    if msh is None:
+        assert not text.startswith("MSH") or len(text) < 4 or text[3] in "\r\n"
+    else:
+        assert msh.fields[0] == "MSH" and msh.separator == text[3]
+        assert text.startswith(msh.separator.join(msh.fields))

@@ -9,16 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.labs.domain import (
-    ACCEPTED_CODES,
-    IncomingResult,
-    LabRejection,
-    measure,
-    normalise_unit,
-    raw_for_report,
-    rejection_event,
-    validate_result,
-)
+from contracts.labs import ACCEPTED_CODES
+from services.labs.catalogue import measure, normalise_unit, validate_result
+from services.labs.inputs import IncomingResult, LabRejection, raw_for_report, rejection_event
 from shared.errors import Invalid
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)

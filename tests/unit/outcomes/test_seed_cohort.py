@@ -30,7 +30,7 @@ from nephrotrack.seed import (
     creatinine_for_egfr,
     daily_dose_mg,
 )
-from services.labs.domain import age_on, ckd_epi_2021
+from services.labs.egfr import age_on, ckd_epi_2021
 from services.outcomes.domain import PatientOutcome, compute_outcome, fold
 from services.outcomes.statistics import all_cohorts
 
