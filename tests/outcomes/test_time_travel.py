@@ -6,7 +6,6 @@ the corrected one; the lock is an ``AnalysisLocked`` event in the outcomes store
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -14,17 +13,14 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-import uvicorn
 
-from services.outcomes.app import create_app
 from shared.broker import Topology
 from shared.database import migrate
 from shared.events import CommandContext, DomainEvent, Envelope
-from shared.service import Service
-from tests.conftest import NATS_URL, drop_database, free_port, new_database_url
+from tests.conftest import NATS_URL, drop_database, new_database_url
 from tests.outcomes.mixed_run import Published, publish
-from tests.outcomes.serving import caught_up
-from tests.stack import AUTH_HEADERS, TEST_API_KEYS
+from tests.outcomes.serving import caught_up, outcomes_process
+from tests.stack import TEST_API_KEYS
 from tests.unit.outcomes.outcome_events import dose, egfr, enrolled
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,23 +69,6 @@ def later_run() -> list[Published]:
     ]
 
 
-@contextlib.asynccontextmanager
-async def outcomes_process(url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """One outcomes process on ``url``: stopping it and starting another is a restart."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Service("outcomes", database=url)), host="127.0.0.1",
-                                           port=port, log_config=None, access_log=False))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=AUTH_HEADERS) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
-
-
 @pytest.fixture
 async def outcomes_url(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     monkeypatch.setenv("NATS_URL", NATS_URL)
@@ -129,7 +108,7 @@ async def test_a_lock_answers_the_same_bytes_through_corrections_rebuilds_and_re
     outcomes_url: str, nats_client: nats.NATS, topology: Topology
 ) -> None:
     js = nats_client.jetstream()
-    async with outcomes_process(outcomes_url) as api:
+    async with outcomes_process(outcomes_url, timeout=30) as api:
         await publish(js, topology, first_run())
         await caught_up(api, len(first_run()))
         live_then = await bodies(api, "")
@@ -161,7 +140,7 @@ async def test_a_lock_answers_the_same_bytes_through_corrections_rebuilds_and_re
         audit = (await api.get("/v1/audit?event_type=AnalysisLocked")).json()
         assert [(e["stream_id"], e["actor"]) for e in audit] == [("analysis-lock-interim-2026", lock["actor"])]
 
-    async with outcomes_process(outcomes_url) as restarted:
+    async with outcomes_process(outcomes_url, timeout=30) as restarted:
         assert await bodies(restarted, "lock=interim-2026") == live_then
         assert (await restarted.get("/v1/locks")).json() == [lock]
         assert await post_egfr(restarted) == 41.0
@@ -170,7 +149,7 @@ async def test_a_lock_answers_the_same_bytes_through_corrections_rebuilds_and_re
 async def test_bad_time_travel_parameters_are_refused_with_their_reason(
     outcomes_url: str, nats_client: nats.NATS, topology: Topology
 ) -> None:
-    async with outcomes_process(outcomes_url) as api:
+    async with outcomes_process(outcomes_url, timeout=30) as api:
         for query, status, reason in [
             ("as_of=2026-01-01T00:00:00", 422, "no offset"),
             ("as_of=yesterday", 422, "not an RFC 3339 time"),
