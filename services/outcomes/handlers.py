@@ -214,7 +214,7 @@ async def lock_analysis(command: LockAnalysis, uow: UnitOfWork, *, projection: P
         raise Conflict(f"a lock named {name!r} exists; choose another name", code="lock_exists")
     frozen = locks.frozen_generation([lock.generation for lock in await projection.locks(uow)])
     await projection.freeze(uow, generation, frozen)
-    _, marks = await projection.load_generation(uow, frozen)
+    marks = await projection.marks(uow, frozen)
     positions = {stream_name: mark.last_sequence for stream_name, mark in sorted(marks.items())}
     [envelope] = await uow.append(
         stream, [locks.AnalysisLocked(name=name, generation=frozen, positions=positions)], 0, command.context

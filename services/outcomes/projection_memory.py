@@ -78,10 +78,11 @@ class MemoryProjectionStore(ProjectionStore):
     async def load_generation(
         self, uow: UnitOfWork, generation: int
     ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
-        tables = self.tables(uow)
-        patients = {s: _patient(row) for s, row in tables.patients.get(generation, {}).items()}
-        marks = {s: replace(mark) for s, mark in tables.sources.get(generation, {}).items()}
-        return patients, marks
+        patients = {s: _patient(row) for s, row in self.tables(uow).patients.get(generation, {}).items()}
+        return patients, await self.marks(uow, generation)
+
+    async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
+        return {s: replace(mark) for s, mark in self.tables(uow).sources.get(generation, {}).items()}
 
     async def newest_generation(self, uow: UnitOfWork) -> int:
         return max((g for table in self.tables(uow).generation_tables() for g, rows in table.items() if rows), default=0)

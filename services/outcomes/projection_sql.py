@@ -98,19 +98,22 @@ class SqlProjectionStore(ProjectionStore):
     async def load_generation(
         self, uow: UnitOfWork, generation: int
     ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
-        connection = _connection(uow)
-        p, s = tables.patients.c, tables.sources.c
+        p = tables.patients.c
         patients = {
             row.subject_id: _patient(row)
-            for row in await connection.execute(
+            for row in await _connection(uow).execute(
                 select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json).where(p.generation == generation)
             )
         }
-        marks = {
+        return patients, await self.marks(uow, generation)
+
+    async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
+        return {
             row.source: SourceMark(row.last_sequence, tables.utc(row.last_event_recorded_at))
-            for row in await connection.execute(select(tables.sources).where(s.generation == generation))
+            for row in await _connection(uow).execute(
+                select(tables.sources).where(tables.sources.c.generation == generation)
+            )
         }
-        return patients, marks
 
     async def newest_generation(self, uow: UnitOfWork) -> int:
         connection = _connection(uow)

@@ -65,6 +65,10 @@ class ProjectionStore(ABC):
         """Every patient and checkpoint of a generation (a rebuild resuming where it stopped)."""
 
     @abstractmethod
+    async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
+        """A generation's checkpoint per stream."""
+
+    @abstractmethod
     async def newest_generation(self, uow: UnitOfWork) -> int:
         """The highest generation any row has (0: none)."""
 

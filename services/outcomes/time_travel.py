@@ -89,15 +89,17 @@ class TimeTravel:
         except Exception as exc:
             raise LogUnavailable(f"the event log cannot be read to answer as_of: {exc!r}") from exc
         key = (as_of, tuple(sorted(heads.items())))
-        async with self.one_at_a_time:  # a request for the same as_of waits, then finds it cached
-            found = self.cached.get(key)
-            if found is None:
-                found = await self._replayed(as_of, heads)
-                self.cached[key] = found
-                while len(self.cached) > self.settings.as_of_cached:
-                    self.cached.popitem(last=False)
+        found = self.cached.get(key)
+        if found is None:
+            async with self.one_at_a_time:  # a request for the same as_of waits, then finds it cached
+                found = self.cached.get(key)
+                if found is None:
+                    found = self.cached[key] = await self._replayed(as_of, heads)
+                    while len(self.cached) > self.settings.as_of_cached:
+                        self.cached.popitem(last=False)
+        if key in self.cached:
             self.cached.move_to_end(key)
-            return found
+        return found
 
     async def _replayed(self, as_of: datetime, heads: Mapping[str, int]) -> ReplayedView:
         timeout = self.settings.as_of_timeout_seconds
