@@ -1,10 +1,11 @@
 """The analyst API: cohort statistics, patients, exports, survival, eGFR trajectories, rebuild.
 
-Every live answer comes from the projection (never from the event log) and says how fresh it is in
-``X-Projection-Position`` / ``X-Projection-Updated-At`` / ``X-Projection-Generation`` headers,
-read in the same snapshot as the data. Every GET also answers ``as_of`` a time or under a
-``lock`` (services/outcomes/viewpoint.py, docs/time-travel.md). ``/v1/cohorts`` stays the contract's bare JSON array,
-so freshness lives in headers everywhere, and ``/v1/freshness`` details it per source.
+Every live answer comes from the projection (never from the event log) and says how fresh it is
+in ``X-Projection-Position`` / ``X-Projection-Updated-At`` / ``X-Projection-Generation`` headers,
+read in the same snapshot as the data. ``/v1/cohorts`` stays the contract's bare JSON array, so
+freshness lives in headers everywhere, and ``/v1/freshness`` details it per source. Every GET
+also answers ``as_of`` a time or under a ``lock`` (services/outcomes/viewpoint.py,
+docs/time-travel.md).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ CORRECTED_AT = FIRST_RECORDED + timedelta(days=30)
 BEFORE_CORRECTION = "2026-01-25T00:00:00Z"
 AFTER_CORRECTION = "2026-02-10T00:00:00%2B01:00"  # an offset other than Z, '+' encoded
 LOCKED_PATHS = (
-    "/v1/cohorts", f"/v1/patients/{A1}", "/v1/export/patients.csv", "/v1/cohorts/A/egfr",
+    "/v1/cohorts", f"/v1/patients/{A1}", "/v1/export/patients.csv", "/v1/export/patients.parquet",
+    "/v1/cohorts/A/survival", "/v1/cohorts/A/egfr", "/v1/cohorts/A/biopsies", "/v1/cohorts/A/safety",
     "/v1/cohorts/A/endpoints", "/v1/cohorts/A/slopes", "/v1/export/adam/adtte.xpt", "/v1/export/sdtm/lb.json",
 )
 
@@ -125,6 +126,8 @@ async def test_a_lock_answers_the_same_bytes_through_corrections_rebuilds_and_re
         await publish(js, topology, later_run())
         await caught_up(api, len(first_run()) + len(later_run()))
         assert await post_egfr(api) == 41.0  # live moved on
+        live_now = await bodies(api, "")
+        assert live_now["/v1/cohorts"] != live_then["/v1/cohorts"] and live_now[f"/v1/patients/{A1}"] != live_then[f"/v1/patients/{A1}"]
         assert await bodies(api, "lock=interim-2026") == live_then
 
         assert await post_egfr(api, f"as_of={BEFORE_CORRECTION}") == 3.8
