@@ -20,5 +20,6 @@ class OutcomesSettings(BaseSettings):
     """Longest an ``as_of`` replay of the log may take before the request answers 503: a replay
     reads every source stream from its start (docs/time-travel.md, "Cost")."""
     as_of_cached: int = Field(default=4, ge=1, le=64, alias="NEPHROTRACK_AS_OF_CACHED")
-    """``as_of`` projections kept in memory (least recently used dropped), keyed by the time and
-    the streams' heads; each holds every patient's facts and timeline as of then."""
+    """``as_of`` projections kept in memory (least recently used dropped), by time, each caught up
+    with what was published since when asked for again; each holds every patient's facts and
+    timeline as of then."""

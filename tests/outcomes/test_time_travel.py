@@ -14,6 +14,7 @@ import httpx
 import nats
 import pytest
 
+from contracts.enrollment import PatientDataErased
 from shared.broker import Topology
 from shared.database import migrate
 from shared.events import CommandContext, DomainEvent, Envelope
@@ -59,6 +60,12 @@ def first_run() -> list[Published]:
         recorded("labs", egfr("A1-R2", 34.0, "2024-09-15", sid=A1), "labresult-A1-R2", 2, at),
         recorded("labs", egfr("A1-R3", 3.8, "2025-06-15", sid=A1), "labresult-A1-R3", 2, at),
     ]
+
+
+def erasure() -> Published:
+    """C1 withdrew and asked for erasure, after everything else."""
+    erased = PatientDataErased(subject_id=C1, erased_on=date(2026, 3, 1))
+    return recorded("enrollment", erased, f"erasure-{C1}", 1, CORRECTED_AT + timedelta(days=20))
 
 
 def later_run() -> list[Published]:
@@ -123,6 +130,7 @@ async def test_a_lock_answers_the_same_bytes_through_corrections_rebuilds_and_re
         assert (await api.post("/v1/locks", json={"name": "interim-2026"})).status_code == 409
         assert await bodies(api, "lock=interim-2026") == live_then
 
+        assert await post_egfr(api, f"as_of={AFTER_CORRECTION}") == 3.8  # the correction is not recorded yet
         await publish(js, topology, later_run())
         await caught_up(api, len(first_run()) + len(later_run()))
         assert await post_egfr(api) == 41.0  # live moved on
@@ -132,10 +140,19 @@ async def test_a_lock_answers_the_same_bytes_through_corrections_rebuilds_and_re
 
         assert await post_egfr(api, f"as_of={BEFORE_CORRECTION}") == 3.8
         assert (await api.get(f"/v1/cohorts?as_of={BEFORE_CORRECTION}")).content == live_then["/v1/cohorts"]
-        assert await post_egfr(api, f"as_of={AFTER_CORRECTION}") == 41.0
+        assert await post_egfr(api, f"as_of={AFTER_CORRECTION}") == 41.0  # kept, caught up with the log
         assert (await api.get(f"/v1/cohorts?as_of={AFTER_CORRECTION}")).content == (await api.get("/v1/cohorts")).content
         before_anything = await api.get("/v1/cohorts?as_of=2025-12-31T00:00:00Z")
         assert before_anything.json() == [] and before_anything.headers["X-Projection-As-Of"] == "2025-12-31T00:00:00+00:00"
+
+        await publish(js, topology, [erasure()])  # the law wins over the past: C1 leaves every answer
+        await caught_up(api, len(first_run()) + len(later_run()) + 1)
+        for query in (f"as_of={BEFORE_CORRECTION}", f"as_of={AFTER_CORRECTION}", "as_of=2026-01-11T00:00:00Z", ""):
+            assert (await api.get(f"/v1/patients/{C1}?{query}")).status_code == 404, query
+            assert [row["group"] for row in (await api.get(f"/v1/cohorts?{query}")).json()] == ["A"], query
+        locked = await bodies(api, "lock=interim-2026")
+        assert locked["/v1/cohorts"] != live_then["/v1/cohorts"] and b"control" not in locked["/v1/cohorts"]
+        live_then = await bodies(api, "lock=interim-2026")  # from here on the lock must not change again
 
         await rebuilt(api)
         assert await bodies(api, "lock=interim-2026") == live_then
