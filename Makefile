@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool
+.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool haproxy cluster
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -21,13 +21,16 @@ run: $(STAMP)  ## all five services + embedded NATS, SQLite under var/
 demo: $(STAMP)  ## load the published cohort into a running stack and print the table
 	$(BIN)/nephrotrack demo
 
+cluster:  ## 3 NATS nodes, R3 streams, 2 replicas of each service, with Docker Compose (deploy/README.md)
+	deploy/cluster.sh
+
 migrate: $(STAMP)
 	$(BIN)/nephrotrack migrate
 
 rebuild: $(STAMP)
 	$(BIN)/nephrotrack rebuild
 
-test: $(STAMP) browsers promtool  ## every test, against the machine's PostgreSQL and NATS (see tests/conftest.py)
+test: $(STAMP) browsers promtool haproxy  ## every test, against the machine's PostgreSQL and NATS (see tests/conftest.py)
 	$(BIN)/python -m tests.preflight
 	$(BIN)/pytest -p no:cacheprovider
 
@@ -56,6 +59,10 @@ browsers:  ## Chromium for the dashboard browser tests (Debian package, root + a
 # promtool checks deploy/prometheus (config, alert rules and their unit tests).
 promtool:  ## promtool for the Prometheus rule tests (Debian package, root + apt only)
 	$(call debian_tool,promtool,command -v promtool >/dev/null 2>&1,promtool --version 2>&1 | head -1,prometheus,the promtool checks)
+
+# haproxy -c checks the compose front door's configuration (deploy/haproxy/haproxy.cfg).
+haproxy:  ## HAProxy for the front door's configuration check (Debian package, root + apt only)
+	$(call debian_tool,haproxy,command -v haproxy >/dev/null 2>&1,haproxy -v 2>&1 | head -1,haproxy,the front door configuration check)
 
 lint: $(STAMP)  ## ruff (rules and exceptions in pyproject.toml)
 	$(BIN)/ruff check .

@@ -91,17 +91,24 @@ EVENTS: tuple[type[DomainEvent], ...] = (EgfrComputed, UrineResultMeasured, LabR
 
 # --------------------------------------------------------------------------- the LOINC catalogue
 
-Analyte = Literal["creatinine", "egfr"]
+Analyte = Literal["creatinine", "egfr", "upcr", "protein_24h", "uacr"]
 
 
 @dataclass(frozen=True)
 class AcceptedCode:
-    """A LOINC code we accept, what it means, and which (normalised) unit it must come in."""
+    """A LOINC code we accept, what it means, and which (normalised) units it may come in:
+    ``unit``, the one its LOINC property implies, and any ``other_units`` of the same dimension
+    that labs send under it (a urine ratio in mg/g or g/g)."""
 
     loinc: str
     analyte: Analyte
     unit: str
     meaning: str
+    other_units: tuple[str, ...] = ()
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        return (self.unit, *self.other_units)
 
 
 _CREATININE = (
@@ -159,10 +166,23 @@ _EGFR = (
         "GFR/1.73 sq M.predicted, Serum/Plasma/Blood, formula not specified",
     ),
 )
-ACCEPTED_CODES: dict[str, AcceptedCode] = {code.loinc: code for code in (*_CREATININE, *_EGFR)}
+_URINE = (
+    AcceptedCode("2890-2", "upcr", "mg/g", "Protein/Creatinine [Mass Ratio] in Urine", ("mg/mg", "g/g")),
+    AcceptedCode("34366-5", "upcr", "mg/mmol", "Protein/Creatinine [Ratio] in Urine (SI)", ("g/mmol",)),
+    AcceptedCode(
+        "2889-4", "protein_24h", "g/(24.h)", "Protein [Mass/time] in 24 hour Urine", ("mg/(24.h)",),
+    ),
+    AcceptedCode("9318-7", "uacr", "mg/g", "Albumin/Creatinine [Mass Ratio] in Urine", ("ug/mg", "g/g")),
+    AcceptedCode("14959-1", "uacr", "mg/g", "Microalbumin/Creatinine [Mass Ratio] in Urine", ("ug/mg",)),
+    AcceptedCode("14585-4", "uacr", "mg/mmol", "Albumin/Creatinine [Molar ratio] in Urine (SI)"),
+)
+ACCEPTED_CODES: dict[str, AcceptedCode] = {code.loinc: code for code in (*_CREATININE, *_EGFR, *_URINE)}
 """Every LOINC code we accept. Creatinine arrives as 2160-0 (mg/dL) or 14682-9 (µmol/L) and is
 turned into a CKD-EPI 2021 eGFR here. A reported eGFR is taken as the lab computed it, whatever
 its equation: 98979-8 is the current race-free CKD-EPI 2021 code and 98980-6 its creatinine +
 cystatin C form; the others are the older codes labs still send (MDRD, CKD-EPI 2009 with or
-without race, cystatin-based 2012, unspecified). All eGFRs are in mL/min/1.73m². The code's
-meaning is kept on each entry for documentation."""
+without race, cystatin-based 2012, unspecified). All eGFRs are in mL/min/1.73m². Urine protein
+comes as UPCR (2890-2 in mg/g, mg/mg or g/g; 34366-5, the SI form, in mg/mmol or g/mmol),
+24-hour protein (2889-4, g or mg per 24 h) and UACR (9318-7 and 14959-1 in mg/g or µg/mg;
+14585-4, the SI form, in mg/mmol), each kept in its unit of ``URINE_UNITS``. The code's meaning
+is kept on each entry for documentation."""

@@ -1,5 +1,6 @@
 """``nephrotrack demo``: send the seed study through the public interfaces of a running stack,
-wait until the outcomes service shows the whole cohort, and print the cohort table.
+wait until the outcomes service shows the whole cohort, and print the cohort table and one line
+per further statement of the abstract it reproduces (safety, proteinuria, follow-up biopsies).
 
 Why only public interfaces: the numbers printed must be the ones the system computes from
 records sent exactly as study sites would send them — HTTP commands to enrollment, pulse and
@@ -34,10 +35,10 @@ from rich.table import Table
 
 from nephrotrack import running
 from nephrotrack.credentials import API_KEYS_FILE, read_env_file
-from nephrotrack.seed import ABSTRACT, EXPECTED_COHORTS, SEED, Body, SeedPatient
+from nephrotrack.seed import ABSTRACT, EXPECTED_BIOPSIES, EXPECTED_COHORTS, SEED, Body, SeedPatient
 from shared.auth import ENV_VAR as API_KEYS_VAR
 from shared.auth import first_key_with_role
-from shared.broker import LAB_RESULTS_SUBJECT
+from shared.broker import LAB_RESULTS_SUBJECT, nats_connect_options
 from shared.settings import DEFAULT_PORTS
 
 WAIT_SECONDS = 120.0
@@ -105,19 +106,26 @@ class Stack:
 # --- loading the seed -------------------------------------------------------------------------
 
 class _Commands:
-    """POSTs to the services as study staff, with the contract's error shape turned into DemoError."""
+    """POSTs and PUTs to the services as study staff, with the contract's error shape turned into
+    DemoError."""
 
     def __init__(self, http: httpx.AsyncClient, stack: Stack) -> None:
         self.http = http
         self.stack = stack
 
     async def post(self, service: str, path: str, body: Body, *, accept: Sequence[int] = ()) -> httpx.Response:
-        """POST, retrying a 404 a few times: pulse and cells learn of a patient from
+        return await self.send("POST", service, path, body, accept=accept)
+
+    async def put(self, service: str, path: str, body: Body) -> httpx.Response:
+        return await self.send("PUT", service, path, body)
+
+    async def send(self, method: str, service: str, path: str, body: Body, *, accept: Sequence[int] = ()) -> httpx.Response:
+        """Send, retrying a 404 a few times: pulse and cells learn of a patient from
         enrollment's events, which may still be on their way."""
         url = self.stack.urls[service] + path
         for attempt in range(NOT_YET_KNOWN_RETRIES):
             try:
-                response = await self.http.post(url, json=body, headers=self.stack.headers("staff"))
+                response = await self.http.request(method, url, json=body, headers=self.stack.headers("staff"))
             except httpx.HTTPError as exc:
                 raise DemoError(f"cannot reach {service} at {url} ({exc!r}); is `nephrotrack run` running?") from exc
             if response.is_success or response.status_code in accept:
@@ -126,7 +134,7 @@ class _Commands:
                 await asyncio.sleep(NOT_YET_KNOWN_PAUSE)
                 continue
             break
-        raise DemoError(f"{service} refused POST {path} with {response.status_code}: {_detail(response)}")
+        raise DemoError(f"{service} refused {method} {path} with {response.status_code}: {_detail(response)}")
 
 
 def _detail(response: httpx.Response) -> str:
@@ -140,7 +148,7 @@ async def _load_patient(commands: _Commands, js: JetStreamContext, patient: Seed
     """Send one patient's records; False if enrollment says they were loaded before."""
     sid = patient.subject_id
     enrolled = await commands.post("enrollment", "/v1/patients", patient.enrollment, accept=(409,))
-    for result in patient.lab_results:  # labs parks results for patients it does not know yet
+    for result in [*patient.lab_results, *patient.urine_results]:  # labs parks results of patients it does not know yet
         await _publish_lab_result(js, result)
     if enrolled.status_code == 409:
         return False
@@ -150,6 +158,10 @@ async def _load_patient(commands: _Commands, js: JetStreamContext, patient: Seed
         lot_id = (await commands.post("cells", f"/v1/patients/{sid}/harvests", harvest)).json()["lot_id"]
         await commands.post("cells", f"/v1/lots/{lot_id}/release", release)
         await commands.post("cells", f"/v1/patients/{sid}/infusions", {**infusion, "lot_id": lot_id})
+    for biopsy in patient.biopsies:
+        await commands.post("enrollment", f"/v1/patients/{sid}/biopsies", biopsy)
+    for ae_id, report in patient.adverse_events:
+        await commands.put("enrollment", f"/v1/patients/{sid}/adverse-events/{ae_id}", report)
     for clinical_event in patient.clinical_events:
         await commands.post("enrollment", f"/v1/patients/{sid}/events", clinical_event)
     return True
@@ -167,8 +179,9 @@ async def _lab_broker(stack: Stack) -> Any:
     user = stack.keys.get("NEPHROTRACK_LAB_NATS_USER")
     password = stack.keys.get("NEPHROTRACK_LAB_NATS_PASSWORD")
     try:
-        client = await nats.connect(stack.nats_url, user=user, password=password, connect_timeout=5,
-                                    max_reconnect_attempts=0)
+        credentials = {"user": user, "password": password} if user and password else {}
+        client = await nats.connect(**nats_connect_options(stack.nats_url, connect_timeout=5, max_reconnect_attempts=0,
+                                                           **credentials))
     except Exception as exc:
         raise DemoError(f"cannot reach NATS at {stack.nats_url} ({exc!r}); is `nephrotrack run` running?") from exc
     try:
@@ -194,8 +207,11 @@ async def load_seed(stack: Stack, patients: Sequence[SeedPatient] = SEED, *, con
 
 # --- waiting for the cohort -------------------------------------------------------------------
 
-_EXACT = ("n", "kidney_failure_count")
-_MEANS = ("mean_age", "mean_baseline_egfr", "mean_post_egfr", "mean_followup_years", "mean_egfr_slope")
+_EXACT = ("n", "kidney_failure_count", "complete_remission_count", "partial_remission_count", "decline_40_count",
+          "composite_endpoint_count", "patients_with_ae", "patients_with_serious_ae",
+          "patients_with_significant_related_ae")
+_MEANS = ("mean_age", "mean_baseline_egfr", "mean_post_egfr", "mean_followup_years", "mean_egfr_slope",
+          "mean_baseline_upcr", "mean_post_upcr")
 
 
 def cohort_differences(rows: Sequence[Mapping[str, Any]], expected: Mapping[str, Mapping[str, Any]] = EXPECTED_COHORTS) -> list[str]:
@@ -219,21 +235,49 @@ def cohort_differences(rows: Sequence[Mapping[str, Any]], expected: Mapping[str,
     return differences
 
 
-async def wait_for_cohort(stack: Stack, *, timeout: float = WAIT_SECONDS, poll: float = 0.5) -> list[dict[str, Any]]:
-    """Poll the outcomes service until its cohorts are the seed's; DemoError after ``timeout``."""
+def biopsy_differences(by_group: Mapping[str, Mapping[str, Any]],
+                       expected: Mapping[str, Mapping[str, int]] = EXPECTED_BIOPSIES) -> list[str]:
+    """What still differs between ``GET /v1/cohorts/{group}/biopsies`` and the seed's pairs."""
+    return [f"group {group} biopsies {key} is {by_group.get(group, {}).get(key)} (expected {value})"
+            for group, want in expected.items() for key, value in want.items()
+            if by_group.get(group, {}).get(key) != value]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the demo read back: ``GET /v1/cohorts`` and each group's paired-biopsy summary."""
+
+    cohorts: list[dict[str, Any]]
+    biopsies: dict[str, dict[str, Any]]
+
+
+async def _read_evidence(http: httpx.AsyncClient, stack: Stack) -> tuple[Evidence, list[str]]:
+    base, headers = stack.urls["outcomes"] + "/v1/cohorts", stack.headers("analyst")
+    response = await http.get(base, headers=headers)
+    if response.status_code != 200:
+        return Evidence([], {}), [f"GET /v1/cohorts answered {response.status_code}: {_detail(response)}"]
+    rows = response.json()
+    biopsies = {}
+    for group in EXPECTED_BIOPSIES:
+        answer = await http.get(f"{base}/{group}/biopsies", headers=headers)
+        biopsies[group] = answer.json() if answer.status_code == 200 else {}
+    evidence = Evidence(rows, biopsies)
+    return evidence, cohort_differences(rows) + biopsy_differences(biopsies)
+
+
+async def wait_for_cohort(stack: Stack, *, timeout: float = WAIT_SECONDS, poll: float = 0.5) -> Evidence:
+    """Poll the outcomes service until its cohorts and biopsy comparisons are the seed's;
+    DemoError after ``timeout``."""
     deadline = time.monotonic() + timeout
     url = stack.urls["outcomes"] + "/v1/cohorts"
     async with httpx.AsyncClient(timeout=10) as http:
         while True:
             try:
-                response = await http.get(url, headers=stack.headers("analyst"))
-                rows = response.json() if response.status_code == 200 else []
-                problems = cohort_differences(rows) if response.status_code == 200 else [
-                    f"GET /v1/cohorts answered {response.status_code}: {_detail(response)}"]
+                evidence, problems = await _read_evidence(http, stack)
             except (httpx.HTTPError, ValueError) as exc:
-                rows, problems = [], [f"cannot read {url} ({exc!r})"]
+                problems = [f"cannot read {url} ({exc!r})"]
             if not problems:
-                return rows
+                return evidence
             if time.monotonic() >= deadline:
                 raise DemoError(
                     f"the outcomes service did not show the seed cohort within {timeout:.0f} s: "
@@ -318,10 +362,44 @@ def print_cohorts(console: Console, rows: Sequence[Mapping[str, Any]]) -> None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def _upcr(value: float | None) -> str:
+    return "—" if value is None else f"{abstract_round(value, 2)} g/g"
+
+
+def evidence_statements(evidence: Evidence) -> list[str]:
+    """One sentence per further statement of the abstract, in the system's own numbers."""
+    rows = {row["group"]: row for row in evidence.cohorts}
+    treated = [g for g in ("A", "B") if g in rows]
+    safety = "; ".join(
+        f"group {g}: {rows[g]['patients_with_ae']} of {rows[g]['n']} patients with adverse events, "
+        f"{rows[g]['patients_with_serious_ae']} serious, {rows[g]['patients_with_significant_related_ae']} "
+        "significant and treatment-related" for g in treated)
+    proteinuria = "; ".join(
+        f"group {g}: UPCR {_upcr(row['mean_baseline_upcr'])} → {_upcr(row['mean_post_upcr'])}, complete "
+        f"remission {row['complete_remission_count']}, partial {row['partial_remission_count']}"
+        for g, row in rows.items())
+    biopsy = "; ".join(
+        f"group {g}: {b['paired']} paired, mesangial deposits cleared in {b['deposits_cleared']}, IgA "
+        f"deposition cleared in {b['iga_cleared']}, Lee grade improved in {b['lee_grade_improved']}"
+        for g, b in evidence.biopsies.items() if b.get("paired"))
+    return [
+        f"Safety (\"no significant side-effects\"): {safety}.",
+        f"Proteinuria: {proteinuria}.",
+        f"Follow-up biopsy (\"disappearance of mesangial deposits and IgA deposition\"): {biopsy or 'none paired'}.",
+    ]
+
+
+def print_evidence(console: Console, evidence: Evidence) -> None:
+    for statement in evidence_statements(evidence):
+        for line in textwrap.wrap(statement, console.width, subsequent_indent="    ",
+                                  break_long_words=False, break_on_hyphens=False):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 # --- the command ------------------------------------------------------------------------------
 
-async def demo(stack: Stack, *, timeout: float = WAIT_SECONDS, console: Console | None = None) -> list[dict[str, Any]]:
-    """Load the seed and wait for its cohort; returns ``GET /v1/cohorts`` as the demo saw it."""
+async def demo(stack: Stack, *, timeout: float = WAIT_SECONDS, console: Console | None = None) -> Evidence:
+    """Load the seed and wait for its cohort; returns what the demo read back."""
     console = console or Console(stderr=True)
     already = await load_seed(stack, console=console)
     if already:
@@ -331,8 +409,10 @@ async def demo(stack: Stack, *, timeout: float = WAIT_SECONDS, console: Console 
 
 def run_demo(env: Mapping[str, str] | None = None, *, timeout: float = WAIT_SECONDS,
              console: Console | None = None) -> list[dict[str, Any]]:
-    """``nephrotrack demo``: load, wait, print the table; returns the cohorts (for tests)."""
+    """``nephrotrack demo``: load, wait, print the table and the evidence lines; returns the
+    cohorts (for tests)."""
     console = console or Console()
-    rows = asyncio.run(demo(Stack.from_env(env), timeout=timeout, console=console))
-    print_cohorts(console, rows)
-    return rows
+    evidence = asyncio.run(demo(Stack.from_env(env), timeout=timeout, console=console))
+    print_cohorts(console, evidence.cohorts)
+    print_evidence(console, evidence)
+    return evidence.cohorts

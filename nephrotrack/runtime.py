@@ -201,6 +201,12 @@ class Supervisor:
                     f"(deploy/nats/accounts.conf) are written for the prefix {ACCOUNTS_PREFIX!r}. Unset it (each "
                     "embedded stack has its own server anyway), or set NATS_URL."
                 )
+            if self.settings.stream_replicas > 1:
+                raise SystemExit(
+                    f"NEPHROTRACK_STREAM_REPLICAS={self.settings.stream_replicas}: the embedded NATS is one node, "
+                    "which holds one copy of a stream. Unset it, or set NATS_URL to a cluster of at least that "
+                    "many nodes (deploy/README.md, \"The cluster on one machine\")."
+                )
             self.nats_passwords = credentials.nats_passwords(self.var)
         keys = credentials.api_keys(
             self.var, generate_keys=not given,

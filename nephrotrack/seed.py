@@ -3,6 +3,10 @@
 Published abstract (rounded): group A (CKD G3b–G5), n = 7, mean age 60, mean eGFR 28 → 39
 over a mean follow-up of 6.8 years; group B (Lee grade IV–V), n = 3, mean age 25, eGFR
 85 → 106 over 9.3 years; one control patient (eGFR 33) started dialysis within two years.
+"No significant side-effects were noted": the seed's adverse events are the minor ones MP
+pulses cause (grade 1–2 hyperglycaemia, insomnia, facial flushing), none serious. "Follow-up
+renal biopsy showed disappearance of mesangial deposits … and of IgA deposition": group B's
+diagnostic and follow-up biopsies. Proteinuria (UPCR) falls with therapy in A and B.
 
 Why plain data: ``nephrotrack demo`` must publish every record through the public interfaces
 (HTTP commands, lab messages), exactly as sites would, so the cohort numbers it prints are the
@@ -64,6 +68,11 @@ class SeedPatient:
     harvests: list[tuple[Body, Body, Body]] = field(default_factory=list)
     clinical_events: list[Body] = field(default_factory=list)
     lab_results: list[Body] = field(default_factory=list)
+    urine_results: list[Body] = field(default_factory=list)
+    """UPCR results, ``labs.results`` messages like ``lab_results``."""
+    biopsies: list[Body] = field(default_factory=list)
+    adverse_events: list[tuple[str, Body]] = field(default_factory=list)
+    """(ae_id, body) in sending order: a later body for the same id is a follow-up report."""
 
     @property
     def subject_id(self) -> str:
@@ -203,6 +212,78 @@ _PLANS: tuple[_Plan, ...] = (
 )
 
 
+# --- the rest of the abstract's evidence: proteinuria, adverse events, biopsies -----------------
+
+UPCR_LOINC = "2890-2"  # Protein/Creatinine [Mass Ratio] in Urine
+UPCR_SI_LOINC = "34366-5"  # Protein/Creatinine [Ratio] in Urine, sent in mg/mmol
+MG_PER_MMOL_PER_G_PER_G = 113.12  # 1 g/g = 113.12 mg/mmol (creatinine 113.12 g/mol)
+
+UrineForm = Literal["g/g", "mg/g", "mg/mmol"]
+
+
+@dataclass(frozen=True)
+class _Upcr:
+    day: int  # days from treatment start
+    g_per_g: float  # the intended UPCR, g/g
+    form: UrineForm = "g/g"  # the unit the lab sends it in
+
+
+_UPCR: dict[str, tuple[_Upcr, ...]] = {
+    # (baseline g/g, post g/g): A 2.6→0.8 partial, 3.1→1.2 none, 1.9→0.25 complete, 3.4→1.6 none,
+    # 2.2→0.6 partial, 2.8→0.9 partial, 2.5→0.7 partial; B 1.6→0.18 and 2.2→0.25 complete,
+    # 1.4→0.4 partial; control 2.1 rising to 2.9 (no treatment).
+    "IGA-A-001": (_Upcr(-8, 2.6, "mg/g"), _Upcr(400, 1.4, "mg/g"), _Upcr(1900, 0.8, "mg/g")),
+    "IGA-A-002": (_Upcr(-5, 3.1, "mg/mmol"), _Upcr(700, 1.9, "mg/mmol"), _Upcr(2890, 1.2, "mg/mmol")),
+    "IGA-A-003": (_Upcr(-14, 1.9), _Upcr(500, 0.7), _Upcr(2230, 0.25)),
+    "IGA-A-004": (_Upcr(-3, 3.4), _Upcr(900, 2.2), _Upcr(3070, 1.6)),
+    "IGA-A-005": (_Upcr(-7, 2.2), _Upcr(2120, 0.6)),
+    "IGA-A-006": (_Upcr(-7, 2.8, "mg/g"), _Upcr(1200, 1.3, "mg/g"), _Upcr(2670, 0.9, "mg/g")),
+    "IGA-A-007": (_Upcr(-7, 2.5), _Upcr(2506, 0.7)),
+    "IGA-B-001": (_Upcr(-7, 1.6), _Upcr(365, 0.6), _Upcr(3300, 0.18)),
+    "IGA-B-002": (_Upcr(-14, 2.2, "mg/mmol"), _Upcr(3450, 0.25, "mg/mmol")),
+    "IGA-B-003": (_Upcr(-7, 1.4), _Upcr(3440, 0.4)),
+    "IGA-C-001": (_Upcr(0, 2.1), _Upcr(420, 2.5), _Upcr(560, 2.9)),
+}
+
+
+def _mp_side_effect(term: str, grade: int, onset_day: int, resolved_after: int, causality: str) -> Body:
+    """A minor side effect of the MP pulses: related, not serious, recovered."""
+    return {"term": term, "onset_day": onset_day, "grade": grade, "serious": False, "related_to": ["mp_pulse"],
+            "causality": causality, "outcome": "recovered", "resolved_after": resolved_after}
+
+
+_ADVERSE_EVENTS: dict[str, tuple[tuple[str, Body], ...]] = {
+    "IGA-A-001": (
+        ("AE-1", {**_mp_side_effect("hyperglycaemia", 1, 1, 0, "probable"), "outcome": "recovering"}),
+        ("AE-1", _mp_side_effect("hyperglycaemia", 2, 1, 4, "probable")),  # the follow-up report
+        ("AE-2", _mp_side_effect("insomnia", 1, 2, 3, "possible")),
+    ),
+    "IGA-A-002": (("AE-1", _mp_side_effect("facial flushing", 1, 1, 2, "probable")),),
+    "IGA-A-004": (("AE-1", _mp_side_effect("hyperglycaemia", 2, 29, 6, "probable")),),
+    "IGA-A-005": (("AE-1", {"term": "upper respiratory tract infection", "onset_day": 300, "grade": 2,
+                            "serious": False, "related_to": [], "causality": "unrelated",
+                            "outcome": "recovered", "resolved_after": 10}),),
+    "IGA-A-006": (("AE-1", _mp_side_effect("insomnia", 1, 1, 2, "possible")),),
+    "IGA-B-001": (("AE-1", _mp_side_effect("facial flushing", 1, 1, 1, "probable")),),
+    "IGA-B-002": (("AE-1", _mp_side_effect("hyperglycaemia", 1, 2, 3, "possible")),),
+}
+
+
+_DIAGNOSTIC = {"mesangial_deposits": True, "mesangial_proliferation": True, "foot_process_effacement": True}
+_BIOPSIES: dict[str, tuple[tuple[int, Body], ...]] = {
+    # (days from treatment start, findings); the diagnostic one on the enrollment day.
+    "IGA-B-001": ((-14, {**_DIAGNOSTIC, "iga_immunofluorescence": "3+", "lee_grade": "IV"}),
+                  (730, {"mesangial_deposits": False, "iga_immunofluorescence": "negative",
+                         "mesangial_proliferation": False, "foot_process_effacement": False, "lee_grade": "II"})),
+    "IGA-B-002": ((-14, {**_DIAGNOSTIC, "iga_immunofluorescence": "3+", "lee_grade": "V"}),
+                  (760, {"mesangial_deposits": False, "iga_immunofluorescence": "negative",
+                         "mesangial_proliferation": False, "foot_process_effacement": False, "lee_grade": "III"})),
+    "IGA-B-003": ((-14, {**_DIAGNOSTIC, "iga_immunofluorescence": "2+", "lee_grade": "IV"}),
+                  (700, {"mesangial_deposits": False, "iga_immunofluorescence": "negative",
+                         "mesangial_proliferation": True, "foot_process_effacement": False, "lee_grade": "IV"})),
+}
+
+
 # --- plan → contract bodies -------------------------------------------------------------------
 
 def daily_dose_mg(weight_kg: float) -> float:
@@ -271,6 +352,43 @@ def _lab_results(p: _Plan) -> list[Body]:
     return messages
 
 
+def _urine_value(upcr: _Upcr) -> tuple[str, float, str]:
+    """(LOINC, value, unit) of a UPCR sent in the lab's unit."""
+    if upcr.form == "mg/g":
+        return UPCR_LOINC, upcr.g_per_g * 1000, "mg/g"
+    if upcr.form == "mg/mmol":
+        return UPCR_SI_LOINC, upcr.g_per_g * MG_PER_MMOL_PER_G_PER_G, "mg/mmol"
+    return UPCR_LOINC, upcr.g_per_g, "g/g"
+
+
+def _urine_results(p: _Plan) -> list[Body]:
+    messages = []
+    for n, upcr in enumerate(_UPCR.get(p.subject_id, ()), start=1):
+        loinc, value, unit = _urine_value(upcr)
+        messages.append({
+            "message_id": f"{p.subject_id}-U{n:02d}", "subject_id": p.subject_id, "lab_id": LAB_ID,
+            "loinc": loinc, "value": value, "unit": unit,
+            "collected_at": f"{p.day(upcr.day).isoformat()}T08:00:00Z", "status": "final",
+            "result_id": f"{p.subject_id}-UR{n:02d}",
+        })
+    return messages
+
+
+def _adverse_events(p: _Plan) -> list[tuple[str, Body]]:
+    reports = []
+    for ae_id, plan in _ADVERSE_EVENTS.get(p.subject_id, ()):
+        body = {key: value for key, value in plan.items() if key not in ("onset_day", "resolved_after")}
+        onset = p.day(plan["onset_day"])
+        resolved = onset + timedelta(days=plan["resolved_after"]) if plan["outcome"] == "recovered" else None
+        reports.append((ae_id, {**body, "onset_on": onset.isoformat(),
+                                "resolved_on": None if resolved is None else resolved.isoformat()}))
+    return reports
+
+
+def _biopsies(p: _Plan) -> list[Body]:
+    return [{"performed_on": p.day(day).isoformat(), **findings} for day, findings in _BIOPSIES.get(p.subject_id, ())]
+
+
 def _clinical_events(p: _Plan) -> list[Body]:
     if p.dialysis_day is None:
         return []
@@ -280,7 +398,8 @@ def _clinical_events(p: _Plan) -> list[Body]:
 def _seed_patient(p: _Plan) -> SeedPatient:
     return SeedPatient(
         enrollment=_enrollment(p), pulse_doses=_pulse_doses(p), harvests=_harvests(p),
-        clinical_events=_clinical_events(p), lab_results=_lab_results(p),
+        clinical_events=_clinical_events(p), lab_results=_lab_results(p), urine_results=_urine_results(p),
+        biopsies=_biopsies(p), adverse_events=_adverse_events(p),
     )
 
 
@@ -320,9 +439,72 @@ def _expected(group: str) -> dict[str, Any]:
         "mean_followup_years": _mean([p.followup_days / DAYS_PER_YEAR for p in plans]),
         "mean_egfr_slope": _mean(slopes) if slopes else None,
         "kidney_failure_count": sum(p.dialysis_day is not None for p in plans),
+        **_expected_evidence(plans),
+    }
+
+
+def _upcr_pair(p: _Plan) -> tuple[float | None, float | None]:
+    """(baseline, post) UPCR in g/g: the latest on or before treatment start, the latest after."""
+    results = sorted(_UPCR.get(p.subject_id, ()), key=lambda u: u.day)
+    before = [u.g_per_g for u in results if u.day <= 0]
+    after = [u.g_per_g for u in results if u.day > 0]
+    return (before[-1] if before else None), (after[-1] if after else None)
+
+
+def _remission(p: _Plan) -> str | None:
+    baseline, post = _upcr_pair(p)
+    if post is None:
+        return None
+    if post < 0.3:
+        return "complete"
+    if baseline is not None and post < 1.0 and post <= 0.5 * baseline:
+        return "partial"
+    return None
+
+
+def _final_reports(p: _Plan) -> list[Body]:
+    """Each adverse event's latest report (a follow-up replaces the report before it)."""
+    return list(dict(_adverse_events(p)).values())
+
+
+def _significant_related(report: Body) -> bool:
+    related = bool(report["related_to"]) and report["causality"] in ("possible", "probable", "definite")
+    return related and (report["grade"] >= 3 or report["serious"])
+
+
+def _expected_evidence(plans: list[_Plan]) -> dict[str, Any]:
+    baselines = [b for p in plans if (b := _upcr_pair(p)[0]) is not None]
+    posts = [v for p in plans if (v := _upcr_pair(p)[1]) is not None]
+    return {
+        "mean_baseline_upcr": _mean(baselines) if baselines else None,
+        "mean_post_upcr": _mean(posts) if posts else None,
+        "complete_remission_count": sum(_remission(p) == "complete" for p in plans),
+        "partial_remission_count": sum(_remission(p) == "partial" for p in plans),
+        "decline_40_count": 0,  # no eGFR of the seed falls to 60 % of its baseline
+        "composite_endpoint_count": sum(p.dialysis_day is not None for p in plans),
+        "patients_with_ae": sum(bool(_final_reports(p)) for p in plans),
+        "patients_with_serious_ae": sum(any(r["serious"] for r in _final_reports(p)) for p in plans),
+        "patients_with_significant_related_ae": sum(any(map(_significant_related, _final_reports(p))) for p in plans),
+    }
+
+
+def _expected_biopsies(group: str) -> dict[str, int]:
+    """``GET /v1/cohorts/{group}/biopsies``: the paired diagnostic → follow-up comparisons."""
+    pairs = [(b[0][1], b[-1][1]) for p in _PLANS if p.group == group
+             if len(b := _BIOPSIES.get(p.subject_id, ())) >= 2]
+    lee = ("I", "II", "III", "IV", "V")
+    return {
+        "paired": len(pairs),
+        "deposits_cleared": sum(d["mesangial_deposits"] and not f["mesangial_deposits"] for d, f in pairs),
+        "iga_cleared": sum(d["iga_immunofluorescence"] != "negative" and f["iga_immunofluorescence"] == "negative"
+                           for d, f in pairs),
+        "proliferation_resolved": sum(d["mesangial_proliferation"] and not f["mesangial_proliferation"] for d, f in pairs),
+        "foot_process_improved": sum(d["foot_process_effacement"] and not f["foot_process_effacement"] for d, f in pairs),
+        "lee_grade_improved": sum(lee.index(f["lee_grade"]) < lee.index(d["lee_grade"]) for d, f in pairs),
     }
 
 
 EXPECTED_COHORTS: dict[str, dict[str, Any]] = {g: _expected(g) for g in ("A", "B", "control")}
+EXPECTED_BIOPSIES: dict[str, dict[str, int]] = {g: _expected_biopsies(g) for g in ("A", "B", "control")}
 """The contract's cohort numbers the system must compute from the seed, unrounded. Means that
 involve creatinine-derived eGFRs (only the slope) match to floating-point precision."""

@@ -12,14 +12,21 @@ stacks share one NATS server without seeing each other's events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from faststream.nats import JStream, NatsBroker
+import structlog
+from faststream.nats import JStream, NatsBroker, NatsToken, NatsUserPassword
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
+
+log = structlog.get_logger(__name__)
 
 LAB_RESULTS_SUBJECT = "labs.results"
 LAB_REJECTED_SUBJECT = "labs.rejected"
@@ -77,8 +84,68 @@ class Topology:
         ]
 
 
-async def ensure_streams(js: JetStreamContext, streams: list[JStream]) -> None:
-    """Create each stream if missing (idempotent; safe when several services start at once).
+class NatsUrlError(ValueError):
+    """``NATS_URL`` names no server, or its servers carry different credentials."""
+
+
+@dataclass(frozen=True)
+class NatsServers:
+    """``NATS_URL`` taken apart: one server or several, comma-separated, and the credentials.
+
+    The credentials are handed to the client as its own ``user``/``password`` rather than left in
+    each URL: nats-py authenticates with the URL's credentials only for that URL, and a cluster
+    tells its clients about the other nodes (INFO ``connect_urls``) without any — so a client
+    reconnecting to a node it learnt of that way would connect anonymously and be refused.
+    """
+
+    servers: tuple[str, ...]
+    user: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, urls: str) -> NatsServers:
+        servers: list[str] = []
+        credentials: set[tuple[str | None, str | None]] = set()
+        for url in (part.strip() for part in urls.split(",")):
+            if not url:
+                continue
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            if parts.username is not None:
+                password = None if parts.password is None else unquote(parts.password)
+                credentials.add((unquote(parts.username), password))
+            host = parts.netloc.rpartition("@")[2]
+            servers.append(urlunsplit(parts._replace(netloc=host)))
+        if not servers:
+            raise NatsUrlError("NATS_URL names no server")
+        if len(credentials) > 1:
+            raise NatsUrlError("NATS_URL: its servers must carry the same credentials (or only the first one any)")
+        user, password = credentials.pop() if credentials else (None, None)
+        return cls(tuple(servers), user, password)
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nats.connect``: every server, and the credentials for all of them."""
+        options: dict[str, Any] = {"servers": list(self.servers)}
+        if self.user is not None and self.password is None:
+            options["token"] = self.user  # nats://<token>@host, as nats-py reads a URL
+        elif self.user is not None:
+            options.update(user=self.user, password=self.password)
+        return options
+
+    def security(self) -> NatsUserPassword | NatsToken | None:
+        """The credentials as FastStream takes them (its ``security=``)."""
+        if self.user is None:
+            return None
+        return NatsToken(self.user) if self.password is None else NatsUserPassword(self.user, self.password)
+
+
+def nats_connect_options(urls: str, **options: Any) -> dict[str, Any]:
+    """``nats.connect(**nats_connect_options(NATS_URL, name=…))``: see :class:`NatsServers`."""
+    return {**NatsServers.parse(urls).connect_options(), **options}
+
+
+async def ensure_streams(js: JetStreamContext, streams: list[JStream], *, replicas: int = 1) -> None:
+    """Create each stream if missing, with ``replicas`` copies (idempotent; safe when several
+    services start at once); one with fewer replicas is raised to ``replicas`` (:func:`ensure_replicas`).
 
     Streams keep every message (limits retention, no age limit): the service streams are the
     record other services and rebuilds read, and dead letters wait for an operator.
@@ -89,20 +156,53 @@ async def ensure_streams(js: JetStreamContext, streams: list[JStream]) -> None:
             subjects=list(stream.subjects),
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            num_replicas=replicas,
         )
+        await ensure_stream(js, config)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream of ``config`` if missing, else give it at least ``config.num_replicas``."""
+    assert config.name is not None
+    try:
+        await ensure_replicas(js, config.name, config.num_replicas or 1)
+    except NotFoundError:
         try:
-            await js.stream_info(stream.name)
-        except NotFoundError:
-            try:
-                await js.add_stream(config)
-            except BadRequestError:  # another process created it between our check and add
-                await js.stream_info(stream.name)
+            await js.add_stream(config)
+        except BadRequestError:  # another process created it between our check and add
+            await ensure_replicas(js, config.name, config.num_replicas or 1)
+
+
+async def ensure_replicas(js: JetStreamContext, name: str, replicas: int, *, attempts: int = 5) -> None:
+    """Raise an existing stream to ``replicas`` copies (JetStream copies its messages to the new
+    peers by RAFT while it keeps serving); never lowers them: a stream an operator scaled up
+    stays so. :class:`NotFoundError` if there is no such stream.
+
+    Every service does this at start, so several often ask at once: a request that times out or
+    is refused meanwhile is answered by reading the stream again (another's update counts)."""
+    for attempt in range(attempts):
+        info = await js.stream_info(name)
+        current = info.config.num_replicas or 1
+        if current >= replicas:
+            return
+        if attempt == 0:
+            log.warning("raising the replicas of a stream", stream=name, replicas_before=current, replicas=replicas)
+        try:
+            await js.update_stream(replace(info.config, num_replicas=replicas))
+            return
+        except (NatsTimeoutError, BadRequestError) as error:
+            log.info("stream update not confirmed, reading the stream again", stream=name, error=repr(error))
+            await asyncio.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"stream {name} still has fewer than {replicas} replicas after {attempts} updates")
 
 
 def make_broker(url: str, *, name: str) -> NatsBroker:
-    """A FastStream NATS broker that reconnects forever: an outage delays, never kills, a service."""
+    """A FastStream NATS broker that reconnects forever: an outage delays, never kills, a service.
+    ``url``: ``NATS_URL``, one server or several (:class:`NatsServers`)."""
+    servers = NatsServers.parse(url)
     return NatsBroker(
-        url,
+        list(servers.servers),
+        security=servers.security(),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,

@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from shared.broker import Topology
+from shared.broker import Topology, ensure_stream
 from shared.errors import NotFound
 
 log = structlog.get_logger(__name__)
@@ -91,27 +91,22 @@ class KeyVault:
 
     # --- connecting ---------------------------------------------------------------------------
 
-    async def connect(self, js: JetStreamContext) -> None:
-        """Open the bucket, creating it if missing (idempotent, like the event streams).
+    async def connect(self, js: JetStreamContext, *, replicas: int = 1) -> None:
+        """Open the bucket, creating it with ``replicas`` copies if missing, or raising an existing
+        one with fewer to ``replicas`` (idempotent, like the event streams): on a single copy, a
+        node's lost disk would erase every patient's key at once.
 
         Created as a plain stream rather than with ``create_key_value`` for one reason: KV
         buckets deny message deletion, and :meth:`erase` deletes the key's message with the
         server's secure erase (overwritten on disk) before it leaves the purge marker.
         """
         self._js = js
-        try:
-            self._kv = await js.key_value(self.bucket)
-        except nats.js.errors.BucketNotFoundError:
-            config = StreamConfig(
-                name=self.stream, subjects=[f"$KV.{self.bucket}.>"], storage=StorageType.FILE,
-                max_msgs_per_subject=1, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, deny_delete=False,
-                duplicate_window=120.0,
-            )
-            try:
-                await js.add_stream(config)
-            except nats.js.errors.BadRequestError:  # another process created it meanwhile
-                pass
-            self._kv = await js.key_value(self.bucket)
+        await ensure_stream(js, StreamConfig(
+            name=self.stream, subjects=[f"$KV.{self.bucket}.>"], storage=StorageType.FILE,
+            max_msgs_per_subject=1, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, deny_delete=False,
+            duplicate_window=120.0, num_replicas=replicas,
+        ))
+        self._kv = await js.key_value(self.bucket)
 
     @property
     def kv(self) -> KeyValue:

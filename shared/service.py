@@ -24,7 +24,7 @@ from shared.auth import (
     AuthConfigError,
     KeyRing,
 )
-from shared.broker import Topology, ensure_streams, make_broker
+from shared.broker import NatsUrlError, Topology, ensure_streams, make_broker
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import keep_statistics
 from shared.erasures import erased_subjects
@@ -138,8 +138,8 @@ class Service:
         self._announce_keys()
         await self.broker.connect()
         js = self.broker.connection.jetstream()
-        await ensure_streams(js, self.topology.all_streams(SERVICES))
-        await self.vault.connect(js)
+        await ensure_streams(js, self.topology.all_streams(SERVICES), replicas=self.settings.stream_replicas)
+        await self.vault.connect(js, replicas=self.settings.stream_replicas)
         # before the mirror loads any key; a database not answering yet is waited for
         for subject_id in await self.outages.outlast(lambda: erased_subjects(self.store)):
             self.vault.mark_erased(subject_id)
@@ -266,6 +266,6 @@ def run_service(name: str, create_app: Callable[[Service], FastAPI]) -> None:
     """Entry point of a service process (``python -m services.<name>``)."""
     try:
         service = Service(name)
-    except AuthConfigError as exc:
+    except (AuthConfigError, NatsUrlError) as exc:
         raise SystemExit(f"{name}: {exc}") from None
     service.serve(create_app(service))

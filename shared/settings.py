@@ -21,6 +21,9 @@ class RuntimeSettings(BaseSettings):
     var_dir: Path = Field(default=Path("var"), alias="NEPHROTRACK_VAR")
     nats_url: str | None = Field(default=None, alias="NATS_URL")
     nats_port: int = Field(default=4222, alias="NEPHROTRACK_NATS_PORT")
+    stream_replicas: int = Field(default=1, ge=1, le=5, alias="NEPHROTRACK_STREAM_REPLICAS")
+    """Copies JetStream keeps of every stream and of the key bucket the services create (3 on a
+    three-node cluster: any one node may be lost with its disk); existing ones are raised to it."""
     host: str = Field(default="127.0.0.1", alias="NEPHROTRACK_HOST")
     log_level: str = Field(default="info", alias="NEPHROTRACK_LOG_LEVEL")
     gc: Literal["service", "default"] = Field(default="service", alias="NEPHROTRACK_GC")

@@ -78,10 +78,16 @@ class Stack:
             self.start_service(service)
         await self.wait_ready(self.services)
 
+    def service_env(self, service: str) -> dict[str, str]:
+        """The environment of ``service``'s processes (the same for all here; a stack whose broker
+        has a user per service gives each its own ``NATS_URL``)."""
+        return self.env
+
     def start_service(self, service: str) -> None:
         log = open(self.tmp_path / f"{service}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[service] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", f"services.{service}"], env=self.service_env(service), stdout=log,
+            stderr=subprocess.STDOUT, cwd=ROOT,
         )
 
     def kill(self, service: str, sig: int = signal.SIGKILL) -> None:

@@ -227,6 +227,13 @@ def test_run_moves_its_nats_off_a_taken_default_port_demo_finds_it_and_a_lost_na
                                   capture_output=True, text=True, timeout=240)
             assert demo.returncode == 0, demo.stdout + demo.stderr
             assert "Unrounded means" in demo.stdout and all(len(line) <= 80 for line in demo.stdout.splitlines())
+            printed = " ".join(demo.stdout.split())
+            assert "Safety (\"no significant side-effects\"): group A: 5 of 7 patients with adverse events, 0 serious, " \
+                   "0 significant and treatment-related; group B: 2 of 3" in printed, demo.stdout
+            assert "Proteinuria: group A: UPCR 2.64 g/g → 0.86 g/g, complete remission 1, partial 4; " \
+                   "group B: UPCR 1.73 g/g → 0.28 g/g, complete remission 2, partial 1" in printed, demo.stdout
+            assert "group B: 3 paired, mesangial deposits cleared in 3, IgA deposition cleared in 3, " \
+                   "Lee grade improved in 2" in printed, demo.stdout
             assert local_broker_url("outcomes", RuntimeSettings(var_dir=var)).endswith(f"@127.0.0.1:{port}")
 
             os.kill(children["nats"], signal.SIGKILL)
@@ -288,6 +295,15 @@ def test_an_embedded_nats_that_cannot_listen_stops_the_run_instead_of_counting_a
         nats = supervisor._nats_child()
         with pytest.raises(SystemExit, match=r"exited with \d+ before it listened on port \d+: .*address already in use"):
             supervisor._start_embedded_nats(nats)
+
+
+def test_replicated_streams_on_the_embedded_single_node_stop_the_run_naming_the_way_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NATS_URL", "NEPHROTRACK_SUBJECT_PREFIX", "NEPHROTRACK_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    supervisor = Supervisor(RuntimeSettings(var_dir=tmp_path / "var", stream_replicas=3))
+    with pytest.raises(SystemExit, match="NEPHROTRACK_STREAM_REPLICAS=3: the embedded NATS is one node.*NATS_URL"):
+        supervisor.prepare_credentials()
 
 
 def test_the_record_of_a_stopped_or_killed_run_is_not_a_running_stack(tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ async def test_the_published_cohort_is_reproduced_through_the_whole_stack(tmp_pa
     stack = Stack(tmp_path, prefix, SERVICES, backend="postgresql")
     try:
         await stack.start()
-        rows = await demo(DemoStack.from_env(stack.env), timeout=120)
-        cohorts = {row["group"]: row for row in rows}
+        evidence = await demo(DemoStack.from_env(stack.env), timeout=120)
+        cohorts = {row["group"]: row for row in evidence.cohorts}
         a, b, control = cohorts["A"], cohorts["B"], cohorts["control"]
         assert (a["n"], abstract_round(a["mean_age"], 0)) == (7, "60")
         assert (abstract_round(a["mean_baseline_egfr"], 0), abstract_round(a["mean_post_egfr"], 0)) == ("28", "39")
@@ -46,6 +46,12 @@ async def test_the_published_cohort_is_reproduced_through_the_whole_stack(tmp_pa
         assert abstract_round(b["mean_followup_years"], 1) == "9.3"
         assert control["n"] == 1 and control["mean_baseline_egfr"] == 33.0 and control["kidney_failure_count"] == 1
         assert a["kidney_failure_count"] == 0 and b["kidney_failure_count"] == 0
+        # "no significant side-effects were noted"; "disappearance of mesangial deposits … and of IgA"
+        assert a["patients_with_significant_related_ae"] == 0 and b["patients_with_significant_related_ae"] == 0
+        assert a["patients_with_ae"] > 0 and b["patients_with_ae"] > 0
+        assert evidence.biopsies["B"]["paired"] == evidence.biopsies["B"]["deposits_cleared"] \
+            == evidence.biopsies["B"]["iga_cleared"] == 3
+        assert a["mean_post_upcr"] < a["mean_baseline_upcr"] and b["mean_post_upcr"] < b["mean_baseline_upcr"]
 
         async with stack.client(timeout=5) as client:
             patient = (await client.get(f"{stack.url('outcomes')}/v1/patients/IGA-C-001")).json()

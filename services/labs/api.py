@@ -8,6 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.labs.broker_messages import MAX_PAYLOAD_BYTES, parse_broker_result
 from services.labs.domain import fold_result, stream_id
 from services.labs.handlers import IngestResults, IngestRunner
@@ -18,11 +19,14 @@ from shared.errors import NotFound
 from shared.events import Envelope
 from shared.store import EventStore
 
+_EFFECTIVE_TYPES = frozenset({EgfrComputed.event_type, UrineResultMeasured.event_type})
+
 
 def result_view(result_id: str, history: list[Envelope]) -> dict[str, Any]:
-    """One result id: its effective eGFR (the latest ``EgfrComputed``) and every event."""
+    """One result id: its effective value (the latest ``EgfrComputed``, or ``UrineResultMeasured``
+    for urine protein) and every event."""
     state = fold_result(envelope.decode() for envelope in history)
-    effective = next((e for e in reversed(history) if e.event_type == "EgfrComputed"), None)
+    effective = next((e for e in reversed(history) if e.event_type in _EFFECTIVE_TYPES), None)
     return {
         "result_id": result_id,
         "subject_id": state.subject_id if state else None,
@@ -81,7 +85,7 @@ def routes(store: EventStore, labs: Labs, ingest: IngestRunner) -> APIRouter:
             status_code=status,
         )
 
-    @router.get("/results/{result_id:path}", summary="One result id: effective eGFR and full history")
+    @router.get("/results/{result_id:path}", summary="One result id: effective value and full history")
     async def get_result(result_id: str) -> dict[str, Any]:
         history = await store.read_stream(stream_id(result_id))
         if not history:

@@ -1,5 +1,6 @@
 """The labs service process: lab results in (NATS ``labs.results``, HL7 v2 over MLLP, FHIR R4, HTTP
-JSON), one ingestion core, eGFR (CKD-EPI 2021) out; every refusal published on ``labs.rejected``.
+JSON), one ingestion core, eGFR (CKD-EPI 2021) and urine protein (UPCR, 24-hour protein, UACR) out;
+every refusal published on ``labs.rejected``.
 
 See docs/labs.md for the inputs, mappings, rejection codes and limits.
 """
@@ -12,7 +13,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 
 from contracts import register_all
-from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected
+from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected, UrineResultMeasured
 from services.labs import api, fhir_api
 from services.labs import events as private_events
 from services.labs.consumers import delete_inbound_after_commit, enrollment_handler, results_handler, sweeper
@@ -59,7 +60,7 @@ def create_app(service: Service) -> FastAPI:
     ingest = ingest_runner(service.store, labs, service.wake_relay)
     route_rejections(service)
     register_all(registry, *private_events.EVENTS)
-    service.declare_published(EgfrComputed, LabResultCorrected, LabResultRejected)
+    service.declare_published(EgfrComputed, UrineResultMeasured, LabResultCorrected, LabResultRejected)
     service.broker.publisher(
         LAB_REJECTED_SUBJECT,
         title="labs.rejected",

@@ -4,7 +4,8 @@ Pure functions only (no I/O, no clock, no asyncio): the caller passes ``now`` in
 channels (broker JSON, HL7 v2 over MLLP, FHIR R4) are parsed by their own modules into one
 :class:`~services.labs.inputs.IncomingResult`; the catalogue (:mod:`services.labs.catalogue`)
 says which results are acceptable, :mod:`services.labs.egfr` computes CKD-EPI 2021, and this
-module decides and folds:
+module decides and folds (creatinine and eGFR become an ``EgfrComputed``; urine protein, a
+``UrineResultMeasured`` in its kept unit, with no eGFR):
 
     incoming = parse_...(payload)                 # raises LabRejection (specific reason)
     state = fold_result(events of stream_id(incoming.result_id))
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
 from contracts.enrollment import PatientEnrolled, Sex
-from contracts.labs import Analyte, EgfrComputed, LabResultCorrected, Status
+from contracts.labs import URINE_UNITS, Analyte, EgfrComputed, LabResultCorrected, Status, UrineResultMeasured
 from services.labs.catalogue import Measurement, validate_result
 from services.labs.egfr import EQUATION, age_on, ckd_epi_2021
 from services.labs.events import LabResultRecorded
@@ -47,23 +48,28 @@ class KnownPatient:
     enrolled_on: date
 
 
+Effective = EgfrComputed | UrineResultMeasured
+"""The published value of a result id: its eGFR (creatinine or a reported eGFR) or its urine
+protein value."""
+
+
 @dataclass(frozen=True)
 class ResultState:
     """The fold of one ``labresult-<result_id>`` stream.
 
-    ``effective`` is the latest :class:`EgfrComputed` (the value readers use); it is ``None``
-    only between the first ``LabResultRecorded`` and its ``EgfrComputed``.
+    ``effective`` is the latest :class:`EgfrComputed` or :class:`UrineResultMeasured` (the value
+    readers use); it is ``None`` only between the first ``LabResultRecorded`` and that event.
     """
 
     result_id: str
     subject_id: str
     analyte: Analyte
     seen_message_ids: frozenset[str] = field(default_factory=frozenset)
-    effective: EgfrComputed | None = None
+    effective: Effective | None = None
 
     @property
     def effective_egfr(self) -> float | None:
-        return self.effective.egfr if self.effective else None
+        return self.effective.egfr if isinstance(self.effective, EgfrComputed) else None
 
     @property
     def status(self) -> Status | None:
@@ -98,9 +104,11 @@ def decide_result(
       one, a ``final`` supersedes a ``preliminary``, and a ``preliminary`` never displaces a
       final or corrected value (it is effective, uncounted, only while nothing better exists;
       a newer preliminary replaces an older one by the same-rank rule).
-    - When the effective value changes: ``EgfrComputed`` (``counted`` = not preliminary),
-      preceded by ``LabResultCorrected`` when a ``corrected`` result replaced an earlier value.
-      An arrival that would leave the effective eGFR exactly as it is emits no ``EgfrComputed``.
+    - When the effective value changes: ``EgfrComputed`` for creatinine and eGFR codes,
+      ``UrineResultMeasured`` (value in the analyte's kept unit) for urine protein codes
+      (``counted`` = not preliminary), preceded by ``LabResultCorrected`` (in the kept unit)
+      when a ``corrected`` result replaced an earlier value. An arrival that would leave the
+      effective value exactly as it is emits neither.
 
     Creatinine becomes an eGFR with CKD-EPI 2021 from the patient's sex and age on the UTC
     collection date. ``patient`` must be known: the adapter parks results for subjects it has not
@@ -113,7 +121,7 @@ def decide_result(
     if patient is None or patient.subject_id != incoming.subject_id:
         raise rejection_for(incoming, f"subject {incoming.subject_id} is not enrolled", "unknown_subject")
     recorded = _recorded(incoming, measurement)
-    candidate = _egfr_computed(incoming, measurement, patient)
+    candidate = _effective(incoming, measurement, patient)
     current = state.effective if state else None
     if not _supersedes(candidate, current):
         return [recorded]
@@ -149,7 +157,7 @@ def _check_belongs(state: ResultState | None, incoming: IncomingResult, measurem
         )
 
 
-def _supersedes(candidate: EgfrComputed, current: EgfrComputed | None) -> bool:
+def _supersedes(candidate: Effective, current: Effective | None) -> bool:
     if current is None:
         return True
     if _RANK[candidate.status] < _RANK[current.status]:
@@ -157,8 +165,10 @@ def _supersedes(candidate: EgfrComputed, current: EgfrComputed | None) -> bool:
     return candidate.model_dump(exclude={"source"}) != current.model_dump(exclude={"source"})
 
 
-def _canonical_value(computed: EgfrComputed) -> float:
-    return computed.creatinine_mg_dl if computed.creatinine_mg_dl is not None else computed.egfr
+def _canonical_value(effective: Effective) -> float:
+    if isinstance(effective, UrineResultMeasured):
+        return effective.value
+    return effective.creatinine_mg_dl if effective.creatinine_mg_dl is not None else effective.egfr
 
 
 def _recorded(incoming: IncomingResult, measurement: Measurement) -> LabResultRecorded:
@@ -179,7 +189,7 @@ def _recorded(incoming: IncomingResult, measurement: Measurement) -> LabResultRe
     )
 
 
-def _egfr_computed(incoming: IncomingResult, measurement: Measurement, patient: KnownPatient) -> EgfrComputed:
+def _effective(incoming: IncomingResult, measurement: Measurement, patient: KnownPatient) -> Effective:
     common = dict(
         result_id=incoming.result_id,
         subject_id=incoming.subject_id,
@@ -189,6 +199,10 @@ def _egfr_computed(incoming: IncomingResult, measurement: Measurement, patient: 
         source=incoming.source,
         loinc=incoming.loinc,
     )
+    if measurement.analyte in URINE_UNITS:
+        return UrineResultMeasured(
+            analyte=measurement.analyte, value=measurement.canonical_value, unit=measurement.canonical_unit, **common,
+        )
     if measurement.analyte == "egfr":
         return EgfrComputed(egfr=measurement.canonical_value, derived_from="reported", **common)
     age = age_on(patient.age_years, patient.enrolled_on, incoming.collected_at.date())
@@ -210,9 +224,9 @@ def evolve(state: ResultState | None, event: DomainEvent) -> ResultState | None:
         if state is None:
             return ResultState(event.result_id, event.subject_id, event.analyte, frozenset({event.message_id}))
         return replace(state, seen_message_ids=state.seen_message_ids | {event.message_id})
-    if isinstance(event, EgfrComputed):
+    if isinstance(event, EgfrComputed | UrineResultMeasured):
         if state is None:
-            raise ValueError(f"EgfrComputed for {event.result_id} before any LabResultRecorded")
+            raise ValueError(f"{event.event_type} for {event.result_id} before any LabResultRecorded")
         return replace(state, effective=event)
     return state
 

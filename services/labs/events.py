@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from contracts.labs import Source, Status
+from contracts.labs import Analyte, Source, Status
+from services.labs.catalogue import CanonicalUnit
 from shared.events import DomainEvent
 
 
@@ -15,7 +16,8 @@ class LabResultRecorded(DomainEvent):
 
     Kept in the labs store, not published: it is the result aggregate's record of arrivals (which
     message ids it has seen, the value and unit as sent), readable at ``GET /v1/results/{id}``.
-    Other services read :class:`EgfrComputed`, which carries everything they use; publishing this
+    Other services read :class:`EgfrComputed` and :class:`UrineResultMeasured`, which carry
+    everything they use; publishing this
     too doubled the relay's work per result for no reader (bench/RESULTS.md)."""
 
     published: ClassVar[bool] = False
@@ -26,11 +28,11 @@ class LabResultRecorded(DomainEvent):
     lab_id: str | None
     source: Source
     loinc: str
-    analyte: Literal["creatinine", "egfr"]
+    analyte: Analyte
     value: float
     unit: str
     canonical_value: float
-    canonical_unit: Literal["mg/dL", "mL/min/1.73m2"]
+    canonical_unit: CanonicalUnit
     status: Status
     collected_at: datetime
 

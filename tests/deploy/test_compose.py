@@ -62,16 +62,55 @@ def test_service_runs_its_module_from_the_shared_image(services: dict[str, Any],
 
 
 @pytest.mark.parametrize("name", SERVICES)
-def test_service_publishes_its_contract_port(services: dict[str, Any], name: str) -> None:
-    port = CONTRACT_PORTS[name]
+def test_service_listens_on_its_contract_port_and_publishes_none(services: dict[str, Any], name: str) -> None:
+    """Replicas cannot share a host port: a service publishes none (``--scale`` works), the front
+    door publishes the contract's."""
     env = environment(services[name])
-    assert (port, port) in published_ports(services[name])
-    assert env[f"NEPHROTRACK_{name.upper()}_PORT"] == str(port)
+    assert env[f"NEPHROTRACK_{name.upper()}_PORT"] == str(CONTRACT_PORTS[name])
+    assert not services[name].get("ports"), f"{name} publishes a host port: it could not run as several replicas"
+    assert "container_name" not in services[name]
 
 
-def test_labs_publishes_mllp(services: dict[str, Any]) -> None:
-    assert (MLLP_PORT, MLLP_PORT) in published_ports(services["labs"])
+def test_labs_listens_for_mllp(services: dict[str, Any]) -> None:
     assert environment(services["labs"])["NEPHROTRACK_MLLP_PORT"] == str(MLLP_PORT)
+
+
+def _haproxy() -> dict[str, dict[str, list[str]]]:
+    """deploy/haproxy/haproxy.cfg as section -> its lines (enough to follow frontends to backends)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: list[str] = []
+    for raw in (DEPLOY / "haproxy" / "haproxy.cfg").read_text().splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            kind, _, name = line.partition(" ")
+            current = sections.setdefault(kind, {}).setdefault(name.split(" ")[0], [])
+        else:
+            current.append(line.strip())
+    return sections
+
+
+def test_the_front_door_publishes_every_contract_port_and_spreads_it_over_the_replicas(
+    services: dict[str, Any],
+) -> None:
+    door = services["front-door"]
+    assert str(door["image"]).startswith("haproxy:")
+    mounts = {target: source for source, target in bind_sources(door)}
+    assert (ROOT / mounts["/usr/local/etc/haproxy/haproxy.cfg"]).resolve() == DEPLOY / "haproxy" / "haproxy.cfg"
+    wanted = {**{port: (name, port) for name, port in CONTRACT_PORTS.items()}, MLLP_PORT: ("labs", MLLP_PORT)}
+    assert published_ports(door) == {(port, port) for port in wanted}
+    config = _haproxy()
+    assert "nameserver dns 127.0.0.11:53" in config["resolvers"]["docker"], "Docker's DNS finds the replicas"
+    routed = {}
+    for frontend in config["frontend"].values():
+        (bind,) = [line for line in frontend if line.startswith("bind ")]
+        (backend,) = [line.split()[1] for line in frontend if line.startswith("default_backend ")]
+        (template,) = [line.split() for line in config["backend"][backend] if line.startswith("server-template ")]
+        host, port = template[3].split(":")
+        routed[int(bind.rsplit(":", 1)[1])] = (host, int(port))
+    assert routed == wanted
+    assert set(depends_on(door)) == set(SERVICES)
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -192,6 +231,30 @@ def test_nats_auth_override_gives_each_service_its_own_user() -> None:
     # Every password the server configuration references is handed to the nats container.
     referenced = set(re.findall(r"\$(NATS_\w+)", accounts))
     assert referenced <= set(environment(override["nats"]))
+
+
+def test_haproxy_accepts_the_front_door_configuration() -> None:
+    haproxy = find_tool("haproxy")
+    if haproxy is None:
+        skip_loudly("haproxy not installed (Debian: apt-get install haproxy): the front door configuration not checked")
+    result = subprocess.run([haproxy, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cluster_override_runs_r3_and_two_replicas_of_every_service_on_all_three_nodes() -> None:
+    override = load_yaml(CLUSTER_OVERRIDE)["services"]
+    nodes = {"nats", "nats-2", "nats-3"}
+    assert nodes <= set(override)
+    for name in SERVICES:
+        service = override[name]
+        assert service["deploy"]["replicas"] == 2
+        env = environment(service)
+        assert env["NEPHROTRACK_STREAM_REPLICAS"] == "3"
+        first, *others = env["NATS_URL"].split(",")
+        assert re.fullmatch(rf"nats://{name}:\$\{{NATS_{name.upper()}_PASSWORD(?::\?[^}}]*)?\}}@nats:4222", first), first
+        assert others == ["nats://nats-2:4222", "nats://nats-3:4222"], "credentials once, every node listed"
+        assert {url.split("@")[-1].removeprefix("nats://").split(":")[0] for url in env["NATS_URL"].split(",")} == nodes
 
 
 # --- the image ------------------------------------------------------------------------------------

@@ -58,8 +58,16 @@ def _job(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _targets(job: dict[str, Any]) -> dict[str, str]:
-    """target -> its `service` label."""
-    return {target: group.get("labels", {}).get("service") for group in job["static_configs"] for target in group["targets"]}
+    """target -> its `service` label: static targets, and names found by DNS (every replica of a
+    compose service; the label is the name looked up, relabelled from ``__meta_dns_name``)."""
+    targets = {target: group.get("labels", {}).get("service")
+               for group in job.get("static_configs", []) for target in group["targets"]}
+    if job.get("dns_sd_configs"):
+        assert {"source_labels": ["__meta_dns_name"], "target_label": "service"} in job["relabel_configs"]
+    for lookup in job.get("dns_sd_configs", []):
+        assert lookup.get("type", "SRV") == "A", "compose's DNS answers A records, one per replica"
+        targets.update({f"{name}:{lookup['port']}": name for name in lookup["names"]})
+    return targets
 
 
 def _promtool() -> str:
@@ -82,7 +90,10 @@ def test_scrapes_every_service_metrics_on_its_contract_port(prometheus_config: d
 
 def test_probes_every_service_readyz(prometheus_config: dict[str, Any]) -> None:
     job = _job(prometheus_config, "nephrotrack-readiness")
-    assert _targets(job) == {f"http://{name}:{CONTRACT_PORTS[name]}/readyz": name for name in SERVICES}
+    assert _targets(job) == {f"{name}:{CONTRACT_PORTS[name]}": name for name in SERVICES}
+    probed = [rule for rule in job["relabel_configs"] if rule.get("target_label") == "__param_target"]
+    assert probed == [{"source_labels": ["__address__"], "regex": "(.+)", "replacement": "http://$1/readyz",
+                       "target_label": "__param_target"}], "each replica's own /readyz is probed"
     module = job["params"]["module"][0]
     blackbox = load_yaml(PROMETHEUS_DIR / "blackbox.yml")
     assert blackbox["modules"][module]["http"]["valid_status_codes"] == [200]

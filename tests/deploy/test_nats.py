@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,13 @@ async def test_service_and_lab_permissions(server: RunningServer, passwords: dic
             await ensure_streams(clients[name].js, topology.all_streams(SERVICES))
         streams = {info.config.name for info in await clients["operator"].js.streams_info()}
         assert {stream.name for stream in topology.all_streams(SERVICES)} <= streams
+        # ... and may update them (how NEPHROTRACK_STREAM_REPLICAS raises their replicas), but no other stream.
+        for name in SERVICES:
+            config = (await clients[name].js.stream_info("LABS_RESULTS")).config
+            await clients[name].js.update_stream(replace(config, description=f"checked by {name}"))
+        await clients["operator"].js.add_stream(name="OTHER", subjects=["other.>"])
+        other = (await clients["operator"].js.stream_info("OTHER")).config
+        assert "stream.update.other" in await _refused(clients["labs"], clients["labs"].js.update_stream(other))
 
         # Each service publishes its own events (what the outbox relay does) and nobody else's.
         for name in SERVICES:

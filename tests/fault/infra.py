@@ -139,7 +139,8 @@ class FaultStack(Stack):
         port = self.extra_ports.get(name) or free_port()
         self.extra_ports[name] = port
         mllp = self.extra_mllp_ports.setdefault(name, free_port())
-        env = {**self.env, f"NEPHROTRACK_{service.upper()}_PORT": str(port), "NEPHROTRACK_MLLP_PORT": str(mllp)}
+        env = {**self.service_env(service), f"NEPHROTRACK_{service.upper()}_PORT": str(port),
+               "NEPHROTRACK_MLLP_PORT": str(mllp)}
         log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.extra[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT

@@ -26,7 +26,7 @@ import httpx
 import nats
 from nats.errors import Error as NatsError
 
-from shared.broker import LAB_RESULTS_SUBJECT
+from shared.broker import LAB_RESULTS_SUBJECT, nats_connect_options
 from tests.fault.load import LabMessage, PatientPlan
 from tests.stack import AUTH_HEADERS
 
@@ -61,6 +61,7 @@ class Ledger:
     rejected: dict[str, str] = field(default_factory=dict)  # input key -> reason as answered
     undelivered: dict[str, str] = field(default_factory=dict)  # input key -> last error
     server_errors: Counter[str] = field(default_factory=Counter)  # "service 5xx" during faults
+    outages: dict[str, float] = field(default_factory=dict)  # client -> longest wait for an answer, in s
     lots: dict[str, str] = field(default_factory=dict)  # harvest key -> lot id
     answered: int = 0
     total: int = 0
@@ -68,6 +69,16 @@ class Ledger:
 
     def progress(self) -> float:
         return self.answered / self.total if self.total else 1.0
+
+    def server_error(self, client: str, response: httpx.Response) -> None:
+        """Count a 5xx; a 503 without ``Retry-After`` is counted as such."""
+        without = " without Retry-After" if response.status_code == 503 and "Retry-After" not in response.headers else ""
+        self.server_errors[f"{client} {response.status_code}{without}"] += 1
+
+    def waited(self, client: str, first_failure: float | None) -> None:
+        """An input went through after failing since ``first_failure``: the outage this client saw."""
+        if first_failure is not None:
+            self.outages[client] = round(max(self.outages.get(client, 0.0), time.monotonic() - first_failure), 1)
 
 
 class Sender:
@@ -86,8 +97,9 @@ class Sender:
 
     async def __aenter__(self) -> Sender:
         self.http = httpx.AsyncClient(headers=self.target.headers, timeout=httpx.Timeout(30, connect=3))
-        self.nc = await nats.connect(self.target.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                     connect_timeout=3, allow_reconnect=True)
+        self.nc = await nats.connect(**nats_connect_options(
+            self.target.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=3,
+            allow_reconnect=True))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -151,9 +163,11 @@ class Sender:
         deadline = time.monotonic() + INPUT_DEADLINE
         attempt = 0
         last = ""
+        failing_since: float | None = None
         while time.monotonic() < deadline:
             if attempt:
                 self.ledger.retries += 1
+                failing_since = failing_since or time.monotonic()
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
             url = self.target.url(service, attempt) + path
             attempt += 1
@@ -165,10 +179,11 @@ class Sender:
             status = response.status_code
             if status in (200, 201) or (status == 409 and attempt > 1):
                 self.ledger.accepted[key] = f"http {status}"
+                self.ledger.waited(service, failing_since)
                 self._answered()
                 return response
             if status >= 500:
-                self.ledger.server_errors[f"{service} {status}"] += 1
+                self.ledger.server_error(service, response)
                 last = f"{status} {response.text[:200]}"
                 continue
             if status == 404 and "no patient is enrolled" in response.text:
@@ -201,9 +216,11 @@ class Sender:
         deadline = time.monotonic() + INPUT_DEADLINE
         attempt = 0
         last = ""
+        failing_since: float | None = None
         while time.monotonic() < deadline:
             if attempt:
                 self.ledger.retries += 1
+                failing_since = failing_since or time.monotonic()
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
             attempt += 1
             try:
@@ -214,6 +231,7 @@ class Sender:
                 continue
             # The broker took it; whether labs accepts or refuses it is read from labs.rejected.
             self.ledger.broker_published[message.message_id] = message
+            self.ledger.waited("broker", failing_since)
             if copy == 0:
                 self.ledger.accepted[message.key] = "broker"
             return
@@ -235,12 +253,14 @@ class Sender:
                     deadline = time.monotonic() + INPUT_DEADLINE
                     tries = 0
                     last = ""
+                    failing_since: float | None = None
                     while True:
                         if time.monotonic() > deadline:
                             self.ledger.undelivered[message.key] = last
                             break
                         if tries:
                             self.ledger.retries += 1
+                            failing_since = failing_since or time.monotonic()
                             await asyncio.sleep(min(0.2 * tries, 2.0))
                         tries += 1
                         try:
@@ -259,6 +279,7 @@ class Sender:
                         if code == "AR" and "storage_unavailable" in ack:
                             last = text
                             continue
+                        self.ledger.waited("mllp", failing_since)
                         if code == "AA":
                             self.ledger.accepted.setdefault(message.key, "mllp AA")
                         else:
@@ -284,12 +305,14 @@ class Sender:
                 deadline = time.monotonic() + INPUT_DEADLINE
                 attempt = 0
                 last = ""
+                failing_since: float | None = None
                 while True:
                     if time.monotonic() > deadline:
                         self.ledger.undelivered[message.key] = last
                         break
                     if attempt:
                         self.ledger.retries += 1
+                        failing_since = failing_since or time.monotonic()
                         await asyncio.sleep(min(0.2 * attempt, 2.0))
                     url = self.target.url("labs", attempt) + "/fhir/Observation"
                     attempt += 1
@@ -300,9 +323,10 @@ class Sender:
                         last = repr(error)
                         continue
                     if response.status_code >= 500:
-                        self.ledger.server_errors[f"labs-fhir {response.status_code}"] += 1
+                        self.ledger.server_error("labs-fhir", response)
                         last = response.text[:200]
                         continue
+                    self.ledger.waited("fhir", failing_since)
                     if response.status_code in (200, 201, 202):
                         self.ledger.accepted.setdefault(message.key, f"fhir {response.status_code}")
                     else:

@@ -24,7 +24,7 @@ import httpx
 import nats
 from nats.js.errors import NotFoundError
 
-from shared.broker import LAB_REJECTED_SUBJECT
+from shared.broker import LAB_REJECTED_SUBJECT, nats_connect_options
 from tests.fault.load import (
     COHORT_KEYS,
     PatientPlan,
@@ -72,7 +72,7 @@ class Report:
 
 async def read_stream(nats_url: str, stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
     """Every message still in ``stream`` (subject, data, headers), by direct get."""
-    client = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    client = await nats.connect(**nats_connect_options(nats_url, connect_timeout=5, max_reconnect_attempts=3))
     try:
         js = client.jetstream()
         try:

@@ -69,6 +69,12 @@ class Labs:
         # labs learns the patient from enrollment's PatientEnrolled, through the broker
         await eventually(lambda: self.enrolled(subject_id))
 
+    async def enrolled_subject(self) -> str:
+        """A new subject id, enrolled (F, 58, on 2014-03-02) and known to labs."""
+        subject_id = self.subject()
+        await self.enroll(subject_id)
+        return subject_id
+
     async def enrolled(self, subject_id: str) -> bool:
         view = await self.get(f"/v1/patients/{subject_id}/results")
         return view.json()["enrolled"]
@@ -83,10 +89,14 @@ class Labs:
 
     async def egfr(self, result_id: str, count: int = 1) -> list[dict[str, Any]]:
         """The ``EgfrComputed`` payloads published for ``result_id`` once there are ``count``."""
+        return await self.events("EgfrComputed", result_id, count)
+
+    async def events(self, event_type: str, result_id: str, count: int = 1) -> list[dict[str, Any]]:
+        """The payloads of ``event_type`` published for ``result_id`` once there are ``count``."""
 
         async def check() -> list[dict[str, Any]]:
             found = [m["payload"] for m in self.published
-                     if m["event_type"] == "EgfrComputed" and m["payload"]["result_id"] == result_id]
+                     if m["event_type"] == event_type and m["payload"]["result_id"] == result_id]
             return found if len(found) >= count else []
 
         return await eventually(check)

@@ -12,8 +12,18 @@ import pytest
 from rich.console import Console
 
 from nephrotrack import demo, running
-from nephrotrack.demo import Stack, abstract_round, cohort_cells, cohort_differences, print_cohorts
-from nephrotrack.seed import EXPECTED_COHORTS, SEED
+from nephrotrack.demo import (
+    Evidence,
+    Stack,
+    abstract_round,
+    biopsy_differences,
+    cohort_cells,
+    cohort_differences,
+    evidence_statements,
+    print_cohorts,
+    print_evidence,
+)
+from nephrotrack.seed import EXPECTED_BIOPSIES, EXPECTED_COHORTS, SEED
 from shared.settings import DEFAULT_PORTS
 
 
@@ -114,7 +124,7 @@ async def test_an_already_enrolled_patient_is_skipped_but_its_lab_results_are_re
     patient = SEED[1]
     assert await demo._load_patient(commands, js, patient) is False  # type: ignore[arg-type]
     assert seen == ["8001 /v1/patients"]
-    assert [m[2] for m in js.published] == [r["message_id"] for r in patient.lab_results]
+    assert [m[2] for m in js.published] == [r["message_id"] for r in [*patient.lab_results, *patient.urine_results]]
     assert {m[0] for m in js.published} == {"labs.results"}
 
 
@@ -140,3 +150,27 @@ async def test_a_refusal_stops_the_demo_with_the_services_reason() -> None:
     commands, _ = stack_answering(lambda request, seen: httpx.Response(422, json={"detail": "group A requires …"}))
     with pytest.raises(demo.DemoError, match="enrollment refused POST /v1/patients with 422: group A requires"):
         await demo._load_patient(commands, FakeJetStream(), SEED[0])  # type: ignore[arg-type]
+
+
+def test_the_evidence_lines_state_the_abstract_in_the_systems_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [dict(EXPECTED_COHORTS[g]) for g in ("A", "B", "control")]
+    evidence = Evidence(rows, {g: dict(EXPECTED_BIOPSIES[g]) for g in ("A", "B", "control")})
+    safety, proteinuria, biopsy = evidence_statements(evidence)
+    assert safety == ('Safety ("no significant side-effects"): group A: 5 of 7 patients with adverse events, 0 serious, '
+                      "0 significant and treatment-related; group B: 2 of 3 patients with adverse events, 0 serious, "
+                      "0 significant and treatment-related.")
+    assert proteinuria.startswith("Proteinuria: group A: UPCR 2.64 g/g → 0.86 g/g, complete remission 1, partial 4; "
+                                  "group B: UPCR 1.73 g/g → 0.28 g/g, complete remission 2, partial 1; ")
+    assert biopsy.endswith("group B: 3 paired, mesangial deposits cleared in 3, IgA deposition cleared in 3, "
+                           "Lee grade improved in 2.")
+    monkeypatch.setenv("COLUMNS", "80")
+    console = Console(record=True, file=io.StringIO())
+    print_evidence(console, evidence)
+    assert all(len(line) <= 80 for line in console.export_text().splitlines())
+
+
+def test_the_demo_waits_for_the_biopsy_comparisons_too() -> None:
+    assert biopsy_differences(EXPECTED_BIOPSIES) == []
+    early = {**EXPECTED_BIOPSIES, "B": {**EXPECTED_BIOPSIES["B"], "paired": 2}}
+    assert biopsy_differences(early) == ["group B biopsies paired is 2 (expected 3)"]
+    assert "group B biopsies paired is None (expected 3)" in biopsy_differences({})

@@ -262,8 +262,8 @@ def _around(text: str, at: int) -> str:
 async def test_no_personal_identifiers_in_stores_logs_or_broker(stack: FaultStack) -> None:
     nats_url = stack.nats_server.url  # type: ignore[attr-defined]
     env = {**stack.env}
-    rows = await demo(DemoStack.from_env(env), timeout=180)
-    assert {row["group"] for row in rows} == {"A", "B", "control"}
+    evidence = await demo(DemoStack.from_env(env), timeout=180)
+    assert {row["group"] for row in evidence.cohorts} == {"A", "B", "control"}
     answers = await send_hostile_inputs(stack, nats_url)
 
     # every input whose subject is personal data was refused, with a reason that does not repeat it

@@ -20,10 +20,11 @@ from services.outcomes.projection_store import ProjectionStore
 from services.outcomes.projector import SOURCES
 from services.outcomes.rebuild.job import FLUSH_EVERY_EVENTS, ProgressCallback, Rebuild, RebuildProgress
 from services.outcomes.rebuild.lease import RebuildBusy, RebuildError
-from shared.broker import Topology
+from shared.broker import Topology, nats_connect_options
 from shared.events import utcnow
 from shared.keys import KeyVault, bucket_name
 from shared.sealing import SealingCodec
+from shared.settings import RuntimeSettings
 from shared.store import EventStore, open_store
 
 log = structlog.get_logger(__name__)
@@ -45,14 +46,15 @@ async def rebuild(
     flush_every: int = FLUSH_EVERY_EVENTS,
 ) -> RebuildProgress:
     """Rebuild the outcomes projection in ``database_url`` from the JetStream streams at
-    ``nats_url`` (``streams``: source service -> stream name; default: this stack's)."""
+    ``nats_url`` (one server or several, comma-separated; ``streams``: source service -> stream
+    name; default: this stack's)."""
     topology = Topology.from_env()
-    client = await nats.connect(nats_url)
+    client = await nats.connect(**nats_connect_options(nats_url))
     vault = KeyVault(bucket_name(topology))
     store = open_store(database_url, codec=SealingCodec(vault))
     watch: asyncio.Task[None] | None = None
     try:
-        await vault.connect(client.jetstream())
+        await vault.connect(client.jetstream(), replicas=RuntimeSettings().stream_replicas)
         watch = asyncio.create_task(vault.watch(), name="rebuild-key-watch")
         await vault.synced()
         job = Rebuild(store, client, streams or default_streams(topology), on_progress=on_progress,

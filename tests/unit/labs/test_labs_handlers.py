@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from contracts.enrollment import PatientDataErased, PatientEnrolled
-from contracts.labs import EgfrComputed, LabResultRejected
+from contracts.labs import EgfrComputed, LabResultCorrected, LabResultRejected, UrineResultMeasured
 from services.labs.domain import stream_id
 from services.labs.egfr import ckd_epi_2021
 from services.labs.handlers import (
@@ -132,6 +132,36 @@ async def test_a_result_for_an_enrolled_patient_is_recorded_with_its_egfr(store:
     assert tables(labs).result_index == {"r-1": SUBJECT}
     assert [o.kind for o in await ingest(store, labs, result("m1"))] == ["duplicate"]
     assert len(await events_of(store)) == 2
+
+
+async def test_urine_protein_is_recorded_corrected_and_deduplicated_like_creatinine(
+    store: EventStore, labs: Labs
+) -> None:
+    await learn(store, labs, enrolled())
+    upcr = dict(result_id="u-1", loinc="34366-5", unit="mg/mmol")
+    outcomes = await ingest(store, labs, result("m1", status="preliminary", value=169.68, **upcr),
+                            result("m2", value=113.12, **upcr), result("m2", value=113.12, **upcr),
+                            result("m3", status="corrected", value=56.56, **upcr),
+                            result("m4", value=1.0, result_id="u-1", loinc="2160-0", unit="mg/dL"))
+    assert [o.kind for o in outcomes] == ["accepted", "accepted", "duplicate", "accepted", "rejected"]
+    assert outcomes[-1].rejection is not None and outcomes[-1].rejection.code == "analyte_mismatch"
+    history = await events_of(store, "u-1")
+    assert not any(isinstance(e, EgfrComputed) for e in history)
+    measured = [(e.value, e.unit, e.status, e.counted) for e in history if isinstance(e, UrineResultMeasured)]
+    assert measured == [(1.5, "g/g", "preliminary", False), (1.0, "g/g", "final", True),
+                        (0.5, "g/g", "corrected", True)]
+    (correction,) = [e for e in history if isinstance(e, LabResultCorrected)]
+    assert (correction.previous_value, correction.new_value, correction.canonical_unit) == (1.0, 0.5, "g/g")
+    assert [r.code for r in await rejected(store)] == ["analyte_mismatch"]
+
+
+async def test_a_urine_result_in_a_unit_of_another_code_is_refused(store: EventStore, labs: Labs) -> None:
+    await learn(store, labs, enrolled())
+    (outcome,) = await ingest(store, labs, result("m1", result_id="u-1", loinc="2890-2", unit="mg/mmol", value=50.0))
+    assert outcome.kind == "rejected" and outcome.rejection is not None
+    assert outcome.rejection.code == "unit_mismatch"
+    assert [r.code for r in await rejected(store)] == ["unit_mismatch"]
+    assert await events_of(store, "u-1") == []
 
 
 async def test_a_result_before_its_enrollment_is_parked_then_released_by_it(store: EventStore, labs: Labs) -> None:

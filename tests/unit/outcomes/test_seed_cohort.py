@@ -10,20 +10,25 @@ from hypothesis import strategies as st
 
 from contracts.cells import CellsInfused
 from contracts.enrollment import (
+    AdverseEventReported,
+    AdverseEventUpdated,
+    BiopsyRecorded,
     DialysisStarted,
     KidneyTransplanted,
     PatientDied,
     PatientEnrolled,
     PatientWithdrawn,
 )
-from contracts.labs import EgfrComputed
+from contracts.labs import EgfrComputed, UrineResultMeasured
 from contracts.pulse import PulseDoseAdministered
 from nephrotrack.seed import (
     ABSTRACT,
     CREATININE_UMOL_PER_MG_DL,
+    EXPECTED_BIOPSIES,
     EXPECTED_COHORTS,
     GROUP_A_MEAN_FOLLOWUP_YEARS,
     GROUP_B_MEAN_FOLLOWUP_YEARS,
+    MG_PER_MMOL_PER_G_PER_G,
     SEED,
     SeedPatient,
     build_seed,
@@ -32,12 +37,17 @@ from nephrotrack.seed import (
 )
 from services.labs.egfr import age_on, ckd_epi_2021
 from services.outcomes.domain import PatientOutcome, compute_outcome, fold
+from services.outcomes.group_evidence import biopsies
 from services.outcomes.statistics import all_cohorts
 
 CLINICAL = {"dialysis_started": DialysisStarted, "kidney_transplant": KidneyTransplanted,
             "death": PatientDied, "withdrawn": PatientWithdrawn}
 CONTRACT_KEYS = ("group", "n", "mean_age", "mean_baseline_egfr", "mean_post_egfr", "mean_followup_years",
                  "mean_egfr_slope", "kidney_failure_count")
+V2_KEYS = ("mean_baseline_upcr", "mean_post_upcr", "complete_remission_count", "partial_remission_count",
+           "decline_40_count", "composite_endpoint_count", "patients_with_ae", "patients_with_serious_ae",
+           "patients_with_significant_related_ae")
+UPCR_IN_G_PER_G = {"g/g": 1.0, "mg/g": 1000.0, "mg/mmol": MG_PER_MMOL_PER_G_PER_G}
 
 
 def lab_egfr(message: dict, enrolled: PatientEnrolled) -> EgfrComputed:
@@ -54,6 +64,26 @@ def lab_egfr(message: dict, enrolled: PatientEnrolled) -> EgfrComputed:
                         counted=message["status"] != "preliminary", source="broker", derived_from=derived_from)
 
 
+def urine_measured(message: dict) -> UrineResultMeasured:
+    """What labs publishes for a UPCR result: the value in g/g, whatever unit the lab sent."""
+    return UrineResultMeasured(
+        result_id=message["result_id"], subject_id=message["subject_id"], analyte="upcr",
+        value=message["value"] / UPCR_IN_G_PER_G[message["unit"]], unit="g/g", loinc=message["loinc"],
+        collected_at=datetime.fromisoformat(message["collected_at"].replace("Z", "+00:00")),
+        status=message["status"], counted=message["status"] != "preliminary", source="broker")
+
+
+def adverse_event_reports(patient: SeedPatient) -> list:
+    """The first report of each AE id as reported, every later one as its follow-up."""
+    reported: set[str] = set()
+    events = []
+    for ae_id, body in patient.adverse_events:
+        model = AdverseEventUpdated if ae_id in reported else AdverseEventReported
+        events.append(model(subject_id=patient.subject_id, ae_id=ae_id, **body))
+        reported.add(ae_id)
+    return events
+
+
 def domain_events(patient: SeedPatient) -> list:
     sid = patient.subject_id
     enrolled = PatientEnrolled.model_validate(patient.enrollment)
@@ -64,6 +94,9 @@ def domain_events(patient: SeedPatient) -> list:
                for n, (_, _, infusion) in enumerate(patient.harvests, start=1)]
     events += [CLINICAL[e["type"]](subject_id=sid, on=e["on"]) for e in patient.clinical_events]
     events += [lab_egfr(m, enrolled) for m in patient.lab_results]
+    events += [urine_measured(m) for m in patient.urine_results]
+    events += [BiopsyRecorded(subject_id=sid, **b) for b in patient.biopsies]
+    events += adverse_event_reports(patient)
     return events
 
 
@@ -104,10 +137,12 @@ def test_published_means_are_exact_and_follow_up_as_close_as_whole_days_allow(co
 def test_computed_cohorts_match_the_seed_expectations(cohorts):
     for group, expected in EXPECTED_COHORTS.items():
         row = cohorts[group]
-        assert tuple(expected) == CONTRACT_KEYS
-        assert {k: row[k] for k in CONTRACT_KEYS if k != "mean_egfr_slope"} == \
-            {k: v for k, v in expected.items() if k != "mean_egfr_slope"}
-        assert row["mean_egfr_slope"] == pytest.approx(expected["mean_egfr_slope"], rel=1e-9)
+        assert tuple(expected) == CONTRACT_KEYS + V2_KEYS
+        approximate = ("mean_egfr_slope", "mean_baseline_upcr", "mean_post_upcr")  # unit conversions: float noise
+        assert {k: row[k] for k in expected if k not in approximate} == \
+            {k: v for k, v in expected.items() if k not in approximate}
+        for key in approximate:
+            assert row[key] == pytest.approx(expected[key], rel=1e-9), (group, key)
 
 
 def test_control_starts_dialysis_within_two_years_of_a_baseline_of_33(outcomes, cohorts):
@@ -191,3 +226,8 @@ def test_creatinine_results_carry_an_intended_one_decimal_egfr():
             if message["loinc"] != "98979-8":
                 egfr = lab_egfr(message, enrolled).egfr
                 assert egfr == pytest.approx(round(egfr, 1), abs=1e-9)
+
+
+def test_paired_biopsies_match_the_seed_expectations(outcomes):
+    for group, expected in EXPECTED_BIOPSIES.items():
+        assert biopsies([o for o in outcomes if o.group == group]) == expected, group

@@ -29,6 +29,12 @@ NOW = datetime(2026, 11, 1, tzinfo=UTC)
 def enroll(patient: SeedPatient) -> list:
     events = enrollment.decide_enroll_patient(enrollment.INITIAL_STATE, enrollment.EnrollPatient(**patient.enrollment),
                                               today=NOW.date())
+    for body in patient.biopsies:
+        events += enrollment.decide_record_biopsy(
+            enrollment.fold(events), enrollment.RecordBiopsy(**body), patient.subject_id, today=NOW.date())
+    for ae_id, body in patient.adverse_events:
+        events += enrollment.decide_report_adverse_event(
+            enrollment.fold(events), enrollment.ReportAdverseEvent(**body), patient.subject_id, ae_id, today=NOW.date())
     for body in patient.clinical_events:
         state = enrollment.fold(events)
         events += enrollment.decide_record_clinical_event(
@@ -64,7 +70,7 @@ def measure(patient: SeedPatient, enrolled) -> list:
     known = labs.known_patient(enrolled)
     streams: dict[str, labs.ResultState | None] = {}
     events: list = []
-    for message in patient.lab_results:
+    for message in [*patient.lab_results, *patient.urine_results]:
         incoming = parse_broker_result(json.dumps(message).encode(), {"Nats-Msg-Id": message["message_id"]})
         decided = labs.decide_result(streams.get(incoming.result_id), incoming, known, now=NOW)
         for event in decided:
