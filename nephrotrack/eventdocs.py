@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 from contracts import cells, deviations, enrollment, labs, pulse
 from services.labs import events as labs_private
+from services.outcomes import locks as outcomes_private
 from shared.events import DomainEvent
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "events.md"
@@ -21,6 +22,7 @@ PUBLISHERS: dict[str, tuple[type[DomainEvent], ...]] = {
     "pulse": (*pulse.EVENTS, *deviations.EVENTS),
     "cells": (*cells.EVENTS, *deviations.EVENTS),
     "labs": (*labs.EVENTS, *labs_private.EVENTS),
+    "outcomes": outcomes_private.EVENTS,
 }
 """The events each service records: the contract's (``contracts``) and its own private ones."""
 

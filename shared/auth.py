@@ -5,7 +5,8 @@ several roles. Roles:
 
 - ``staff``    study staff: the write commands (POST/PUT/PATCH/DELETE under ``/v1`` and ``/fhir``)
   and the clinical services' reads;
-- ``analyst``  read-only queries and exports (every GET of outcomes; the clinical services' reads);
+- ``analyst``  read-only queries and exports (every GET of outcomes; the clinical services' reads)
+  and outcomes' analysis locks (``POST /v1/locks``);
 - ``operator`` ``/readyz``, ``/metrics``, ``/asyncapi.json``, ``/v1/admin/*`` and ``/v1/audit``;
 - ``lab``      (beyond the contract's three) a lab system's key: may only submit results to labs
   (``POST /fhir…`` and ``POST /v1/results``), which staff may do too.
@@ -179,6 +180,8 @@ def required_roles(service: str, method: str, path: str) -> frozenset[str] | Non
         return frozenset({"operator"}) if method in READ_METHODS | WRITE_METHODS else DENIED
     if _under(path, "/v1") or _under(path, "/fhir"):
         if method in WRITE_METHODS:
+            if service == "outcomes" and method == "POST" and path == "/v1/locks":
+                return frozenset({"analyst"})  # freezing an analysis is the analyst's act
             if service == "labs" and method == "POST" and any(_under(path, p) for p in LAB_SUBMISSIONS):
                 return frozenset({"staff", "lab"})
             return frozenset({"staff"})

@@ -1,9 +1,11 @@
 """The analyst API: cohort statistics, patients, exports, survival, eGFR trajectories, rebuild.
 
-Every answer comes from the projection (never from the event log) and says how fresh it is in
-``X-Projection-Position`` / ``X-Projection-Updated-At`` / ``X-Projection-Generation`` headers,
-read in the same snapshot as the data. ``/v1/cohorts`` stays the contract's bare JSON array,
-so freshness lives in headers everywhere, and ``/v1/freshness`` details it per source.
+Every live answer comes from the projection (never from the event log) and says how fresh it is
+in ``X-Projection-Position`` / ``X-Projection-Updated-At`` / ``X-Projection-Generation`` headers,
+read in the same snapshot as the data. ``/v1/cohorts`` stays the contract's bare JSON array, so
+freshness lives in headers everywhere, and ``/v1/freshness`` details it per source. Every GET
+also answers ``as_of`` a time or under a ``lock`` (services/outcomes/viewpoint.py,
+docs/time-travel.md).
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
-from sqlalchemy.ext.asyncio import AsyncConnection
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 
 from contracts.enrollment import Group
 from services.outcomes import exports, group_evidence, statistics
+from services.outcomes.domain import PatientOutcome
 from services.outcomes.evidence_views import BiopsySummary, GroupSlopes, KidneyEndpoints, SafetySummary
 from services.outcomes.queries import Freshness, OutcomesQueries
 from services.outcomes.rebuild.lease import RebuildBusy
 from services.outcomes.rebuild.wiring import BackgroundRebuild
+from services.outcomes.viewpoint import Viewpoint
 from services.outcomes.views import (
     CohortRow,
     EgfrTrajectories,
@@ -38,8 +41,6 @@ from shared.service import Service
 FRESHNESS_HEADER = "X-Projection-Position"
 STAMP_TIMEOUT_SECONDS = 0.25
 
-T = TypeVar("T")
-
 _NOT_FOUND = {404: {"description": "unknown id, as `{\"detail\": \"<reason>\"}`"}}
 
 
@@ -49,49 +50,42 @@ def _group(group: str) -> Group:
     return group  # type: ignore[return-value]
 
 
-def _stamp(response: Response, freshness: Freshness) -> None:
-    response.headers.update(freshness.headers())
-
-
 class LastAnswers:
     """The last answer per group, with the projection position it was computed at: a mixed-model
-    fit takes a tenth of a second to seconds, and the same generation and position mean the same
-    rows, hence the same answer (dashboards poll)."""
+    fit takes a tenth of a second to seconds, and the same generation and position (and lock or
+    ``as_of``) mean the same rows, hence the same answer (dashboards poll). Keys: the group, then
+    what the rows are (``Freshness.answer_key``)."""
 
     def __init__(self) -> None:
-        self._answers: dict[str, tuple[tuple[str, int, str], Any]] = {}
+        self._answers: dict[str, tuple[tuple[Any, ...], Any]] = {}
 
-    def get(self, key: tuple[str, int, str]) -> Any:
+    def get(self, key: tuple[Any, ...]) -> Any:
         found = self._answers.get(key[0])
         return found[1] if found is not None and found[0] == key else None
 
-    def put(self, key: tuple[str, int, str], answer: Any) -> None:
+    def put(self, key: tuple[Any, ...], answer: Any) -> None:
         self._answers[key[0]] = (key, answer)
 
 
-def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebuild) -> APIRouter:
+def routes(
+    service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebuild, viewpoint: Callable[..., Viewpoint]
+) -> APIRouter:
+    """``viewpoint``: the dependency that reads ``as_of`` / ``lock`` (services/outcomes/viewpoint.py)."""
     router = APIRouter(prefix="/v1", tags=["outcomes"])
     fitted = LastAnswers()
-
-    async def of_group(response: Response, group: Group, read: Callable[[AsyncConnection, Group], Awaitable[T]]) -> T:
-        """One group's rows (``queries.outcomes`` or ``queries.facts``), freshness stamped from the same snapshot."""
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            return await read(connection, group)
+    at_viewpoint = Depends(viewpoint)  # as_of / lock (a default: annotations are strings here)
 
     @router.get("/cohorts", response_model=list[CohortRow], summary="Cohort statistics per group (contract)")
-    async def cohorts(response: Response) -> list[dict[str, Any]]:
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            outcomes = await queries.outcomes(connection)
+    async def cohorts(response: Response, at: Viewpoint = at_viewpoint) -> list[dict[str, Any]]:
+        async with at.open(response) as view:
+            outcomes = await view.outcomes()
         return statistics.all_cohorts(outcomes)
 
     @router.get("/patients/{subject_id}", response_model=PatientDetail, responses=_NOT_FOUND,
                 summary="A patient's outcome values and timeline (contract)")
-    async def patient(subject_id: str, response: Response) -> PatientDetail:
-        async with queries.snapshot() as connection:
-            _stamp(response, await queries.freshness(connection))
-            record = await queries.patient(connection, subject_id)
+    async def patient(subject_id: str, response: Response, at: Viewpoint = at_viewpoint) -> PatientDetail:
+        async with at.open(response) as view:
+            record = await view.patient(subject_id)
         if record is None:
             raise HTTPException(404, f"no patient with subject id {subject_id} is known to the outcomes service")
         if record.outcome is None:
@@ -102,75 +96,75 @@ def routes(service: Service, queries: OutcomesQueries, rebuilds: BackgroundRebui
             )
         return patient_detail(record, record.outcome)
 
+    async def export(at: Viewpoint, write: Callable[[list[PatientOutcome]], bytes], media_type: str, name: str) -> Response:
+        async with at.open() as view:
+            freshness = view.freshness
+            outcomes = await view.outcomes()
+        return Response(write(outcomes), media_type=media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{name}"', **freshness.headers()})
+
     @router.get("/export/patients.csv", response_class=Response, summary="One row per patient (contract), CSV",
                 responses={200: {"content": {"text/csv": {}}}})
-    async def export_csv() -> Response:
-        async with queries.snapshot() as connection:
-            freshness = await queries.freshness(connection)
-            outcomes = await queries.outcomes(connection)
-        return Response(
-            exports.patients_csv(outcomes), media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": 'attachment; filename="patients.csv"', **freshness.headers()},
-        )
+    async def export_csv(at: Viewpoint = at_viewpoint) -> Response:
+        return await export(at, exports.patients_csv, "text/csv; charset=utf-8", "patients.csv")
 
     @router.get("/export/patients.parquet", response_class=Response, summary="One row per patient, Parquet",
                 responses={200: {"content": {"application/vnd.apache.parquet": {}}}})
-    async def export_parquet() -> Response:
-        async with queries.snapshot() as connection:
-            freshness = await queries.freshness(connection)
-            outcomes = await queries.outcomes(connection)
-        return Response(
-            exports.patients_parquet(outcomes), media_type="application/vnd.apache.parquet",
-            headers={"Content-Disposition": 'attachment; filename="patients.parquet"', **freshness.headers()},
-        )
+    async def export_parquet(at: Viewpoint = at_viewpoint) -> Response:
+        return await export(at, exports.patients_parquet, "application/vnd.apache.parquet", "patients.parquet")
 
     @router.get("/cohorts/{group}/survival", response_model=SurvivalCurve, responses=_NOT_FOUND,
                 summary="Kaplan–Meier kidney-failure-free survival of a group")
-    async def survival(group: str, response: Response) -> dict[str, Any]:
+    async def survival(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
         chosen = _group(group)
-        return statistics.kaplan_meier(await of_group(response, chosen, queries.outcomes), chosen)
+        async with at.open(response) as view:
+            return statistics.kaplan_meier(await view.outcomes(chosen), chosen)
 
     @router.get("/cohorts/{group}/egfr", response_model=EgfrTrajectories, responses=_NOT_FOUND,
                 summary="eGFR trajectories of a group, for plots")
-    async def egfr(group: str, response: Response) -> dict[str, Any]:
+    async def egfr(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
         chosen = _group(group)
-        return statistics.egfr_trajectories(await of_group(response, chosen, queries.facts), chosen)
+        async with at.open(response) as view:
+            return statistics.egfr_trajectories(await view.facts(chosen), chosen)
 
     @router.get("/cohorts/{group}/biopsies", response_model=BiopsySummary, responses=_NOT_FOUND,
                 summary="Paired biopsies of a group: diagnostic → follow-up changes (v2)")
-    async def biopsies(group: str, response: Response) -> dict[str, Any]:
-        return group_evidence.biopsies(await of_group(response, _group(group), queries.outcomes))
+    async def biopsies(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
+        chosen = _group(group)
+        async with at.open(response) as view:
+            return group_evidence.biopsies(await view.outcomes(chosen))
 
     @router.get("/cohorts/{group}/safety", response_model=SafetySummary, responses=_NOT_FOUND,
                 summary="Adverse events of a group by term, grade, seriousness and relatedness (v2)")
-    async def safety(group: str, response: Response) -> dict[str, Any]:
-        return group_evidence.safety(await of_group(response, _group(group), queries.facts))
+    async def safety(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
+        chosen = _group(group)
+        async with at.open(response) as view:
+            return group_evidence.safety(await view.facts(chosen))
 
     @router.get("/cohorts/{group}/endpoints", response_model=KidneyEndpoints, responses=_NOT_FOUND,
                 summary="Composite kidney endpoint (Kaplan–Meier) and kidney failure with death competing (v2)")
-    async def kidney_endpoints(group: str, response: Response) -> dict[str, Any]:
-        return group_evidence.kidney_endpoints(await of_group(response, _group(group), queries.outcomes))
+    async def kidney_endpoints(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
+        chosen = _group(group)
+        async with at.open(response) as view:
+            return group_evidence.kidney_endpoints(await view.outcomes(chosen))
 
     @router.get("/cohorts/{group}/slopes", response_model=GroupSlopes, responses=_NOT_FOUND,
                 summary="Total and chronic eGFR slopes of a group: REML linear mixed model (v2)")
-    async def group_slopes(group: str, response: Response) -> dict[str, Any]:
+    async def group_slopes(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
         chosen = _group(group)
-        async with queries.snapshot() as connection:
-            freshness = await queries.freshness(connection)
-            _stamp(response, freshness)
-            key = (chosen, freshness.generation, freshness.position)
+        async with at.open(response) as view:
+            key = (chosen, *view.freshness.answer_key)
             if (answer := fitted.get(key)) is not None:
                 return answer
-            facts = await queries.facts(connection, chosen)
+            facts = await view.facts(chosen)
         answer = await asyncio.to_thread(group_evidence.group_slopes, facts)  # a fit: keep the loop free
         fitted.put(key, answer)
         return answer
 
     @router.get("/freshness", response_model=FreshnessView, summary="How far the projection has read each source")
-    async def freshness(response: Response) -> FreshnessView:
-        async with queries.snapshot() as connection:
-            current = await queries.freshness(connection)
-        _stamp(response, current)
+    async def freshness(response: Response, at: Viewpoint = at_viewpoint) -> FreshnessView:
+        async with at.open(response) as view:
+            current = view.freshness
         return freshness_view(current, await _stream_heads(service, current))
 
     @router.post("/admin/rebuild", status_code=202, response_model=RebuildStatus,

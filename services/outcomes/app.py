@@ -12,32 +12,39 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI
 
 from contracts import register_all
-from services.outcomes import projections
+from services.outcomes import locks, projections
 from services.outcomes.api import routes, stamp_every_response
 from services.outcomes.cdisc.routes import cdisc_routes
 from services.outcomes.dashboard import dashboard_routes
 from services.outcomes.lag import lag_watcher
+from services.outcomes.lock_routes import lock_routes
 from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.queries import OutcomesQueries, reading_engine
 from services.outcomes.rebuild.wiring import BackgroundRebuild, default_streams
 from services.outcomes.settings import OutcomesSettings
+from services.outcomes.time_travel import TimeTravel
+from services.outcomes.viewpoint import viewpoints
 from shared.auth import public
 from shared.events import registry
 from shared.service import Service
 
 
 def create_app(service: Service) -> FastAPI:
-    register_all(registry)
+    register_all(registry, *locks.EVENTS)
     projection = SqlProjectionStore()
-    projections.register(service, projection, OutcomesSettings())
+    settings = OutcomesSettings()
+    projections.register(service, projection, settings)
     streams = default_streams(service.topology)
     queries = OutcomesQueries(reading_engine(service.store.engine), streams)
     rebuilds = BackgroundRebuild(service.store, lambda: service.broker.connection, streams, projection)
+    time_travel = TimeTravel(lambda: service.broker.connection, queries, service.store.codec, settings)
+    viewpoint = viewpoints(queries, time_travel)
     service.background.append(_on_shutdown(service, rebuilds, queries))
     service.background.append(lag_watcher(service, queries))
     app = service.app(
-        routes(service, queries, rebuilds),
-        cdisc_routes(queries),
+        routes(service, queries, rebuilds, viewpoint),
+        cdisc_routes(viewpoint),
+        lock_routes(service, projection, queries, viewpoint),
         public(dashboard_routes(service)),  # pages hold no data; their API calls carry the key
         title="nephrotrack outcomes",
         description=__doc__ or "",

@@ -3,8 +3,8 @@ rebuild. Each is one small function of a command and a unit of work, writing thr
 projection port (:class:`~services.outcomes.projection_store.ProjectionStore`); none opens a
 transaction — its adapter runs it in one (the durable consumer's, or ``store.transact``).
 
-The outcomes service owns no aggregate and appends nothing, so no use case here can meet an
-optimistic-concurrency conflict; the swap and the lease are kept apart by row locks instead.
+The outcomes service's only events are its analysis locks (:func:`lock_analysis`: one stream
+per name, so a name is taken once); the swap and the lease are kept apart by row locks.
 The rebuild's steps take a ``clock`` rather than a time: a heartbeat or a swap is stamped when
 its writes are done, which for a large checkpoint or catch-up is seconds after it began.
 """
@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from services.outcomes import locks
 from services.outcomes.incoming import Incoming
 from services.outcomes.projection_store import ProjectionStore
 from services.outcomes.projector import ProjectedPatient, ProjectionChanges, SourceMark
 from services.outcomes.rebuild.lease import Lease, ensure_free, ensure_held
 from shared.erasures import remember_erased
+from shared.errors import Conflict
+from shared.events import CommandContext
 from shared.store import UnitOfWork
 
 Clock = Callable[[], datetime]
@@ -186,3 +189,36 @@ async def drop_generations_before(
 async def refuse_while_rebuilding(uow: UnitOfWork, *, projection: ProjectionStore, clock: Clock) -> None:
     """Refuse early (RebuildBusy) when another process holds a live rebuild lease."""
     ensure_free(await projection.state(uow), clock())
+
+
+# --- analysis locks (docs/time-travel.md) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockAnalysis:
+    """Freeze the served answers under ``name``, as ``context.actor``."""
+
+    name: str
+    context: CommandContext
+
+
+async def lock_analysis(command: LockAnalysis, uow: UnitOfWork, *, projection: ProjectionStore) -> locks.AnalysisLock:
+    """Copy the served generation under a new frozen one, record the lock with each source's
+    position, and append ``AnalysisLocked`` — in one transaction. The state row is held ``FOR
+    UPDATE`` first: live batches, a swap and another lock wait, so the copy's rows and positions
+    are one moment's and two locks never pick the same frozen generation."""
+    name = locks.check_name(command.name)
+    generation = (await projection.state(uow, lock="update")).active_generation
+    stream = locks.stream_id(name)
+    if await uow.stream_version(stream):
+        raise Conflict(f"a lock named {name!r} exists; choose another name", code="lock_exists")
+    frozen = locks.frozen_generation([lock.generation for lock in await projection.locks(uow)])
+    await projection.freeze(uow, generation, frozen)
+    marks = await projection.marks(uow, frozen)
+    positions = {stream_name: mark.last_sequence for stream_name, mark in sorted(marks.items())}
+    [envelope] = await uow.append(
+        stream, [locks.AnalysisLocked(name=name, generation=frozen, positions=positions)], 0, command.context
+    )
+    lock = locks.AnalysisLock(name, frozen, envelope.recorded_at, envelope.actor, positions)
+    await projection.record_lock(uow, lock)
+    return lock

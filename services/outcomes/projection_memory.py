@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
 
+from services.outcomes.locks import AnalysisLock, is_frozen
 from services.outcomes.projection_store import Lock, ProjectionState, ProjectionStore
 from services.outcomes.projector import ProjectedPatient, SourceMark
 from shared.store import UnitOfWork
@@ -32,11 +33,13 @@ class MemoryProjection:
     patients: Rows = field(default_factory=dict)
     timeline: Rows = field(default_factory=dict)
     sources: Rows = field(default_factory=dict)
+    locks: dict[str, AnalysisLock] = field(default_factory=dict)
 
     def copy(self) -> MemoryProjection:
         """Rows are replaced, never changed in place, so copying the dicts is enough."""
         return MemoryProjection(
-            self.state, *({g: dict(rows) for g, rows in table.items()} for table in self.generation_tables())
+            self.state, *({g: dict(rows) for g, rows in table.items()} for table in self.generation_tables()),
+            locks=dict(self.locks),
         )
 
     def generation_tables(self) -> tuple[Rows, Rows, Rows]:
@@ -75,23 +78,42 @@ class MemoryProjectionStore(ProjectionStore):
     async def load_generation(
         self, uow: UnitOfWork, generation: int
     ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
-        tables = self.tables(uow)
-        patients = {s: _patient(row) for s, row in tables.patients.get(generation, {}).items()}
-        marks = {s: replace(mark) for s, mark in tables.sources.get(generation, {}).items()}
-        return patients, marks
+        patients = {s: _patient(row) for s, row in self.tables(uow).patients.get(generation, {}).items()}
+        return patients, await self.marks(uow, generation)
+
+    async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
+        return {s: replace(mark) for s, mark in self.tables(uow).sources.get(generation, {}).items()}
 
     async def newest_generation(self, uow: UnitOfWork) -> int:
         return max((g for table in self.tables(uow).generation_tables() for g, rows in table.items() if rows), default=0)
 
     async def delete_generations_except(self, uow: UnitOfWork, generation: int) -> None:
         for table in self.tables(uow).generation_tables():
-            for doomed in [g for g in table if g != generation]:
+            for doomed in [g for g in table if g != generation and not is_frozen(g)]:
                 del table[doomed]
 
     async def delete_generations_before(self, uow: UnitOfWork, generation: int) -> None:
         for table in self.tables(uow).generation_tables():
-            for doomed in [g for g in table if g < generation]:
+            for doomed in [g for g in table if g < generation and not is_frozen(g)]:
                 del table[doomed]
+
+    async def freeze(self, uow: UnitOfWork, generation: int, frozen: int) -> None:
+        for table in self.tables(uow).generation_tables():
+            table[frozen] = dict(table.get(generation, {}))
+
+    async def record_lock(self, uow: UnitOfWork, lock: AnalysisLock) -> None:
+        locks = self.tables(uow).locks
+        if lock.name in locks:
+            raise ValueError(f"lock {lock.name!r} exists (the SQL table's primary key refuses it too)")
+        locks[lock.name] = lock
+
+    async def locks(self, uow: UnitOfWork) -> list[AnalysisLock]:
+        return sorted(self.tables(uow).locks.values(), key=lambda lock: (lock.locked_at, lock.name))
+
+    async def erase_from_frozen(self, uow: UnitOfWork, subject_ids: Iterable[str]) -> None:
+        tables, ids = self.tables(uow), set(subject_ids)
+        for generation in {g for table in (tables.patients, tables.timeline) for g in table if is_frozen(g)}:
+            await self.delete_patients(uow, generation, ids)
 
     async def delete_patients(self, uow: UnitOfWork, generation: int, subject_ids: Iterable[str]) -> None:
         tables, ids = self.tables(uow), set(subject_ids)

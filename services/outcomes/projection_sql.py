@@ -13,15 +13,17 @@ go to PostgreSQL by COPY (:meth:`SqlProjectionStore.write_timeline`).
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Integer, Table, delete, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.outcomes import tables
+from services.outcomes.locks import AnalysisLock
 from services.outcomes.projection_store import Lock, ProjectionState, ProjectionStateMissing, ProjectionStore
 from services.outcomes.projector import ProjectedPatient, SourceMark
 from shared.store import SqlUnitOfWork, UnitOfWork
@@ -51,6 +53,17 @@ async def read_state(connection: AsyncConnection, lock: Lock = None) -> Projecti
         rebuild_heartbeat_at=tables.utc(row.rebuild_heartbeat_at),
         swapped_at=tables.utc(row.swapped_at),
     )
+
+
+async def read_locks(connection: AsyncConnection, name: str | None = None) -> list[AnalysisLock]:
+    """The analysis locks (the one named, if given), oldest first (the read side reads them too)."""
+    c = tables.locks.c
+    query = select(tables.locks).order_by(c.locked_at, c.name)
+    rows = await connection.execute(query if name is None else query.where(c.name == name))
+    return [
+        AnalysisLock(row.name, row.generation, tables.utc(row.locked_at), row.actor, json.loads(row.positions_json))
+        for row in rows
+    ]
 
 
 class SqlProjectionStore(ProjectionStore):
@@ -85,19 +98,22 @@ class SqlProjectionStore(ProjectionStore):
     async def load_generation(
         self, uow: UnitOfWork, generation: int
     ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
-        connection = _connection(uow)
-        p, s = tables.patients.c, tables.sources.c
+        p = tables.patients.c
         patients = {
             row.subject_id: _patient(row)
-            for row in await connection.execute(
+            for row in await _connection(uow).execute(
                 select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json).where(p.generation == generation)
             )
         }
-        marks = {
+        return patients, await self.marks(uow, generation)
+
+    async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
+        return {
             row.source: SourceMark(row.last_sequence, tables.utc(row.last_event_recorded_at))
-            for row in await connection.execute(select(tables.sources).where(s.generation == generation))
+            for row in await _connection(uow).execute(
+                select(tables.sources).where(tables.sources.c.generation == generation)
+            )
         }
-        return patients, marks
 
     async def newest_generation(self, uow: UnitOfWork) -> int:
         connection = _connection(uow)
@@ -108,11 +124,40 @@ class SqlProjectionStore(ProjectionStore):
 
     async def delete_generations_except(self, uow: UnitOfWork, generation: int) -> None:
         for table in tables.GENERATION_TABLES:
-            await _connection(uow).execute(delete(table).where(table.c.generation != generation))
+            await _connection(uow).execute(
+                delete(table).where(table.c.generation != generation, table.c.generation > 0)
+            )
 
     async def delete_generations_before(self, uow: UnitOfWork, generation: int) -> None:
         for table in tables.GENERATION_TABLES:
-            await _connection(uow).execute(delete(table).where(table.c.generation < generation))
+            await _connection(uow).execute(
+                delete(table).where(table.c.generation < generation, table.c.generation > 0)
+            )
+
+    async def freeze(self, uow: UnitOfWork, generation: int, frozen: int) -> None:
+        """``INSERT … SELECT`` per table: the copy never leaves the database."""
+        for table in tables.GENERATION_TABLES:
+            copied = [column for column in table.columns if column.name != "generation"]
+            await _connection(uow).execute(
+                table.insert().from_select(
+                    ["generation", *(column.name for column in copied)],
+                    select(literal(frozen, Integer), *copied).where(table.c.generation == generation),
+                )
+            )
+
+    async def record_lock(self, uow: UnitOfWork, lock: AnalysisLock) -> None:
+        await _connection(uow).execute(tables.locks.insert().values(
+            name=lock.name, generation=lock.generation, locked_at=lock.locked_at, actor=lock.actor,
+            positions_json=json.dumps(lock.positions, sort_keys=True),
+        ))
+
+    async def locks(self, uow: UnitOfWork) -> list[AnalysisLock]:
+        return await read_locks(_connection(uow))
+
+    async def erase_from_frozen(self, uow: UnitOfWork, subject_ids: Iterable[str]) -> None:
+        ids = sorted(subject_ids)
+        for table in (tables.patients, tables.timeline):
+            await _connection(uow).execute(delete(table).where(table.c.generation < 0, table.c.subject_id.in_(ids)))
 
     async def delete_patients(self, uow: UnitOfWork, generation: int, subject_ids: Iterable[str]) -> None:
         ids = sorted(subject_ids)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from services.outcomes.locks import AnalysisLock
 from services.outcomes.projector import ProjectedPatient, ProjectionChanges, SourceMark
 from shared.store import UnitOfWork
 
@@ -64,14 +65,35 @@ class ProjectionStore(ABC):
         """Every patient and checkpoint of a generation (a rebuild resuming where it stopped)."""
 
     @abstractmethod
+    async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
+        """A generation's checkpoint per stream."""
+
+    @abstractmethod
     async def newest_generation(self, uow: UnitOfWork) -> int:
         """The highest generation any row has (0: none)."""
 
     @abstractmethod
-    async def delete_generations_except(self, uow: UnitOfWork, generation: int) -> None: ...
+    async def delete_generations_except(self, uow: UnitOfWork, generation: int) -> None:
+        """Delete every generation but this one, and but the frozen ones (locks: below zero)."""
 
     @abstractmethod
-    async def delete_generations_before(self, uow: UnitOfWork, generation: int) -> None: ...
+    async def delete_generations_before(self, uow: UnitOfWork, generation: int) -> None:
+        """Delete the generations from 1 up to this one (the frozen ones stay)."""
+
+    @abstractmethod
+    async def freeze(self, uow: UnitOfWork, generation: int, frozen: int) -> None:
+        """Copy every row of ``generation`` (patients, timeline, checkpoints) under ``frozen``."""
+
+    @abstractmethod
+    async def record_lock(self, uow: UnitOfWork, lock: AnalysisLock) -> None: ...
+
+    @abstractmethod
+    async def locks(self, uow: UnitOfWork) -> list[AnalysisLock]:
+        """Every analysis lock, oldest first."""
+
+    @abstractmethod
+    async def erase_from_frozen(self, uow: UnitOfWork, subject_ids: Iterable[str]) -> None:
+        """Delete erased patients' rows from every frozen generation: the law wins over a lock."""
 
     @abstractmethod
     async def delete_patients(self, uow: UnitOfWork, generation: int, subject_ids: Iterable[str]) -> None:
@@ -101,6 +123,7 @@ class ProjectionStore(ABC):
             patient_rows = changes.patient_rows()
         if changes.erased:
             await self.delete_patients(uow, generation, changes.erased)
+            await self.erase_from_frozen(uow, changes.erased)
         await self.upsert_patients(uow, generation, patient_rows)
         await self.write_timeline(uow, generation, changes.timeline)
         await self.advance_marks(uow, generation, changes.marks)

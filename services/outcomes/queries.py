@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from services.outcomes import tables
 from services.outcomes.domain import PatientFacts, PatientOutcome
-from services.outcomes.projection_sql import read_state
+from services.outcomes.locks import AnalysisLock
+from services.outcomes.projection_sql import read_locks, read_state
 from services.outcomes.projection_store import ProjectionState
 from services.outcomes.projector import ProjectedPatient
 
@@ -32,6 +33,13 @@ def _active(table: Any) -> Any:
     """Join condition: rows of the generation the projection currently serves."""
     return and_(_state.name == tables.PROJECTION, table.c.generation == _state.active_generation)
 
+
+def _of(query: Any, table: Any, generation: int | None) -> Any:
+    """``query`` restricted to the rows of ``generation`` (a lock's frozen one), or, when None,
+    to the generation served now (joining the state row, so a swap is seen whole or not at all)."""
+    if generation is None:
+        return query.join_from(table, tables.projection_state, _active(table))
+    return query.where(table.c.generation == generation)
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,20 @@ class SourceFreshness:
 
 @dataclass(frozen=True)
 class Freshness:
-    """How far the projection has read each source stream, and the newest event it applied."""
+    """How far the projection has read each source stream, and the newest event it applied;
+    for a past answer, the lock it was frozen under or the ``as_of`` time it was replayed to."""
 
     generation: int
     sources: list[SourceFreshness]
+    lock: str | None = None
+    as_of: datetime | None = None
+    locked_at: datetime | None = None
+
+    @property
+    def answered_at(self) -> datetime | None:
+        """The past moment answered (a lock's time, or ``as_of``); None for a live answer. What
+        a file export is stamped with, so that a past answer is the same bytes every time."""
+        return self.locked_at or self.as_of
 
     @property
     def position(self) -> str:
@@ -62,7 +80,16 @@ class Freshness:
         headers = {"X-Projection-Position": self.position, "X-Projection-Generation": str(self.generation)}
         if self.updated_at is not None:
             headers["X-Projection-Updated-At"] = self.updated_at.isoformat()
+        if self.lock is not None:
+            headers["X-Projection-Lock"] = self.lock
+        if self.as_of is not None:
+            headers["X-Projection-As-Of"] = self.as_of.isoformat()
         return headers
+
+    @property
+    def answer_key(self) -> tuple[int, str, str | None, datetime | None]:
+        """Equal keys, equal rows: what a cached answer is valid for."""
+        return self.generation, self.position, self.lock, self.as_of
 
 
 @dataclass(frozen=True)
@@ -126,8 +153,15 @@ class OutcomesQueries:
         """The served generation and the rebuild's lease."""
         return await read_state(connection)
 
-    async def freshness(self, connection: AsyncConnection) -> Freshness:
+    async def freshness(self, connection: AsyncConnection, lock: AnalysisLock | None = None) -> Freshness:
+        """Of the served generation, or of a lock's frozen one."""
         s = tables.sources.c
+        if lock is not None:
+            rows = await connection.execute(
+                select(s.source, s.last_sequence, s.last_event_recorded_at).where(s.generation == lock.generation)
+            )
+            return self.freshness_of({row.source: row for row in rows}, lock.generation, lock=lock.name,
+                                     locked_at=lock.locked_at)
         rows = await connection.execute(
             select(_state.active_generation, s.source, s.last_sequence, s.last_event_recorded_at)
             .select_from(tables.projection_state.outerjoin(tables.sources, _active(tables.sources)))
@@ -138,6 +172,10 @@ class OutcomesQueries:
             generation = row.active_generation
             if row.source is not None:
                 marks[row.source] = row
+        return self.freshness_of(marks, generation)
+
+    def freshness_of(self, marks: Mapping[str, Any], generation: int, **past: Any) -> Freshness:
+        """``marks``: per stream, anything with ``last_sequence`` and ``last_event_recorded_at``."""
         sources = []
         for service, stream in self.streams.items():
             mark = marks.get(stream)
@@ -146,38 +184,46 @@ class OutcomesQueries:
                 last_sequence=mark.last_sequence if mark else 0,
                 last_event_recorded_at=tables.utc(mark.last_event_recorded_at) if mark else None,
             ))
-        return Freshness(generation, sources)
+        return Freshness(generation, sources, **past)
 
-    async def outcomes(self, connection: AsyncConnection, group: str | None = None) -> list[PatientOutcome]:
-        """Every enrolled patient's values (of one group, if given), by subject id."""
+    async def lock(self, connection: AsyncConnection, name: str) -> AnalysisLock | None:
+        found = await read_locks(connection, name)
+        return found[0] if found else None
+
+    async def locks(self, connection: AsyncConnection) -> list[AnalysisLock]:
+        return await read_locks(connection)
+
+    async def outcomes(
+        self, connection: AsyncConnection, group: str | None = None, generation: int | None = None
+    ) -> list[PatientOutcome]:
+        """Every enrolled patient's values (of one group, if given), by subject id. ``generation``:
+        a lock's (None: the served one), here and in the other reads."""
         p = tables.patients.c
-        query = (select(p.outcome_json).join_from(tables.patients, tables.projection_state, _active(tables.patients))
-                 .where(p.outcome_json.is_not(None)).order_by(p.subject_id))
+        query = _of(select(p.outcome_json), tables.patients, generation).where(p.outcome_json.is_not(None)).order_by(p.subject_id)
         rows = await connection.execute(query if group is None else query.where(p.group == group))
         return [PatientOutcome.model_validate_json(row.outcome_json) for row in rows]
 
-    async def facts(self, connection: AsyncConnection, group: str) -> list[PatientFacts]:
+    async def facts(self, connection: AsyncConnection, group: str, generation: int | None = None) -> list[PatientFacts]:
         p = tables.patients.c
         rows = await connection.execute(
-            select(p.facts_json).join_from(tables.patients, tables.projection_state, _active(tables.patients))
-            .where(p.group == group).order_by(p.subject_id)
+            _of(select(p.facts_json), tables.patients, generation).where(p.group == group).order_by(p.subject_id)
         )
         return [PatientFacts.model_validate_json(row.facts_json) for row in rows]
 
-    async def patient(self, connection: AsyncConnection, subject_id: str) -> PatientRecord | None:
+    async def patient(
+        self, connection: AsyncConnection, subject_id: str, generation: int | None = None
+    ) -> PatientRecord | None:
         """The patient's row and timeline (oldest first), or None if no event named them."""
         p, t = tables.patients.c, tables.timeline.c
         row = (await connection.execute(
-            select(p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json)
-            .join_from(tables.patients, tables.projection_state, _active(tables.patients))
-            .where(p.subject_id == subject_id)
+            _of(select(p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json), tables.patients,
+                generation).where(p.subject_id == subject_id)
         )).first()
         if row is None:
             return None
         events = await connection.execute(
-            select(t.event_id, t.occurred_on, t.recorded_at, t.kind, t.source, t.detail_json)
-            .join_from(tables.timeline, tables.projection_state, _active(tables.timeline))
-            .where(t.subject_id == subject_id)
+            _of(select(t.event_id, t.occurred_on, t.recorded_at, t.kind, t.source, t.detail_json), tables.timeline,
+                generation).where(t.subject_id == subject_id)
             .order_by(t.occurred_on, t.recorded_at, t.event_id)
         )
         return PatientRecord(
@@ -190,19 +236,20 @@ class OutcomesQueries:
             ],
         )
 
-    async def enrolled_records(self, connection: AsyncConnection, kinds: Collection[str]) -> list[PatientRecord]:
+    async def enrolled_records(
+        self, connection: AsyncConnection, kinds: Collection[str], generation: int | None = None
+    ) -> list[PatientRecord]:
         """Every enrolled patient (by subject id) with the timeline rows of ``kinds``, in the
         order they were recorded — what the CDISC exports read (services/outcomes/cdisc)."""
         p, t = tables.patients.c, tables.timeline.c
         patients = await connection.execute(
-            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json)
-            .join_from(tables.patients, tables.projection_state, _active(tables.patients))
+            _of(select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json, p.outcome_json),
+                tables.patients, generation)
             .where(p.outcome_json.is_not(None)).order_by(p.subject_id)
         )
         events = await connection.execute(
-            select(t.subject_id, t.event_id, t.occurred_on, t.recorded_at, t.kind, t.source, t.detail_json)
-            .join_from(tables.timeline, tables.projection_state, _active(tables.timeline))
-            .where(t.kind.in_(list(kinds))).order_by(t.recorded_at, t.event_id)
+            _of(select(t.subject_id, t.event_id, t.occurred_on, t.recorded_at, t.kind, t.source, t.detail_json),
+                tables.timeline, generation).where(t.kind.in_(list(kinds))).order_by(t.recorded_at, t.event_id)
         )
         timelines: dict[str, list[TimelineEntry]] = {}
         for e in events:

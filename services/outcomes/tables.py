@@ -69,6 +69,18 @@ sources = Table(
 
 GENERATION_TABLES = (patients, timeline, sources)
 
+locks = Table(
+    # Added by 0003: one row per analysis lock; its rows are those of ``generation`` (below zero:
+    # frozen, never written nor dropped by a rebuild) in the three generation tables.
+    "analysis_locks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("generation", Integer, nullable=False, unique=True),
+    Column("locked_at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("positions_json", Text, nullable=False),
+)
+
 
 def utc(value: datetime | None) -> datetime | None:
     """A stored time as an aware UTC datetime, or None."""

@@ -31,6 +31,19 @@ async def outcomes_api(
     monkeypatch.setenv("NEPHROTRACK_API_KEYS", TEST_API_KEYS)
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
+    try:
+        async with outcomes_process(url) as client:
+            await publish(nats_client.jetstream(), topology, run)
+            await caught_up(client, len(run))
+            yield client
+    finally:
+        await drop_database(url)
+
+
+@contextlib.asynccontextmanager
+async def outcomes_process(url: str, timeout: float = 10) -> AsyncIterator[httpx.AsyncClient]:
+    """One outcomes process on a migrated database, and a client with the test key; stopping it
+    and starting another on the same database is a restart."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(Service("outcomes", database=url)), host="127.0.0.1",
                                            port=port, log_config=None, access_log=False))
@@ -38,14 +51,11 @@ async def outcomes_api(
     while not server.started:
         await asyncio.sleep(0.05)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=AUTH_HEADERS) as client:
-            await publish(nats_client.jetstream(), topology, run)
-            await caught_up(client, len(run))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, headers=AUTH_HEADERS) as client:
             yield client
     finally:
         server.should_exit = True
         await serving
-        await drop_database(url)
 
 
 async def caught_up(client: httpx.AsyncClient, published: int, timeout: float = 15) -> None:

@@ -20,6 +20,7 @@ from services.outcomes.projection_sql import SqlProjectionStore, read_state
 from services.outcomes.projection_store import ProjectionState, ProjectionStore
 from services.outcomes.projector import ProjectionChanges
 from services.outcomes.timeline import timeline_row
+from shared.events import CommandContext
 from shared.store import EventStore, SqlEventStore, open_store
 from tests.outcomes.conftest import Feed
 from tests.outcomes.rows import generation_rows
@@ -61,16 +62,23 @@ def messages() -> dict[str, list[Incoming]]:
 
 
 async def scenario(store: EventStore, projection: ProjectionStore, run: dict[str, list[Incoming]]) -> None:
-    """Live batches; rows of an abandoned generation; a rebuild interrupted after a checkpoint and
-    a timeline write, resumed, caught up at its swap; older generations dropped."""
+    """Live batches; two analysis locks (the first holding a patient erased later); rows of an
+    abandoned generation; a rebuild interrupted after a checkpoint and a timeline write, resumed,
+    caught up at its swap; older generations dropped."""
 
     async def live(items: list[Incoming], unreadable: list[tuple[str, int]] | None = None) -> None:
         await store.transact(partial(handlers.project_batch, handlers.ProjectBatch(items, unreadable or []),
                                      projection=projection))
 
+    async def lock(name: str) -> None:
+        await store.transact(partial(handlers.lock_analysis, handlers.LockAnalysis(name, CommandContext(actor="analyst:1")),
+                                     projection=projection))
+
     await live(run["pulse"][1:])
+    await lock("interim")
     await live(run["enrollment"], [(Feed.STREAMS["cells"], 9)])
     await live(run["labs"][:2])
+    await lock("final")
     await live(run["pulse"][:1])  # below the mark, as a redelivery
     await live(run["labs"][2:] + run["cells"])
     async with store.transaction() as uow:  # what an abandoned rebuild left in generation 4
@@ -141,9 +149,19 @@ async def test_the_sql_tables_hold_what_the_memory_projection_holds(outcomes_sto
     async with outcomes_store.engine.connect() as connection:
         state = await read_state(connection)
     assert state == memory.committed.state == ProjectionState(5, swapped_at=NOW + timedelta(seconds=4))
-    for generation in (1, 4, 5):
+    for generation in (1, 4, 5, -1, -2):
         expected = memory_rows(memory, generation)
         assert aware(await generation_rows(outcomes_store.engine, generation)) == expected
+    assert set(memory.committed.patients[-1]) == {SID}  # IGA-B-903's dose was frozen, then the erasure took it
+    assert [len(rows) for rows in memory_rows(memory, -2).values()] == [2, 8, 4]
+    async with outcomes_store.transaction() as uow, memory_store.transaction() as memory_uow:
+        sql_locks, memory_locks = await SqlProjectionStore().locks(uow), await memory.locks(memory_uow)
+    assert [(k.name, k.generation, k.actor, k.positions) for k in sql_locks] == [
+        (k.name, k.generation, k.actor, k.positions) for k in memory_locks] == [
+        ("interim", -1, "analyst:1", {Feed.STREAMS["pulse"]: 3}),
+        ("final", -2, "analyst:1", {Feed.STREAMS["pulse"]: 3, Feed.STREAMS["enrollment"]: 7,
+                                    Feed.STREAMS["cells"]: 9, Feed.STREAMS["labs"]: 2})]
+    frozen = {generation: memory_rows(memory, generation) for generation in (-1, -2)}
     live, rebuilt = memory_rows(memory, 1), memory_rows(memory, 5)
     assert live == rebuilt and [len(rows) for rows in live.values()] == [2, 14, 4]
     patient = memory.committed.patients[5][SID]
@@ -156,3 +174,5 @@ async def test_the_sql_tables_hold_what_the_memory_projection_holds(outcomes_sto
                                      projection=projection))
     assert aware(await generation_rows(outcomes_store.engine, 5)) == memory_rows(memory, 5) == rebuilt
     assert await generation_rows(outcomes_store.engine, 1) == memory_rows(memory, 1) == {t: [] for t in live}
+    for generation, rows in frozen.items():  # a rebuild's cleanup leaves the locks
+        assert aware(await generation_rows(outcomes_store.engine, generation)) == memory_rows(memory, generation) == rows

@@ -373,6 +373,8 @@ def test_the_policy_table() -> None:
     assert required_roles("labs", "GET", "/healthz") is OPEN
     assert required_roles("labs", "POST", "/v1/admin/rebuild") == {"operator"}
     assert required_roles("outcomes", "GET", "/v1/cohorts") == {"analyst"}
+    assert required_roles("outcomes", "POST", "/v1/locks") == {"analyst"}  # freezing an analysis
+    assert required_roles("outcomes", "POST", "/v1/locks/x") == {"staff"}  # only the exact route
     assert required_roles("enrollment", "GET", "/v1/patients/X") == {"staff", "analyst"}
     assert required_roles("enrollment", "POST", "/v1/patients") == {"staff"}
     assert required_roles("labs", "POST", "/fhir/Observation") == {"staff", "lab"}

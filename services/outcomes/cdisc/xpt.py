@@ -7,8 +7,9 @@ become SAS's two types: character (a missing value is blank: SAS has no null tex
 
 from __future__ import annotations
 
+import re
 import tempfile
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,27 @@ def _column(variable: Variable, values: list[Any]) -> pd.Series:
     return pd.Series([float("nan") if v is None else float(v) for v in values], dtype="float64")
 
 
-def to_xpt(dataset: Dataset) -> bytes:
-    """The dataset as a v5 transport file: one member named and labelled as the dataset."""
+_STAMP = re.compile(rb"\d\d[A-Z]{3}\d\d:\d\d:\d\d:\d\d")
+_STAMP_OFFSETS = (80 + 64, 160, 400 + 64, 480)
+"""Where a one-member v5 file keeps its times (16 bytes each): the library header's created and
+modified, then the member's (records 2, 3, 6 and 7 of 80 bytes)."""
+
+
+def stamped(body: bytes, moment: datetime) -> bytes:
+    """The file with its four header times set to ``moment`` (UTC) instead of the time of
+    writing: a lock's or an ``as_of`` export is then the same bytes whenever it is asked for."""
+    text = moment.astimezone(UTC).strftime("%d%b%y:%H:%M:%S").upper().encode()
+    patched = bytearray(body)
+    for offset in _STAMP_OFFSETS:
+        if not _STAMP.fullmatch(body[offset:offset + 16]):
+            raise ValueError(f"no transport-file time at byte {offset}: not a one-member v5 file")
+        patched[offset:offset + 16] = text
+    return bytes(patched)
+
+
+def to_xpt(dataset: Dataset, created_at: datetime | None = None) -> bytes:
+    """The dataset as a v5 transport file: one member named and labelled as the dataset, its
+    header times ``created_at`` if given (else the time of writing)."""
     frame = pd.DataFrame({v.name: _column(v, dataset.column(v.name)) for v in dataset.variables})
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / f"{dataset.name.lower()}.xpt"
@@ -43,4 +63,5 @@ def to_xpt(dataset: Dataset) -> bytes:
             column_labels=[v.label for v in dataset.variables],
             variable_format={v.name: "DATE9." for v in dataset.variables if v.kind == "sas_date"},
         )
-        return path.read_bytes()
+        body = path.read_bytes()
+    return body if created_at is None else stamped(body, created_at)

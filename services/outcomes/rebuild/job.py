@@ -41,13 +41,7 @@ from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.projection_store import ProjectionStore
 from services.outcomes.projector import ProjectionChanges
 from services.outcomes.rebuild.lease import Lease, RebuildError
-from services.outcomes.rebuild.reader import (
-    FETCH_BATCH,
-    FETCH_TIMEOUT_SECONDS,
-    StreamReader,
-    stream_heads,
-    stream_sequence,
-)
+from services.outcomes.rebuild.reader import FETCH_BATCH, read_up_to, stream_heads
 from shared.events import utcnow
 from shared.keys import KeyErased, KeyMissing
 from shared.store import EventStore
@@ -223,32 +217,17 @@ class Rebuild:
             await self._replay(run, phase, source, stream, heads[stream], flush=flush)
 
     async def _replay(self, run: _Run, phase: str, source: str, stream: str, head: int, *, flush: bool) -> None:
-        after = run.changes.mark(stream).last_sequence
-        if head <= after:
-            return
-        async with StreamReader(self.nc, stream, after + 1, self.fetch_batch) as reader:
-            while after < head:
-                messages = await reader.next_batch(head - after)
-                if messages is None:
-                    if await reader.exhausted():  # the rest up to the head was deleted (erasure purge)
-                        break
-                    raise RebuildError(
-                        f"stream {stream} delivered nothing after sequence {after} within "
-                        f"{FETCH_TIMEOUT_SECONDS:.0f} s although its head was {head}"
-                    )
-                for message in messages:
-                    sequence = stream_sequence(message)
-                    if sequence <= head:
-                        self._apply(run, stream, sequence, source, message.data)
-                    after = max(after, sequence)
-                self._report(run, phase)
-                if flush:
-                    now = time.monotonic()
-                    spacing = max(self.flush_seconds, run.checkpoint_seconds / CHECKPOINT_SHARE)
-                    if run.unflushed >= self.flush_every or now - run.last_flush >= spacing:
-                        await self._flush(run)
-                    elif len(run.changes.timeline) >= self.write_every or now - run.last_write >= self.write_seconds:
-                        await self._write_timeline(run)
+        async for messages in read_up_to(self.nc, stream, run.changes.mark(stream).last_sequence, head, self.fetch_batch):
+            for sequence, message in messages:
+                self._apply(run, stream, sequence, source, message.data)
+            self._report(run, phase)
+            if flush:
+                now = time.monotonic()
+                spacing = max(self.flush_seconds, run.checkpoint_seconds / CHECKPOINT_SHARE)
+                if run.unflushed >= self.flush_every or now - run.last_flush >= spacing:
+                    await self._flush(run)
+                elif len(run.changes.timeline) >= self.write_every or now - run.last_write >= self.write_seconds:
+                    await self._write_timeline(run)
 
     def _apply(self, run: _Run, stream: str, sequence: int, source: str, data: bytes) -> None:
         """Apply one message. One that is not a decodable envelope is skipped (the live consumer

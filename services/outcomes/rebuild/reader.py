@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import nats.js.errors
@@ -21,6 +21,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DEFAULT_PREFIX, AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.outcomes.rebuild.lease import RebuildError
 
 FETCH_BATCH = 2_000
 FETCH_TIMEOUT_SECONDS = 10.0
@@ -125,6 +127,33 @@ class StreamReader:
         self.taken += len(batch)
         await self._request(max(remaining - len(batch), 0))
         return batch
+
+
+class StreamStalled(RebuildError):
+    """A stream stopped delivering before its head: the broker is down or overloaded."""
+
+
+async def read_up_to(
+    nc: NATS, stream: str, after: int, head: int, batch: int
+) -> AsyncIterator[list[tuple[int, Msg]]]:
+    """The messages of ``stream`` after sequence ``after`` up to ``head``, a batch at a time, each
+    with its sequence (what a rebuild and an ``as_of`` replay both read). A tail deleted up to the
+    head (an erasure's purge) ends it early; silence before the head raises StreamStalled."""
+    if head <= after:
+        return
+    async with StreamReader(nc, stream, after + 1, batch) as reader:
+        while after < head:
+            messages = await reader.next_batch(head - after)
+            if messages is None:
+                if await reader.exhausted():
+                    return
+                raise StreamStalled(
+                    f"stream {stream} delivered nothing after sequence {after} within "
+                    f"{FETCH_TIMEOUT_SECONDS:.0f} s although its head was {head}"
+                )
+            numbered = [(stream_sequence(message), message) for message in messages]
+            after = max(after, *(sequence for sequence, _ in numbered))
+            yield [(sequence, message) for sequence, message in numbered if sequence <= head]
 
 
 def stream_sequence(message: Msg) -> int:
