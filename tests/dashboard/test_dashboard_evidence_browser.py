@@ -76,10 +76,12 @@ async def test_the_dashboard_shows_the_clinical_evidence(
             await _endpoints(page, expect)
             await _slopes(page, expect, slopes)
             await page.screenshot(path=str(ARTIFACTS / "overview-evidence.png"), full_page=True)
+            assert (await client.post("/v1/locks", json={"name": "interim-2026"})).status_code == 201
             await _group_filter(page, expect)
             await _live(page, expect, nats_client, topology)
             await _small_screens(page, expect)
             await _patient(page, expect, base)
+            await _locked(page, expect, base)
     print(f"dashboard evidence browser test took {time.monotonic() - started:.1f} s", file=sys.stderr)
 
 
@@ -234,6 +236,25 @@ async def _live(page: Any, expect: Any, nats_client: nats.NATS, topology: Topolo
     await expect(page.locator('#evidence-table [data-field="[group=A].patients_with_significant_related_ae"]')).to_have_text("2")
     await expect(page.locator('.safety-group[data-group="A"] [data-field="serious"]')).to_have_text("2")
     assert await page.evaluate("window.__notReloaded") is True, "the page reloaded"
+
+
+async def _locked(page: Any, expect: Any, base: str) -> None:
+    """The lock picker: the whole page as of the lock taken before the live follow-up — A has one
+    significant related AE there, two live — and back to live."""
+    await page.set_viewport_size({"width": 1440, "height": 1000})
+    await page.goto(base)
+    picker = page.locator("#lock-picker")
+    await expect(picker.locator('option[value="interim-2026"]')).to_have_count(1)
+    await picker.select_option("interim-2026")
+    await page.wait_for_url("**/?lock=interim-2026")
+    await expect(page.locator("#lock-banner")).to_contain_text("Frozen analysis “interim-2026”")
+    await expect(page.locator('#evidence-table [data-field="[group=A].patients_with_significant_related_ae"]')).to_have_text("1")
+    await expect(page.locator(f'#patient-table a[href="/patients/{A1}?lock=interim-2026"]')).to_have_count(1)
+    await expect(page.locator('#composite-chart .step-curve[data-group="A"] .point')).to_have_count(2)
+    await page.screenshot(path=str(ARTIFACTS / "overview-locked.png"), full_page=True)
+    await page.locator("#lock-picker").select_option("")
+    await expect(page.locator('#evidence-table [data-field="[group=A].patients_with_significant_related_ae"]')).to_have_text("2")
+    await expect(page.locator("#lock-banner")).to_be_hidden()
 
 
 async def _small_screens(page: Any, expect: Any) -> None:

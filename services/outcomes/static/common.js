@@ -26,10 +26,59 @@ function authHeaders() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-async function request(path, accept) {
+// --- analysis locks ------------------------------------------------------------------------
+
+/** The analysis lock the page shows (``?lock=<name>``), or null for the live projection. */
+export function pageLock() {
+  return new URLSearchParams(window.location.search).get("lock");
+}
+
+/** ``path`` as of the page's lock: every outcomes GET takes ``lock=`` (docs/time-travel.md). */
+export function atLock(path) {
+  const lock = pageLock();
+  if (!lock) return path;
+  const url = new URL(path, window.location.origin);
+  url.searchParams.set("lock", lock);
+  return `${url.pathname}${url.search}`;
+}
+
+/**
+ * The header's lock picker: "live" and every lock of ``GET /v1/locks``; choosing one reloads the
+ * whole page as of it (the URL keeps ``?lock=``, so a locked view can be bookmarked or shared).
+ */
+export async function wireLockPicker() {
+  const picker = document.getElementById("lock-picker");
+  if (!picker) return;
+  const banner = document.getElementById("lock-banner");
+  let locks = [];
+  try {
+    locks = (await api("/v1/locks", { live: true })).data;
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+  }
+  picker.replaceChildren(h("option", { value: "" }, "live"),
+    ...locks.map((lock) => h("option", { value: lock.name }, `${lock.name} (${dateTime(lock.locked_at)})`)));
+  const chosen = pageLock();
+  picker.value = chosen && locks.some((lock) => lock.name === chosen) ? chosen : "";
+  if (chosen && banner) {
+    const lock = locks.find((l) => l.name === chosen);
+    banner.textContent = lock
+      ? `Frozen analysis “${lock.name}”, locked ${dateTime(lock.locked_at)} at ${lock.position}: every number below is as it stood then.`
+      : `No analysis lock is named “${chosen}”.`;
+    banner.hidden = false;
+  }
+  picker.addEventListener("change", () => {
+    const params = new URLSearchParams(window.location.search);
+    if (picker.value) params.set("lock", picker.value); else params.delete("lock");
+    const query = params.toString();
+    window.location.assign(`${window.location.pathname}${query ? `?${query}` : ""}`);
+  });
+}
+
+async function request(path, accept, { live = false } = {}) {
   let response;
   try {
-    response = await fetch(path, { headers: { Accept: accept, ...authHeaders() }, cache: "no-store" });
+    response = await fetch(live ? path : atLock(path), { headers: { Accept: accept, ...authHeaders() }, cache: "no-store" });
   } catch (error) {
     throw new ApiError(path, 0, String(error));
   }
@@ -46,8 +95,8 @@ async function request(path, accept) {
 }
 
 /** GET a JSON endpoint: ``{data, position, generation, updatedAt}`` (freshness headers). */
-export async function api(path) {
-  const response = await request(path, "application/json");
+export async function api(path, options = {}) {
+  const response = await request(path, "application/json", options);
   return { data: await response.json(), ...freshnessHeaders(response) };
 }
 
@@ -93,6 +142,7 @@ function askForKey(status) {
 /** Downloads go through fetch when a key is in use (a plain link cannot send the header). */
 export function authenticatedDownloads(links) {
   for (const link of links) {
+    link.setAttribute("href", atLock(link.getAttribute("href")));
     link.addEventListener("click", async (event) => {
       if (!sessionStorage.getItem(KEY_STORAGE)) return; // no auth: the plain link works
       event.preventDefault();

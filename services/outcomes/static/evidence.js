@@ -3,7 +3,7 @@
 // biopsies before → after (GET /v1/cohorts/{group}/biopsies and the patients' timelines) and
 // the mixed-model eGFR slopes with their 95 % CI (GET /v1/cohorts/{group}/slopes).
 
-import { GROUP_LABEL, h, linear, round, s, table, value } from "./common.js";
+import { GROUP_LABEL, atLock, h, linear, round, s, table, value } from "./common.js";
 
 const COHORTS = "GET /v1/cohorts";
 
@@ -164,7 +164,7 @@ function biopsyPair(p) {
   const changes = BIOPSY_CHANGES.map(([key, label]) => h("li", { class: p[key] ? "improved" : "" },
     `${label}: `, value(p[key] === null ? "—" : p[key] ? "yes" : "no", { source, field: key, raw: p[key], label })));
   return h("tr", { "data-subject": p.subject_id, "data-group": p.group },
-    h("th", { scope: "row" }, h("a", { href: `/patients/${encodeURIComponent(p.subject_id)}` }, p.subject_id)),
+    h("th", { scope: "row" }, h("a", { href: atLock(`/patients/${encodeURIComponent(p.subject_id)}`) }, p.subject_id)),
     h("td", {}, h("span", { class: `group-label group-${p.group}` }, GROUP_LABEL[p.group] ?? p.group)),
     h("td", {}, findingList(before, source)), h("td", {}, findingList(after, source)),
     h("td", {}, h("ul", { class: "findings" }, changes)));

@@ -5,8 +5,8 @@
 // GET /v1/patients/{id} (UPCR and biopsies), refetched when /v1/freshness moves.
 
 import {
-  ApiError, GROUP_LABEL, GROUPS, api, apiText, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
-  round, value, wireToggles, writeQuery,
+  ApiError, GROUP_LABEL, GROUPS, api, apiText, atLock, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
+  round, value, wireLockPicker, wireToggles, writeQuery,
 } from "./common.js";
 import {
   survivalChart, survivalLegend, survivalTable, trajectoryChart, trajectoryLegend, trajectoryTable,
@@ -147,7 +147,7 @@ function renderCohorts(rows) {
 }
 
 function openPatient(subjectId) {
-  window.location.href = `/patients/${encodeURIComponent(subjectId)}`;
+  window.location.href = atLock(`/patients/${encodeURIComponent(subjectId)}`);
 }
 
 function renderTrajectories(trajectories) {
@@ -210,7 +210,7 @@ function renderPatients(patients) {
   body.replaceChildren(...patients.map((p) => {
     const failed = p.kidney_failure === "true";
     return h("tr", { "data-subject": p.subject_id, "data-group": p.group },
-      h("th", { scope: "row" }, h("a", { href: `/patients/${encodeURIComponent(p.subject_id)}`, class: "patient-link" }, p.subject_id)),
+      h("th", { scope: "row" }, h("a", { href: atLock(`/patients/${encodeURIComponent(p.subject_id)}`), class: "patient-link" }, p.subject_id)),
       h("td", {}, h("span", { class: `group-label group-${p.group}` }, GROUP_LABEL[p.group] ?? p.group)),
       h("td", {}, cell(p, "treatment_start", p.treatment_start || "—", "treatment start")),
       h("td", {}, cell(p, "age_years", p.age_years, "age at enrollment")),
@@ -231,6 +231,7 @@ function renderPatients(patients) {
 
 restoreFilters();
 wireToggles();
+wireLockPicker();
 authenticatedDownloads([document.getElementById("download-csv"), document.getElementById("download-parquet")]);
 form.addEventListener("change", () => { saveFilters(); render(); });
 form.addEventListener("reset", () => setTimeout(() => { saveFilters(); render(); }, 0));

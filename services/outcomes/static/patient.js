@@ -4,7 +4,7 @@
 
 import {
   ApiError, GROUP_LABEL, api, ckdStage, formatCells, h, linear, live, readQuery, round, s, table,
-  value, wireToggles, writeQuery,
+  value, wireLockPicker, wireToggles, writeQuery,
 } from "./common.js";
 import { ckdBands } from "./charts.js";
 import {
@@ -405,4 +405,5 @@ form.addEventListener("reset", () => setTimeout(() => { writeQuery(new URLSearch
 form.addEventListener("submit", (event) => event.preventDefault());
 document.getElementById("patient-heading").textContent = `Patient ${subjectId}`;
 wireToggles();
+wireLockPicker();
 live(load);
