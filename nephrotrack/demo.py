@@ -21,7 +21,7 @@ import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -245,10 +245,13 @@ def biopsy_differences(by_group: Mapping[str, Mapping[str, Any]],
 
 @dataclass(frozen=True)
 class Evidence:
-    """What the demo read back: ``GET /v1/cohorts`` and each group's paired-biopsy summary."""
+    """What the demo read back: ``GET /v1/cohorts`` and, per group, the paired-biopsy summary, the
+    kidney endpoints and the mixed-model slopes (read once the cohort is the seed's)."""
 
     cohorts: list[dict[str, Any]]
     biopsies: dict[str, dict[str, Any]]
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slopes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 async def _read_evidence(http: httpx.AsyncClient, stack: Stack) -> tuple[Evidence, list[str]]:
@@ -261,8 +264,17 @@ async def _read_evidence(http: httpx.AsyncClient, stack: Stack) -> tuple[Evidenc
     for group in EXPECTED_BIOPSIES:
         answer = await http.get(f"{base}/{group}/biopsies", headers=headers)
         biopsies[group] = answer.json() if answer.status_code == 200 else {}
-    evidence = Evidence(rows, biopsies)
-    return evidence, cohort_differences(rows) + biopsy_differences(biopsies)
+    problems = cohort_differences(rows) + biopsy_differences(biopsies)
+    if problems:
+        return Evidence(rows, biopsies), problems
+    analyses: dict[str, dict[str, dict[str, Any]]] = {"endpoints": {}, "slopes": {}}
+    for route, by_group in analyses.items():
+        for group in EXPECTED_BIOPSIES:
+            answer = await http.get(f"{base}/{group}/{route}", headers=headers)
+            if answer.status_code != 200:
+                return Evidence(rows, biopsies), [f"GET /v1/cohorts/{group}/{route} answered {answer.status_code}"]
+            by_group[group] = answer.json()
+    return Evidence(rows, biopsies, **analyses), []
 
 
 async def wait_for_cohort(stack: Stack, *, timeout: float = WAIT_SECONDS, poll: float = 0.5) -> Evidence:
@@ -384,9 +396,34 @@ def evidence_statements(evidence: Evidence) -> list[str]:
         for g, b in evidence.biopsies.items() if b.get("paired"))
     return [
         f"Safety (\"no significant side-effects\"): {safety}.",
+        f"Composite kidney endpoint (confirmed ≥ 40 % eGFR decline, kidney failure or death): {_composite(evidence)}.",
+        f"eGFR slope (mixed model, per year): {_slopes(evidence)}.",
         f"Proteinuria: {proteinuria}.",
         f"Follow-up biopsy (\"disappearance of mesangial deposits and IgA deposition\"): {biopsy or 'none paired'}.",
     ]
+
+
+def _composite(evidence: Evidence) -> str:
+    parts = []
+    for row in evidence.cohorts:
+        curve = evidence.endpoints.get(row["group"], {}).get("composite", {})
+        times = [t for t, events in zip(curve.get("times", []), curve.get("events", []), strict=False) if events]
+        when = f" (at {', '.join(abstract_round(t, 2) for t in times)} years)" if times else ""
+        parts.append(f"group {row['group']}: {row['composite_endpoint_count']} of {row['n']}{when}")
+    return "; ".join(parts)
+
+
+def _slope(fit: Mapping[str, Any]) -> str:
+    if fit.get("slope") is None:
+        return f"not fitted ({fit.get('reason', 'no reason given')})"
+    return (f"{abstract_round(fit['slope'], 1)} (95 % CI {abstract_round(fit['ci_low'], 1)} to "
+            f"{abstract_round(fit['ci_high'], 1)}; {fit['patients']} patients)")
+
+
+def _slopes(evidence: Evidence) -> str:
+    return "; ".join(
+        f"group {group}: total {_slope(fits.get('total', {}))}, chronic {_slope(fits.get('chronic', {}))}"
+        for group, fits in evidence.slopes.items())
 
 
 def print_evidence(console: Console, evidence: Evidence) -> None:

@@ -234,6 +234,9 @@ def test_run_moves_its_nats_off_a_taken_default_port_demo_finds_it_and_a_lost_na
                    "group B: UPCR 1.73 g/g → 0.28 g/g, complete remission 2, partial 1" in printed, demo.stdout
             assert "group B: 3 paired, mesangial deposits cleared in 3, IgA deposition cleared in 3, " \
                    "Lee grade improved in 2" in printed, demo.stdout
+            assert "Composite kidney endpoint (confirmed ≥ 40 % eGFR decline, kidney failure or death): group A: " \
+                   "0 of 7; group B: 0 of 3; group control: 1 of 1 (at 1.81 years)." in printed, demo.stdout
+            assert "eGFR slope (mixed model, per year): group A: total " in printed, demo.stdout
             assert local_broker_url("outcomes", RuntimeSettings(var_dir=var)).endswith(f"@127.0.0.1:{port}")
 
             os.kill(children["nats"], signal.SIGKILL)

@@ -155,7 +155,20 @@ async def test_a_refusal_stops_the_demo_with_the_services_reason() -> None:
 def test_the_evidence_lines_state_the_abstract_in_the_systems_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [dict(EXPECTED_COHORTS[g]) for g in ("A", "B", "control")]
     evidence = Evidence(rows, {g: dict(EXPECTED_BIOPSIES[g]) for g in ("A", "B", "control")})
-    safety, proteinuria, biopsy = evidence_statements(evidence)
+    evidence = Evidence(evidence.cohorts, evidence.biopsies, endpoints={
+        "A": {"composite": {"times": [6.8], "events": [0]}}, "B": {"composite": {"times": [], "events": []}},
+        "control": {"composite": {"times": [0.9, 1.81], "events": [0, 1]}},
+    }, slopes={
+        "A": {"total": {"slope": 1.64, "ci_low": 0.95, "ci_high": 2.33, "patients": 7},
+              "chronic": {"slope": 1.5, "ci_low": 0.8, "ci_high": 2.2, "patients": 7}},
+        "control": {"total": {"slope": None, "reason": "too few patients"}, "chronic": {"slope": None}},
+    })
+    safety, composite, slopes, proteinuria, biopsy = evidence_statements(evidence)
+    assert composite == ("Composite kidney endpoint (confirmed ≥ 40 % eGFR decline, kidney failure or death): "
+                         "group A: 0 of 7; group B: 0 of 3; group control: 1 of 1 (at 1.81 years).")
+    assert slopes == ("eGFR slope (mixed model, per year): group A: total 1.6 (95 % CI 1.0 to 2.3; 7 patients), "
+                      "chronic 1.5 (95 % CI 0.8 to 2.2; 7 patients); group control: total not fitted (too few "
+                      "patients), chronic not fitted (no reason given).")
     assert safety == ('Safety ("no significant side-effects"): group A: 5 of 7 patients with adverse events, 0 serious, '
                       "0 significant and treatment-related; group B: 2 of 3 patients with adverse events, 0 serious, "
                       "0 significant and treatment-related.")
