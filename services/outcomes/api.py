@@ -33,6 +33,7 @@ from services.outcomes.views import (
     RebuildProgressView,
     RebuildStatus,
     SurvivalCurve,
+    UpcrTrajectories,
     freshness_view,
     patient_detail,
 )
@@ -126,6 +127,13 @@ def routes(
         chosen = _group(group)
         async with at.open(response) as view:
             return statistics.egfr_trajectories(await view.facts(chosen), chosen)
+
+    @router.get("/cohorts/{group}/upcr", response_model=UpcrTrajectories, responses=_NOT_FOUND,
+                summary="UPCR trajectories of a group, for plots (v2)")
+    async def upcr(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
+        chosen = _group(group)
+        async with at.open(response) as view:
+            return statistics.upcr_trajectories(await view.facts(chosen), chosen)
 
     @router.get("/cohorts/{group}/biopsies", response_model=BiopsySummary, responses=_NOT_FOUND,
                 summary="Paired biopsies of a group: diagnostic → follow-up changes (v2)")

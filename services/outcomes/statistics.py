@@ -190,6 +190,25 @@ def _mean_curve(patients: list[tuple[PatientOutcome, list[dict[str, Any]]]]) -> 
     return [{"year": y, "mean_egfr": mean(v), "n": len(v)} for y, v in sorted(per_year.items())]
 
 
+def upcr_trajectories(facts_list: Iterable[PatientFacts], group: Group) -> dict[str, Any]:
+    """Per-patient counted UPCRs (g/g) against years since treatment start: one group answer for
+    the plots, so a reader never fetches every patient for them. Patients without a treatment
+    start or without a counted UPCR are left out."""
+    patients = []
+    for facts in sorted(facts_list, key=lambda f: f.subject_id):
+        start = facts.treatment_start
+        if facts.group != group or start is None:
+            continue
+        counted = sorted((u for u in facts.urine.values() if u.analyte == "upcr" and u.counted),
+                         key=lambda u: (u.collected_at, u.result_id))
+        points = [{"result_id": u.result_id, "collected_on": u.collected_at.date().isoformat(),
+                   "years": years_between(start, u.collected_at.date()), "upcr": u.value, "status": u.status,
+                   "corrected": u.status == "corrected"} for u in counted]
+        if points:
+            patients.append({"subject_id": facts.subject_id, "treatment_start": start.isoformat(), "points": points})
+    return {"group": group, "patients": patients}
+
+
 def egfr_trajectories(facts_list: Iterable[PatientFacts], group: Group) -> dict[str, Any]:
     """Per-patient counted eGFRs against years since treatment start, and the group mean curve.
 

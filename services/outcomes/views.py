@@ -121,6 +121,28 @@ class EgfrTrajectories(BaseModel):
     mean_curve: list[MeanCurvePoint]
 
 
+class UpcrPoint(BaseModel):
+    result_id: str
+    collected_on: date
+    years: float = Field(description="years since treatment start (≤ 0: before it)")
+    upcr: float = Field(description="g/g")
+    status: Literal["final", "corrected", "preliminary"]
+    corrected: bool
+
+
+class PatientUpcr(BaseModel):
+    subject_id: str
+    treatment_start: date
+    points: list[UpcrPoint]
+
+
+class UpcrTrajectories(BaseModel):
+    """Counted UPCRs against years since treatment start, per patient (v2)."""
+
+    group: Group
+    patients: list[PatientUpcr]
+
+
 class FactsSummary(BaseModel):
     weight_kg: float | None
     lee_grade: LeeGrade | None

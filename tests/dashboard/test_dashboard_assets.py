@@ -161,33 +161,3 @@ console.log(JSON.stringify([0, 0.5, 0.75, 1, 2, 3].map((y) => atRiskAt(curve, y)
         {"at_risk": 5, "index": 0}, {"at_risk": 5, "index": 0}, {"at_risk": 3, "index": 1},
         {"at_risk": 3, "index": 1}, {"at_risk": 1, "index": 2}, {"at_risk": 0, "index": None},
     ]
-
-
-@pytest.mark.skipif(NODE is None, reason="no node to run the dashboard's JavaScript")
-def test_upcr_lines_take_the_counted_effective_upcrs_of_patients_with_a_treatment_start(tmp_path: Path) -> None:
-    def urine(event_id: str, on: str, value: float, *, analyte: str = "upcr", effective: bool = True,
-              counted: bool = True) -> dict[str, object]:
-        return {"event_id": event_id, "kind": "urine_result", "occurred_on": on,
-                "detail": {"result_id": f"R-{event_id}", "analyte": analyte, "value": value, "status": "final",
-                           "effective": effective, "counted": counted}}
-
-    patients = [
-        {"subject_id": "A-1", "group": "A", "treatment_start": "2014-01-15", "timeline": [
-            urine("e2", "2015-01-15", 0.8), urine("e1", "2014-01-10", 2.0),
-            urine("e3", "2014-06-01", 8.0, effective=False), urine("e4", "2015-02-01", 0.1, counted=False),
-            urine("e5", "2014-06-01", 30.0, analyte="uacr"),
-            {"event_id": "e6", "kind": "egfr", "occurred_on": "2014-06-01", "detail": {"egfr": 20.0}}]},
-        {"subject_id": "A-2", "group": "A", "treatment_start": None, "timeline": [urine("e7", "2014-06-01", 1.0)]},
-        {"subject_id": "C-1", "group": "control", "treatment_start": "2013-04-01", "timeline": []},
-    ]
-    script = f"""import {{ upcrTrajectories }} from "./evidence-charts.js";
-console.log(JSON.stringify(upcrTrajectories({json.dumps(patients)}, ["A", "control"])));"""
-    assert _run_module(tmp_path, script) == [
-        {"group": "A", "patients": [{"subject_id": "A-1", "treatment_start": "2014-01-15", "points": [
-            {"event_id": "e1", "result_id": "R-e1", "collected_on": "2014-01-10", "status": "final",
-             "years": -5 / 365.25, "upcr": 2.0},
-            {"event_id": "e2", "result_id": "R-e2", "collected_on": "2015-01-15", "status": "final",
-             "years": 365 / 365.25, "upcr": 0.8},
-        ]}]},
-        {"group": "control", "patients": []},
-    ]

@@ -129,8 +129,8 @@ async def test_the_dashboard_shows_the_study_and_updates_live(tmp_path: Path, pr
                 "(service.app(..., public(dashboard_routes(service)), ...))")
             assert (await http.get(f"{base}/static/overview.js")).status_code == 200
             assert (await http.get(f"{base}/v1/cohorts")).status_code == 401
-        cohorts = await demo(DemoStack.from_env(stack.env), timeout=90, console=Console(file=io.StringIO()))
-        api = {row["group"]: row for row in cohorts}
+        evidence = await demo(DemoStack.from_env(stack.env), timeout=90, console=Console(file=io.StringIO()))
+        api = {row["group"]: row for row in evidence.cohorts}
         print(f"stack and demo ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
 
         async with watched_page(base, "failure.png") as page:

@@ -265,3 +265,19 @@ async def test_exports_carry_the_v2_columns(api: httpx.AsyncClient) -> None:
     assert by_subject[A1]["decline_40_on"] == date(2014, 6, 1) and by_subject[C1]["composite_endpoint"] == (
         "kidney_failure")
     assert by_subject[A2]["highest_ae_grade"] == 3 and by_subject[C1]["highest_ae_grade"] is None
+
+
+async def test_group_upcr_trajectories_hold_each_counted_upcr_once(api: httpx.AsyncClient) -> None:
+    answer = (await api.get("/v1/cohorts/A/upcr")).json()
+    points = {p["subject_id"]: [(pt["result_id"], pt["upcr"], pt["status"], pt["years"]) for pt in p["points"]]
+              for p in answer["patients"]}
+    assert answer["group"] == "A"
+    assert points == {
+        A1: [("A1-U1", 2.0, "final", years(-days(date(2014, 1, 10), A1_START))),
+             ("A1-U2", 1.5, "final", years(days(A1_START, date(2014, 6, 1)))),
+             ("A1-U3", 0.8, "corrected", years(days(A1_START, date(2015, 1, 10))))],  # the preliminary A1-U4 is not counted
+        A2: [("A2-U1", 1.2, "final", years(-days(date(2014, 1, 20), A2_START))),
+             ("A2-U2", 0.2, "final", years(days(A2_START, date(2015, 2, 1))))],
+    }
+    assert (await api.get("/v1/cohorts/control/upcr")).json() == {"group": "control", "patients": []}
+    assert (await api.get("/v1/cohorts/D/upcr")).status_code == 404

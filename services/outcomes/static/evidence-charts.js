@@ -1,5 +1,5 @@
-// The overview's v2 charts: UPCR trajectories (one line per patient, read from the patient
-// endpoints' timelines) and the kidney-endpoint step curves of GET /v1/cohorts/{group}/endpoints
+// The overview's v2 charts: UPCR trajectories (one line per patient, from
+// GET /v1/cohorts/{group}/upcr) and the kidney-endpoint step curves of GET /v1/cohorts/{group}/endpoints
 // (composite-endpoint Kaplan–Meier, kidney-failure cumulative incidence with death competing).
 // As in charts.js: an <svg role="img"> with <title> and <desc>, a <title> on every mark naming
 // its value, endpoint and field, and a data table alternative.
@@ -7,47 +7,21 @@
 import { GROUP_LABEL, h, linear, marker, round, s, table, value } from "./common.js";
 import { atRiskRows, curveLabels, frame, legendItem, patientSeries, plotArea, xAxis, yAxis } from "./charts.js";
 
-const DAY = 86400000;
-const YEAR_DAYS = 365.25;
 /** KDIGO proteinuria remission thresholds (g/g): complete below 0.3, partial below 1.0. */
 export const UPCR_THRESHOLDS = [
   { upcr: 0.3, label: "0.3 g/g: complete remission below" },
   { upcr: 1.0, label: "1.0 g/g: partial remission below" },
 ];
 
-function day(iso) {
-  return Date.parse(`${iso.slice(0, 10)}T00:00:00Z`);
-}
-
-// --- UPCR trajectories -------------------------------------------------------------------------
-
-/**
- * Per group, the patients' counted UPCRs (the effective version of each result id, not
- * preliminary) against years since treatment start, from ``GET /v1/patients/{id}`` answers.
- * Patients without a treatment start or without a counted UPCR have no line.
- */
-export function upcrTrajectories(patients, groups) {
-  return groups.map((group) => ({
-    group,
-    patients: patients.filter((p) => p.group === group && p.treatment_start).map((p) => ({
-      subject_id: p.subject_id,
-      treatment_start: p.treatment_start,
-      points: p.timeline
-        .filter((e) => e.kind === "urine_result" && e.detail.analyte === "upcr" && e.detail.effective && e.detail.counted)
-        .map((e) => ({
-          event_id: e.event_id, result_id: e.detail.result_id, collected_on: e.occurred_on, status: e.detail.status,
-          years: (day(e.occurred_on) - day(p.treatment_start)) / DAY / YEAR_DAYS, upcr: e.detail.value,
-        }))
-        .sort((a, b) => a.years - b.years),
-    })).filter((p) => p.points.length),
-  }));
+function upcrSource(group) {
+  return `GET /v1/cohorts/${group}/upcr`;
 }
 
 function upcrField(p, pt) {
-  return `timeline[event_id=${pt.event_id}].detail.value`;
+  return `patients[subject_id=${p.subject_id}].points[result_id=${pt.result_id}].upcr`;
 }
 
-/** ``series``: :func:`upcrTrajectories` of the visible groups; ``keep(patient)``: the date filter. */
+/** ``series``: the ``GET /v1/cohorts/{group}/upcr`` answers of the visible groups; ``keep(patient)``: the date filter. */
 export function upcrChart(series, { keep = () => true, onOpen } = {}) {
   const W = 680, H = 430, M = { left: 62, right: 46, top: 14, bottom: 52 };
   const shown = series.map((t) => ({ ...t, patients: t.patients.filter(keep) }));
@@ -76,10 +50,10 @@ export function upcrChart(series, { keep = () => true, onOpen } = {}) {
   const plot = plotArea(svg, M.left, M.top, W - M.right, H - M.bottom);
   for (const t of shown) {
     for (const p of t.patients) {
-      const source = `GET /v1/patients/${p.subject_id}`;
+      const source = upcrSource(t.group);
       const coords = p.points.map((pt) => [x(pt.years), y(pt.upcr)]);
       const g = patientSeries(t.group, p.subject_id, coords, {
-        source, field: "timeline[kind=urine_result, analyte=upcr]", onOpen,
+        source, field: `patients[subject_id=${p.subject_id}].points`, onOpen,
         title: `${p.subject_id} (${GROUP_LABEL[t.group]}), treatment start ${p.treatment_start}: ` +
           `${p.points.length} counted UPCRs — from ${source}. Click to open the patient.`,
       });
@@ -105,7 +79,7 @@ export function upcrTable(series, keep = () => true) {
   const rows = series.flatMap((t) => t.patients.filter(keep).flatMap((p) => p.points.map((pt) => h("tr", {},
     h("td", {}, GROUP_LABEL[t.group]), h("td", {}, p.subject_id), h("td", {}, pt.collected_on),
     h("td", {}, round(pt.years, 2)),
-    h("td", {}, value(round(pt.upcr, 2), { source: `GET /v1/patients/${p.subject_id}`, field: upcrField(p, pt), raw: pt.upcr })),
+    h("td", {}, value(round(pt.upcr, 2), { source: upcrSource(t.group), field: upcrField(p, pt), raw: pt.upcr })),
     h("td", {}, pt.status)))));
   return table("UPCR trajectories: every plotted point", ["Group", "Patient", "Collected", "Years since start", "UPCR (g/g)", "Status"],
     rows, { class: "numbers" });

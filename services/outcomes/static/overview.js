@@ -12,7 +12,7 @@ import {
   survivalChart, survivalLegend, survivalTable, trajectoryChart, trajectoryLegend, trajectoryTable,
 } from "./charts.js";
 import {
-  endpointChart, endpointTable, upcrChart, upcrLegend, upcrTable, upcrTrajectories,
+  endpointChart, endpointTable, upcrChart, upcrLegend, upcrTable,
 } from "./evidence-charts.js";
 import { renderBiopsies, renderEvidenceCohorts, renderSafety, renderSlopes } from "./evidence.js";
 
@@ -62,8 +62,8 @@ function perGroup(groups, route) {
   return Promise.all(groups.map(async (group) => ({ group, ...(await api(`/v1/cohorts/${encodeURIComponent(group)}/${route}`)).data })));
 }
 
-/** Every listed patient's ``GET /v1/patients/{id}`` (there is no group route for UPCRs); a
- * patient erased since the list was read is left out. */
+/** ``GET /v1/patients/{id}`` of the listed patients with paired biopsies (their findings before
+ * → after); a patient erased since the list was read is left out. */
 function patientDetails(patients) {
   return Promise.all(patients.map(async (p) => {
     try {
@@ -93,11 +93,11 @@ async function load() {
   Object.assign(state, { cohorts, trajectories, survival, patients });
   render();
 
-  const [endpoints, slopes, safety, biopsies, details] = await Promise.all([
+  const [endpoints, slopes, safety, biopsies, upcr, details] = await Promise.all([
     perGroup(groups, "endpoints"), perGroup(groups, "slopes"), perGroup(groups, "safety"), perGroup(groups, "biopsies"),
-    patientDetails(patients),
+    perGroup(groups, "upcr"), patientDetails(patients.filter((p) => p.paired_biopsies === "true")),
   ]);
-  Object.assign(state, { endpoints, slopes, safety, biopsies, details, upcr: upcrTrajectories(details, groups), evidence: true });
+  Object.assign(state, { endpoints, slopes, safety, biopsies, details, upcr, evidence: true });
   render();
 }
 

@@ -7,7 +7,7 @@ from datetime import date, timedelta
 
 import pyarrow.parquet as pq
 import pytest
-from outcome_events import dialysis, died, dose, egfr, enrolled, withdrawn
+from outcome_events import dialysis, died, dose, egfr, enrolled, upcr, withdrawn
 
 from services.outcomes.domain import PatientFacts, compute_outcome, fold
 from services.outcomes.exports import patients_csv, patients_parquet
@@ -17,6 +17,7 @@ from services.outcomes.statistics import (
     egfr_trajectories,
     kaplan_meier,
     survival_time,
+    upcr_trajectories,
 )
 
 START = date(2014, 1, 1)
@@ -108,6 +109,19 @@ def test_trajectories_start_from_the_baseline_and_bin_by_year():
     # year 2: P1 50 only.
     assert t["mean_curve"] == [{"year": 0, "mean_egfr": 23.5, "n": 2}, {"year": 1, "mean_egfr": 36.0, "n": 2},
                                {"year": 2, "mean_egfr": 50.0, "n": 1}]
+
+
+def test_upcr_trajectories_hold_the_counted_upcrs_of_patients_with_a_treatment_start():
+    uacr = upcr("u", 30.0, on(50)).model_copy(update={"analyte": "uacr", "unit": "mg/g"})
+    p1 = patient("P1", upcr("b", 0.8, on(365)), upcr("a", 2.0, on(-5)), upcr("c", 8.0, on(100)),
+                 upcr("c", 0.9, on(100), status="corrected"), upcr("d", 0.1, on(400), status="preliminary"), uacr)
+    untreated = patient("P2", upcr("a", 1.0, on(10)), first_dose=None)
+    no_upcr = patient("P3", egfr("a", 40.0, on(200)))
+    other = patient("P4", upcr("a", 1.0, on(10)), group="B")
+    t = upcr_trajectories([no_upcr, untreated, other, p1], "A")
+    assert t["group"] == "A" and [p["subject_id"] for p in t["patients"]] == ["P1"]
+    assert [(p["result_id"], p["years"], p["upcr"], p["corrected"]) for p in t["patients"][0]["points"]] == [
+        ("a", -5 / 365.25, 2.0, False), ("c", 100 / 365.25, 0.9, True), ("b", 365 / 365.25, 0.8, False)]
 
 
 def test_dates_recorded_before_the_clinical_bounds_existed_are_read_as_they_are():
