@@ -50,8 +50,12 @@ async def test_broker_urine_preliminary_correction_duplicate_and_refusal(labs: L
     await labs.send_json(preliminary)
     await labs.send_json(preliminary)  # redelivered: one effect
     result_id = preliminary["result_id"]
+    # Each version once the one before it is in: the consumer's workers may take messages sent at
+    # once in any order (a final after its correction changes nothing, as for creatinine).
+    await measured(labs, result_id, 1)
     final = lab_json(labs, subject, result_id=result_id, loinc="2890-2", value=1.6, unit="g/g")
     await labs.send_json(final)
+    await measured(labs, result_id, 2)
     corrected = lab_json(labs, subject, result_id=result_id, loinc="34366-5", value=135.744, unit="mg/mmol",
                          status="corrected")
     await labs.send_json(corrected)
