@@ -47,6 +47,10 @@ class GapStrategy(StrEnum):
 
 _HORIZON = text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 _CURRENT_XACT_ID_QUERY = text("SELECT pg_current_xact_id()::text::bigint")
+ONE_STATEMENT_ROWS = 16
+"""Up to this many events an append is one statement of arrays (a command's few events: fewest
+round trips); beyond it ``COPY`` (a lab batch's hundreds: a 500-event batch took 14.5 ms by
+COPY, 19.5–26 ms as one statement of arrays)."""
 _EVENT_COLUMNS = [column for column in events.c if column.name not in ("position", "tx_id")]
 _OUTBOX_COLUMNS = [column for column in outbox.c if column.name != "id"]
 
@@ -141,7 +145,11 @@ class PostgresUnitOfWork(SqlUnitOfWork):
     ) -> None:
         """Events, outbox rows, the transaction id and the version check in one statement
         (:data:`_APPEND`): an append is BEGIN, this, COMMIT. A concurrent writer that took the
-        version first still fails the unique (stream_id, stream_version) constraint."""
+        version first still fails the unique (stream_id, stream_version) constraint. Batches
+        larger than :data:`ONE_STATEMENT_ROWS` go the base way instead, by ``COPY``."""
+        if len(rows) > ONE_STATEMENT_ROWS:
+            await super()._insert(rows, outgoing, expected)
+            return
         if self.store.gap_strategy is GapStrategy.TABLE_LOCK:
             await self.connection.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
         stream_id, expected_version = expected or (None, None)
@@ -153,6 +161,15 @@ class PostgresUnitOfWork(SqlUnitOfWork):
         actual = result.scalar_one()
         if stream_id is not None and actual != expected_version:
             raise ConcurrencyError(stream_id, expected_version, actual)
+
+    async def _insert_events(self, rows: list[dict[str, Any]]) -> None:
+        if self.store.gap_strategy is GapStrategy.TABLE_LOCK:
+            await self.connection.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+        else:
+            tx_id = await self.transaction_id()
+            for row in rows:
+                row["tx_id"] = tx_id
+        await super()._insert_events(rows)
 
     async def transaction_id(self) -> int:
         """This transaction's PostgreSQL id (``pg_current_xact_id()``), asked once. Asking through
