@@ -22,7 +22,7 @@ from importlib.metadata import version
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from bench.event_store import BenchEventRecorded
+from bench.event_store import BenchEventRecorded, appends
 from bench.report import percentile
 from shared.database import create_engine, ensure_database, migrate
 from shared.store import PostgresEventStore
@@ -54,20 +54,8 @@ class Ours:
         self.store = PostgresEventStore(engine, subject_for=lambda envelope: "bench.peer")
 
     async def append_round(self, writers: int, tag: str) -> Timed:
-        store = self.store
-        assert store is not None
-        latencies: list[float] = []
-        each = APPENDS[writers] // writers
-
-        async def writer(w: int) -> None:
-            for i in range(each):
-                started = time.perf_counter()
-                await store.append(f"{tag}-{w}-{i}", [BenchEventRecorded(n=i)], expected_version=0)
-                latencies.append(time.perf_counter() - started)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(writer(w) for w in range(writers)))
-        return time.perf_counter() - started, latencies
+        assert self.store is not None
+        return await appends(self.store, writers, APPENDS[writers] // writers, tag)
 
     async def read_all(self) -> tuple[float, int]:
         assert self.store is not None
