@@ -28,17 +28,21 @@ class BenchEventRecorded(DomainEvent):
     note: str = "x" * 100
 
 
-async def _appends(store: EventStore) -> tuple[float, list[float]]:
+async def appends(
+    store: EventStore, writers: int = WRITERS, each: int = APPENDS_PER_WRITER, tag: str = "bench"
+) -> tuple[float, list[float]]:
+    """``writers`` concurrent writers each appending ``each`` one-event new streams: the seconds
+    it took and every append's latency."""
     latencies: list[float] = []
 
     async def writer(w: int) -> None:
-        for i in range(APPENDS_PER_WRITER):
+        for i in range(each):
             started = time.perf_counter()
-            await store.append(f"bench-{w}-{i}", [BenchEventRecorded(n=i)], expected_version=0)
+            await store.append(f"{tag}-{w}-{i}", [BenchEventRecorded(n=i)], expected_version=0)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+    await asyncio.gather(*(writer(w) for w in range(writers)))
     return time.perf_counter() - started, latencies
 
 
@@ -70,7 +74,7 @@ async def _measure(url: str, strategy: GapStrategy) -> str:
         if url.startswith("postgresql")
         else SqliteEventStore(engine, subject_for=lambda e: "bench.x")
     )
-    elapsed, latencies = await _appends(store)
+    elapsed, latencies = await appends(store)
     await store.close()
     total = WRITERS * APPENDS_PER_WRITER
     raw = await _raw_insert(url, total)

@@ -311,14 +311,11 @@ class UnitOfWork(ABC):
         if not new_events:
             return []
         context = context or CommandContext()
-        actual = await self.stream_version(stream_id)
-        if actual != expected_version:
-            raise ConcurrencyError(stream_id, expected_version, actual)
         envelopes = [
             Envelope.wrap(event, stream_id=stream_id, stream_version=expected_version + i, context=context)
             for i, event in enumerate(new_events, start=1)
         ]
-        await self.append_envelopes(envelopes)
+        await self._write(envelopes, expected=(stream_id, expected_version))
         return envelopes
 
     async def append_many(
@@ -343,10 +340,12 @@ class UnitOfWork(ABC):
 
     async def append_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Insert prepared envelopes (and their outbox rows) as they are."""
+        await self._write(envelopes, expected=None)
+
+    async def _write(self, envelopes: Sequence[Envelope], expected: tuple[str, int] | None) -> None:
         store = self.store
         await store.codec.prepare(payloads=((envelope.stream_id, envelope.payload) for envelope in envelopes))
         rows = [_event_row(envelope, store.codec) for envelope in envelopes]
-        await self._insert_events(rows)
         outgoing = []
         for envelope, row in zip(envelopes, rows, strict=True):
             subject = store.subject_for(envelope)
@@ -359,7 +358,7 @@ class UnitOfWork(ABC):
                         "created_at": envelope.recorded_at,
                     }
                 )
-        await self._insert_outbox(outgoing)
+        await self._insert(rows, outgoing, expected)
         for event_type, count in Counter(envelope.event_type for envelope in envelopes).items():
             metrics.EVENTS_APPENDED.labels(event_type=event_type).inc(count)
 
@@ -389,6 +388,20 @@ class UnitOfWork(ABC):
     @abstractmethod
     async def _rows_of_streams(self, stream_ids: Sequence[str]) -> Sequence[Any]:
         """The streams' rows by stream, then version, as this unit of work sees them."""
+
+    async def _insert(
+        self, rows: list[dict[str, Any]], outgoing: list[dict[str, Any]], expected: tuple[str, int] | None
+    ) -> None:
+        """Write event rows and their outbox rows; with ``expected`` — (stream, version) — only
+        if that stream's newest version is that one, else raise ConcurrencyError. A backend that
+        can do all of it in one statement overrides this (:mod:`shared.store.postgres`)."""
+        if expected is not None:
+            stream_id, expected_version = expected
+            actual = await self.stream_version(stream_id)
+            if actual != expected_version:
+                raise ConcurrencyError(stream_id, expected_version, actual)
+        await self._insert_events(rows)
+        await self._insert_outbox(outgoing)
 
     @abstractmethod
     async def _insert_events(self, rows: list[dict[str, Any]]) -> None:

@@ -28,14 +28,15 @@ from enum import StrEnum
 from typing import Any
 
 import asyncpg
-from sqlalchemy import ColumnElement, Insert, Table, and_, literal, text, tuple_
+from sqlalchemy import Column, ColumnElement, Insert, Table, and_, literal, text, tuple_
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.events import Envelope
-from shared.schema import events
-from shared.store.base import Codec, Position
+from shared.schema import events, outbox
+from shared.store.base import Codec, ConcurrencyError, Position
 from shared.store.sql import SqlEventStore, SqlUnitOfWork
 
 
@@ -46,6 +47,46 @@ class GapStrategy(StrEnum):
 
 _HORIZON = text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 _CURRENT_XACT_ID_QUERY = text("SELECT pg_current_xact_id()::text::bigint")
+ONE_STATEMENT_ROWS = 16
+"""Up to this many events an append is one statement of arrays (a command's few events: fewest
+round trips); beyond it ``COPY`` (a lab batch's hundreds: a 500-event batch took 14.5 ms by
+COPY, 19.5–26 ms as one statement of arrays)."""
+_EVENT_COLUMNS = [column for column in events.c if column.name not in ("position", "tx_id")]
+_OUTBOX_COLUMNS = [column for column in outbox.c if column.name != "id"]
+
+
+def _unnest(columns: Sequence[Column[Any]], first: int) -> str:
+    """``unnest($first::type[], …)``: one array parameter per column, zipped into rows."""
+    dialect = postgresql.dialect()
+    arrays = (f"${first + i}::{column.type.compile(dialect)}[]" for i, column in enumerate(columns))
+    return f"unnest({', '.join(arrays)})"
+
+
+def _columns(columns: Sequence[Column[Any]], rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [[row[column.name] for row in rows] for column in columns]
+
+
+def _append_statement(tx_id: str) -> str:
+    """$1, $2: the stream and its expected newest version (both NULL: no check); then one array
+    per event column, then one per outbox column. Nothing is written when the check fails (the
+    outbox rows only follow written events); the answer is the stream's newest version as the
+    statement found it."""
+    names = ", ".join(column.name for column in _EVENT_COLUMNS)
+    stream_id = events.c.stream_id.type.compile(postgresql.dialect())
+    return (
+        f"WITH head AS (SELECT coalesce(max(stream_version), 0) AS version FROM events WHERE stream_id = $1::{stream_id}), "
+        f"written AS (INSERT INTO events (tx_id, {names}) SELECT {tx_id}, * FROM {_unnest(_EVENT_COLUMNS, 3)} "
+        "WHERE $2::integer IS NULL OR $2::integer = (SELECT version FROM head) RETURNING position), "
+        f"sent AS (INSERT INTO outbox ({', '.join(column.name for column in _OUTBOX_COLUMNS)}) "
+        f"SELECT * FROM {_unnest(_OUTBOX_COLUMNS, 3 + len(_EVENT_COLUMNS))} WHERE EXISTS (SELECT FROM written)) "
+        "SELECT version FROM head"
+    )
+
+
+_APPEND = {
+    GapStrategy.XMIN: _append_statement("pg_current_xact_id()::text::bigint"),
+    GapStrategy.TABLE_LOCK: _append_statement("0"),  # read in position order: the lock serialises commits
+}
 _CLAIM_UNCLAIMED = (
     "INSERT INTO inbox (consumer, message_id, processed_at) SELECT $1, claimed, $3 FROM unnest($2::text[]) AS claimed "
     "ON CONFLICT DO NOTHING RETURNING message_id"
@@ -98,6 +139,28 @@ class PostgresUnitOfWork(SqlUnitOfWork):
             _CLAIM_UNCLAIMED, consumer, sorted(message_ids), at
         )
         return {row[0] for row in rows}
+
+    async def _insert(
+        self, rows: list[dict[str, Any]], outgoing: list[dict[str, Any]], expected: tuple[str, int] | None
+    ) -> None:
+        """Events, outbox rows, the transaction id and the version check in one statement
+        (:data:`_APPEND`): an append is BEGIN, this, COMMIT. A concurrent writer that took the
+        version first still fails the unique (stream_id, stream_version) constraint. Batches
+        larger than :data:`ONE_STATEMENT_ROWS` go the base way instead, by ``COPY``."""
+        if len(rows) > ONE_STATEMENT_ROWS:
+            await super()._insert(rows, outgoing, expected)
+            return
+        if self.store.gap_strategy is GapStrategy.TABLE_LOCK:
+            await self.connection.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+        stream_id, expected_version = expected or (None, None)
+        arguments = (stream_id, expected_version, *_columns(_EVENT_COLUMNS, rows), *_columns(_OUTBOX_COLUMNS, outgoing))
+        try:
+            result = await self.connection.exec_driver_sql(_APPEND[self.store.gap_strategy], arguments)
+        except self.integrity_errors as exc:
+            raise ConcurrencyError(rows[0]["stream_id"], rows[0]["stream_version"] - 1) from exc
+        actual = result.scalar_one()
+        if stream_id is not None and actual != expected_version:
+            raise ConcurrencyError(stream_id, expected_version, actual)
 
     async def _insert_events(self, rows: list[dict[str, Any]]) -> None:
         if self.store.gap_strategy is GapStrategy.TABLE_LOCK:

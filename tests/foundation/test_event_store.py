@@ -69,6 +69,22 @@ async def test_wrong_expected_version_writes_nothing(store: EventStore) -> None:
     assert [e.decode() for e in await store.read_stream("thing-1")] == things(1)
 
 
+@pytest.mark.parametrize("size", [1, 40], ids=["one-statement", "copy"])
+async def test_an_append_checks_the_version_whatever_its_size(store: EventStore, size: int) -> None:
+    """PostgreSQL appends a few events in one statement that checks the version itself, and
+    larger batches by COPY after reading it: both refuse an expected version behind the head
+    and one ahead of it (which no unique key would catch), writing nothing, not even outbox rows."""
+    await store.append("thing-1", things(0), expected_version=0)
+    batch = things(*range(1, size + 1))
+    for stale in (0, 5):
+        with pytest.raises(ConcurrencyError) as raised:
+            await store.append("thing-1", batch, expected_version=stale)
+        assert raised.value.actual == 1
+    written = await store.append("thing-1", batch, expected_version=1)
+    assert [e.decode() for e in await store.read_stream("thing-1")] == things(0) + batch
+    assert [row.event_id for row in await outbox_rows(store)][1:] == [e.event_id for e in written]
+
+
 async def test_two_writers_on_one_stream_exactly_one_wins_each_version(store: EventStore) -> None:
     async def writer(n: int) -> bool:
         try:
