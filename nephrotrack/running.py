@@ -25,8 +25,8 @@ class RunningStack:
     """What ``runtime.json`` records: the supervisor's pid, when it started (and stopped), each
     service's HTTP URL, the MLLP listener (``host:port``) and the broker (``nats_url``: one URL,
     or, for ``nephrotrack cluster``, every node's, comma-separated). ``replicas`` and
-    ``mllp_replicas``: every replica's addresses, the first as in ``http`` and ``mllp``
-    (``nephrotrack cluster``; empty for ``run``)."""
+    ``mllp_replicas``: every replica's addresses, the first as in ``http`` and ``mllp`` (one for
+    ``run``, two for ``nephrotrack cluster``; empty in a record from before them)."""
 
     pid: int
     started_at: str
@@ -36,7 +36,7 @@ class RunningStack:
     nats_embedded: bool
     stopped_at: str | None = None
     replicas: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    mllp_replicas: Sequence[str] = ()
+    mllp_replicas: Sequence[str] = field(default_factory=list)
 
     @property
     def nats_ports(self) -> list[int]:

@@ -393,7 +393,7 @@ class Supervisor:
         if self.stopping:
             return
         self.failure = (
-            f"the embedded NATS ({nats.name}) exited with {nats.process.returncode} ({_last_line(nats.log_path)}); "
+            f"the embedded NATS exited with {nats.process.returncode} ({nats.name}: {_last_line(nats.log_path)}); "
             f"everything was stopped so that no service reconnects to another server on port "
             f"{nats.nats_port}. Start it again (log: {nats.log_path})"
         )
