@@ -25,7 +25,7 @@ from shared.broker import nats_connect_options
 from shared.settings import SERVICES, RuntimeSettings
 from tests.conftest import free_port
 from tests.stack import ROOT
-from tests.test_runtime import _bearer, _closed, _ready, _run_env, _wait
+from tests.test_runtime import _bearer, _closed, _listener, _ready, _run_env, _wait
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +109,16 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_cluster_refuses_a_taken_port_naming_it_before_anything_starts(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    env = _run_env(var, nats_port=free_port())
+    with _listener() as taken:
+        env["NEPHROTRACK_LABS_PORT"] = str(taken.getsockname()[1])
+        result = subprocess.run([sys.executable, "-m", "nephrotrack.cli", "cluster"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"nephrotrack cluster cannot start:\n  port {env['NEPHROTRACK_LABS_PORT']} (labs HTTP) is taken: " \
+           "set NEPHROTRACK_LABS_PORT to a free port" in result.stderr, result.stderr
+    assert not (var / "logs" / "nats-1.log").exists(), "nothing may start when a port is taken"
