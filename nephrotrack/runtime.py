@@ -166,7 +166,7 @@ def local_broker_url(user: str, settings: RuntimeSettings | None = None) -> str:
     passwords = credentials.read_env_file(settings.var_dir / credentials.NATS_CREDENTIALS_FILE)
     password = passwords.get(credentials.nats_password_variable(user))
     if password:
-        return nats_url_with_credentials(*ports[:1], user, password, *ports[1:])
+        return nats_url_with_credentials(ports[0], user, password, *ports[1:])
     return ",".join(f"nats://{NATS_HOST}:{port}" for port in ports)
 
 
