@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool haproxy cluster
+.PHONY: run test test-fast test-faults test-fuzz bench demo migrate rebuild lint clean browsers promtool haproxy cluster cluster-local
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -23,6 +23,9 @@ demo: $(STAMP)  ## load the published cohort into a running stack and print the 
 
 cluster:  ## 3 NATS nodes, R3 streams, 2 replicas of each service, with Docker Compose (deploy/README.md)
 	deploy/cluster.sh
+
+cluster-local: $(STAMP)  ## the same without Docker: local processes, SQLite under var/, Ctrl-C stops (deploy/README.md)
+	$(BIN)/nephrotrack cluster
 
 migrate: $(STAMP)
 	$(BIN)/nephrotrack migrate

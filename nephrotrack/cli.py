@@ -20,6 +20,15 @@ def run() -> None:
 
 
 @app.command()
+def cluster() -> None:
+    """The three-node NATS cluster (streams in three replicas) and two replicas of each service, as
+    local processes: no Docker needed. Ctrl-C stops everything (deploy/README.md)."""
+    from nephrotrack.cluster import ClusterSupervisor
+
+    raise typer.Exit(ClusterSupervisor().run())
+
+
+@app.command()
 def migrate(service: list[str] = typer.Argument(None, help="services to migrate (default: all)")) -> None:
     """Create or upgrade each service's database schema (Alembic)."""
     for name in service or SERVICES:

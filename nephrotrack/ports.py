@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PortNeed:
-    """One port to open: ``label`` says what for, ``variable`` moves it; ``movable`` when any
-    free port will do instead (the embedded NATS's default)."""
+    """One port to open: ``label`` says what for, ``variable`` moves it (and names it among the
+    claimed ports); ``movable`` when any free port will do instead (the embedded NATS's default);
+    port 0 for any free port from the start (``nephrotrack cluster``'s second replicas, its
+    other nodes and routes)."""
 
     label: str
     host: str
@@ -40,11 +42,12 @@ class Claimed:
     moved: list[str]
 
 
-def claim_ports(needs: list[PortNeed], *, prefer: dict[str, int] | None = None) -> Claimed:
+def claim_ports(needs: list[PortNeed], *, prefer: dict[str, int] | None = None,
+                command: str = "nephrotrack run") -> Claimed:
     """Check every need; a movable one that is taken gets ``prefer[variable]`` when that is free
     (the port it had last time), else one the system picks. Raises :class:`PortsUnavailable`."""
     prefer = prefer or {}
-    _refuse_duplicates(needs)
+    _refuse_duplicates(needs, command)
     ports: dict[str, int] = {}
     moved: list[str] = []
     refusals: list[str] = []
@@ -52,16 +55,16 @@ def claim_ports(needs: list[PortNeed], *, prefer: dict[str, int] | None = None) 
         to_move = []
         for need in needs:
             try:
-                held.enter_context(_bound(need.host, need.port))
+                sock = held.enter_context(_bound(need.host, need.port))
             except OSError as error:
                 if need.movable and error.errno == errno.EADDRINUSE:
                     to_move.append(need)
                 else:
                     refusals.append(_refusal(need, error))
                 continue
-            ports[need.variable] = need.port
+            ports[need.variable] = sock.getsockname()[1]
         if refusals:
-            raise PortsUnavailable("nephrotrack run cannot start:\n  " + "\n  ".join(refusals))
+            raise PortsUnavailable(f"{command} cannot start:\n  " + "\n  ".join(refusals))
         for need in to_move:
             sock = held.enter_context(_free_port(need.host, prefer.get(need.variable)))
             ports[need.variable] = sock.getsockname()[1]
@@ -72,13 +75,15 @@ def claim_ports(needs: list[PortNeed], *, prefer: dict[str, int] | None = None) 
     return Claimed(ports, moved)
 
 
-def _refuse_duplicates(needs: list[PortNeed]) -> None:
+def _refuse_duplicates(needs: list[PortNeed], command: str) -> None:
     seen: dict[int, PortNeed] = {}
     for need in needs:
+        if need.port == 0:  # any free port: the system gives each its own
+            continue
         other = seen.setdefault(need.port, need)
         if other is not need:
             raise PortsUnavailable(
-                f"nephrotrack run cannot start: port {need.port} is set for both {other.label} ({other.variable}) "
+                f"{command} cannot start: port {need.port} is set for both {other.label} ({other.variable}) "
                 f"and {need.label} ({need.variable}); give one of them another port"
             )
 

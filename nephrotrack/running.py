@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +23,10 @@ RUNTIME_FILE = "runtime.json"
 @dataclass(frozen=True)
 class RunningStack:
     """What ``runtime.json`` records: the supervisor's pid, when it started (and stopped), each
-    service's HTTP URL, the MLLP listener (``host:port``) and the broker."""
+    service's HTTP URL, the MLLP listener (``host:port``) and the broker (``nats_url``: one URL,
+    or, for ``nephrotrack cluster``, every node's, comma-separated). ``replicas`` and
+    ``mllp_replicas``: every replica's addresses, the first as in ``http`` and ``mllp`` (one for
+    ``run``, two for ``nephrotrack cluster``; empty in a record from before them)."""
 
     pid: int
     started_at: str
@@ -32,10 +35,17 @@ class RunningStack:
     nats_url: str
     nats_embedded: bool
     stopped_at: str | None = None
+    replicas: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    mllp_replicas: Sequence[str] = field(default_factory=list)
+
+    @property
+    def nats_ports(self) -> list[int]:
+        """The port of each URL in ``nats_url`` (the embedded nodes')."""
+        return [port for url in self.nats_url.split(",") if (port := urlsplit(url.strip()).port)]
 
     @property
     def nats_port(self) -> int | None:
-        return urlsplit(self.nats_url).port
+        return next(iter(self.nats_ports), None)
 
     def is_running(self) -> bool:
         """Not marked stopped and its supervisor alive (a killed one leaves its record behind)."""
