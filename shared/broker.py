@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import structlog
 from faststream.nats import JStream, NatsBroker, NatsToken, NatsUserPassword
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError, ServiceUnavailableError
 
 from shared.settings import RuntimeSettings
 
@@ -142,6 +144,26 @@ class NatsServers:
 def nats_connect_options(urls: str, **options: Any) -> dict[str, Any]:
     """``nats.connect(**nats_connect_options(NATS_URL, name=…))``: see :class:`NatsServers`."""
     return {**NatsServers.parse(urls).connect_options(), **options}
+
+
+JETSTREAM_NOT_READY = (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, ServerError)
+"""What the JetStream API answers while it cannot serve yet: a cluster electing its meta leader
+(seconds after its nodes start or one is lost), a node still recovering its store."""
+T = TypeVar("T")
+
+
+async def until_jetstream_answers(step: Callable[[], Awaitable[T]], what: str, *, first_pause: float = 0.5,
+                                  longest_pause: float = 5.0) -> T:
+    """``step()`` again, with growing pauses, for as long as JetStream is not ready: a service
+    starting beside a cluster that is still electing waits for it instead of exiting."""
+    pause = first_pause
+    while True:
+        try:
+            return await step()
+        except JETSTREAM_NOT_READY as error:
+            log.warning("JetStream is not answering yet: trying again", step=what, error=repr(error), retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest_pause)
 
 
 async def ensure_streams(js: JetStreamContext, streams: list[JStream], *, replicas: int = 1) -> None:

@@ -24,7 +24,7 @@ from shared.auth import (
     AuthConfigError,
     KeyRing,
 )
-from shared.broker import NatsUrlError, Topology, ensure_streams, make_broker
+from shared.broker import NatsUrlError, Topology, ensure_streams, make_broker, until_jetstream_answers
 from shared.consumer import BatchHandler, DurableConsumer
 from shared.database import keep_statistics
 from shared.erasures import erased_subjects
@@ -138,8 +138,10 @@ class Service:
         self._announce_keys()
         await self.broker.connect()
         js = self.broker.connection.jetstream()
-        await ensure_streams(js, self.topology.all_streams(SERVICES), replicas=self.settings.stream_replicas)
-        await self.vault.connect(js, replicas=self.settings.stream_replicas)
+        replicas = self.settings.stream_replicas
+        await until_jetstream_answers(
+            lambda: ensure_streams(js, self.topology.all_streams(SERVICES), replicas=replicas), "streams")
+        await until_jetstream_answers(lambda: self.vault.connect(js, replicas=replicas), "key bucket")
         # before the mirror loads any key; a database not answering yet is waited for
         for subject_id in await self.outages.outlast(lambda: erased_subjects(self.store)):
             self.vault.mark_erased(subject_id)

@@ -1,0 +1,66 @@
+"""A service starting while JetStream cannot answer yet — a cluster still electing its meta
+leader, a node still recovering — waits for it instead of exiting (the cluster test saw a service
+exit on `nats: timeout` from the stream API seconds after its three nodes started)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.broker import JETSTREAM_NOT_READY, until_jetstream_answers
+from shared.service import Service
+from tests.fault.infra import NATS_SERVER, NatsServer
+from tests.inprocess import databases
+
+
+async def test_a_step_is_tried_again_while_jetstream_is_not_ready_and_other_errors_pass() -> None:
+    calls = 0
+
+    async def step() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise JETSTREAM_NOT_READY[calls % len(JETSTREAM_NOT_READY)]()
+        return "created"
+
+    assert await until_jetstream_answers(step, "streams", first_pause=0.01) == "created" and calls == 3
+
+    async def refused() -> None:
+        raise PermissionError("not allowed")
+
+    with pytest.raises(PermissionError):
+        await until_jetstream_answers(refused, "streams", first_pause=0.01)
+
+
+async def test_a_service_started_before_jetstream_is_enabled_waits_and_then_starts(
+    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = NatsServer(tmp_path / "nats")
+    plain = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(server.port)],  # no JetStream
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        async with databases(("pulse",), backend="sqlite", tmp_path=tmp_path, prefix=prefix,
+                             monkeypatch=monkeypatch) as urls:
+            monkeypatch.setenv("NATS_URL", server.url)
+            service = Service("pulse", database=urls["pulse"])
+            starting = asyncio.create_task(service.start())
+            await asyncio.sleep(2.0)
+            assert not starting.done(), starting.exception() if starting.done() else None  # waiting, not exited
+            plain.terminate()
+            plain.wait(10)
+            await server.astart()  # the same port, now with JetStream
+            try:
+                await asyncio.wait_for(starting, 60)
+                info = await service.broker.connection.jetstream().stream_info(service.topology.service_stream("pulse").name)
+                assert info.config.name == service.topology.service_stream("pulse").name
+            finally:
+                await service.stop()
+    finally:
+        if plain.poll() is None:
+            plain.kill()
+        server.stop()
