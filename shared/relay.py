@@ -41,6 +41,7 @@ from sqlalchemy import Row, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared import metrics
+from shared.moments import as_utc
 from shared.schema import outbox
 from shared.store import EventStore, SqlEventStore
 
@@ -233,5 +234,4 @@ class OutboxRelay:
         if oldest is None:
             metrics.OUTBOX_OLDEST_AGE.set(0)
         else:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
-            metrics.OUTBOX_OLDEST_AGE.set((datetime.now(UTC) - oldest).total_seconds())
+            metrics.OUTBOX_OLDEST_AGE.set((datetime.now(UTC) - as_utc(oldest)).total_seconds())

@@ -15,6 +15,7 @@ from services.outcomes.queries import OutcomesQueries
 from services.outcomes.rebuild.reader import stream_heads
 from shared import metrics
 from shared.events import Envelope
+from shared.moments import as_utc
 from shared.service import Service
 
 log = structlog.get_logger(__name__)
@@ -59,9 +60,7 @@ async def projection_lag(js: JetStreamContext, queries: OutcomesQueries, now: da
         except Exception:  # deleted, or not an envelope: keep the upper bound
             pass
         if waiting_since is not None:
-            if waiting_since.tzinfo is None:
-                waiting_since = waiting_since.replace(tzinfo=UTC)
-            seconds = max(seconds, (now - waiting_since).total_seconds())
+            seconds = max(seconds, (now - as_utc(waiting_since)).total_seconds())
     return ProjectionLag(events, max(seconds, 0.0))
 
 

@@ -6,7 +6,7 @@ projection and a rebuild give the same bytes for it, and inserting it twice is a
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 from contracts.cells import CellsInfused
@@ -25,10 +25,11 @@ from contracts.labs import EgfrComputed, LabResultCorrected, UrineResultMeasured
 from contracts.pulse import PulseDoseAdministered
 from services.outcomes.wire import Meta
 from shared.events import DomainEvent
+from shared.moments import as_utc
 
 
 def _utc_date(moment: datetime) -> date:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).date()
+    return as_utc(moment).date()
 
 
 def _timeline_kind(event: DomainEvent, envelope: Meta) -> tuple[str, date] | None:

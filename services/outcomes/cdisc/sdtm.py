@@ -17,6 +17,7 @@ from contracts.enrollment import AdverseEventReported, AdverseEventUpdated, Caus
 from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.outcomes.cdisc.model import Dataset, Variable, dataset
 from services.outcomes.cdisc.study import ARMS, SITEID, STUDYID, Subject, by_subject, sequenced, study_day, treated
+from shared.moments import as_utc
 
 AdverseEventReport = AdverseEventReported | AdverseEventUpdated
 
@@ -197,11 +198,6 @@ class LabRecord:
         return self.collected_at.astimezone(UTC).date()
 
 
-def _aware(moment: datetime) -> datetime:
-    """Labs sends UTC; a naive time is read as UTC (as the outcome facts read it)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _number(value: float | None) -> str | None:
     """A result as text: up to 15 significant digits, so 2.0 × 88.4 reads 176.8, not 176.80000000000001."""
     return None if value is None else format(value, ".15g")
@@ -229,13 +225,13 @@ def egfr_results(subjects: dict[str, Subject], egfr: Iterable[EgfrComputed]) -> 
             continue
         s = subjects[e.subject_id]
         if e.creatinine_mg_dl is None:
-            results.append(LabRecord(s, e.result_id, EGFR, _aware(e.collected_at), e.egfr, e.loinc, (e.egfr, EGFR.unit)))
+            results.append(LabRecord(s, e.result_id, EGFR, as_utc(e.collected_at), e.egfr, e.loinc, (e.egfr, EGFR.unit)))
             continue
         loinc = e.loinc or CREATININE_LOINC["mg/dL"]
         mg_dl = e.creatinine_mg_dl
         original = (mg_dl * UMOL_PER_MG_DL, "umol/L") if loinc == CREATININE_LOINC["umol/L"] else (mg_dl, "mg/dL")
-        results.append(LabRecord(s, e.result_id, CREATININE, _aware(e.collected_at), mg_dl, loinc, original))
-        results.append(LabRecord(s, e.result_id, EGFR, _aware(e.collected_at), e.egfr, CKD_EPI_2021_LOINC, None))
+        results.append(LabRecord(s, e.result_id, CREATININE, as_utc(e.collected_at), mg_dl, loinc, original))
+        results.append(LabRecord(s, e.result_id, EGFR, as_utc(e.collected_at), e.egfr, CKD_EPI_2021_LOINC, None))
     return results
 
 
@@ -243,7 +239,7 @@ def urine_results(subjects: dict[str, Subject], urine: Iterable[UrineResultMeasu
     """The LB records of the counted urine protein results (``UrineResultMeasured``, the effective
     value of each result id), in the analyte's kept unit under the code the lab sent."""
     return [
-        LabRecord(subjects[u.subject_id], u.result_id, URINE[u.analyte], _aware(u.collected_at), u.value, u.loinc,
+        LabRecord(subjects[u.subject_id], u.result_id, URINE[u.analyte], as_utc(u.collected_at), u.value, u.loinc,
                 (u.value, u.unit))
         for u in urine if u.counted and u.subject_id in subjects
     ]
