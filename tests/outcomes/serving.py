@@ -25,14 +25,16 @@ from tests.stack import AUTH_HEADERS, TEST_API_KEYS
 @contextlib.asynccontextmanager
 async def outcomes_api(
     run: list[Published], backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, *, api_keys: str = TEST_API_KEYS, headers: dict[str, str] = AUTH_HEADERS,
 ) -> AsyncIterator[httpx.AsyncClient]:
+    """``api_keys``/``headers``: the keys the process knows and the client's (one key for every role
+    unless a test tells roles apart)."""
     monkeypatch.setenv("NATS_URL", NATS_URL)
-    monkeypatch.setenv("NEPHROTRACK_API_KEYS", TEST_API_KEYS)
+    monkeypatch.setenv("NEPHROTRACK_API_KEYS", api_keys)
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
     try:
-        async with outcomes_process(url) as client:
+        async with outcomes_process(url, headers=headers) as client:
             await publish(nats_client.jetstream(), topology, run)
             await caught_up(client, len(run))
             yield client
@@ -41,7 +43,8 @@ async def outcomes_api(
 
 
 @contextlib.asynccontextmanager
-async def outcomes_process(url: str, timeout: float = 10) -> AsyncIterator[httpx.AsyncClient]:
+async def outcomes_process(url: str, timeout: float = 10,
+                           headers: dict[str, str] = AUTH_HEADERS) -> AsyncIterator[httpx.AsyncClient]:
     """One outcomes process on a migrated database, and a client with the test key; stopping it
     and starting another on the same database is a restart."""
     port = free_port()
@@ -51,7 +54,7 @@ async def outcomes_process(url: str, timeout: float = 10) -> AsyncIterator[httpx
     while not server.started:
         await asyncio.sleep(0.05)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, headers=AUTH_HEADERS) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, headers=headers) as client:
             yield client
     finally:
         server.should_exit = True

@@ -4,7 +4,6 @@ exports (v2)")."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -16,15 +15,11 @@ import jsonschema_rs
 import nats
 import pandas as pd
 import pytest
-import uvicorn
 
-from services.outcomes.app import create_app
 from shared.broker import Topology
-from shared.database import migrate
-from shared.service import Service
-from tests.conftest import NATS_URL, drop_database, free_port, new_database_url
 from tests.outcomes.conftest import Feed
-from tests.outcomes.mixed_run import Published, publish
+from tests.outcomes.mixed_run import Published
+from tests.outcomes.serving import outcomes_api
 from tests.unit.outcomes.cdisc_study import creatinine, reported
 from tests.unit.outcomes.outcome_events import died, dose, enrolled, infused
 
@@ -67,32 +62,10 @@ def cohort() -> list[Published]:
 @pytest.fixture
 async def api(backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology,
               monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
-    monkeypatch.setenv("NATS_URL", NATS_URL)
-    monkeypatch.setenv("NEPHROTRACK_API_KEYS", ",".join(f"{role}:{key}" for role, key in KEYS.items()))
-    url = new_database_url(backend, tmp_path, "outcomes")
-    await asyncio.to_thread(migrate, "outcomes", url)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Service("outcomes", database=url)), host="127.0.0.1",
-                                           port=port, log_config=None, access_log=False))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
-                                     headers={"Authorization": f"Bearer {KEYS['analyst']}"}) as client:
-            await publish(nats_client.jetstream(), topology, cohort())
-            for _ in range(150):
-                sources = (await client.get("/v1/freshness")).json()["sources"]
-                if sum(s["last_sequence"] for s in sources) == len(cohort()):
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail(f"projection did not catch up: {sources}")
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
-        await drop_database(url)
+    async with outcomes_api(cohort(), backend, tmp_path, nats_client, topology, monkeypatch,
+                            api_keys=",".join(f"{role}:{key}" for role, key in KEYS.items()),
+                            headers={"Authorization": f"Bearer {KEYS['analyst']}"}) as client:
+        yield client
 
 
 def read_xpt(body: bytes) -> pd.DataFrame:
