@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 BackgroundTask = Callable[[], Awaitable[None]]
+BROKER_PROBE_SECONDS = 1.5
+"""Inside the outage probe's own 2 s limit."""
 
 class Service:
     def __init__(self, name: str, *, database: str | None = None) -> None:
@@ -198,8 +200,12 @@ class Service:
             await asyncio.sleep(5)
 
     async def _broker_answers(self) -> None:
+        """Connected *and* JetStream answering: a connected server whose JetStream cannot serve
+        (a cluster electing its meta leader) times out every stream call, which is an outage to
+        wait out, not the message's failure."""
         if not self.broker.connection.is_connected:
             raise ConnectionError("not connected to the broker")
+        await self.broker.connection.jetstream(timeout=BROKER_PROBE_SECONDS).account_info()
 
     async def _vault_answers(self) -> None:
         await self._broker_answers()

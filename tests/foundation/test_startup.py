@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.broker import JETSTREAM_NOT_READY, until_jetstream_answers
+from shared.outages import Dependency
 from shared.service import Service
 from tests.fault.infra import NATS_SERVER, NatsServer
 from tests.inprocess import databases
@@ -60,6 +61,40 @@ async def test_a_service_started_before_jetstream_is_enabled_waits_and_then_star
                 assert info.config.name == service.topology.service_stream("pulse").name
             finally:
                 await service.stop()
+    finally:
+        if plain.poll() is None:
+            plain.kill()
+        server.stop()
+
+
+async def test_a_connected_broker_whose_jetstream_cannot_answer_is_an_outage_until_it_does(
+    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker probe asks JetStream, not only the TCP connection: before, a JetStream timeout
+    met by a consumer found the broker "answering at once" and, after three tries, dead-lettered
+    a good message."""
+    server = NatsServer(tmp_path / "nats")
+    plain = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(server.port)],  # no JetStream
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        async with databases(("pulse",), backend="sqlite", tmp_path=tmp_path, prefix=prefix,
+                             monkeypatch=monkeypatch) as urls:
+            monkeypatch.setenv("NATS_URL", server.url)
+            service = Service("pulse", database=urls["pulse"])
+            service.outages.first_pause = 0.2
+            await service.broker.connect()
+            try:
+                waiting = asyncio.create_task(service.outages.wait_out(Dependency.BROKER))
+                await asyncio.sleep(3.0)
+                assert not waiting.done() and service.outages.is_down(Dependency.BROKER)
+                plain.terminate()
+                plain.wait(10)
+                await server.astart()  # the same port, now with JetStream; the client reconnects
+                assert await asyncio.wait_for(waiting, 60) is True  # waited out, then resumed
+                assert not service.outages.is_down(Dependency.BROKER)
+            finally:
+                await service.broker.stop()
     finally:
         if plain.poll() is None:
             plain.kill()
