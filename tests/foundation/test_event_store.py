@@ -26,6 +26,7 @@ from shared.store import (
 )
 from shared.store.postgres import PostgresUnitOfWork
 from tests.conftest import STORE_BACKENDS
+from tests.foundation.following import read_all_written
 from tests.foundation.tables import outbox_rows, stored_payloads
 
 
@@ -227,6 +228,7 @@ async def test_read_all_pages_in_order_and_resumes(store: EventStore) -> None:
     assert await store.head() == START
     for i in range(25):
         await store.append(f"s-{i % 4}", things(i), expected_version=i // 4)
+    assert len(await read_all_written(store, 25)) == 25
     seen = [s async for s in store.read_all(batch_size=7)]
     assert [s.envelope.decode().n for s in seen] == list(range(25))
     assert [s.position for s in seen] == sorted(s.position for s in seen)
@@ -454,6 +456,6 @@ async def test_the_codec_is_used_on_every_path(database_url: str) -> None:
         async with store.transaction() as uow:
             assert [*await uow.read_stream("a"), *(await uow.read_streams(["b"]))["b"]] == written
         assert [*await store.read_stream("a"), *await store.read_stream("b")] == written
-        assert [s.envelope async for s in store.read_all()] == written
+        assert [s.envelope for s in await read_all_written(store, 2)] == written
     finally:
         await store.close()

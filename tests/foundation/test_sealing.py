@@ -30,6 +30,7 @@ from shared.sealing import (
 )
 from shared.store import EventStore, open_store
 from tests.conftest import STORE_BACKENDS
+from tests.foundation.following import read_all_written
 from tests.foundation.tables import outbox_rows, overwrite_payload, stored_payload, stored_payloads
 
 
@@ -188,7 +189,7 @@ async def test_store_seals_patient_payloads_in_the_table_and_the_outbox(sealed_s
     written = await sealed_store.append("note-1", [SubjectNoted(subject_id="IGA-B-007", note="plaintext-marker")], 0, context)
     await sealed_store.append("erasure-IGA-B-007", [SubjectNoted(subject_id="IGA-B-007", note="clear")], 0, context)
     assert await sealed_store.read_stream("note-1") == written
-    assert [s.envelope for s in [s async for s in sealed_store.read_all()]][0] == written[0]
+    assert [s.envelope for s in await read_all_written(sealed_store, 2)][0] == written[0]
 
     stored = await stored_payloads(sealed_store)
     bodies = [json.loads(row.body) for row in await outbox_rows(sealed_store)]
