@@ -1,20 +1,20 @@
-"""Analyst query latency: ``GET /v1/cohorts`` with the outcomes projection holding 10^3, 10^5 and
-10^6 events' worth of data.
+"""Analyst query latency (issue 20, target 4): ``GET /v1/cohorts`` and
+``/v1/cohorts/{group}/endpoints`` against the same server's ``/healthz``, with the outcomes
+projection holding 10^4 and 10^6 events' worth of data.
 
 The projection is filled by the projector itself (``ProjectionChanges`` + the rebuild's writers)
 from :mod:`bench.workload`'s events, in a separate process, straight into the active generation
 of a fresh PostgreSQL database — the rows a live projection or a rebuild would have written.
 Then the outcomes service runs as its own process (``python -m services.outcomes``, uvicorn, its
-real middleware and auth) on that database, and one client asks ``/v1/cohorts`` 500 times in a
-row (after 20 warm-up requests) over one keep-alive connection.
+real middleware and auth) on that database, and one client asks, round after round, ``/healthz``,
+``/v1/cohorts`` and the endpoints of every group with patients (the order rotating; 20 warm-up
+rounds, then REQUESTS measured ones) over one keep-alive connection. The target is a ratio on the
+same server: each cohort path's p50 at most 3× ``/healthz``'s, at every size — so the answer must
+not be recomputed from every patient per request (10^4 events hold a few hundred patients, 10^5
+and more the same 2,000). Peak RSS (``VmHWM``) of the filling process and of the outcomes
+process is reported too. Databases and the service's streams are deleted afterwards.
 
-The answer is computed from one row per patient (``outcome_json``), never from events, so the
-latency follows the number of patients, not the length of the log: 10^5 and 10^6 events hold
-the same 2,000 patients (10^6 = ten times the lab results each), 10^3 events only the first few
-dozen patients. Peak RSS (``VmHWM``) of the filling process and of the outcomes process is
-reported too. Databases and the service's streams are deleted afterwards.
-
-``python -m bench analyst_queries``; ``NEPHROTRACK_BENCH_QUERY_SIZES=1000,100000,1000000`` and
+``python -m bench analyst_queries``; ``NEPHROTRACK_BENCH_QUERY_SIZES=10000,1000000`` and
 ``NEPHROTRACK_BENCH_QUERY_REQUESTS=500`` change the sizes and the request count.
 """
 
@@ -40,9 +40,12 @@ from bench.rebuild import NATS_URL, POSTGRES, ROOT, _cpu_seconds, _peak_rss_mib,
 from bench.report import percentile
 from shared.broker import Topology
 
-SIZES = tuple(int(n) for n in os.environ.get("NEPHROTRACK_BENCH_QUERY_SIZES", "1000,100000,1000000").split(","))
+SIZES = tuple(int(n) for n in os.environ.get("NEPHROTRACK_BENCH_QUERY_SIZES", "10000,1000000").split(","))
 REQUESTS = int(os.environ.get("NEPHROTRACK_BENCH_QUERY_REQUESTS", "500"))
 WARM_UP = 20
+HEALTHZ = "/healthz"
+COHORTS = "/v1/cohorts"
+TARGET_RATIO = 3.0
 PATIENTS = 2_000
 WRITE_EVERY = 20_000
 
@@ -50,11 +53,15 @@ WRITE_EVERY = 20_000
 # --- filling the projection (child process) ----------------------------------------------------------
 
 async def _fill(database_url: str, prefix: str, total: int, patients: int) -> dict:
+    from contracts import register_all
+    from services.outcomes import locks
     from services.outcomes.incoming import Incoming
     from services.outcomes.projection_sql import SqlProjectionStore
     from services.outcomes.projector import ProjectionChanges
+    from shared.events import registry
     from shared.store import open_store
 
+    register_all(registry, *locks.EVENTS)  # as the outcomes app does: unregistered events decode to nothing
     topology = Topology(prefix)
     streams = {source: topology.service_stream(source).name for source in workload.SOURCES}
     sequences = {source: itertools.count(1) for source in workload.SOURCES}
@@ -125,8 +132,15 @@ async def _wait_ready(client: httpx.AsyncClient, url: str, process: subprocess.P
     raise TimeoutError(f"outcomes not ready after 120 s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-async def query_latencies(database_url: str, prefix: str, tmp: str) -> tuple[list[float], dict, float]:
-    """(latencies of REQUESTS sequential /v1/cohorts, the last answer's cohorts, outcomes peak RSS)."""
+def _paths(groups: list[str]) -> list[str]:
+    """What one round asks: the baseline, the cohort table and each group's endpoints."""
+    return [HEALTHZ, COHORTS, *(f"/v1/cohorts/{group}/endpoints" for group in groups)]
+
+
+async def query_latencies(database_url: str, prefix: str, tmp: str) -> tuple[dict[str, list[float]], dict, float]:
+    """({path: latencies of REQUESTS requests}, the cohorts' sizes, outcomes peak RSS): ``/healthz``,
+    ``/v1/cohorts`` and the endpoints of every group with patients, interleaved round by round (the
+    order rotating) on one keep-alive connection, so that all of them see the same machine."""
     key = secrets.token_urlsafe(24)
     port = _free_port()
     env = {
@@ -143,17 +157,19 @@ async def query_latencies(database_url: str, prefix: str, tmp: str) -> tuple[lis
     try:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
             await _wait_ready(client, url, process, log)
-            latencies = []
-            answer = None
+            cohorts = {row["group"]: row["n"] for row in (await client.get(f"{url}{COHORTS}")).json()}
+            paths = _paths([group for group, n in cohorts.items() if n])
+            latencies: dict[str, list[float]] = {path: [] for path in paths}
             for i in range(WARM_UP + REQUESTS):
-                started = time.perf_counter()
-                response = await client.get(f"{url}/v1/cohorts")
-                elapsed = time.perf_counter() - started
-                if response.status_code != 200:
-                    raise RuntimeError(f"/v1/cohorts answered {response.status_code}: {response.text[:500]}")
-                if i >= WARM_UP:
-                    latencies.append(elapsed)
-                answer = response.json()
+                shift = i % len(paths)
+                for path in paths[shift:] + paths[:shift]:
+                    started = time.perf_counter()
+                    response = await client.get(f"{url}{path}")
+                    elapsed = time.perf_counter() - started
+                    if response.status_code != 200:
+                        raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:500]}")
+                    if i >= WARM_UP:
+                        latencies[path].append(elapsed)
         rss = _process_peak_rss_mib(process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -161,7 +177,7 @@ async def query_latencies(database_url: str, prefix: str, tmp: str) -> tuple[lis
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
-    return latencies, {row["group"]: row["n"] for row in answer or []}, rss
+    return latencies, cohorts, rss
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
@@ -183,41 +199,65 @@ async def measure(total: int, tmp: str) -> dict:
     return {"total": total, "filled": filled, "latencies": latencies, "cohorts": cohorts, "outcomes_rss": rss}
 
 
+def _ratio_table(results: list[dict]) -> list[str]:
+    """Per size and path: p50/p99 and the p50 over the same server's ``/healthz`` p50, against
+    the target (≤ TARGET_RATIO for every cohort path at every size)."""
+    lines = ["| events | path | p50 ms | p99 ms | p50 ÷ /healthz p50 | target ≤ "
+             f"{TARGET_RATIO:g}× |", "|---|---|---|---|---|---|"]
+    for r in results:
+        baseline = percentile(r["latencies"][HEALTHZ], 50)
+        for path, latencies in r["latencies"].items():
+            ratio = percentile(latencies, 50) / baseline
+            verdict = "—" if path == HEALTHZ else ("met" if ratio <= TARGET_RATIO else "not met")
+            lines.append(f"| {r['total']:,} | `{path}` | {percentile(latencies, 50) * 1000:.2f} | "
+                         f"{percentile(latencies, 99) * 1000:.2f} | {ratio:.2f} | {verdict} |")
+    return lines
+
+
+def _verdict(results: list[dict]) -> str:
+    worst = max(
+        (percentile(latencies, 50) / percentile(r["latencies"][HEALTHZ], 50), r["total"], path)
+        for r in results for path, latencies in r["latencies"].items() if path != HEALTHZ
+    )
+    met = "met" if worst[0] <= TARGET_RATIO else "not met"
+    return (f"Target 4 (cohort queries p50 ≤ {TARGET_RATIO:g}× /healthz p50 at every size): **{met}** — the worst "
+            f"is `{worst[2]}` at {worst[1]:,} events, {worst[0]:.2f}×.")
+
+
 async def run(tmp: str) -> str:
     load_before = os.getloadavg()[0]
     results = []
     for total in SIZES:
         print(f"  analyst queries: {total:,} events …", flush=True)
-        results.append(await measure(total, tmp))
+        results.append(result := await measure(total, tmp))
+        if not result["filled"]["patients"]:
+            raise RuntimeError(f"the fill of {total:,} events projected no patient: nothing would be measured")
     lines = [
-        f"### Analyst query latency: `GET /v1/cohorts`, {REQUESTS} sequential requests (load average "
-        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)",
+        f"### Analyst query latency: `/healthz`, `GET /v1/cohorts` and `/v1/cohorts/{{group}}/endpoints`, "
+        f"{REQUESTS} interleaved rounds (load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} "
+        "at the end)",
         "",
         "The outcomes service as a process (uvicorn, auth, freshness headers) on PostgreSQL, the projection "
-        "filled by the projector from the benchmark workload.",
+        "filled by the projector from the benchmark workload; each round asks every path once, on one "
+        "keep-alive connection.",
         "",
-        "| events in the projection | patients (A/B/control) | p50 ms | p99 ms | fill events/s (per CPU-s) | "
-        "peak RSS fill / outcomes |",
-        "|---|---|---|---|---|---|",
+        "| events in the projection | patients (A/B/control) | fill events/s (per CPU-s) | peak RSS fill / outcomes |",
+        "|---|---|---|---|",
     ]
     for r in results:
         filled, cohorts = r["filled"], r["cohorts"]
         lines.append(
             f"| {r['total']:,} | {filled['patients']:,} ({cohorts.get('A', 0)}/{cohorts.get('B', 0)}/"
-            f"{cohorts.get('control', 0)}) | {percentile(r['latencies'], 50) * 1000:.1f} | "
-            f"{percentile(r['latencies'], 99) * 1000:.1f} | {r['total'] / filled['seconds']:,.0f} "
+            f"{cohorts.get('control', 0)}) | {r['total'] / filled['seconds']:,.0f} "
             f"({r['total'] / filled['cpu_seconds']:,.0f}) | {filled['peak_rss_mib']:.0f} / {r['outcomes_rss']:.0f} MiB |"
         )
+    lines += ["", *_ratio_table(results), "", _verdict(results)]
     if len(results) > 1:
         first, last = results[0], results[-1]
-        p50 = {r["total"]: percentile(r["latencies"], 50) for r in results}
-        lines += ["", f"p50 ratio {last['total']:,} ÷ {first['total']:,} events: {p50[last['total']] / p50[first['total']]:.2f}"
-                  f" ({last['filled']['patients']:,} vs {first['filled']['patients']:,} patients)."]
-        same = [r for r in results[:-1] if r["filled"]["patients"] == last["filled"]["patients"]]
-        if same:
-            lines[-1] += (f" Same {last['filled']['patients']:,} patients, {last['total'] // same[-1]['total']}× the events "
-                          f"({last['total']:,} ÷ {same[-1]['total']:,}): p50 × {p50[last['total']] / p50[same[-1]['total']]:.2f}"
-                          " — the answer reads one row per patient, never events.")
+        p50 = {r["total"]: percentile(r["latencies"][COHORTS], 50) for r in results}
+        lines[-1] += (f" `/v1/cohorts` p50 ratio {last['total']:,} ÷ {first['total']:,} events: "
+                      f"{p50[last['total']] / p50[first['total']]:.2f} ({last['filled']['patients']:,} vs "
+                      f"{first['filled']['patients']:,} patients).")
     return "\n".join(lines)
 
 

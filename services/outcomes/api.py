@@ -16,12 +16,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from pydantic import TypeAdapter
 
 from contracts.enrollment import Group
 from services.outcomes import exports, group_evidence, statistics
+from services.outcomes.answers import RememberedAnswers
 from services.outcomes.domain import PatientOutcome
 from services.outcomes.evidence_views import BiopsySummary, GroupSlopes, KidneyEndpoints, SafetySummary
 from services.outcomes.queries import Freshness, OutcomesQueries
+from services.outcomes.reading import ProjectionView
 from services.outcomes.rebuild.lease import RebuildBusy
 from services.outcomes.rebuild.wiring import BackgroundRebuild
 from services.outcomes.viewpoint import Viewpoint
@@ -43,6 +46,8 @@ FRESHNESS_HEADER = "X-Projection-Position"
 STAMP_TIMEOUT_SECONDS = 0.25
 
 _NOT_FOUND = {404: {"description": "unknown id, as `{\"detail\": \"<reason>\"}`"}}
+_COHORT_ROWS: TypeAdapter[list[CohortRow]] = TypeAdapter(list[CohortRow])
+_KIDNEY_ENDPOINTS: TypeAdapter[KidneyEndpoints] = TypeAdapter(KidneyEndpoints)
 
 
 def _group(group: str) -> Group:
@@ -53,9 +58,9 @@ def _group(group: str) -> Group:
 
 class LastAnswers:
     """The last answer per group, with the projection position it was computed at: a mixed-model
-    fit takes a tenth of a second to seconds, and the same generation and position (and lock or
-    ``as_of``) mean the same rows, hence the same answer (dashboards poll). Keys: the group, then
-    what the rows are (``Freshness.answer_key``)."""
+    fit takes a tenth of a second to seconds, and the same generation, position and mark rows'
+    versions (and lock or ``as_of``) mean the same rows, hence the same answer (dashboards
+    poll). Keys: the group, then what the rows are (``Freshness.answer_key``)."""
 
     def __init__(self) -> None:
         self._answers: dict[str, tuple[tuple[Any, ...], Any]] = {}
@@ -74,13 +79,15 @@ def routes(
     """``viewpoint``: the dependency that reads ``as_of`` / ``lock`` (services/outcomes/viewpoint.py)."""
     router = APIRouter(prefix="/v1", tags=["outcomes"])
     fitted = LastAnswers()
+    remembered = RememberedAnswers()
     at_viewpoint = Depends(viewpoint)  # as_of / lock (a default: annotations are strings here)
 
     @router.get("/cohorts", response_model=list[CohortRow], summary="Cohort statistics per group (contract)")
-    async def cohorts(response: Response, at: Viewpoint = at_viewpoint) -> list[dict[str, Any]]:
-        async with at.open(response) as view:
-            outcomes = await view.outcomes()
-        return statistics.all_cohorts(outcomes)
+    async def cohorts(response: Response, at: Viewpoint = at_viewpoint) -> Any:
+        async def compute(view: ProjectionView) -> list[dict[str, Any]]:
+            return statistics.all_cohorts(await view.outcomes())
+
+        return await remembered.answer("cohorts", at, response, _COHORT_ROWS, compute)
 
     @router.get("/patients/{subject_id}", response_model=PatientDetail, responses=_NOT_FOUND,
                 summary="A patient's outcome values and timeline (contract)")
@@ -151,10 +158,13 @@ def routes(
 
     @router.get("/cohorts/{group}/endpoints", response_model=KidneyEndpoints, responses=_NOT_FOUND,
                 summary="Composite kidney endpoint (Kaplan–Meier) and kidney failure with death competing (v2)")
-    async def kidney_endpoints(group: str, response: Response, at: Viewpoint = at_viewpoint) -> dict[str, Any]:
+    async def kidney_endpoints(group: str, response: Response, at: Viewpoint = at_viewpoint) -> Any:
         chosen = _group(group)
-        async with at.open(response) as view:
+
+        async def compute(view: ProjectionView) -> dict[str, Any]:
             return group_evidence.kidney_endpoints(await view.outcomes(chosen))
+
+        return await remembered.answer(("endpoints", chosen), at, response, _KIDNEY_ENDPOINTS, compute)
 
     @router.get("/cohorts/{group}/slopes", response_model=GroupSlopes, responses=_NOT_FOUND,
                 summary="Total and chronic eGFR slopes of a group: REML linear mixed model (v2)")

@@ -4,7 +4,8 @@ Every query joins ``projection_state`` so it reads the generation that is active
 request runs all its queries in one snapshot (REPEATABLE READ on PostgreSQL; SQLite's reader
 sees one snapshot per transaction) — a rebuild's swap can never hand a response half of the
 old projection and half of the new one. Nothing here reads events: cohort answers cost
-O(patients), whatever the length of the log.
+O(patients), whatever the length of the log (and the API remembers the live ones per projection
+version, services/outcomes/answers.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, event, select
+from sqlalchemy import and_, event, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.outcomes import tables
@@ -60,6 +61,11 @@ class Freshness:
     lock: str | None = None
     as_of: datetime | None = None
     locked_at: datetime | None = None
+    versions: tuple[str, ...] = ()
+    """PostgreSQL's row version (``xmin``) of each mark row of the served generation: every batch
+    rewrites its streams' mark rows in the transaction that writes its patients — even a batch
+    behind the mark (a redelivery after a nak, another replica's batch committing later), which
+    leaves the position as it was. Empty for a past answer, or on SQLite (no row versions)."""
 
     @property
     def answered_at(self) -> datetime | None:
@@ -87,9 +93,19 @@ class Freshness:
         return headers
 
     @property
-    def answer_key(self) -> tuple[int, str, str | None, datetime | None]:
+    def answer_key(self) -> tuple[int, str, str | None, datetime | None, tuple[str, ...]]:
         """Equal keys, equal rows: what a cached answer is valid for."""
-        return self.generation, self.position, self.lock, self.as_of
+        return self.generation, self.position, self.lock, self.as_of, self.versions
+
+    @property
+    def live_key(self) -> tuple[int, tuple[str, ...]] | None:
+        """What a remembered live answer is valid for: the served generation and its mark rows'
+        versions. None where rows can change unseen: a lock's frozen generation loses an erased
+        patient's rows without its marks changing (``erase_from_frozen``), an ``as_of`` answer is
+        a replay of the log, and SQLite rows carry no version."""
+        if self.lock is None and self.as_of is None and self.versions:
+            return self.generation, self.versions
+        return None
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,13 @@ class OutcomesQueries:
             async with connection.begin():
                 yield connection
 
+    async def live_freshness(self) -> Freshness:
+        """The served generation's freshness in one statement outside any transaction (one round
+        trip where a snapshot takes three): what a remembered answer is checked against."""
+        async with self.engine.connect() as connection:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            return await self.freshness(connection)
+
     async def state(self, connection: AsyncConnection) -> ProjectionState:
         """The served generation and the rebuild's lease."""
         return await read_state(connection)
@@ -162,8 +185,10 @@ class OutcomesQueries:
             )
             return self.freshness_of({row.source: row for row in rows}, lock.generation, lock=lock.name,
                                      locked_at=lock.locked_at)
+        versioned = connection.dialect.name == "postgresql"
+        version = literal_column(f"{tables.sources.name}.xmin::text" if versioned else "NULL").label("version")
         rows = await connection.execute(
-            select(_state.active_generation, s.source, s.last_sequence, s.last_event_recorded_at)
+            select(_state.active_generation, s.source, s.last_sequence, s.last_event_recorded_at, version)
             .select_from(tables.projection_state.outerjoin(tables.sources, _active(tables.sources)))
             .where(_state.name == tables.PROJECTION)
         )
@@ -172,7 +197,8 @@ class OutcomesQueries:
             generation = row.active_generation
             if row.source is not None:
                 marks[row.source] = row
-        return self.freshness_of(marks, generation)
+        versions = tuple(f"{stream}:{marks[stream].version}" for stream in sorted(marks)) if versioned else ()
+        return self.freshness_of(marks, generation, versions=versions)
 
     def freshness_of(self, marks: Mapping[str, Any], generation: int, **past: Any) -> Freshness:
         """``marks``: per stream, anything with ``last_sequence`` and ``last_event_recorded_at``."""

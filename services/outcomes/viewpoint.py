@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import HTTPException, Query, Response
 
 from services.outcomes.locks import is_valid_name
-from services.outcomes.queries import OutcomesQueries
+from services.outcomes.queries import Freshness, OutcomesQueries
 from services.outcomes.reading import ProjectionView, SqlView
 from services.outcomes.time_travel import LogUnavailable, TimeTravel
 
@@ -50,6 +50,13 @@ class Viewpoint:
     time_travel: TimeTravel
     as_of: datetime | None = None
     lock: str | None = None
+
+    async def live_freshness(self) -> Freshness | None:
+        """The served rows' freshness read alone, for a remembered live answer
+        (services/outcomes/answers.py); None where none is remembered: a lock, ``as_of``, SQLite."""
+        if self.as_of is not None or self.lock is not None or self.queries.engine.dialect.name != "postgresql":
+            return None
+        return await self.queries.live_freshness()
 
     @asynccontextmanager
     async def open(self, stamp: Response | None = None) -> AsyncIterator[ProjectionView]:
