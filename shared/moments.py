@@ -11,4 +11,6 @@ from datetime import UTC, datetime
 
 def as_utc(value: datetime) -> datetime:
     """``value`` as an aware UTC datetime; a naive one is taken to be UTC already."""
+    if value.tzinfo is UTC:  # asyncpg's timestamptz: as it is (the common case, once per field read)
+        return value
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

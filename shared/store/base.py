@@ -130,7 +130,7 @@ class JsonCodec:
 JSON_CODEC = JsonCodec()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     position: Position
     envelope: Envelope
@@ -239,18 +239,20 @@ class EventStore(ABC):
         return [self.envelope(row) for row in rows]
 
     def envelope(self, row: Any) -> Envelope:
-        return Envelope(
-            event_id=row.event_id,
-            event_type=row.event_type,
-            schema_version=row.schema_version,
-            stream_id=row.stream_id,
-            stream_version=row.stream_version,
-            occurred_at=as_utc(row.occurred_at),
-            recorded_at=as_utc(row.recorded_at),
-            correlation_id=row.correlation_id,
-            causation_id=row.causation_id,
-            actor=row.actor,
-            payload=self.codec.decode(EventRef(row.event_id, row.event_type, row.stream_id), row.payload),
+        return Envelope.from_store(
+            {
+                "event_id": row.event_id,
+                "event_type": row.event_type,
+                "schema_version": row.schema_version,
+                "stream_id": row.stream_id,
+                "stream_version": row.stream_version,
+                "occurred_at": as_utc(row.occurred_at),
+                "recorded_at": as_utc(row.recorded_at),
+                "correlation_id": row.correlation_id,
+                "causation_id": row.causation_id,
+                "actor": row.actor,
+                "payload": self.codec.decode(EventRef(row.event_id, row.event_type, row.stream_id), row.payload),
+            }
         )
 
 

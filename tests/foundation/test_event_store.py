@@ -63,6 +63,21 @@ async def test_append_and_read_stream_round_trip(store: EventStore) -> None:
     assert await store.read_stream("no-such-stream") == []
 
 
+async def test_an_envelope_read_back_behaves_as_the_one_written(store: EventStore) -> None:
+    """Envelopes are read back without validating their fields again (``Envelope.from_store``):
+    they serialise, copy and compare as the validated ones written."""
+    [written] = await store.append("thing-1", things(1), expected_version=0)
+    [read] = await store.read_stream("thing-1")
+    [stored] = [s.envelope for s in await read_all_written(store, 1)]
+    for envelope in (read, stored):
+        assert envelope.model_dump_json() == written.model_dump_json()
+        assert envelope.model_fields_set == set(Envelope.model_fields)  # as validating the stored row gave
+        assert Envelope.model_validate_json(envelope.model_dump_json()) == written
+        copied = envelope.model_copy(update={"payload": {"n": 2}})
+        assert copied.payload == {"n": 2} and envelope.payload == written.payload
+        assert copied.model_fields_set == set(Envelope.model_fields)
+
+
 async def test_wrong_expected_version_writes_nothing(store: EventStore) -> None:
     await store.append("thing-1", things(1), expected_version=0)
     with pytest.raises(ConcurrencyError) as raised:
