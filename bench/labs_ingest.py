@@ -17,9 +17,11 @@ fed the same way:
    labs process (outcomes not started yet), live then from a backlog (the process is stopped,
    the results published, the process started again: timed from its first delivery, so its
    start-up is not counted); two labs processes (scale-out on one database and one durable
-   consumer, as in production with replicas), live then from a backlog; and both, live, with the
+   consumer, as in production with replicas), live then from a backlog; then, live, with the
    outcomes service consuming, timed on until its projection has applied every result
-   (``GET /v1/freshness``).
+   (``GET /v1/freshness``): first at the default process counts (one labs, one outcomes, as
+   ``nephrotrack run`` and docker-compose start them: issue 20's target 1 is judged on this
+   row), then with the second labs process beside them.
 
 Every result is a creatinine for its own result id, so each is decided (CKD-EPI 2021) and yields
 two events: ``LabResultRecorded`` (kept in the labs store) and ``EgfrComputed`` (stored and
@@ -29,7 +31,8 @@ are deleted from the shared ``LABS_RESULTS`` stream afterwards so later stacks d
 
 ``python -m bench labs_ingest``; ``NEPHROTRACK_BENCH_LABS_N`` changes N;
 ``NEPHROTRACK_BENCH_PROFILE=<file>`` runs the labs process under cProfile (slower) and writes
-its profile there; ``NEPHROTRACK_BENCH_PYSPY=<file>`` samples the one-process live run with py-spy.
+its profile there; ``NEPHROTRACK_BENCH_PYSPY=<file>`` samples the one-process live run with py-spy,
+and the outcomes process of the default-count run into ``<file>.outcomes``.
 """
 
 from __future__ import annotations
@@ -101,19 +104,22 @@ async def publish_all(nc: nats.NATS, subject: str, payloads: list[tuple[str, byt
     return sequences
 
 
-async def raw_rates(nc: nats.NATS, prefix: str) -> dict[str, float]:
-    """The bare consumer's rate from a backlog and live (results/s), on a stream of its own."""
+async def raw_rates(nc: nats.NATS, prefix: str, *, backlog: bool = True) -> dict[str, float]:
+    """The bare consumer's rate from a backlog (unless not ``backlog``) and live (results/s), on
+    a stream of its own."""
     js = nc.jetstream()
     name = f"BENCH_RAW_{uuid.uuid4().hex[:8].upper()}"
     subject = f"bench.{name.lower()}.results"
     await js.add_stream(StreamConfig(name=name, subjects=[subject]))
     config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000)
     try:
-        await publish_all(nc, subject, results(prefix, phase=0))
-        backlog = await js.pull_subscribe(subject, durable="backlog", stream=name, config=config)
-        started = time.perf_counter()
-        await consume_bare(backlog, N)
-        rates = {"backlog": N / (time.perf_counter() - started)}
+        rates: dict[str, float] = {}
+        if backlog:
+            await publish_all(nc, subject, results(prefix, phase=0))
+            backlogged = await js.pull_subscribe(subject, durable="backlog", stream=name, config=config)
+            started = time.perf_counter()
+            await consume_bare(backlogged, N)
+            rates["backlog"] = N / (time.perf_counter() - started)
 
         live = await js.pull_subscribe(subject, durable="live", stream=name,
                                        config=dataclasses.replace(config, deliver_policy=DeliverPolicy.NEW))
@@ -203,13 +209,14 @@ stop()
 """
 
 
-def _sample(pid: int) -> subprocess.Popen[bytes] | None:
-    """``NEPHROTRACK_BENCH_PYSPY=<file>``: sample the labs process with py-spy during the timed
-    run (collapsed stacks, idle frames included, for ``bench.profile``). Sampling from outside
-    costs the process almost nothing, unlike cProfile."""
+def _sample(pid: int, suffix: str = "") -> subprocess.Popen[bytes] | None:
+    """``NEPHROTRACK_BENCH_PYSPY=<file>``: sample a process with py-spy during the timed run
+    into ``<file><suffix>`` (collapsed stacks, idle frames included, for ``bench.profile``).
+    Sampling from outside costs the process almost nothing, unlike cProfile."""
     path = os.environ.get("NEPHROTRACK_BENCH_PYSPY")
     if not path:
         return None
+    path += suffix
     spy = Path(sys.executable).with_name("py-spy")
     return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
                              "--output", path, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=open(path + ".log", "wb"))  # noqa: SIM115
@@ -240,9 +247,10 @@ async def projected(http: httpx.AsyncClient, stack: Stack, source: str, sequence
         await asyncio.sleep(0.05)
 
 
-def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
+def cpu_by_process(pids: dict[str, int], databases: tuple[str, ...] = ()) -> dict[str, float]:
     """CPU seconds (user+sys) used so far by each named participant: the labs and outcomes
-    processes, every PostgreSQL backend and the NATS server (found by name), and this process."""
+    processes, the PostgreSQL backends (with ``databases``, only those serving them: other
+    benchmarks may share the server) and the NATS server (found by name), and this process."""
     seconds = {name: process_cpu_seconds(pid) for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
     for group in ("postgres", "nats-server"):
         seconds[group] = 0.0
@@ -251,6 +259,10 @@ def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
             continue
         try:
             comm = (entry / "comm").read_text().strip()
+            if comm == "postgres" and databases:
+                title = (entry / "cmdline").read_bytes().decode(errors="replace")  # "postgres: user db host(port) …"
+                if not any(f" {database} " in title for database in databases):
+                    continue
             if comm in ("postgres", "nats-server"):
                 seconds[comm] += process_cpu_seconds(int(entry.name))
         except OSError:  # ended meanwhile
@@ -267,25 +279,29 @@ async def published_count(js: nats.js.JetStreamContext, stream: str, subject: st
 
 async def timed_phase(
     nc: nats.NATS, stack: Stack, prefix: str, payloads: list[tuple[str, bytes]], sent: list[int], *,
-    already: int, http: httpx.AsyncClient | None = None,
+    already: int, http: httpx.AsyncClient | None = None, sample: str | None = None,
 ) -> dict[str, Any]:
     """Live: publish ``payloads`` on ``labs.results`` while labs runs, and time from the first
     publish until labs has stored and published their ``EgfrComputed`` (``already`` were
-    published before), then, with ``http``, until the outcomes projection has applied them. The
-    stream sequences of what was published go into ``sent`` at once, so a failed run's messages
-    are deleted from the shared stream too."""
+    published before), then, with ``http``, until the outcomes projection has applied them
+    (``projected_rate``, and ``projected_cpu_us``: every participant's CPU per result over that
+    longer window). ``sample``: the process py-spy samples, if asked to. The stream sequences of
+    what was published go into ``sent`` at once, so a failed run's messages are deleted from the
+    shared stream too."""
     pids = {name: process.pid for name, process in stack.processes.items()}
-    sampler = _sample(pids["labs"]) if already == 0 else None  # the first run (one labs instance) is profiled
-    window = _Window(pids)
+    sampler = _sample(pids[sample], "" if sample == "labs" else f".{sample}") if sample else None
+    window = _Window(pids, stack_databases(stack))
     sent += await publish_all(nc, LAB_RESULTS_SUBJECT, payloads)
     result = await window.until_published(nc.jetstream(), stack, prefix, already + len(payloads), len(payloads))
-    if sampler is not None:
-        sampler.send_signal(signal.SIGINT)
-        sampler.wait(timeout=60)
     if http is not None:
         js = nc.jetstream()
         await projected(http, stack, "labs", (await js.stream_info(Topology(prefix).service_stream("labs").name)).state.last_seq)
         result["projected_rate"] = len(payloads) / (time.perf_counter() - window.started)
+        cpu = cpu_by_process(pids, window.databases)
+        result["projected_cpu_us"] = {name: 1e6 * (cpu[name] - window.cpu[name]) / len(payloads) for name in cpu}
+    if sampler is not None:
+        sampler.send_signal(signal.SIGINT)
+        sampler.wait(timeout=60)
     return result
 
 
@@ -312,16 +328,20 @@ async def backlog_phase(
         if time.monotonic() > deadline:
             raise TimeoutError("the restarted labs process delivered nothing in 120 s:\n" + stack.log("labs"))
         await asyncio.sleep(0.005)
-    window = _Window({name: process.pid for name, process in stack.processes.items()})
+    window = _Window({name: process.pid for name, process in stack.processes.items()}, stack_databases(stack))
     return await window.until_published(js, stack, prefix, already + len(payloads), len(payloads))
+
+
+def stack_databases(stack: Stack) -> tuple[str, ...]:
+    return tuple(url.rsplit("/", 1)[-1].split("?", 1)[0] for url in stack.database_urls.values())
 
 
 class _Window:
     """One timed window: CPU of every participant and the machine's idle time, from now."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.cpu, self.idle = cpu_by_process(pids), machine_idle()
+    def __init__(self, pids: dict[str, int], databases: tuple[str, ...] = ()) -> None:
+        self.pids, self.databases = pids, databases
+        self.cpu, self.idle = cpu_by_process(pids, databases), machine_idle()
         self.started = time.perf_counter()
 
     async def until_published(
@@ -336,7 +356,7 @@ class _Window:
                                    + await stalled(js, stack, prefix))
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - self.started
-        cpu, idle = cpu_by_process(self.pids), machine_idle()
+        cpu, idle = cpu_by_process(self.pids, self.databases), machine_idle()
         return {
             "rate": count / elapsed,
             "cpu_us": {name: 1e6 * (cpu[name] - self.cpu[name]) / count for name in cpu},
@@ -372,11 +392,14 @@ def start_second_labs(stack: Stack) -> None:
     )
 
 
-async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> tuple[dict[str, dict[str, Any]], float]:
-    """Five timed runs of N new results each, on one stack: one labs process live (outcomes not
-    started yet) and from a backlog; two labs processes live and from a backlog; two live with
-    the outcomes service consuming beside them, timed on to the projection. Also the first labs
-    process's peak RSS (MiB)."""
+async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> tuple[dict[str, dict[str, Any]], float, list[float]]:
+    """Six timed runs of N new results each, on one stack: one labs process live (outcomes not
+    started yet) and from a backlog; two labs processes live and from a backlog; then, timed on
+    to the projection, one labs and one outcomes process live (the default process counts), and
+    two labs processes live with outcomes beside them. Also the first labs process's peak RSS (MiB)
+    and the bare consumer's live rate measured just before and just after the default-count run
+    (the machine is shared: the ratio of that run is taken against these, not the rate measured
+    minutes earlier)."""
     js = nc.jetstream()
     topology = Topology(prefix)
     stack = _Stack(Path(tmp), prefix, ["labs", "outcomes"], backend="postgresql")
@@ -401,7 +424,7 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> tuple[dict[str, di
         await wait_drained(js, topology.lab_results_stream.name, f"{prefix}-labs-results")
 
         runs: dict[str, dict[str, Any]] = {}
-        runs["one"] = await timed_phase(nc, stack, prefix, results(prefix, phase=1), sequences, already=0)
+        runs["one"] = await timed_phase(nc, stack, prefix, results(prefix, phase=1), sequences, already=0, sample="labs")
         rss = peak_rss_mib(stack.processes["labs"].pid)
         runs["one, backlog"] = await backlog_phase(nc, stack, prefix, results(prefix, phase=2), sequences,
                                                    already=N, instances=1)
@@ -416,15 +439,24 @@ async def end_to_end(tmp: str, nc: nats.NATS, prefix: str) -> tuple[dict[str, di
         await stack.wait_ready(["outcomes"])
         http = stack.client(timeout=30)
         await projected(http, stack, "labs", (await js.stream_info(topology.service_stream("labs").name)).state.last_seq)
-        runs["beside"] = await timed_phase(nc, stack, prefix, results(prefix, phase=5), sequences, already=4 * N, http=http)
+        stack.kill("labs 2", signal.SIGTERM)  # back to the default process counts
+        del stack.processes["labs 2"]
+        await asyncio.sleep(2)  # its PostgreSQL backends gone: one exiting inside a window would take its CPU along
+        beside = [(await raw_rates(nc, prefix, backlog=False))["live"]]
+        runs["defaults"] = await timed_phase(nc, stack, prefix, results(prefix, phase=5), sequences, already=4 * N,
+                                             http=http, sample="outcomes")
+        beside.append((await raw_rates(nc, prefix, backlog=False))["live"])
+        start_second_labs(stack)
+        await asyncio.sleep(5)
+        runs["beside"] = await timed_phase(nc, stack, prefix, results(prefix, phase=6), sequences, already=5 * N, http=http)
         await http.aclose()
         async with engine.connect() as connection:
             stored = await connection.scalar(
                 select(func.count()).select_from(events).where(events.c.event_type == "EgfrComputed")
             )
         await engine.dispose()
-        assert stored == 5 * N, stored
-        return runs, rss
+        assert stored == 6 * N, stored
+        return runs, rss, beside
     finally:
         await stack.stop()
         await _delete(js, topology.lab_results_stream.name, sequences)
@@ -449,14 +481,16 @@ async def run(tmp: str) -> str:
     nc = await nats.connect(NATS_URL)
     try:
         raw = await raw_rates(nc, prefix)
-        runs, rss = await end_to_end(tmp, nc, prefix)
+        runs, rss, raw_beside = await end_to_end(tmp, nc, prefix)
     finally:
         await nc.drain()
-    return report(raw, runs, rss)
+    return report(raw, runs, rss, raw_beside)
 
 
-def report(raw: dict[str, float], runs: dict[str, dict[str, Any]], rss: float) -> str:
-    one, two, beside = runs["one"], runs["two"], runs["beside"]
+def report(raw: dict[str, float], runs: dict[str, dict[str, Any]], rss: float, raw_beside: list[float]) -> str:
+    one, two, defaults, beside = runs["one"], runs["two"], runs["defaults"], runs["beside"]
+    raw_then = sum(raw_beside) / len(raw_beside)
+    end_to_end = defaults["projected_rate"] / raw_then
 
     def rate(run: dict[str, Any], feed: str) -> str:
         return f"{run['rate']:,.0f} | {run['rate'] / raw[feed]:.0%}"
@@ -484,9 +518,19 @@ def report(raw: dict[str, float], runs: dict[str, dict[str, Any]], rss: float) -
         f"{rate(runs['one, backlog'], 'backlog')} | {rate(one, 'live')} |",
         f"| end to end, two labs processes (scale-out, one database, one durable consumer) | "
         f"{rate(runs['two, backlog'], 'backlog')} | {rate(two, 'live')} |",
+        f"| one labs process with the outcomes process consuming beside it (the default process counts) | | | "
+        f"{rate(defaults, 'live')} |",
+        f"| … until the outcomes projection has applied them all (`GET /v1/freshness`) | | | "
+        f"{defaults['projected_rate']:,.0f} | {defaults['projected_rate'] / raw['live']:.0%} |",
         f"| two labs processes with the outcomes process consuming beside them | | | {rate(beside, 'live')} |",
         f"| … until the outcomes projection has applied them all (`GET /v1/freshness`) | | | "
         f"{beside['projected_rate']:,.0f} | {beside['projected_rate'] / raw['live']:.0%} |",
+        "",
+        f"Issue 20 target 1 (end to end, live, at the default process counts — one labs, one outcomes — "
+        f"≥ 25% of the bare consumer live): **{'met' if end_to_end >= 0.25 else 'NOT met'}** "
+        f"({defaults['projected_rate']:,.0f} results/s, **{end_to_end:.0%}** of the bare consumer live measured just "
+        f"before and after that run: {' and '.join(f'{r:,.0f}' for r in raw_beside)} results/s; "
+        f"{defaults['projected_rate'] / raw['live']:.0%} of the first row's).",
         "",
         "Issue 4 target (≥ 5,000 results/s and ≥ 25% of the raw rate): " + "; ".join(verdicts) + ". "
         f"(Live labs against the bare consumer from a backlog, the measure of runs before 2026-12-05: {mixed:.0%}.) "
@@ -505,5 +549,8 @@ def report(raw: dict[str, float], runs: dict[str, dict[str, Any]], rss: float) -
                              ("one labs process, backlog", runs["one, backlog"]["cpu_us"]),
                              ("two labs processes, live", two["cpu_us"]),
                              ("two labs processes, backlog", runs["two, backlog"]["cpu_us"]),
-                             ("two, live, beside outcomes", beside["cpu_us"]))),
+                             ("one, live, beside outcomes (defaults): until labs published", defaults["cpu_us"]),
+                             ("… until outcomes projected", defaults["projected_cpu_us"]),
+                             ("two, live, beside outcomes: until labs published", beside["cpu_us"]),
+                             ("… until outcomes projected", beside["projected_cpu_us"]))),
     ])

@@ -160,6 +160,18 @@ def one_by_one(handler: MessageHandler) -> BatchHandler:
     return handle
 
 
+def pause_after(handled: int, batch_size: int, handling_seconds: float, max_pause_seconds: float) -> float:
+    """How long to wait before the next fetch. A full batch means a backlog: none. Otherwise as
+    long as the batch took, up to ``max_pause_seconds``: what arrives meanwhile comes as one
+    batch. A handler that rewrites everything a batch touches (the outcomes projection rewrites
+    each touched patient with their whole history) then does that once per twice as many
+    messages, where back-to-back small batches would keep it rewriting as fast as it can — on
+    the cores the producers need. A quick batch (a quiet stream) waits next to nothing."""
+    if handled >= batch_size or max_pause_seconds <= 0:
+        return 0.0
+    return min(handling_seconds, max_pause_seconds)
+
+
 def _in_progress(raw: Sequence[Msg]) -> Callable[[], Awaitable[None]]:
     """Tell JetStream the held messages are still being worked on (no redelivery after ack_wait)."""
 
@@ -185,6 +197,10 @@ class DurableConsumer:
     after_commit: Callable[[], None] | None = None
     outages: Outages | None = None
     """Shared with the service's other consumers and ``/readyz``; without it every failure counts."""
+    max_pause_seconds: float = 0.0
+    """Above zero: after a batch that was not full, wait as long as handling it took (at most
+    this) before fetching again (:func:`pause_after`). For a handler whose cost is mostly per
+    batch rather than per message, fewer and larger batches for a bounded delay."""
     _broker: NatsBroker | None = field(default=None, init=False, repr=False)
 
     def attach(self, broker: NatsBroker) -> None:
@@ -231,6 +247,9 @@ class DurableConsumer:
             metrics.HANDLER_SECONDS.labels(consumer=self.name).observe(time.perf_counter() - started)
         if self.after_commit:
             self.after_commit()
+        pause = pause_after(len(raw), self.batch_size, time.perf_counter() - started, self.max_pause_seconds)
+        if pause:
+            await asyncio.sleep(pause)  # the pull loop fetches the next batch when this returns
 
     async def _transact(self, raw: Sequence[Msg], messages: list[InboundMessage]) -> None:
         """Handle ``messages`` in one transaction; an outage is waited out and the same messages

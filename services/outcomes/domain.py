@@ -346,16 +346,17 @@ class FactsRecorder:
         self.adverse_events[e.ae_id] = evidence.AdverseEventReport(e.ae_id, e.term, e.grade, e.serious, e.causality,
                                                                    e.related_to)
 
-    def facts(self) -> PatientFacts:
-        """The frozen facts recorded so far (a new object; the recorder stays usable)."""
+    def facts(self, *, egfr: bool = True) -> PatientFacts:
+        """The frozen facts recorded so far (a new object; the recorder stays usable); without
+        ``egfr``, an empty eGFR map (the projection serialises that map from the tuples itself)."""
         return PatientFacts(
             subject_id=self.subject_id,
             **self.enrollment,
             egfr={
-                result_id: EgfrPoint(result_id=result_id, egfr=egfr, collected_at=collected_at, status=status,
+                result_id: EgfrPoint(result_id=result_id, egfr=value, collected_at=collected_at, status=status,
                                      counted=counted, source=source, derived_from=derived_from)
-                for result_id, (egfr, collected_at, status, counted, source, derived_from) in self.egfr.items()
-            },
+                for result_id, (value, collected_at, status, counted, source, derived_from) in self.egfr.items()
+            } if egfr else {},
             urine=dict(self.urine),
             adverse_events=dict(self.adverse_events),
             **{name: frozenset(members) for name, members in self.sets.items()},

@@ -44,4 +44,5 @@ class LiveProjection:
 def register(service: Service, projection: ProjectionStore, settings: OutcomesSettings) -> None:
     """Subscribe the outcomes service to every source service's events (durable consumers)."""
     for source in SOURCES:
-        service.consume_service(source, LiveProjection(source, projection), batch_size=settings.batch_size)
+        service.consume_service(source, LiveProjection(source, projection), batch_size=settings.batch_size,
+                                max_pause_seconds=settings.max_pause_seconds)

@@ -19,10 +19,12 @@ its one event (:mod:`services.outcomes.timeline`). Messages arrive parsed
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from pydantic import AwareDatetime, TypeAdapter
 
 from contracts.enrollment import AdverseEventReported, AdverseEventUpdated, PatientDataErased
 from contracts.labs import EgfrComputed, UrineResultMeasured
@@ -46,14 +48,63 @@ def canonical_json(value: Any) -> str:
     return _canonical(value)
 
 
-def _facts_json(facts: PatientFacts) -> str:
-    """Set-valued fields come out of a frozenset in hash order; sort them so equal facts are
-    equal strings (every list in the facts dump is a set)."""
-    dumped = facts.model_dump(mode="json")
+_DATETIME = TypeAdapter(AwareDatetime)
+
+
+def _json_datetime(moment: datetime) -> str:
+    """An aware datetime exactly as pydantic writes it in JSON mode: ISO 8601, a zero offset as
+    ``Z``. (Pydantic drops an offset's odd seconds, which ``isoformat`` keeps: those go to it.)"""
+    offset = moment.utcoffset()
+    if offset is None or offset.seconds % 60 or offset.microseconds:
+        return _DATETIME.dump_python(moment, mode="json")
+    text = moment.isoformat()
+    return text if offset else text[:-6] + "Z"
+
+
+def _egfr_json(egfr: Mapping[str, tuple[Any, ...]], as_read: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The eGFR map as ``PatientFacts.model_dump(mode="json")`` has it, straight from the
+    recorder's tuples — or, for a point unchanged since its row was read, the point as read
+    (``as_read``: already in that form). Building a pydantic ``EgfrPoint`` per result only to
+    dump it again was most of serialising a patient, and a patient is re-serialised with every
+    batch that touches them — with their whole history."""
+    dumped = {}
+    for result_id, fact in egfr.items():
+        point = as_read.get(result_id)
+        if point is None:
+            value, collected_at, status, counted, source, derived_from = fact
+            point = {"collected_at": _json_datetime(collected_at), "counted": counted, "derived_from": derived_from,
+                     "egfr": value, "result_id": result_id, "source": source, "status": status}
+        dumped[result_id] = point
+    return dumped
+
+
+def _facts_json(recorder: domain.FactsRecorder, egfr_as_read: Mapping[str, dict[str, Any]]) -> str:
+    """The recorded facts as ``PatientFacts.model_dump(mode="json")`` in canonical JSON (the
+    eGFR map built directly, the rest through pydantic). Set-valued fields come out of a
+    frozenset in hash order; sort them so equal facts are equal strings (every list in the facts
+    dump is a set)."""
+    dumped = recorder.facts(egfr=False).model_dump(mode="json")
     for key, value in dumped.items():
         if isinstance(value, list):
             dumped[key] = sorted(value, key=canonical_json)
+    dumped["egfr"] = _egfr_json(recorder.egfr, egfr_as_read)
     return canonical_json(dumped)
+
+
+def _read(facts_json: str) -> tuple[domain.FactsRecorder, dict[str, dict[str, Any]]]:
+    """The recorder of a stored facts JSON, and its eGFR points as read. The eGFR map (nearly all
+    of it) goes straight into the recorder's tuples rather than through a pydantic ``EgfrPoint``
+    each: it is our own write of validated values, read back with every batch that touches the
+    patient."""
+    dumped = json.loads(facts_json)
+    egfr = dumped.pop("egfr", {})
+    recorder = domain.FactsRecorder(PatientFacts.model_validate(dumped))
+    recorder.egfr = {
+        result_id: (float(p["egfr"]), datetime.fromisoformat(p["collected_at"]), p["status"], p["counted"],
+                    p["source"], p["derived_from"])
+        for result_id, p in egfr.items()
+    }
+    return recorder, egfr
 
 
 class ProjectedPatient:
@@ -61,15 +112,19 @@ class ProjectedPatient:
     plus the guards that make the newest version win whatever the arrival order: per lab result
     id the labs stream version of the applied ``EgfrComputed``, and in ``report_versions`` the
     stream version of the applied urine result (``urine``, per result id) and adverse-event
-    report (``adverse_event``, per AE id)."""
+    report (``adverse_event``, per AE id). ``egfr_as_read``: the eGFR points of the row the
+    patient was read from, in JSON form, less those recorded since — written out as they are by
+    the next ``row()``, which lets them go."""
 
-    __slots__ = ("recorder", "egfr_versions", "report_versions")
+    __slots__ = ("recorder", "egfr_versions", "report_versions", "egfr_as_read")
 
-    def __init__(self, facts: PatientFacts, egfr_versions: dict[str, int] | None = None,
-                 report_versions: dict[str, dict[str, int]] | None = None) -> None:
-        self.recorder = domain.FactsRecorder(facts)
+    def __init__(self, facts: PatientFacts | domain.FactsRecorder, egfr_versions: dict[str, int] | None = None,
+                 report_versions: dict[str, dict[str, int]] | None = None,
+                 egfr_as_read: dict[str, dict[str, Any]] | None = None) -> None:
+        self.recorder = facts if isinstance(facts, domain.FactsRecorder) else domain.FactsRecorder(facts)
         self.egfr_versions = egfr_versions if egfr_versions is not None else {}
         self.report_versions = report_versions if report_versions is not None else {}
+        self.egfr_as_read = egfr_as_read if egfr_as_read is not None else {}
 
     @classmethod
     def new(cls, subject_id: str) -> ProjectedPatient:
@@ -87,6 +142,8 @@ class ProjectedPatient:
             if applied is not None and applied >= envelope.stream_version:
                 return
             versions[key] = envelope.stream_version
+            if self.egfr_as_read and versions is self.egfr_versions:
+                self.egfr_as_read.pop(key, None)
         self.recorder.record(event)
 
     def _versions_of(self, event: DomainEvent) -> tuple[dict[str, int], str] | None:
@@ -104,12 +161,12 @@ class ProjectedPatient:
         return domain.compute_outcome(self.facts) if self.recorder.enrolled else None
 
     def row(self) -> dict[str, Any]:
-        facts = self.facts
-        outcome = domain.compute_outcome(facts) if facts.enrolled else None
+        outcome = self.outcome()
+        egfr_as_read, self.egfr_as_read = self.egfr_as_read, {}
         return {
-            "subject_id": facts.subject_id,
-            "group": facts.group,
-            "facts_json": _facts_json(facts),
+            "subject_id": self.recorder.subject_id,
+            "group": self.recorder.enrollment["group"],
+            "facts_json": _facts_json(self.recorder, egfr_as_read),
             "outcome_json": canonical_json(outcome.model_dump(mode="json")) if outcome else None,
             "egfr_versions_json": canonical_json(self.egfr_versions),
             "report_versions_json": canonical_json(self.report_versions),
@@ -117,8 +174,8 @@ class ProjectedPatient:
 
     @classmethod
     def from_row(cls, facts_json: str, egfr_versions_json: str, report_versions_json: str) -> ProjectedPatient:
-        return cls(PatientFacts.model_validate_json(facts_json), json.loads(egfr_versions_json),
-                   json.loads(report_versions_json))
+        recorder, egfr_as_read = _read(facts_json)
+        return cls(recorder, json.loads(egfr_versions_json), json.loads(report_versions_json), egfr_as_read)
 
 
 @dataclass

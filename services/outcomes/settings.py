@@ -9,12 +9,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class OutcomesSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
 
-    batch_size: int = Field(default=2000, ge=1, le=10_000, alias="NEPHROTRACK_OUTCOMES_BATCH_SIZE")
-    """Messages per live batch (one transaction) when a backlog is waiting. A batch loads, locks
-    and rewrites each patient it touches once, so under a burst of lab results the cost per
-    result falls with the batch: 2,000 instead of the consumers' 200 took the labs benchmark's
-    projection from ~420 to ~1,340 results/s (docs/labs.md#throughput). A quiet stream waits no
-    longer than before: a partial batch is handed over after the consumers' 0.2 s batch timeout."""
+    batch_size: int = Field(default=10_000, ge=1, le=10_000, alias="NEPHROTRACK_OUTCOMES_BATCH_SIZE")
+    """Most messages per live batch (one transaction): a fetch takes what is waiting, up to this,
+    so the batch grows with the backlog. A batch loads, locks and rewrites each patient it
+    touches once — with the patient's whole history — so under a burst of lab results the cost
+    per result falls with the batch: 2,000 instead of the consumers' 200 took the labs
+    benchmark's projection from ~420 to ~1,340 results/s (docs/labs.md#throughput), 10,000
+    (the consumers' ``max_ack_pending``) further (docs/performance.md, "End to end, live"). A
+    quiet stream waits no longer than before: what is there is handed over at once, or after the
+    consumers' 0.2 s batch timeout."""
+
+    max_pause_seconds: float = Field(default=1.0, ge=0, le=10, alias="NEPHROTRACK_OUTCOMES_MAX_PAUSE_SECONDS")
+    """After a batch that was not full, the live consumer waits as long as the batch took, at
+    most this, before fetching the next (``shared.consumer.pause_after``): the messages arriving
+    meanwhile make one batch, so a patient is rewritten once per twice as many results. The
+    freshness delay this adds is at most the time a batch takes (next to nothing on a quiet
+    stream); 0 fetches again at once."""
 
     as_of_timeout_seconds: float = Field(default=120.0, gt=0, alias="NEPHROTRACK_AS_OF_TIMEOUT_SECONDS")
     """Longest an ``as_of`` replay of the log may take before the request answers 503: a replay

@@ -513,9 +513,15 @@ async def test_a_rebuild_through_the_handlers_equals_the_live_projection(
 
 
 def test_the_live_batch_size_is_a_setting_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert OutcomesSettings().batch_size == 2000
+    assert OutcomesSettings().batch_size == 10_000  # the consumers' max_ack_pending
     monkeypatch.setenv("NEPHROTRACK_OUTCOMES_BATCH_SIZE", "500")
     assert OutcomesSettings().batch_size == 500
     monkeypatch.setenv("NEPHROTRACK_OUTCOMES_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="NEPHROTRACK_OUTCOMES_BATCH_SIZE"):
         OutcomesSettings()
+
+
+def test_the_live_consumers_pause_after_a_partial_batch_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert OutcomesSettings().max_pause_seconds == 1.0
+    monkeypatch.setenv("NEPHROTRACK_OUTCOMES_MAX_PAUSE_SECONDS", "0")
+    assert OutcomesSettings().max_pause_seconds == 0.0

@@ -1,0 +1,99 @@
+"""A patient's stored row is written from the recorder without a pydantic ``EgfrPoint`` per
+result and read back the same way (services/outcomes/projector.py): both must stay exactly what
+the pydantic dump and validation give — rebuild == live compares rows byte for byte, and rows
+written before must still read."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.labs import EgfrComputed
+from services.outcomes.domain import PatientFacts
+from services.outcomes.projector import ProjectedPatient, canonical_json
+from services.outcomes.wire import Meta
+from tests.unit.outcomes.outcome_events import SID, adverse_event, biopsy, dose, enrolled, infused, upcr
+
+
+def pydantic_facts_json(facts: PatientFacts) -> str:
+    """The facts JSON as the projection wrote it before: the whole model dumped by pydantic."""
+    dumped = facts.model_dump(mode="json")
+    for key, value in dumped.items():
+        if isinstance(value, list):
+            dumped[key] = sorted(value, key=canonical_json)
+    return canonical_json(dumped)
+
+
+def meta(version: int) -> Meta:
+    now = datetime.now(UTC)
+    return Meta(uuid.uuid4(), "test", f"stream-{version}", 1, version, now, now)
+
+
+offsets = st.one_of(
+    st.just(UTC),
+    st.integers(-14 * 60, 14 * 60).map(lambda minutes: timezone(timedelta(minutes=minutes))),
+    st.integers(-50_000, 50_000).map(lambda seconds: timezone(timedelta(seconds=seconds))),  # odd seconds
+)
+results = st.lists(
+    st.tuples(
+        st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2040, 1, 1)),
+        offsets,
+        st.floats(min_value=0.5, max_value=200, allow_nan=False),
+        st.sampled_from(["final", "corrected", "preliminary"]),
+        st.sampled_from(["creatinine", "reported"]),
+        st.text(min_size=1, max_size=12),
+    ),
+    max_size=30,
+)
+
+
+def patient(points: list[tuple[datetime, timezone, float, str, str, str]]) -> ProjectedPatient:
+    p = ProjectedPatient.new(SID)
+    p.apply(meta(1), enrolled())
+    p.apply(meta(2), dose(date(2014, 4, 1)))
+    p.apply(meta(3), infused("LOT-1", date(2014, 5, 1)))
+    p.apply(meta(4), upcr("U-1", 1.5, "2014-03-01"))
+    p.apply(meta(5), adverse_event("AE-1", "nausea", date(2014, 6, 1)))
+    p.apply(meta(6), biopsy(date(2014, 7, 1), deposits=True))
+    for version, (moment, offset, value, status, derived_from, suffix) in enumerate(points, 7):
+        p.apply(meta(version), EgfrComputed(
+            result_id=f"R-{suffix}", subject_id=SID, egfr=value, collected_at=moment.replace(tzinfo=offset),
+            status=status, counted=status != "preliminary", source="mllp", derived_from=derived_from))
+    return p
+
+
+@settings(max_examples=150, deadline=None)
+@given(results)
+def test_the_row_is_the_pydantic_dump_and_reads_back_to_itself(points):
+    p = patient(points)
+    row = p.row()
+    assert row["facts_json"] == pydantic_facts_json(p.facts)
+    again = ProjectedPatient.from_row(row["facts_json"], row["egfr_versions_json"], row["report_versions_json"])
+    read_by_pydantic = PatientFacts.model_validate_json(row["facts_json"])  # an offset's odd seconds are gone
+    assert again.facts == read_by_pydantic
+    assert again.row() == row  # unchanged facts are rewritten unchanged, as a rebuild writes them
+
+
+def test_a_row_written_by_pydantic_reads_as_it_did():
+    p = patient([(datetime(2015, 6, 1, 8, 30, 0, 120000), timezone(timedelta(hours=2)), 42.0, "final", "creatinine", "a"),
+                 (datetime(2016, 1, 1, 8, 30), UTC, 38.5, "corrected", "reported", "b")])
+    stored = pydantic_facts_json(p.facts)
+    read = ProjectedPatient.from_row(stored, "{}", "{}")
+    assert read.facts == PatientFacts.model_validate_json(stored)
+    assert read.row()["facts_json"] == stored
+
+
+def test_a_result_corrected_after_its_row_was_read_is_written_as_corrected():
+    p = patient([(datetime(2015, 6, 1, 8, 30), UTC, 42.0, "final", "creatinine", "a"),
+                 (datetime(2015, 7, 1, 8, 30), UTC, 40.0, "final", "creatinine", "b")])
+    row = p.row()
+    read = ProjectedPatient.from_row(row["facts_json"], row["egfr_versions_json"], row["report_versions_json"])
+    read.apply(meta(100), EgfrComputed(
+        result_id="R-a", subject_id=SID, egfr=35.5, collected_at=datetime(2015, 6, 1, 8, 30, tzinfo=UTC),
+        status="corrected", counted=True, source="mllp", derived_from="creatinine"))
+    written = read.row()["facts_json"]
+    assert written == pydantic_facts_json(read.facts)
+    assert read.facts.egfr["R-a"].egfr == 35.5 and '"egfr":35.5' in written
