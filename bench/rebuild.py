@@ -114,8 +114,15 @@ def _peak_rss_mib() -> float:
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU time and its children's (the workers a rebuild forks for its checkpoints)."""
+    usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _workers_peak_rss_mib() -> float:
+    """The largest peak RSS of a forked worker (0 when none ran): shared with this process
+    until either writes a page, so an upper bound of what they added."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 async def _raw_fetch(nats_url: str, streams: list[str]) -> tuple[int, int]:
@@ -172,17 +179,27 @@ async def _rebuild(nats_url: str, database_url: str, streams: dict[str, str]) ->
     return progress.applied, 0
 
 
-def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, profile: str | None) -> dict:
-    """Runs in a fresh process: one measurement, reported as JSON on stdout's last line."""
+def set_up_child() -> None:
+    """A child process's composition root, as ``nephrotrack rebuild``'s: the event types
+    registered (without them every message is an unknown type, skipped: a rebuild of nothing),
+    the cycle collector paced as in the services (raw and rebuild alike), quiet logs."""
     import logging
 
     import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     import services.outcomes.rebuild.wiring  # noqa: F401  (imported before the clock starts)
+    from contracts import register_all
+    from shared.events import registry
     from shared.service import tune_garbage_collector
 
-    tune_garbage_collector()  # as in the services and `nephrotrack rebuild` (raw and rebuild alike)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    register_all(registry)
+    tune_garbage_collector()
+
+
+def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, profile: str | None) -> dict:
+    """Runs in a fresh process: one measurement, reported as JSON on stdout's last line."""
+    set_up_child()
 
     work = {
         "raw-fetch": lambda: _raw_fetch(nats_url, list(streams.values())),
@@ -211,7 +228,7 @@ def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, 
         stats.sort_stats("cumulative").print_stats(60)
         Path(profile).write_text(out.getvalue())
     return {"mode": mode, "events": count, "bytes": size, "seconds": elapsed, "cpu_seconds": cpu,
-            "peak_rss_mib": _peak_rss_mib()}
+            "peak_rss_mib": _peak_rss_mib(), "workers_peak_rss_mib": _workers_peak_rss_mib()}
 
 
 def run_child(
@@ -273,6 +290,8 @@ async def measure(total: int, profile: str | None = None) -> dict:
         url = await _fresh_database()
         rebuilt = await asyncio.to_thread(run_child, "rebuild", topology, streams, url)
         patients, timeline, facts_mib = await _projection_size(url)
+        if patients != PATIENTS or not timeline:
+            raise RuntimeError(f"the rebuild projected {patients} patients and {timeline} timeline rows")
         profiled = None
         if profile:
             await drop_database(url)
@@ -327,7 +346,7 @@ async def run(tmp: str) -> str:
         "Raw = the same streams read by a fresh process with no processing. Rebuild = "
         "`services.outcomes.rebuild.wiring.rebuild` into a fresh PostgreSQL database (decode, project, write the "
         "timeline and patients, checkpoint, swap). events/s is wall clock; per CPU-s divides by the "
-        "process's own CPU time (user+sys), which the machine's other load does not inflate.",
+        "process's own CPU time (user+sys, with its forked workers'), which the machine's other load does not inflate.",
         "",
         "| events | published/s | raw, nats-py fetch: events/s (≤ 100k only) | raw, batch puller: events/s (per CPU-s) | "
         "rebuild: events/s (per CPU-s) | rebuild ÷ best raw | peak RSS raw / rebuild | projection |",
@@ -340,7 +359,9 @@ async def run(tmp: str) -> str:
             f"| {r['total']:,} | {r['total'] / r['publish_seconds']:,.0f} | {fetch} | "
             f"{_rate(r['raw_puller']):,.0f} ({_cpu_rate(r['raw_puller']):,.0f}) | "
             f"{_rate(r['rebuild']):,.0f} ({_cpu_rate(r['rebuild']):,.0f}) | {_rate(r['rebuild']) / best:.2f} | "
-            f"{r['raw_puller']['peak_rss_mib']:.0f} / {r['rebuild']['peak_rss_mib']:.0f} MiB | "
+            f"{r['raw_puller']['peak_rss_mib']:.0f} / {r['rebuild']['peak_rss_mib']:.0f} MiB"
+            + (f" (forked workers ≤ {r['rebuild']['workers_peak_rss_mib']:.0f} MiB each)"
+               if r["rebuild"].get("workers_peak_rss_mib") else "") + " | "
             f"{r['patients']:,} patients, {r['timeline']:,} timeline rows, facts {r['facts_mib']:.0f} MiB |"
         )
     big, small = results[-1], results[0]
