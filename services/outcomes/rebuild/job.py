@@ -123,7 +123,9 @@ class _Run:
 class Rebuild:
     """One rebuild of the outcomes projection into generation ``active + 1`` (or the one an
     interrupted rebuild left, which it resumes). ``store``: the outcomes service's store (its
-    units of work, and the codec that opens sealed payloads); ``nc``: the broker client."""
+    units of work, and the codec that opens sealed payloads); ``nc``: the broker client;
+    ``serialise``: how checkpoints make the patients' rows (in a process of its own, the rebuild
+    forks workers for them: :func:`.rows.in_processes`)."""
 
     def __init__(
         self,
@@ -138,6 +140,7 @@ class Rebuild:
         fetch_batch: int = FETCH_BATCH,
         write_every: int = WRITE_EVERY_EVENTS,
         write_seconds: float = WRITE_EVERY_SECONDS,
+        serialise: handlers.RowChunks = handlers.rows_here,
     ) -> None:
         self.store = store
         self.nc = nc
@@ -149,6 +152,7 @@ class Rebuild:
         self.fetch_batch = fetch_batch
         self.write_every = write_every
         self.write_seconds = write_seconds
+        self.serialise = serialise
         self.owner = uuid.uuid4().hex
         self.progress = RebuildProgress("starting", 0, 0, 0, 0.0)
 
@@ -255,9 +259,8 @@ class Rebuild:
         """A checkpoint (after the timeline write in flight, if any)."""
         await self._await_writer(run)
         started = time.monotonic()
-        patient_rows = run.changes.patient_rows()  # before the transaction: it is the slow part
         await self.store.transact(partial(
-            handlers.checkpoint, handlers.Checkpoint(run.lease, run.changes, patient_rows),
+            handlers.checkpoint, handlers.Checkpoint(run.lease, run.changes, self.serialise),
             projection=self.projection, clock=utcnow,
         ))
         run.changes.clear()

@@ -26,7 +26,7 @@ from services.outcomes.handlers import (
 )
 from services.outcomes.incoming import Incoming
 from services.outcomes.projection_memory import MemoryProjectionStore
-from services.outcomes.projector import ProjectionChanges
+from services.outcomes.projector import ProjectedPatient, ProjectionChanges
 from services.outcomes.rebuild.lease import LEASE_SECONDS, Lease, RebuildBusy, RebuildError
 from services.outcomes.settings import OutcomesSettings
 from services.outcomes.timeline import timeline_row
@@ -383,6 +383,30 @@ async def test_a_checkpoint_writes_and_renews_the_lease_and_a_resumed_rebuild_st
     assert set(resumed.patients) == {SID} and resumed.patients[SID].outcome() is not None
     assert {s: m.last_sequence for s, m in resumed.marks.items()} == {Feed.STREAMS["enrollment"]: 1, PULSE: 1}
     assert projection.committed.state.rebuild_started_at == NOW  # the same rebuild, resumed
+
+
+async def test_a_checkpoint_serialises_and_writes_the_patients_a_chunk_at_a_time(
+    store: EventStore, projection: MemoryProjectionStore
+) -> None:
+    """Serialised all at once, a million-event rebuild's rows (every lab result as JSON) were its
+    peak memory: a checkpoint holds at most one chunk of rows, and still writes every patient."""
+    claimed = await claim(store, projection, "me")
+    changes = ProjectionChanges({})
+    subjects = [f"NT-{n:04d}" for n in range(2 * handlers.PATIENTS_PER_WRITE + 1)]
+    for subject_id in subjects:
+        changes.patients[subject_id] = ProjectedPatient.new(subject_id)
+        changes.touched.add(subject_id)
+    writes: list[int] = []
+    upsert = projection.upsert_patients
+
+    async def counted(uow: Any, generation: int, rows: list[dict[str, Any]]) -> None:
+        writes.append(len(rows))
+        await upsert(uow, generation, rows)
+
+    projection.upsert_patients = counted  # type: ignore[method-assign]
+    await run(store, handlers.checkpoint, Checkpoint(claimed.lease, changes), projection=projection, clock=at(NOW))
+    assert max(writes) == handlers.PATIENTS_PER_WRITE and sum(writes) == len(subjects)
+    assert sorted(projection.committed.patients[claimed.lease.generation]) == subjects
 
 
 async def test_restart_discards_the_interrupted_generation(
