@@ -114,15 +114,8 @@ def _peak_rss_mib() -> float:
 
 
 def _cpu_seconds() -> float:
-    """This process's CPU time and its children's (the workers a rebuild forks for its checkpoints)."""
-    usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _workers_peak_rss_mib() -> float:
-    """The largest peak RSS of a forked worker (0 when none ran): shared with this process
-    until either writes a page, so an upper bound of what they added."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _raw_fetch(nats_url: str, streams: list[str]) -> tuple[int, int]:
@@ -228,7 +221,7 @@ def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, 
         stats.sort_stats("cumulative").print_stats(60)
         Path(profile).write_text(out.getvalue())
     return {"mode": mode, "events": count, "bytes": size, "seconds": elapsed, "cpu_seconds": cpu,
-            "peak_rss_mib": _peak_rss_mib(), "workers_peak_rss_mib": _workers_peak_rss_mib()}
+            "peak_rss_mib": _peak_rss_mib()}
 
 
 def run_child(
@@ -346,7 +339,7 @@ async def run(tmp: str) -> str:
         "Raw = the same streams read by a fresh process with no processing. Rebuild = "
         "`services.outcomes.rebuild.wiring.rebuild` into a fresh PostgreSQL database (decode, project, write the "
         "timeline and patients, checkpoint, swap). events/s is wall clock; per CPU-s divides by the "
-        "process's own CPU time (user+sys, with its forked workers'), which the machine's other load does not inflate.",
+        "process's own CPU time (user+sys), which the machine's other load does not inflate.",
         "",
         "| events | published/s | raw, nats-py fetch: events/s (≤ 100k only) | raw, batch puller: events/s (per CPU-s) | "
         "rebuild: events/s (per CPU-s) | rebuild ÷ best raw | peak RSS raw / rebuild | projection |",
@@ -359,9 +352,7 @@ async def run(tmp: str) -> str:
             f"| {r['total']:,} | {r['total'] / r['publish_seconds']:,.0f} | {fetch} | "
             f"{_rate(r['raw_puller']):,.0f} ({_cpu_rate(r['raw_puller']):,.0f}) | "
             f"{_rate(r['rebuild']):,.0f} ({_cpu_rate(r['rebuild']):,.0f}) | {_rate(r['rebuild']) / best:.2f} | "
-            f"{r['raw_puller']['peak_rss_mib']:.0f} / {r['rebuild']['peak_rss_mib']:.0f} MiB"
-            + (f" (forked workers ≤ {r['rebuild']['workers_peak_rss_mib']:.0f} MiB each)"
-               if r["rebuild"].get("workers_peak_rss_mib") else "") + " | "
+            f"{r['raw_puller']['peak_rss_mib']:.0f} / {r['rebuild']['peak_rss_mib']:.0f} MiB | "
             f"{r['patients']:,} patients, {r['timeline']:,} timeline rows, facts {r['facts_mib']:.0f} MiB |"
         )
     big, small = results[-1], results[0]

@@ -11,7 +11,7 @@ its writes are done, which for a large checkpoint or catch-up is seconds after i
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -100,41 +100,40 @@ async def claim_rebuild(
     return claimed
 
 
-RowChunks = Callable[[Mapping[str, ProjectedPatient], Sequence[Sequence[str]]], Iterable[list[dict[str, Any]]]]
-"""(the patients, chunks of subject ids) -> each chunk's rows, in order."""
-
-
-def rows_here(patients: Mapping[str, ProjectedPatient], chunks: Sequence[Sequence[str]]) -> Iterator[list[dict[str, Any]]]:
-    for chunk in chunks:
-        yield [patients[s].row() for s in chunk]
-
-
 @dataclass(frozen=True)
 class Checkpoint:
-    """What the rebuild applied since its last checkpoint; ``serialise``: how the touched
-    patients' rows are made (the rebuild forks workers for them: rebuild/rows.py)."""
+    """What the rebuild applied since its last checkpoint; ``patient_rows``: the touched
+    patients' rows serialised beforehand, outside the transaction (the slow part; ``[]``: the
+    rebuild wrote them already, a chunk at a time, with :func:`write_patients`)."""
 
     lease: Lease
     changes: ProjectionChanges
-    serialise: RowChunks = rows_here
-
-
-PATIENTS_PER_WRITE = 100
-"""A checkpoint serialises and writes the touched patients this many at a time: their rows are
-the projection itself (every lab result as JSON), and serialised all at once before the write
-they were the rebuild's peak memory (docs/performance.md)."""
+    patient_rows: list[dict[str, Any]] | None = None
 
 
 async def checkpoint(command: Checkpoint, uow: UnitOfWork, *, projection: ProjectionStore, clock: Clock) -> None:
     """Write the touched patients, the timeline rows not written yet and every stream's
-    position to the rebuilding generation, so an interrupted rebuild resumes from here. The
-    patients go a chunk at a time; the lease is checked after all of it, as before."""
-    changes, generation = command.changes, command.lease.generation
-    touched = sorted(changes.touched)
-    chunks = [touched[start : start + PATIENTS_PER_WRITE] for start in range(0, len(touched), PATIENTS_PER_WRITE)]
-    for rows in command.serialise(changes.patients, chunks):
-        await projection.upsert_patients(uow, generation, rows)
-    await projection.write_changes(uow, generation, changes, patient_rows=[])  # the patients: written above
+    position to the rebuilding generation, so an interrupted rebuild resumes from here."""
+    await projection.write_changes(uow, command.lease.generation, command.changes, command.patient_rows)
+    await _renew(command.lease, uow, projection, clock)
+
+
+@dataclass(frozen=True)
+class WritePatients:
+    """Some of a checkpoint's patient rows, serialised beforehand."""
+
+    lease: Lease
+    rows: list[dict[str, Any]]
+
+
+async def write_patients(command: WritePatients, uow: UnitOfWork, *, projection: ProjectionStore, clock: Clock) -> None:
+    """A chunk of the patients a checkpoint writes, in a short transaction of its own: held open
+    while every patient was serialised, a checkpoint's transaction kept its transaction id for
+    seconds, and the event stores' gap-free reads on the same server wait for the oldest open
+    one. Patient rows ahead of the positions are safe: an interrupted rebuild resumes from the
+    last positions and applies the events after them again, which changes nothing (the
+    projector ignores a redelivered event). The lease is checked, as for every write."""
+    await projection.upsert_patients(uow, command.lease.generation, command.rows)
     await _renew(command.lease, uow, projection, clock)
 
 

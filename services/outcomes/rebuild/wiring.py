@@ -18,7 +18,6 @@ from services.outcomes import handlers
 from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.projection_store import ProjectionStore
 from services.outcomes.projector import SOURCES
-from services.outcomes.rebuild import rows
 from services.outcomes.rebuild.job import FLUSH_EVERY_EVENTS, ProgressCallback, Rebuild, RebuildProgress
 from services.outcomes.rebuild.lease import RebuildBusy, RebuildError
 from shared.broker import Topology, nats_connect_options
@@ -58,9 +57,8 @@ async def rebuild(
         await vault.connect(client.jetstream(), replicas=RuntimeSettings().stream_replicas)
         watch = asyncio.create_task(vault.watch(), name="rebuild-key-watch")
         await vault.synced()
-        # A process of its own (nothing else runs in it): its checkpoints may fork.
         job = Rebuild(store, client, streams or default_streams(topology), on_progress=on_progress,
-                      flush_every=flush_every, serialise=rows.in_processes)
+                      flush_every=flush_every)
         return await job.run(restart=restart)
     finally:
         if watch is not None:

@@ -22,6 +22,7 @@ from services.outcomes.handlers import (
     ProjectBatch,
     ReleaseLease,
     SwapIn,
+    WritePatients,
     WriteTimeline,
 )
 from services.outcomes.incoming import Incoming
@@ -385,28 +386,22 @@ async def test_a_checkpoint_writes_and_renews_the_lease_and_a_resumed_rebuild_st
     assert projection.committed.state.rebuild_started_at == NOW  # the same rebuild, resumed
 
 
-async def test_a_checkpoint_serialises_and_writes_the_patients_a_chunk_at_a_time(
+async def test_a_chunk_of_checkpoint_patients_is_written_under_the_lease(
     store: EventStore, projection: MemoryProjectionStore
 ) -> None:
-    """Serialised all at once, a million-event rebuild's rows (every lab result as JSON) were its
-    peak memory: a checkpoint holds at most one chunk of rows, and still writes every patient."""
-    claimed = await claim(store, projection, "me")
-    changes = ProjectionChanges({})
-    subjects = [f"NT-{n:04d}" for n in range(2 * handlers.PATIENTS_PER_WRITE + 1)]
-    for subject_id in subjects:
-        changes.patients[subject_id] = ProjectedPatient.new(subject_id)
-        changes.touched.add(subject_id)
-    writes: list[int] = []
-    upsert = projection.upsert_patients
+    """A checkpoint writes its patients a chunk at a time, each chunk in its own transaction:
+    every one renews the lease, and one written by a rebuild that lost its lease fails."""
+    first = await claim(store, projection, "me")
+    rows = [ProjectedPatient.new(subject_id).row() for subject_id in ("NT-0001", "NT-0002")]
+    beat = NOW + timedelta(seconds=5)
+    await run(store, handlers.write_patients, WritePatients(first.lease, rows), projection=projection, clock=at(beat))
+    assert sorted(projection.committed.patients[first.lease.generation]) == ["NT-0001", "NT-0002"]
+    assert projection.committed.state.rebuild_heartbeat_at == beat
 
-    async def counted(uow: Any, generation: int, rows: list[dict[str, Any]]) -> None:
-        writes.append(len(rows))
-        await upsert(uow, generation, rows)
-
-    projection.upsert_patients = counted  # type: ignore[method-assign]
-    await run(store, handlers.checkpoint, Checkpoint(claimed.lease, changes), projection=projection, clock=at(NOW))
-    assert max(writes) == handlers.PATIENTS_PER_WRITE and sum(writes) == len(subjects)
-    assert sorted(projection.committed.patients[claimed.lease.generation]) == subjects
+    later = beat + timedelta(seconds=LEASE_SECONDS + 1)
+    await claim(store, projection, "other", now=later)  # took the expired lease over
+    with pytest.raises(RebuildError, match="taken over or restarted"):
+        await run(store, handlers.write_patients, WritePatients(first.lease, rows), projection=projection, clock=at(later))
 
 
 async def test_restart_discards_the_interrupted_generation(
