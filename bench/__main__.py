@@ -9,7 +9,7 @@ import tempfile
 
 from bench import report
 
-BENCHMARKS = ["bench.event_store", "bench.event_store_peer", "bench.labs_ingest", "bench.rebuild", "bench.analyst_queries"]
+BENCHMARKS = ["bench.event_store", "bench.event_store_peer", "bench.labs_ingest", "bench.rebuild", "bench.rebuild_steps", "bench.analyst_queries"]
 
 
 async def main(names: list[str]) -> None:

@@ -172,17 +172,27 @@ async def _rebuild(nats_url: str, database_url: str, streams: dict[str, str]) ->
     return progress.applied, 0
 
 
-def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, profile: str | None) -> dict:
-    """Runs in a fresh process: one measurement, reported as JSON on stdout's last line."""
+def set_up_child() -> None:
+    """A child process's composition root, as ``nephrotrack rebuild``'s: the event types
+    registered (without them every message is an unknown type, skipped: a rebuild of nothing),
+    the cycle collector paced as in the services (raw and rebuild alike), quiet logs."""
     import logging
 
     import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     import services.outcomes.rebuild.wiring  # noqa: F401  (imported before the clock starts)
+    from contracts import register_all
+    from shared.events import registry
     from shared.service import tune_garbage_collector
 
-    tune_garbage_collector()  # as in the services and `nephrotrack rebuild` (raw and rebuild alike)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    register_all(registry)
+    tune_garbage_collector()
+
+
+def child(mode: str, nats_url: str, streams: dict[str, str], database_url: str, profile: str | None) -> dict:
+    """Runs in a fresh process: one measurement, reported as JSON on stdout's last line."""
+    set_up_child()
 
     work = {
         "raw-fetch": lambda: _raw_fetch(nats_url, list(streams.values())),
@@ -273,6 +283,8 @@ async def measure(total: int, profile: str | None = None) -> dict:
         url = await _fresh_database()
         rebuilt = await asyncio.to_thread(run_child, "rebuild", topology, streams, url)
         patients, timeline, facts_mib = await _projection_size(url)
+        if patients != PATIENTS or not timeline:
+            raise RuntimeError(f"the rebuild projected {patients} patients and {timeline} timeline rows")
         profiled = None
         if profile:
             await drop_database(url)

@@ -62,8 +62,16 @@ def seal(subject_id: str, cipher: AESGCM, plaintext: bytes, event: EventRef) -> 
 def _bound(event: EventRef) -> bytes:
     """The event's part of the associated data: its id, its type after the type's length, then
     its stream (the rest): no two different events give the same bytes."""
-    kind = event.event_type.encode()
-    return event.event_id.bytes + len(kind).to_bytes(4) + kind + event.stream_id.encode()
+    kind = _kinds.get(event.event_type)
+    if kind is None:
+        encoded = event.event_type.encode()
+        kind = _kinds[event.event_type] = len(encoded).to_bytes(4) + encoded
+    return event.event_id.bytes + kind + event.stream_id.encode()
+
+
+_kinds: dict[str, bytes] = {}
+"""An event type's length-prefixed bytes in the associated data, made once per type (opening a
+million sealed payloads in a rebuild built them a million times: docs/performance.md)."""
 
 
 def sealed_subject(blob: bytes) -> str | None:

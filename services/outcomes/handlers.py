@@ -103,7 +103,8 @@ async def claim_rebuild(
 @dataclass(frozen=True)
 class Checkpoint:
     """What the rebuild applied since its last checkpoint; ``patient_rows``: the touched
-    patients' rows serialised beforehand, outside the transaction (the slow part)."""
+    patients' rows serialised beforehand, outside the transaction (the slow part; ``[]``: the
+    rebuild wrote them already, a chunk at a time, with :func:`write_patients`)."""
 
     lease: Lease
     changes: ProjectionChanges
@@ -114,6 +115,25 @@ async def checkpoint(command: Checkpoint, uow: UnitOfWork, *, projection: Projec
     """Write the touched patients, the timeline rows not written yet and every stream's
     position to the rebuilding generation, so an interrupted rebuild resumes from here."""
     await projection.write_changes(uow, command.lease.generation, command.changes, command.patient_rows)
+    await _renew(command.lease, uow, projection, clock)
+
+
+@dataclass(frozen=True)
+class WritePatients:
+    """Some of a checkpoint's patient rows, serialised beforehand."""
+
+    lease: Lease
+    rows: list[dict[str, Any]]
+
+
+async def write_patients(command: WritePatients, uow: UnitOfWork, *, projection: ProjectionStore, clock: Clock) -> None:
+    """A chunk of the patients a checkpoint writes, in a short transaction of its own: held open
+    while every patient was serialised, a checkpoint's transaction kept its transaction id for
+    seconds, and the event stores' gap-free reads on the same server wait for the oldest open
+    one. Patient rows ahead of the positions are safe: an interrupted rebuild resumes from the
+    last positions and applies the events after them again, which changes nothing (the
+    projector ignores a redelivered event). The lease is checked, as for every write."""
+    await projection.upsert_patients(uow, command.lease.generation, command.rows)
     await _renew(command.lease, uow, projection, clock)
 
 

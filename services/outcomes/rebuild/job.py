@@ -55,6 +55,8 @@ FLUSH_EVERY_SECONDS = 60.0
 checkpoints take at most ``CHECKPOINT_SHARE`` of the time: each one writes every patient touched
 since the last, and with lab results arriving round the cohort that is all of them."""
 CHECKPOINT_SHARE = 0.1
+PATIENTS_PER_WRITE = 100
+"""A checkpoint serialises and writes its patients this many at a time (see ``_flush``)."""
 WRITE_EVERY_EVENTS = 20_000
 """Timeline rows are written in batches of this many events (bounds the rows held in memory) ..."""
 WRITE_EVERY_SECONDS = 5.0
@@ -252,12 +254,22 @@ class Rebuild:
     # --- writing ------------------------------------------------------------------------------
 
     async def _flush(self, run: _Run) -> None:
-        """A checkpoint (after the timeline write in flight, if any)."""
+        """A checkpoint (after the timeline write in flight, if any): the touched patients
+        ``PATIENTS_PER_WRITE`` at a time, each chunk serialised outside any transaction and
+        written in one of its own (held at once, the whole projection's rows were the rebuild's
+        peak memory), then the timeline rows left and the positions."""
         await self._await_writer(run)
         started = time.monotonic()
-        patient_rows = run.changes.patient_rows()  # before the transaction: it is the slow part
+        touched = sorted(run.changes.touched)
+        chunks = [touched[i : i + PATIENTS_PER_WRITE] for i in range(0, len(touched), PATIENTS_PER_WRITE)]
+        for chunk in chunks:
+            rows = [run.changes.patients[subject_id].row() for subject_id in chunk]
+            await self.store.transact(partial(
+                handlers.write_patients, handlers.WritePatients(run.lease, rows),
+                projection=self.projection, clock=utcnow,
+            ))
         await self.store.transact(partial(
-            handlers.checkpoint, handlers.Checkpoint(run.lease, run.changes, patient_rows),
+            handlers.checkpoint, handlers.Checkpoint(run.lease, run.changes, patient_rows=[]),
             projection=self.projection, clock=utcnow,
         ))
         run.changes.clear()

@@ -22,11 +22,12 @@ from services.outcomes.handlers import (
     ProjectBatch,
     ReleaseLease,
     SwapIn,
+    WritePatients,
     WriteTimeline,
 )
 from services.outcomes.incoming import Incoming
 from services.outcomes.projection_memory import MemoryProjectionStore
-from services.outcomes.projector import ProjectionChanges
+from services.outcomes.projector import ProjectedPatient, ProjectionChanges
 from services.outcomes.rebuild.lease import LEASE_SECONDS, Lease, RebuildBusy, RebuildError
 from services.outcomes.settings import OutcomesSettings
 from services.outcomes.timeline import timeline_row
@@ -383,6 +384,24 @@ async def test_a_checkpoint_writes_and_renews_the_lease_and_a_resumed_rebuild_st
     assert set(resumed.patients) == {SID} and resumed.patients[SID].outcome() is not None
     assert {s: m.last_sequence for s, m in resumed.marks.items()} == {Feed.STREAMS["enrollment"]: 1, PULSE: 1}
     assert projection.committed.state.rebuild_started_at == NOW  # the same rebuild, resumed
+
+
+async def test_a_chunk_of_checkpoint_patients_is_written_under_the_lease(
+    store: EventStore, projection: MemoryProjectionStore
+) -> None:
+    """A checkpoint writes its patients a chunk at a time, each chunk in its own transaction:
+    every one renews the lease, and one written by a rebuild that lost its lease fails."""
+    first = await claim(store, projection, "me")
+    rows = [ProjectedPatient.new(subject_id).row() for subject_id in ("NT-0001", "NT-0002")]
+    beat = NOW + timedelta(seconds=5)
+    await run(store, handlers.write_patients, WritePatients(first.lease, rows), projection=projection, clock=at(beat))
+    assert sorted(projection.committed.patients[first.lease.generation]) == ["NT-0001", "NT-0002"]
+    assert projection.committed.state.rebuild_heartbeat_at == beat
+
+    later = beat + timedelta(seconds=LEASE_SECONDS + 1)
+    await claim(store, projection, "other", now=later)  # took the expired lease over
+    with pytest.raises(RebuildError, match="taken over or restarted"):
+        await run(store, handlers.write_patients, WritePatients(first.lease, rows), projection=projection, clock=at(later))
 
 
 async def test_restart_discards_the_interrupted_generation(
