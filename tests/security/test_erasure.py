@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,11 @@ from tests.stack import Stack, eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-ERASED_LAB_VALUE = 1.2345  # distinctive plaintext values, searched for in raw bytes afterwards
-KEPT_LAB_VALUE = 2.3456
+# Distinctive plaintext values, searched for in raw bytes afterwards — new in every run: labs
+# consumes the server's shared `labs.results` stream from its start, so earlier runs' messages
+# (other subjects, long erased, refused in clear) come back with the same values otherwise.
+ERASED_LAB_VALUE = 1 + secrets.randbelow(10**6) / 10**7
+KEPT_LAB_VALUE = 2 + secrets.randbelow(10**6) / 10**7
 
 
 def enrollment(subject_id: str) -> dict[str, Any]:
