@@ -528,7 +528,7 @@ def report(raw: dict[str, float], runs: dict[str, dict[str, Any]], rss: float, r
         "",
         f"Issue 20 target 1 (end to end, live, at the default process counts — one labs, one outcomes — "
         f"≥ 25% of the bare consumer live): **{'met' if end_to_end >= 0.25 else 'NOT met'}** "
-        f"({defaults['projected_rate']:,.0f} results/s, **{end_to_end:.0%}** of the bare consumer live measured just "
+        f"({defaults['projected_rate']:,.0f} results/s, **{end_to_end:.1%}** of the bare consumer live measured just "
         f"before and after that run: {' and '.join(f'{r:,.0f}' for r in raw_beside)} results/s; "
         f"{defaults['projected_rate'] / raw['live']:.0%} of the first row's).",
         "",
