@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,65 +38,73 @@ async def test_a_step_is_tried_again_while_jetstream_is_not_ready_and_other_erro
         await until_jetstream_answers(refused, "streams", first_pause=0.01)
 
 
-async def test_a_service_started_before_jetstream_is_enabled_waits_and_then_starts(
-    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    server = NatsServer(tmp_path / "nats")
-    plain = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(server.port)],  # no JetStream
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+class NatsWithoutJetStreamYet:
+    """A nats-server on ``server``'s port without JetStream, until :meth:`enable_jetstream`
+    restarts it there with JetStream (the client reconnects to the same URL)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.server = NatsServer(tmp_path / "nats")
+        self.plain = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(self.server.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
+
+    async def enable_jetstream(self) -> None:
+        self.plain.terminate()
+        self.plain.wait(10)
+        await self.server.astart()
+
+    def stop(self) -> None:
+        if self.plain.poll() is None:
+            self.plain.kill()
+        self.server.stop()
+
+
+@pytest.fixture
+async def pulse_beside_nats_without_jetstream(
+    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[Service, NatsWithoutJetStreamYet]]:
+    """The pulse service (not started) configured for a NATS server that has no JetStream yet."""
+    nats_server = NatsWithoutJetStreamYet(tmp_path)
+    try:
         async with databases(("pulse",), backend="sqlite", tmp_path=tmp_path, prefix=prefix,
                              monkeypatch=monkeypatch) as urls:
-            monkeypatch.setenv("NATS_URL", server.url)
-            service = Service("pulse", database=urls["pulse"])
-            starting = asyncio.create_task(service.start())
-            await asyncio.sleep(2.0)
-            assert not starting.done(), starting.exception() if starting.done() else None  # waiting, not exited
-            plain.terminate()
-            plain.wait(10)
-            await server.astart()  # the same port, now with JetStream
-            try:
-                await asyncio.wait_for(starting, 60)
-                info = await service.broker.connection.jetstream().stream_info(service.topology.service_stream("pulse").name)
-                assert info.config.name == service.topology.service_stream("pulse").name
-            finally:
-                await service.stop()
+            monkeypatch.setenv("NATS_URL", nats_server.server.url)
+            yield Service("pulse", database=urls["pulse"]), nats_server
     finally:
-        if plain.poll() is None:
-            plain.kill()
-        server.stop()
+        nats_server.stop()
+
+
+async def test_a_service_started_before_jetstream_is_enabled_waits_and_then_starts(
+    pulse_beside_nats_without_jetstream: tuple[Service, NatsWithoutJetStreamYet],
+) -> None:
+    service, nats_server = pulse_beside_nats_without_jetstream
+    starting = asyncio.create_task(service.start())
+    await asyncio.sleep(2.0)
+    assert not starting.done(), starting.exception() if starting.done() else None  # waiting, not exited
+    await nats_server.enable_jetstream()
+    try:
+        await asyncio.wait_for(starting, 60)
+        info = await service.broker.connection.jetstream().stream_info(service.topology.service_stream("pulse").name)
+        assert info.config.name == service.topology.service_stream("pulse").name
+    finally:
+        await service.stop()
 
 
 async def test_a_connected_broker_whose_jetstream_cannot_answer_is_an_outage_until_it_does(
-    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch,
+    pulse_beside_nats_without_jetstream: tuple[Service, NatsWithoutJetStreamYet],
 ) -> None:
     """The broker probe asks JetStream, not only the TCP connection: before, a JetStream timeout
     met by a consumer found the broker "answering at once" and, after three tries, dead-lettered
     a good message."""
-    server = NatsServer(tmp_path / "nats")
-    plain = subprocess.Popen([str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(server.port)],  # no JetStream
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service, nats_server = pulse_beside_nats_without_jetstream
+    service.outages.first_pause = 0.2
+    await service.broker.connect()
     try:
-        time.sleep(0.5)
-        async with databases(("pulse",), backend="sqlite", tmp_path=tmp_path, prefix=prefix,
-                             monkeypatch=monkeypatch) as urls:
-            monkeypatch.setenv("NATS_URL", server.url)
-            service = Service("pulse", database=urls["pulse"])
-            service.outages.first_pause = 0.2
-            await service.broker.connect()
-            try:
-                waiting = asyncio.create_task(service.outages.wait_out(Dependency.BROKER))
-                await asyncio.sleep(3.0)
-                assert not waiting.done() and service.outages.is_down(Dependency.BROKER)
-                plain.terminate()
-                plain.wait(10)
-                await server.astart()  # the same port, now with JetStream; the client reconnects
-                assert await asyncio.wait_for(waiting, 60) is True  # waited out, then resumed
-                assert not service.outages.is_down(Dependency.BROKER)
-            finally:
-                await service.broker.stop()
+        waiting = asyncio.create_task(service.outages.wait_out(Dependency.BROKER))
+        await asyncio.sleep(3.0)
+        assert not waiting.done() and service.outages.is_down(Dependency.BROKER)
+        await nats_server.enable_jetstream()  # the client reconnects to it
+        assert await asyncio.wait_for(waiting, 60) is True  # waited out, then resumed
+        assert not service.outages.is_down(Dependency.BROKER)
     finally:
-        if plain.poll() is None:
-            plain.kill()
-        server.stop()
+        await service.broker.stop()
