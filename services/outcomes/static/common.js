@@ -358,6 +358,17 @@ function build(element, attrs, children) {
 }
 
 /** An HTML element; children are nodes or text (never parsed as HTML). */
+/**
+ * ``container.replaceChildren(...children)``, keeping keyboard focus on the link to the same
+ * place when it was inside: live updates and the evidence's arrival re-render tables, and a
+ * keyboard user's focused link must not vanish under them (Enter would then open nothing).
+ */
+export function replaceKeepingFocus(container, ...children) {
+  const focused = container.contains(document.activeElement) ? document.activeElement.getAttribute("href") : null;
+  container.replaceChildren(...children);
+  if (focused) [...container.querySelectorAll("a[href]")].find((a) => a.getAttribute("href") === focused)?.focus();
+}
+
 export function h(tag, attrs = {}, ...children) {
   return build(document.createElement(tag), attrs, children);
 }

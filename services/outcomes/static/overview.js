@@ -6,7 +6,7 @@
 
 import {
   ApiError, GROUP_LABEL, GROUPS, api, apiText, atLock, authenticatedDownloads, csvNumber, h, live, parseCsv, readQuery,
-  round, value, wireLockPicker, wireToggles, writeQuery,
+  replaceKeepingFocus, round, value, wireLockPicker, wireToggles, writeQuery,
 } from "./common.js";
 import {
   survivalChart, survivalLegend, survivalTable, trajectoryChart, trajectoryLegend, trajectoryTable,
@@ -207,7 +207,7 @@ function renderPatients(patients) {
     body.replaceChildren(h("tr", {}, h("td", { colspan: 9 }, state.patients.length ? "No patient matches the filters." : "No patients yet.")));
     return;
   }
-  body.replaceChildren(...patients.map((p) => {
+  replaceKeepingFocus(body, ...patients.map((p) => {
     const failed = p.kidney_failure === "true";
     return h("tr", { "data-subject": p.subject_id, "data-group": p.group },
       h("th", { scope: "row" }, h("a", { href: atLock(`/patients/${encodeURIComponent(p.subject_id)}`), class: "patient-link" }, p.subject_id)),
