@@ -45,8 +45,10 @@ class GapStrategy(StrEnum):
     TABLE_LOCK = "table_lock"
 
 
-_HORIZON = text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-_CURRENT_XACT_ID_QUERY = text("SELECT pg_current_xact_id()::text::bigint")
+_HORIZON_SQL = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_CURRENT_XACT_ID_SQL = "pg_current_xact_id()::text::bigint"
+_HORIZON = text(_HORIZON_SQL)
+_CURRENT_XACT_ID_QUERY = text(f"SELECT {_CURRENT_XACT_ID_SQL}")
 ONE_STATEMENT_ROWS = 16
 """Up to this many events an append is one statement of arrays (a command's few events: fewest
 round trips); beyond it ``COPY`` (a lab batch's hundreds: a 500-event batch took 14.5 ms by
@@ -84,12 +86,12 @@ def _append_statement(tx_id: str) -> str:
 
 
 _APPEND = {
-    GapStrategy.XMIN: _append_statement("pg_current_xact_id()::text::bigint"),
+    GapStrategy.XMIN: _append_statement(_CURRENT_XACT_ID_SQL),
     GapStrategy.TABLE_LOCK: _append_statement("0"),  # read in position order: the lock serialises commits
 }
 _ROWS_AFTER = (
     f"SELECT {', '.join(column.name for column in events.c)} FROM events "
-    "WHERE (tx_id, position) > ($1, $2) AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint "
+    f"WHERE (tx_id, position) > ($1, $2) AND tx_id < {_HORIZON_SQL} "
     "ORDER BY tx_id, position LIMIT $3"
 )
 
