@@ -110,9 +110,12 @@ def _acknowledged(msg: Msg) -> int | BaseException:
     if found:
         return int(found.group(1))
     try:
-        return nats.js.errors.APIError.from_error(json.loads(msg.data)["error"])
+        nats.js.errors.APIError.from_error(json.loads(msg.data)["error"])  # raises the error's class
+    except nats.js.errors.APIError as refusal:
+        return refusal
     except (ValueError, KeyError, TypeError):
-        return nats.js.errors.APIError(description=msg.data[:200].decode(errors="replace"))
+        pass
+    return nats.js.errors.APIError(description=msg.data[:200].decode(errors="replace"))
 
 
 class OutboxRelay:
@@ -203,9 +206,15 @@ class OutboxRelay:
         return acked
 
     async def _delete(self, connection: AsyncConnection, acked: Sequence[Row[Any]]) -> None:
+        """Delete the acknowledged rows, matched on their id *and* their event id: SQLite gives a
+        new row the id one above the largest left (1 in an empty table), so once another relay sharing the
+        database (two replicas of a service) has emptied the outbox, a row committed meanwhile
+        takes an id this relay is about to delete — by id alone, an event never published."""
         if acked:
             ids = [row.id for row in acked]
-            await connection.execute(delete(outbox).where(self.store.one_of(outbox.c.id, ids)))
+            event_ids = [row.event_id for row in acked]
+            await connection.execute(delete(outbox).where(
+                self.store.one_of(outbox.c.id, ids), self.store.one_of(outbox.c.event_id, event_ids)))
         await self._observe_backlog(connection)
 
     async def vacuum(self) -> None:

@@ -335,3 +335,53 @@ async def test_ack_collector_returns_each_stream_sequence_and_each_refusal(nats_
     assert again == [1, 3]
     assert (await js.stream_info(stream)).state.messages == 3
     await js.delete_stream(stream)
+
+
+async def test_ack_collector_returns_a_refusal_among_acknowledgements_instead_of_raising_it(
+    nats_client: nats.NATS, prefix: str,
+) -> None:
+    """A refusal JetStream answers with an error body (here a message over the stream's size
+    limit; in a cluster, "duplicate message id is in process" when two relays publish one row)
+    is that message's outcome: it once raised out of the collector and dropped the batch's other
+    acknowledgements, which the relay then published again."""
+    js = nats_client.jetstream()
+    stream = f"{prefix}_SMALL".upper()
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.small.>"], max_msg_size=64))
+    outcome = await AckCollector(nats_client).publish(
+        [(f"{prefix}.small.a", b"1", "id-1"), (f"{prefix}.small.b", b"x" * 100, "id-2"), (f"{prefix}.small.c", b"3", "id-3")], 5
+    )
+    assert outcome[0] == 1 and outcome[2] == 2
+    assert isinstance(outcome[1], nats.js.errors.APIError) and outcome[1].err_code == 10054
+    await js.delete_stream(stream)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_two_relays_on_one_sqlite_database_never_delete_an_event_they_did_not_publish(
+    store: EventStore, nats_client: nats.NATS, prefix: str,
+) -> None:
+    """Two replicas of a service share its SQLite database and both relay its outbox. While one
+    waits for JetStream's acknowledgements, the other publishes and deletes the same rows; a new
+    event committed then takes a freed id (SQLite reuses the lowest free id above the rows left).
+    Deleting by id alone, the first relay deleted that event's row unpublished: four lab results
+    and four pulse doses never reached outcomes in a `nephrotrack cluster` run."""
+    js = nats_client.jetstream()
+    stream = f"{prefix}_OUT".upper()
+    await make_stream(js, stream, "test.>")
+    await store.append("thing-1", things(1, 2), expected_version=0)
+    other = OutboxRelay(store, nats_client)
+    committed_meanwhile = []
+
+    class AcknowledgedLate(AckCollector):
+        async def publish(self, messages, timeout):  # type: ignore[no-untyped-def]
+            outcome = await super().publish(messages, timeout)
+            assert await other.publish_batch() == 2
+            committed_meanwhile.extend(await store.append("thing-2", things(3), expected_version=0))
+            return outcome
+
+    relay = OutboxRelay(store, nats_client)
+    relay.acks = AcknowledgedLate(nats_client)
+    assert await relay.publish_batch() == 2
+    assert await other.publish_batch() == 1  # the event committed meanwhile is still there, and goes out
+    published = [m.headers["Nats-Msg-Id"] for m in await stream_messages(js, stream)]
+    assert published[-1] == str(committed_meanwhile[0].event_id) and len(published) == 3
+    await js.delete_stream(stream)
