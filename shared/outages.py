@@ -25,6 +25,7 @@ from sqlalchemy import exc as sa_exc
 
 from shared import metrics
 from shared.keys import KeyMissing
+from shared.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +117,7 @@ class Outages:
         self.first_pause, self.max_pause, self.keepalive_every = first_pause, max_pause, keepalive_every
         self._down: dict[Dependency, tuple[float, str]] = {}
         self._back: dict[Dependency, asyncio.Event] = {}
+        self._probing: set[asyncio.Task[None]] = set()
         for dependency in Dependency:
             metrics.DEPENDENCY_UP.labels(dependency=dependency).set(1)
 
@@ -175,7 +177,14 @@ class Outages:
         metrics.DEPENDENCY_UP.labels(dependency=dependency).set(0)
         log.warning("dependency unavailable: consumers paused until it answers",
                     dependency=str(dependency), error=_describe(failure))
-        asyncio.get_running_loop().create_task(self._probe_until_back(dependency, back))
+        probing = asyncio.get_running_loop().create_task(self._probe_until_back(dependency, back))
+        self._probing.add(probing)
+        probing.add_done_callback(self._probing.discard)
+
+    async def close(self) -> None:
+        """Stop probing (the service stops): a probe loop left behind would ask a dropped
+        database or a closed connection for ever."""
+        await cancel_and_wait(list(self._probing))
 
     async def _probe(self, dependency: Dependency) -> BaseException | None:
         """None when the dependency answers, else why not."""

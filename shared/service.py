@@ -37,6 +37,7 @@ from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
 from shared.store import PostgresEventStore, open_store
 from shared.store.base import Work
+from shared.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -173,12 +174,9 @@ class Service:
             log.warning("short API keys (under 16 characters): use long random keys", fingerprints=self.keys.short_keys)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
+        await self.outages.close()
         with contextlib.suppress(Exception):
             await self.broker.stop()
         await self.store.close()

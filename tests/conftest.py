@@ -28,6 +28,8 @@ from shared.database import migrate
 from shared.events import registry
 from shared.store import MEMORY_URL, EventStore, open_store
 
+pytest_plugins = ["tests.hangs"]
+
 register_all(registry, *labs_private.EVENTS)  # what the services' composition roots register
 
 

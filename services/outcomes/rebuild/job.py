@@ -45,6 +45,7 @@ from services.outcomes.rebuild.reader import FETCH_BATCH, read_up_to, stream_hea
 from shared.events import utcnow
 from shared.keys import KeyErased, KeyMissing
 from shared.store import EventStore
+from shared.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -182,10 +183,7 @@ class Rebuild:
             self.progress = replace(self.progress, phase="failed", error=_describe(exc))
             self.on_progress(self.progress)
             if run is not None:
-                if run.writer is not None:
-                    run.writer.cancel()
-                    with contextlib.suppress(BaseException):
-                        await run.writer
+                await cancel_and_wait([run.writer])
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._release())
             raise

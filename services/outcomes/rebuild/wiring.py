@@ -26,6 +26,7 @@ from shared.keys import KeyVault, bucket_name
 from shared.sealing import SealingCodec
 from shared.settings import RuntimeSettings
 from shared.store import EventStore, open_store
+from shared.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -61,10 +62,7 @@ async def rebuild(
                       flush_every=flush_every)
         return await job.run(restart=restart)
     finally:
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(BaseException):
-                await watch
+        await cancel_and_wait([watch])
         with contextlib.suppress(Exception):
             await client.close()
         await store.close()
@@ -112,7 +110,4 @@ class BackgroundRebuild:
         return job.progress
 
     async def stop(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.task
+        await cancel_and_wait([self.task])
