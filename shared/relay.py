@@ -206,10 +206,11 @@ class OutboxRelay:
         return acked
 
     async def _delete(self, connection: AsyncConnection, acked: Sequence[Row[Any]]) -> None:
-        """Delete the acknowledged rows, matched on their id *and* their event id: SQLite gives a
-        new row the id one above the largest left (1 in an empty table), so once another relay sharing the
-        database (two replicas of a service) has emptied the outbox, a row committed meanwhile
-        takes an id this relay is about to delete — by id alone, an event never published."""
+        """Delete the acknowledged rows, matched on their id *and* their event id: SQLite numbers
+        a new row one above the largest id left (1 in an empty table), so once another relay
+        sharing the database (two replicas of a service) has emptied the outbox, a row committed
+        meanwhile takes an id this relay is about to delete — by id alone, an event never
+        published."""
         if acked:
             ids = [row.id for row in acked]
             event_ids = [row.event_id for row in acked]
