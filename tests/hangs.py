@@ -36,7 +36,10 @@ THREADS_GRACE_SECONDS = 5.0
 def body_deadline(item: pytest.Item) -> float | None:
     """Seconds the test body may take: a share of its pytest-timeout limit; None for no limit."""
     marker = item.get_closest_marker("timeout")
-    limit = marker.args[0] if marker is not None and marker.args else item.config.getini("timeout")
+    if marker is not None and marker.args:
+        limit = marker.args[0]
+    else:  # pytest-timeout's --timeout, else its ini setting
+        limit = item.config.getoption("timeout", None) or item.config.getini("timeout")
     seconds = float(limit or 0)
     return seconds * DEADLINE_SHARE if seconds > 0 else None
 
