@@ -152,6 +152,9 @@ async def _biopsies(page: Any, expect: Any) -> None:
         assert f"Lee grade: {lee}" in text, text
     await expect(pair.locator('[data-field="proliferation_resolved"]')).to_have_text("no")
     await expect(pair.locator('[data-field="iga_cleared"]')).to_have_text("yes")
+    await pair.get_by_role("link", name=A1, exact=True).focus()
+    await page.evaluate("document.getElementById('filters').dispatchEvent(new Event('change'))")  # a re-render
+    assert await page.evaluate("document.activeElement.textContent") == A1, "the re-rendered pairs lost the keyboard focus"
 
 
 async def _upcr(page: Any, expect: Any) -> None:

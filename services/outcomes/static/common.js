@@ -364,9 +364,24 @@ function build(element, attrs, children) {
  * keyboard user's focused link must not vanish under them (Enter would then open nothing).
  */
 export function replaceKeepingFocus(container, ...children) {
-  const focused = container.contains(document.activeElement) ? document.activeElement.getAttribute("href") : null;
+  const focused = focusedLink(container);
   container.replaceChildren(...children);
-  if (focused) [...container.querySelectorAll("a[href]")].find((a) => a.getAttribute("href") === focused)?.focus();
+  refocus(container, focused);
+}
+
+/** ``element.replaceWith(replacement)``, keeping keyboard focus as :func:`replaceKeepingFocus` does. */
+export function replaceWithKeepingFocus(element, replacement) {
+  const focused = focusedLink(element);
+  element.replaceWith(replacement);
+  refocus(replacement, focused);
+}
+
+function focusedLink(element) {
+  return element.contains(document.activeElement) ? document.activeElement.getAttribute("href") : null;
+}
+
+function refocus(element, href) {
+  if (href) [...element.querySelectorAll("a[href]")].find((a) => a.getAttribute("href") === href)?.focus();
 }
 
 export function h(tag, attrs = {}, ...children) {

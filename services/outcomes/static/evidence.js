@@ -3,7 +3,7 @@
 // biopsies before → after (GET /v1/cohorts/{group}/biopsies and the patients' timelines) and
 // the mixed-model eGFR slopes with their 95 % CI (GET /v1/cohorts/{group}/slopes).
 
-import { GROUP_LABEL, atLock, h, linear, round, s, table, value } from "./common.js";
+import { GROUP_LABEL, atLock, h, linear, replaceWithKeepingFocus, round, s, table, value } from "./common.js";
 
 const COHORTS = "GET /v1/cohorts";
 
@@ -121,13 +121,13 @@ export function renderBiopsies(answers, patients) {
     return h("tr", { "data-group": a.group }, groupHeader(a.group), h("td", {}, v("paired", "patients with paired biopsies")),
       ...BIOPSY_CHANGES.map(([key, label]) => h("td", {}, v(key, label), h("span", { class: "muted" }, ` of ${a.paired}`))));
   });
-  document.getElementById("biopsy-summary").replaceWith(table(
+  replaceWithKeepingFocus(document.getElementById("biopsy-summary"), table(
     "Patients with a diagnostic biopsy (on or before treatment start) and a follow-up biopsy (after it), and among them " +
     "those with each change. Source: GET /v1/cohorts/{group}/biopsies.",
     ["Group", "Paired", ...BIOPSY_CHANGES.map(([, label]) => label)], rows, { id: "biopsy-summary", class: "numbers" }));
 
   const paired = patients.filter((p) => p.paired_biopsies && answers.some((a) => a.group === p.group));
-  document.getElementById("biopsy-pairs").replaceWith(table(
+  replaceWithKeepingFocus(document.getElementById("biopsy-pairs"), table(
     "Each paired patient's diagnostic and follow-up findings, and the changes the API counts. Source: GET /v1/patients/{id}.",
     ["Patient", "Group", "Diagnostic biopsy", "Follow-up biopsy", "Changes"], paired.map(biopsyPair),
     { id: "biopsy-pairs", class: "biopsy-pairs" }));
@@ -197,7 +197,7 @@ export function renderSlopes(answers) {
       h("td", {}, v("patients", String(fit.patients), "patients"), " / ", v("measurements", String(fit.measurements), "counted eGFRs")),
       h("td", { class: "forest-cell" }, fitted ? forestMark(a.group, fit, scale) : ""));
   }));
-  document.getElementById("slopes-table").replaceWith(table(
+  replaceWithKeepingFocus(document.getElementById("slopes-table"), table(
     "eGFR slope (mL/min/1.73 m² per year) as the fixed effect of a linear mixed model (random intercept and slope per patient, " +
     "REML), with its 95 % confidence interval. Source: GET /v1/cohorts/{group}/slopes.",
     ["Group", "Window", "Slope / year", "95 % CI", "Patients / eGFRs", `Interval (−${round(span, 1)} to +${round(span, 1)}, 0 dashed)`],
