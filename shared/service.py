@@ -176,9 +176,9 @@ class Service:
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        await self.outages.close()
         with contextlib.suppress(Exception):
             await self.broker.stop()
+        await self.outages.close()  # after the consumers, which start probe loops
         await self.store.close()
 
     def _spawn(self, factory: BackgroundTask) -> None:
