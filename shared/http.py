@@ -37,6 +37,7 @@ from shared.events import CommandContext
 from shared.keys import KeyMissing
 from shared.logs import configure_logging
 from shared.outages import Dependency, outage_of
+from shared.tasks import within
 
 if TYPE_CHECKING:
     from shared.service import Service
@@ -257,7 +258,7 @@ class BodyLimit:
         async def limited_receive() -> Any:
             nonlocal received
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                message = await within(max(deadline - time.monotonic(), 0.001), receive())
             except TimeoutError:
                 raise HTTPException(408, f"request body not received within {self.timeout:g} s",
                                     headers={"Connection": "close"}) from None

@@ -38,6 +38,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared.broker import Topology, ensure_stream
 from shared.errors import NotFound
+from shared.tasks import within
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +137,7 @@ class KeyVault:
                 await watcher.stop()
 
     async def synced(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self._synced.wait(), timeout)
+        await within(timeout, self._synced.wait())
 
     # --- reading ------------------------------------------------------------------------------
 

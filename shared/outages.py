@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 
 from shared import metrics
 from shared.keys import KeyMissing
-from shared.tasks import cancel_and_wait
+from shared.tasks import cancel_and_wait, within, woken
 
 log = structlog.get_logger(__name__)
 
@@ -164,8 +164,7 @@ class Outages:
                 self._mark_down(dependency, failure)
         back = self._back[dependency]
         while not back.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(back.wait(), self.keepalive_every)
+            await woken(back, self.keepalive_every)
             if not back.is_set() and keepalive is not None:
                 with contextlib.suppress(Exception):
                     await keepalive()
@@ -192,7 +191,7 @@ class Outages:
         if probe is None:
             return None
         try:
-            await asyncio.wait_for(probe(), 2.0)
+            await within(2.0, probe())
         except Exception as failure:  # noqa: BLE001 - any failure of the probe means: not answering
             return failure
         return None

@@ -44,6 +44,7 @@ from shared import metrics
 from shared.moments import as_utc
 from shared.schema import outbox
 from shared.store import EventStore, SqlEventStore
+from shared.tasks import woken
 
 log = structlog.get_logger(__name__)
 
@@ -160,10 +161,7 @@ class OutboxRelay:
                 backoff = min(backoff * 2 if backoff >= 0.5 else 0.5, 10.0)
             if sent < self.batch_size:
                 self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=backoff)
-                except TimeoutError:
-                    pass
+                await woken(self.wakeup, backoff)
 
     async def publish_batch(self) -> int:
         """Publish up to ``batch_size`` rows; returns how many were acknowledged and deleted.

@@ -37,7 +37,7 @@ from shared.sealing import SealingCodec
 from shared.settings import SERVICES, RuntimeSettings, database_url, service_port
 from shared.store import PostgresEventStore, open_store
 from shared.store.base import Work
-from shared.tasks import cancel_and_wait
+from shared.tasks import cancel_and_wait, within
 
 log = structlog.get_logger(__name__)
 
@@ -212,7 +212,7 @@ class Service:
     async def ready(self) -> dict[str, str]:
         problems: dict[str, str] = self.outages.problems()
         try:
-            await asyncio.wait_for(self.store.ping(), 2)
+            await within(2, self.store.ping())
         except Exception as exc:
             problems["store"] = repr(exc)
         try:

@@ -1,4 +1,4 @@
-"""Stopping background tasks without swallowing the stopper's own cancellation.
+"""Stopping and waiting without swallowing a cancellation.
 
 The usual ``task.cancel()`` then ``with suppress(CancelledError): await task`` hides a second
 cancellation: if the code doing the stopping is itself cancelled while it waits (a shutdown
@@ -10,7 +10,10 @@ database that had been dropped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[object] | None]) -> None:
@@ -21,3 +24,21 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object] | None]) -> None:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def within(seconds: float | None, awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, raising ``TimeoutError`` after ``seconds`` — ``asyncio.wait_for``
+    without its Python 3.11 flaw: a cancellation that arrives while the awaited work finishes
+    (an event set a moment before a service stops) is swallowed there, and a loop waiting on
+    that event runs on for ever. ``asyncio.timeout`` tells its own cancellation from the caller's."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+async def woken(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; whether it was set (a loop's wake-up or its timer)."""
+    try:
+        await within(seconds, event.wait())
+    except TimeoutError:
+        return False
+    return True

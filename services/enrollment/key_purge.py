@@ -12,7 +12,6 @@ the purge marker; ``erase`` is idempotent, and for a key already purged costs on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Literal
 from uuid import UUID
 
@@ -24,6 +23,7 @@ from shared import metrics
 from shared.erasures import erased_subjects
 from shared.keys import KeyVault
 from shared.store import EventStore
+from shared.tasks import woken
 
 log = structlog.get_logger(__name__)
 
@@ -71,8 +71,7 @@ class KeyPurger:
                 await self.run_once()
             except Exception as error:  # noqa: BLE001 - database unreachable: the next pass retries
                 log.warning("key purge pass failed; will retry", error=repr(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            await woken(self._wake, self.interval)
 
     async def run_once(self) -> int:
         """One pass over every erased subject; returns how many keys are still not purged."""

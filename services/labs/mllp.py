@@ -49,6 +49,7 @@ from services.labs.hl7_messages import (
 from services.labs.ingest import Refusal
 from services.labs.inputs import LabRejection
 from shared.errors import Conflict
+from shared.tasks import within
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +137,7 @@ class MllpServer:
                 else:
                     ack = await self.handle_message(frame)
                 writer.writeblock(ack.encode("ascii", errors="replace"))
-                await asyncio.wait_for(writer.drain(), self.read_timeout)
+                await within(self.read_timeout, writer.drain())
                 if isinstance(frame, FrameProblem) and not frame.keep_open:
                     break
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as error:
@@ -150,7 +151,7 @@ class MllpServer:
                 del self.active_by_address[address]
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
+                await within(5, writer.wait_closed())
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes | FrameProblem | None:
         """The next frame's message bytes, a :class:`FrameProblem`, or ``None`` when the peer

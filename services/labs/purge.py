@@ -58,6 +58,7 @@ from services.labs.refused_subject import refused_subject
 from shared import metrics
 from shared.broker import LAB_REJECTED_SUBJECT, LAB_RESULTS_SUBJECT, Topology
 from shared.store import EventStore
+from shared.tasks import woken
 
 log = structlog.get_logger(__name__)
 
@@ -174,8 +175,7 @@ class InboundPurger:
                 await self.run_once()
             except Exception as error:  # noqa: BLE001 - the jobs stay pending; retried next pass
                 log.warning("inbound purge pass failed; will retry", error=repr(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            await woken(self._wake, self.interval)
 
     async def run_once(self) -> int:
         """One pass over the pending jobs; returns how many it finished."""

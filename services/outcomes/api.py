@@ -41,6 +41,7 @@ from services.outcomes.views import (
     patient_detail,
 )
 from shared.service import Service
+from shared.tasks import within
 
 FRESHNESS_HEADER = "X-Projection-Position"
 STAMP_TIMEOUT_SECONDS = 0.25
@@ -207,7 +208,7 @@ async def _stream_heads(service: Service, freshness: Freshness) -> dict[str, int
     streams = [source.stream for source in freshness.sources]
     try:
         js = service.broker.connection.jetstream()
-        infos = await asyncio.wait_for(asyncio.gather(*(js.stream_info(s) for s in streams)), 1.0)
+        infos = await within(1.0, asyncio.gather(*(js.stream_info(s) for s in streams)))
     except Exception:
         return {}
     return {stream: info.state.last_seq for stream, info in zip(streams, infos, strict=True)}

@@ -35,6 +35,7 @@ from services.outcomes.rebuild.reader import FETCH_BATCH, read_up_to, stream_hea
 from services.outcomes.settings import OutcomesSettings
 from shared.keys import KeyErased
 from shared.store import Codec
+from shared.tasks import within
 
 log = structlog.get_logger(__name__)
 
@@ -126,14 +127,14 @@ class TimeTravel:
 
     async def _heads(self) -> dict[str, int]:
         try:
-            return await asyncio.wait_for(stream_heads(self.nc().jetstream(), self.queries.streams), 5.0)
+            return await within(5.0, stream_heads(self.nc().jetstream(), self.queries.streams))
         except Exception as exc:
             raise LogUnavailable(f"the event log cannot be read to answer as_of: {exc!r}") from exc
 
     async def _caught_up(self, replay: Replay, heads: Mapping[str, int]) -> bool:
         timeout = self.settings.as_of_timeout_seconds
         try:
-            return await asyncio.wait_for(catch_up(replay, self.nc(), self.queries.streams, heads, self.codec), timeout)
+            return await within(timeout, catch_up(replay, self.nc(), self.queries.streams, heads, self.codec))
         except TimeoutError:
             raise LogUnavailable(f"replaying the log to {replay.as_of.isoformat()} took over {timeout:g} s "
                                  "(NEPHROTRACK_AS_OF_TIMEOUT_SECONDS); use a lock for repeated analyses") from None

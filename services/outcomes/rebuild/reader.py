@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DEFAULT_PREFIX, AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.outcomes.rebuild.lease import RebuildError
+from shared.tasks import woken
 
 FETCH_BATCH = 2_000
 FETCH_TIMEOUT_SECONDS = 10.0
@@ -121,8 +122,7 @@ class StreamReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), left)
+            await woken(self.arrived, left)
         batch, self.buffer = self.buffer, []
         self.taken += len(batch)
         await self._request(max(remaining - len(batch), 0))
