@@ -61,9 +61,9 @@ _TEST_CONSUMER = re.compile(r"^t[0-9a-f]{10}-")
 async def shared_lab_streams_emptied() -> None:
     """Empty the two streams every test stack shares (the contract's ``labs.results`` and
     ``labs.rejected``) and drop the consumers killed runs left on them. They keep every message
-    for ever, and each test's new labs consumer reads all of them first: after a day of runs on
-    this machine (5,600 results, 27,000 rejections) the labs tests took 40-120 s instead of 9
-    and some waited in vain for their own message. So ``make test`` needs a NATS of its own
+    for ever, and each test's new labs consumer reads all of them first: after a day of runs the
+    labs tests slowed down and some waited in vain for their own message (README, Testing).
+    So ``make test`` needs a NATS of its own
     (``NEPHROTRACK_TEST_NATS``), never one holding a running stack's lab messages. Without a
     NATS server (``make test-fast``) there is nothing to empty."""
     try:

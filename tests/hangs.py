@@ -2,7 +2,7 @@
 
 pytest-timeout alone is a poor end for an asyncio test: it raises inside the event loop's
 ``select``, its traceback shows only that, and the test's task stays pending in the session's
-event loop, where it runs on during later fixtures — a CI run once lost an hour that way. So:
+event loop, where it runs on during later fixtures and can hold the whole run open. So:
 
 - an ``async def`` test's body runs under :func:`asyncio.timeout`, set below pytest-timeout's
   limit: at the deadline the test task is *cancelled* (its ``finally`` blocks and ``async with``

@@ -2,7 +2,7 @@
 background tasks and the probe loops of its outages go, and the stopper's own cancellation is
 never swallowed on the way.
 
-A CI run lost an hour to both: a test cancelled at its timeout went on inside ``stop`` (the
+A CI run hung on both: a test cancelled at its timeout went on inside ``stop`` (the
 cancellation suppressed while it waited for a background task), started the next service
 against a database already dropped, and a probe loop left behind asked that database for ever."""
 
