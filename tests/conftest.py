@@ -63,22 +63,24 @@ async def shared_lab_streams_emptied() -> None:
     ``labs.rejected``) and drop the consumers killed runs left on them. They keep every message
     for ever, and each test's new labs consumer reads all of them first: after a day of runs the
     labs tests slowed down and some waited in vain for their own message (README, Testing).
-    So ``make test`` needs a NATS of its own
-    (``NEPHROTRACK_TEST_NATS``), never one holding a running stack's lab messages. Without a
-    NATS server (``make test-fast``) there is nothing to empty."""
+    So ``make test`` needs a NATS of its own (``NEPHROTRACK_TEST_NATS``), never one holding a
+    running stack's lab messages. Without a NATS server (``make test-fast``) there is nothing
+    to empty."""
     try:
         client = await within(5, nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False))
     except (OSError, TimeoutError, nats.errors.Error):
         return
-    js = client.jetstream()
-    topology = Topology("test")
-    for stream in (topology.lab_results_stream.name, topology.lab_rejected_stream.name):
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.purge_stream(stream)
-            for consumer in await js.consumers_info(stream):
-                if _TEST_CONSUMER.match(consumer.name):
-                    await js.delete_consumer(stream, consumer.name)
-    await client.drain()
+    try:
+        js = client.jetstream()
+        topology = Topology("test")
+        for stream in (topology.lab_results_stream.name, topology.lab_rejected_stream.name):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.purge_stream(stream)
+                for consumer in await js.consumers_info(stream):
+                    if _TEST_CONSUMER.match(consumer.name):
+                        await js.delete_consumer(stream, consumer.name)
+    finally:
+        await client.drain()
 BACKENDS = ["sqlite", "postgresql"]
 STORE_BACKENDS = ["memory", *BACKENDS]
 """For a test of the event store's interface only (no SQL of its own): the in-memory store too.

@@ -361,7 +361,7 @@ async def test_two_relays_on_one_sqlite_database_never_delete_an_event_they_did_
 ) -> None:
     """Two replicas of a service share its SQLite database and both relay its outbox. While one
     waits for JetStream's acknowledgements, the other publishes and deletes the same rows; a new
-    event committed then takes a freed id (SQLite reuses the lowest free id above the rows left).
+    event committed then takes a freed id (SQLite numbers a new row one above the largest id left).
     Deleting by id alone, the first relay deleted that event's row unpublished: four lab results
     and four pulse doses never reached outcomes in a `nephrotrack cluster` run."""
     js = nats_client.jetstream()
