@@ -21,6 +21,7 @@ from services.outcomes.lock_routes import lock_routes
 from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.queries import OutcomesQueries, reading_engine
 from services.outcomes.rebuild.wiring import BackgroundRebuild, default_streams
+from services.outcomes.remembered import RememberedPatients
 from services.outcomes.settings import OutcomesSettings
 from services.outcomes.time_travel import TimeTravel
 from services.outcomes.viewpoint import viewpoints
@@ -31,8 +32,8 @@ from shared.service import Service
 
 def create_app(service: Service) -> FastAPI:
     register_all(registry, *locks.EVENTS)
-    projection = SqlProjectionStore()
     settings = OutcomesSettings()
+    projection = SqlProjectionStore(RememberedPatients(settings.remembered_results) if settings.remembered_results else None)
     projections.register(service, projection, settings)
     streams = default_streams(service.topology)
     queries = OutcomesQueries(reading_engine(service.store.engine), streams)

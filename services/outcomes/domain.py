@@ -22,6 +22,8 @@ import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import asdict
 from datetime import UTC, date, datetime
+from functools import cached_property
+from operator import attrgetter
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
@@ -48,6 +50,9 @@ from services.outcomes.endpoints import EndpointKind
 from services.outcomes.measurements import Measurement, years_between
 from shared.events import DomainEvent
 
+_COUNTED = attrgetter("counted")
+_ORDER_KEY = attrgetter("order_key")
+
 
 class EgfrPoint(BaseModel):
     """The effective eGFR of one lab result id, as the labs service last published it."""
@@ -62,20 +67,26 @@ class EgfrPoint(BaseModel):
     source: Source
     derived_from: Literal["creatinine", "reported"]
 
-    @property
+    # Cached: the live projection keeps a patient's points between batches and computes their
+    # outcome with every batch (the point is frozen; nothing copies it with changes).
+
+    @cached_property
     def collected_on(self) -> date:
         """The UTC calendar date: the contract compares dates, never times of day."""
         return self.collected_at.astimezone(UTC).date()
 
-    @property
+    @cached_property
     def order_key(self) -> tuple[datetime, str]:
         """The order of "latest": collection time, then (for equal times) the result id, so
-        the choice is deterministic whatever order the results arrived in."""
-        return (self.collected_at, self.result_id)
+        the choice is deterministic whatever order the results arrived in. The time as a naive
+        UTC datetime: the same order as the aware one, without an offset looked up per
+        comparison (the outcome sorts every counted result with every batch)."""
+        return (self.collected_at.astimezone(UTC).replace(tzinfo=None), self.result_id)
 
+    @cached_property
     def measurement(self) -> Measurement:
         """As the v2 definitions read a counted value (endpoints, slopes)."""
-        return Measurement(self.result_id, self.egfr, self.collected_at)
+        return Measurement(self.result_id, self.egfr, self.collected_at, self.collected_on)
 
 
 class UrinePoint(BaseModel):
@@ -171,7 +182,7 @@ class PatientFacts(BaseModel):
     def counted_points(self) -> list[EgfrPoint]:
         """Counted eGFRs, oldest first. ``counted`` is the labs service's decision (it is
         false for preliminary results); outcomes does not second-guess it."""
-        return sorted((p for p in self.egfr.values() if p.counted), key=lambda p: p.order_key)
+        return sorted(filter(_COUNTED, self.egfr.values()), key=_ORDER_KEY)
 
 
 class PatientOutcome(BaseModel):
@@ -268,8 +279,25 @@ CONSUMED_EVENTS: tuple[type[DomainEvent], ...] = (
 """The event types ``apply`` records; the adapter subscribes to exactly these."""
 _CONSUMED = frozenset(CONSUMED_EVENTS)
 
-_EgfrFact = tuple[float, datetime, Status, bool, Source, Literal["creatinine", "reported"]]
+EgfrFact = tuple[float, datetime, Status, bool, Source, Literal["creatinine", "reported"]]
 """An ``EgfrPoint`` without its result id, as a tuple: a fifth of the model's memory."""
+
+
+def _writable(moment: datetime) -> datetime:
+    """A collection time as a stored row keeps it: naive read as UTC, and an offset with
+    seconds (which pydantic's JSON drops, moving the instant) as the same instant in UTC — so
+    the facts held in memory are the facts read back from their row, and a patient computes the
+    same outcome whether projected live, read back or rebuilt."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    offset = moment.utcoffset()
+    return moment.astimezone(UTC) if offset is not None and (offset.seconds % 60 or offset.microseconds) else moment
+
+
+def egfr_point(result_id: str, fact: EgfrFact) -> EgfrPoint:
+    value, collected_at, status, counted, source, derived_from = fact
+    return EgfrPoint(result_id=result_id, egfr=value, collected_at=collected_at, status=status, counted=counted,
+                     source=source, derived_from=derived_from)
 
 
 class FactsRecorder:
@@ -287,7 +315,7 @@ class FactsRecorder:
     def __init__(self, facts: PatientFacts) -> None:
         self.subject_id = facts.subject_id
         self.enrollment: dict[str, Any] = {name: getattr(facts, name) for name in _ENROLLMENT_FIELDS}
-        self.egfr: dict[str, _EgfrFact] = {
+        self.egfr: dict[str, EgfrFact] = {
             result_id: (p.egfr, p.collected_at, p.status, p.counted, p.source, p.derived_from)
             for result_id, p in facts.egfr.items()
         }
@@ -330,14 +358,13 @@ class FactsRecorder:
         """Last writer wins per result id: the adapter only passes an ``EgfrComputed`` newer (by
         labs stream version) than the one it stored, so the newest is the effective value. A
         naive collection time (labs always sends UTC) is read as UTC rather than dropped."""
-        collected_at = e.collected_at if e.collected_at.tzinfo else e.collected_at.replace(tzinfo=UTC)
+        collected_at = _writable(e.collected_at)
         self.egfr[e.result_id] = (e.egfr, collected_at, e.status, e.counted, e.source, e.derived_from)
 
     def _urine(self, e: UrineResultMeasured) -> None:
         """Last writer wins per result id, as for eGFR (the adapter guards by stream version)."""
         point = e.model_dump(exclude={"subject_id"})
-        if point["collected_at"].tzinfo is None:
-            point["collected_at"] = point["collected_at"].replace(tzinfo=UTC)
+        point["collected_at"] = _writable(point["collected_at"])
         self.urine[e.result_id] = UrinePoint(**point)
 
     def _adverse_event(self, e: AdverseEventReported | AdverseEventUpdated) -> None:
@@ -346,17 +373,15 @@ class FactsRecorder:
         self.adverse_events[e.ae_id] = evidence.AdverseEventReport(e.ae_id, e.term, e.grade, e.serious, e.causality,
                                                                    e.related_to)
 
-    def facts(self, *, egfr: bool = True) -> PatientFacts:
-        """The frozen facts recorded so far (a new object; the recorder stays usable); without
-        ``egfr``, an empty eGFR map (the projection serialises that map from the tuples itself)."""
+    def facts(self, *, egfr: Mapping[str, EgfrPoint] | None = None) -> PatientFacts:
+        """The frozen facts recorded so far (a new object; the recorder stays usable). ``egfr``:
+        the eGFR map to put in them instead of one built from the tuples (the projection keeps
+        the points of a patient it rewrites with every batch)."""
         return PatientFacts(
             subject_id=self.subject_id,
             **self.enrollment,
-            egfr={
-                result_id: EgfrPoint(result_id=result_id, egfr=value, collected_at=collected_at, status=status,
-                                     counted=counted, source=source, derived_from=derived_from)
-                for result_id, (value, collected_at, status, counted, source, derived_from) in self.egfr.items()
-            } if egfr else {},
+            egfr={result_id: egfr_point(result_id, fact) for result_id, fact in self.egfr.items()}
+            if egfr is None else egfr,
             urine=dict(self.urine),
             adverse_events=dict(self.adverse_events),
             **{name: frozenset(members) for name, members in self.sets.items()},
@@ -483,7 +508,7 @@ def _evidence(facts: PatientFacts, start: date | None, baseline_egfr: float | No
         start, (evidence.Biopsy(**b.model_dump(exclude={"subject_id"})) for b in facts.biopsies))
     course = endpoints.KidneyCourse(
         treatment_start=start, baseline_egfr=baseline_egfr,
-        egfr=tuple(Measurement(p.result_id, p.egfr, p.collected_at, day) for day, p in counted),
+        egfr=tuple(p.measurement for _, p in counted),
         kidney_failure_on=facts.kidney_failure_on, died_on=min(facts.died_on, default=None),
     )
     kidney = endpoints.patient_endpoints(course)

@@ -75,6 +75,6 @@ def safety(members: Iterable[PatientFacts]) -> dict[str, Any]:
 def group_slopes(members: Iterable[PatientFacts]) -> dict[str, dict[str, Any]]:
     """Total and chronic mixed-model slopes of the patients with a treatment start."""
     return slopes.group_slopes(
-        slopes.PatientEgfr(f.subject_id, start, tuple(p.measurement() for p in f.counted_points()))
+        slopes.PatientEgfr(f.subject_id, start, tuple(p.measurement for p in f.counted_points()))
         for f in members if (start := f.treatment_start) is not None
     )

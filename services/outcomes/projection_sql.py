@@ -18,14 +18,15 @@ import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Integer, Table, delete, func, literal, select, update
+from sqlalchemy import Integer, Table, delete, func, literal, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.outcomes import tables
 from services.outcomes.locks import AnalysisLock
 from services.outcomes.projection_store import Lock, ProjectionState, ProjectionStateMissing, ProjectionStore
-from services.outcomes.projector import ProjectedPatient, SourceMark
+from services.outcomes.projector import ProjectedPatient, ProjectionChanges, SourceMark
+from services.outcomes.remembered import RememberedPatients
 from shared.store import SqlUnitOfWork, UnitOfWork
 
 COPY_AT_LEAST = 500
@@ -34,6 +35,8 @@ COPY_AT_LEAST = 500
 
 _ROW_COLUMNS = tuple(column.name for column in tables.timeline.columns if column.name != "generation")
 _row_values = operator.itemgetter(*_ROW_COLUMNS)
+_ROW_VERSION = literal_column(f"{tables.patients.name}.xmin::text").label("version")
+"""PostgreSQL's version of a patient row: every write of the row, by anyone, changes it."""
 _PATIENT_VALUES = tuple(c.name for c in tables.patients.columns if c.name not in ("generation", "subject_id"))
 
 
@@ -67,7 +70,12 @@ async def read_locks(connection: AsyncConnection, name: str | None = None) -> li
 
 
 class SqlProjectionStore(ProjectionStore):
-    """Stateless: every call works on the connection of the unit of work it is given."""
+    """Every call works on the connection of the unit of work it is given. ``remembered``: the
+    live projection's patients kept between batches (on PostgreSQL; none for a rebuild, which
+    holds every patient itself)."""
+
+    def __init__(self, remembered: RememberedPatients | None = None) -> None:
+        self.remembered = remembered
 
     async def state(self, uow: UnitOfWork, *, lock: Lock = None) -> ProjectionState:
         return await read_state(_connection(uow), lock)
@@ -87,13 +95,52 @@ class SqlProjectionStore(ProjectionStore):
         placeholders = [{"generation": generation, **ProjectedPatient.new(s).row()} for s in ordered]
         await connection.execute(_insert(connection, tables.patients).on_conflict_do_nothing(), placeholders)
         p = tables.patients.c
-        rows = await connection.execute(
-            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json)
-            .where(p.generation == generation, p.subject_id.in_(ordered))
-            .order_by(p.subject_id)
+        mine = p.generation == generation
+        remembered = self._remembered(connection)
+        if remembered is None:
+            rows = await connection.execute(
+                select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json)
+                .where(mine, p.subject_id.in_(ordered)).order_by(p.subject_id).with_for_update()
+            )
+            return {row.subject_id: _patient(row) for row in rows}
+        versions = await connection.execute(
+            select(p.subject_id, _ROW_VERSION).where(mine, p.subject_id.in_(ordered)).order_by(p.subject_id)
             .with_for_update()
         )
-        return {row.subject_id: _patient(row) for row in rows}
+        patients: dict[str, ProjectedPatient] = {}
+        for subject_id, version in versions:
+            if (patient := remembered.take(generation, subject_id, version)) is not None:
+                patients[subject_id] = patient
+        unknown = [s for s in ordered if s not in patients]
+        if unknown:
+            rows = await connection.execute(
+                select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json)
+                .where(mine, p.subject_id.in_(unknown))
+            )
+            patients.update((row.subject_id, _patient(row, remembered=True)) for row in rows)
+        return patients
+
+    async def write_changes(
+        self, uow: UnitOfWork, generation: int, changes: ProjectionChanges,
+        patient_rows: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """As every store does; then the live batch's patients are remembered with the row
+        versions they were just written at."""
+        await super().write_changes(uow, generation, changes, patient_rows)
+        connection = _connection(uow)
+        remembered = self._remembered(connection)
+        written = {s: patient for s in changes.touched if (patient := changes.patients[s]).remembered}
+        if remembered is None or not written:
+            return
+        p = tables.patients.c
+        versions = await connection.execute(
+            select(p.subject_id, _ROW_VERSION).where(p.generation == generation, p.subject_id.in_(sorted(written)))
+        )
+        for subject_id, version in versions:
+            remembered.keep(generation, subject_id, version, written[subject_id])
+
+    def _remembered(self, connection: AsyncConnection) -> RememberedPatients | None:
+        return self.remembered if connection.dialect.name == "postgresql" else None
 
     async def load_generation(
         self, uow: UnitOfWork, generation: int
@@ -257,5 +304,6 @@ def _greatest(connection: AsyncConnection, current: Any, new: Any) -> Any:
     return func.max(func.coalesce(current, new), func.coalesce(new, current))
 
 
-def _patient(row: Any) -> ProjectedPatient:
-    return ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json, row.report_versions_json)
+def _patient(row: Any, *, remembered: bool = False) -> ProjectedPatient:
+    return ProjectedPatient.from_row(row.facts_json, row.egfr_versions_json, row.report_versions_json,
+                                     remembered=remembered)

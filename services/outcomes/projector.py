@@ -19,6 +19,7 @@ its one event (:mod:`services.outcomes.timeline`). Messages arrive parsed
 from __future__ import annotations
 
 import json
+from bisect import insort
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from pydantic import AwareDatetime, TypeAdapter
 from contracts.enrollment import AdverseEventReported, AdverseEventUpdated, PatientDataErased
 from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.outcomes import domain
-from services.outcomes.domain import PatientFacts, PatientOutcome
+from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome
 from services.outcomes.incoming import Incoming
 from services.outcomes.timeline import timeline_row
 from services.outcomes.wire import Meta
@@ -61,50 +62,53 @@ def _json_datetime(moment: datetime) -> str:
     return text if offset else text[:-6] + "Z"
 
 
-def _egfr_json(egfr: Mapping[str, tuple[Any, ...]], as_read: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The eGFR map as ``PatientFacts.model_dump(mode="json")`` has it, straight from the
-    recorder's tuples — or, for a point unchanged since its row was read, the point as read
-    (``as_read``: already in that form). Building a pydantic ``EgfrPoint`` per result only to
-    dump it again was most of serialising a patient, and a patient is re-serialised with every
-    batch that touches them — with their whole history."""
-    dumped = {}
-    for result_id, fact in egfr.items():
-        point = as_read.get(result_id)
-        if point is None:
-            value, collected_at, status, counted, source, derived_from = fact
-            point = {"collected_at": _json_datetime(collected_at), "counted": counted, "derived_from": derived_from,
-                     "egfr": value, "result_id": result_id, "source": source, "status": status}
-        dumped[result_id] = point
-    return dumped
+def _egfr_member(result_id: str, fact: domain.EgfrFact, as_read: Mapping[str, tuple[domain.EgfrFact, Any]]) -> str:
+    """One eGFR point as a member of the eGFR map in the canonical facts JSON
+    (``"<result id>":{…}``), as ``PatientFacts.model_dump(mode="json")`` has it — or, for a
+    point unchanged since its row was read (``as_read``: the tuple read, and the point in JSON
+    form), as it was read: pydantic dropped an offset's odd seconds when it was written, and a
+    point is written again as it was, whether by the live projection or by a rebuild."""
+    read = as_read.get(result_id)
+    if read is not None and read[0] is fact:
+        point = read[1]
+    else:
+        value, collected_at, status, counted, source, derived_from = fact
+        point = {"collected_at": _json_datetime(collected_at), "counted": counted, "derived_from": derived_from,
+                 "egfr": value, "result_id": result_id, "source": source, "status": status}
+    return f"{_canonical(result_id)}:{_canonical(point)}"
 
 
-def _facts_json(recorder: domain.FactsRecorder, egfr_as_read: Mapping[str, dict[str, Any]]) -> str:
-    """The recorded facts as ``PatientFacts.model_dump(mode="json")`` in canonical JSON (the
-    eGFR map built directly, the rest through pydantic). Set-valued fields come out of a
-    frozenset in hash order; sort them so equal facts are equal strings (every list in the facts
-    dump is a set)."""
-    dumped = recorder.facts(egfr=False).model_dump(mode="json")
+def _facts_json(facts: PatientFacts, egfr_members: list[str]) -> str:
+    """The facts as ``PatientFacts.model_dump(mode="json")`` in canonical JSON: the eGFR map
+    spliced in from its members' texts (in result id order, as sorting the keys puts them), the
+    rest through pydantic. Set-valued fields come out of a frozenset in hash order; sort them so
+    equal facts are equal strings (every list in the facts dump is a set)."""
+    dumped = facts.model_dump(mode="json", exclude={"egfr"})
     for key, value in dumped.items():
         if isinstance(value, list):
             dumped[key] = sorted(value, key=canonical_json)
-    dumped["egfr"] = _egfr_json(recorder.egfr, egfr_as_read)
-    return canonical_json(dumped)
+    dumped["egfr"] = None
+    egfr = "{" + ",".join(egfr_members) + "}"
+    return "{" + ",".join(
+        f"{_canonical(key)}:{egfr if key == 'egfr' else _canonical(value)}" for key, value in sorted(dumped.items())
+    ) + "}"
 
 
-def _read(facts_json: str) -> tuple[domain.FactsRecorder, dict[str, dict[str, Any]]]:
-    """The recorder of a stored facts JSON, and its eGFR points as read. The eGFR map (nearly all
-    of it) goes straight into the recorder's tuples rather than through a pydantic ``EgfrPoint``
-    each: it is our own write of validated values, read back with every batch that touches the
-    patient."""
+def _read(facts_json: str) -> tuple[domain.FactsRecorder, dict[str, tuple[domain.EgfrFact, Any]]]:
+    """The recorder of a stored facts JSON, and each eGFR point read: its tuple in the
+    recorder and its JSON form. The eGFR map (nearly all of it) goes straight into the
+    recorder's tuples rather than through a pydantic ``EgfrPoint`` each: it is our own write of
+    validated values."""
     dumped = json.loads(facts_json)
     egfr = dumped.pop("egfr", {})
     recorder = domain.FactsRecorder(PatientFacts.model_validate(dumped))
-    recorder.egfr = {
-        result_id: (float(p["egfr"]), datetime.fromisoformat(p["collected_at"]), p["status"], p["counted"],
-                    p["source"], p["derived_from"])
+    as_read = {
+        result_id: ((float(p["egfr"]), datetime.fromisoformat(p["collected_at"]), p["status"], p["counted"],
+                     p["source"], p["derived_from"]), p)
         for result_id, p in egfr.items()
     }
-    return recorder, egfr
+    recorder.egfr = {result_id: fact for result_id, (fact, _) in as_read.items()}
+    return recorder, as_read
 
 
 class ProjectedPatient:
@@ -112,19 +116,27 @@ class ProjectedPatient:
     plus the guards that make the newest version win whatever the arrival order: per lab result
     id the labs stream version of the applied ``EgfrComputed``, and in ``report_versions`` the
     stream version of the applied urine result (``urine``, per result id) and adverse-event
-    report (``adverse_event``, per AE id). ``egfr_as_read``: the eGFR points of the row the
-    patient was read from, in JSON form, less those recorded since — written out as they are by
-    the next ``row()``, which lets them go."""
+    report (``adverse_event``, per AE id).
 
-    __slots__ = ("recorder", "egfr_versions", "report_versions", "egfr_as_read")
+    ``remembered``: the patient outlives the batch that wrote it (the live projection keeps it
+    for the next batch, services/outcomes/remembered.py), so ``row()`` keeps what it derived
+    from each eGFR result — its pydantic point (which caches its dates) and its JSON text — and
+    the next ``row()`` derives again only the results recorded since (``apply`` is the one way
+    a result changes). Others (a rebuild holds every patient) keep nothing: memory stays per
+    patient."""
+
+    __slots__ = ("recorder", "egfr_versions", "report_versions", "remembered", "_points", "_members", "_order",
+                 "_recorded", "_as_read")
 
     def __init__(self, facts: PatientFacts | domain.FactsRecorder, egfr_versions: dict[str, int] | None = None,
-                 report_versions: dict[str, dict[str, int]] | None = None,
-                 egfr_as_read: dict[str, dict[str, Any]] | None = None) -> None:
+                 report_versions: dict[str, dict[str, int]] | None = None, *, remembered: bool = False,
+                 as_read: dict[str, tuple[domain.EgfrFact, Any]] | None = None) -> None:
         self.recorder = facts if isinstance(facts, domain.FactsRecorder) else domain.FactsRecorder(facts)
         self.egfr_versions = egfr_versions if egfr_versions is not None else {}
         self.report_versions = report_versions if report_versions is not None else {}
-        self.egfr_as_read = egfr_as_read if egfr_as_read is not None else {}
+        self.remembered = remembered
+        self._as_read = as_read if as_read is not None else {}
+        self._forget_egfr()
 
     @classmethod
     def new(cls, subject_id: str) -> ProjectedPatient:
@@ -134,6 +146,11 @@ class ProjectedPatient:
     def facts(self) -> PatientFacts:
         return self.recorder.facts()
 
+    @property
+    def size(self) -> int:
+        """Roughly what the patient holds: their eGFR results (nearly all of their facts)."""
+        return len(self.recorder.egfr) + 1
+
     def apply(self, envelope: Meta, event: DomainEvent) -> None:
         guarded = self._versions_of(event)
         if guarded is not None:
@@ -142,8 +159,8 @@ class ProjectedPatient:
             if applied is not None and applied >= envelope.stream_version:
                 return
             versions[key] = envelope.stream_version
-            if self.egfr_as_read and versions is self.egfr_versions:
-                self.egfr_as_read.pop(key, None)
+            if versions is self.egfr_versions and self._recorded is not None:
+                self._recorded.add(key)
         self.recorder.record(event)
 
     def _versions_of(self, event: DomainEvent) -> tuple[dict[str, int], str] | None:
@@ -161,21 +178,52 @@ class ProjectedPatient:
         return domain.compute_outcome(self.facts) if self.recorder.enrolled else None
 
     def row(self) -> dict[str, Any]:
-        outcome = self.outcome()
-        egfr_as_read, self.egfr_as_read = self.egfr_as_read, {}
-        return {
+        self._derive_egfr()
+        facts = self.recorder.facts(egfr=self._points)
+        outcome = domain.compute_outcome(facts) if self.recorder.enrolled else None
+        row = {
             "subject_id": self.recorder.subject_id,
             "group": self.recorder.enrollment["group"],
-            "facts_json": _facts_json(self.recorder, egfr_as_read),
+            "facts_json": _facts_json(facts, [self._members[result_id] for result_id in self._order]),
             "outcome_json": canonical_json(outcome.model_dump(mode="json")) if outcome else None,
             "egfr_versions_json": canonical_json(self.egfr_versions),
             "report_versions_json": canonical_json(self.report_versions),
         }
+        if not self.remembered:
+            self._forget_egfr()
+        return row
+
+    def _derive_egfr(self) -> None:
+        """Bring the eGFR results' points and JSON texts up to date: all of them the first time
+        (after a read, a point unchanged since is written as it was read), then those recorded
+        since the last ``row()``."""
+        egfr = self.recorder.egfr
+        if self._recorded is None:
+            as_read, self._as_read = self._as_read, {}
+            self._order = sorted(egfr)
+            self._points = {result_id: domain.egfr_point(result_id, egfr[result_id]) for result_id in self._order}
+            self._members = {result_id: _egfr_member(result_id, egfr[result_id], as_read) for result_id in self._order}
+        else:
+            for result_id in self._recorded:
+                if result_id not in self._points:
+                    insort(self._order, result_id)
+                self._points[result_id] = domain.egfr_point(result_id, egfr[result_id])
+                self._members[result_id] = _egfr_member(result_id, egfr[result_id], {})
+        self._recorded = set()
+
+    def _forget_egfr(self) -> None:
+        self._points: dict[str, EgfrPoint] = {}
+        self._members: dict[str, str] = {}
+        self._order: list[str] = []
+        self._recorded: set[str] | None = None
+        """Result ids recorded since the points were derived; None: none derived yet."""
 
     @classmethod
-    def from_row(cls, facts_json: str, egfr_versions_json: str, report_versions_json: str) -> ProjectedPatient:
-        recorder, egfr_as_read = _read(facts_json)
-        return cls(recorder, json.loads(egfr_versions_json), json.loads(report_versions_json), egfr_as_read)
+    def from_row(cls, facts_json: str, egfr_versions_json: str, report_versions_json: str, *,
+                 remembered: bool = False) -> ProjectedPatient:
+        recorder, as_read = _read(facts_json)
+        return cls(recorder, json.loads(egfr_versions_json), json.loads(report_versions_json),
+                   remembered=remembered, as_read=as_read)
 
 
 @dataclass

@@ -26,6 +26,13 @@ class OutcomesSettings(BaseSettings):
     freshness delay this adds is at most the time a batch takes (next to nothing on a quiet
     stream); 0 fetches again at once."""
 
+    remembered_results: int = Field(default=100_000, ge=0, alias="NEPHROTRACK_OUTCOMES_REMEMBERED_RESULTS")
+    """How many eGFR results' worth of patients the live projection keeps in memory between
+    batches (on PostgreSQL), so that a patient it wrote is neither read back nor re-derived
+    from their whole history by the next batch while their row is unchanged
+    (services/outcomes/remembered.py): about 1.8 KB each, so ~180 MB at the default bound (the
+    k8s manifest gives outcomes 512 MiB). 0 keeps none."""
+
     as_of_timeout_seconds: float = Field(default=120.0, gt=0, alias="NEPHROTRACK_AS_OF_TIMEOUT_SECONDS")
     """Longest an ``as_of`` replay of the log may take before the request answers 503: a replay
     reads every source stream from its start (docs/time-travel.md, "Cost")."""
