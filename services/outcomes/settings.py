@@ -19,12 +19,14 @@ class OutcomesSettings(BaseSettings):
     quiet stream waits no longer than before: what is there is handed over at once, or after the
     consumers' 0.2 s batch timeout."""
 
-    max_pause_seconds: float = Field(default=1.0, ge=0, le=10, alias="NEPHROTRACK_OUTCOMES_MAX_PAUSE_SECONDS")
+    max_pause_seconds: float = Field(default=0.0, ge=0, le=10, alias="NEPHROTRACK_OUTCOMES_MAX_PAUSE_SECONDS")
     """After a batch that was not full, the live consumer waits as long as the batch took, at
     most this, before fetching the next (``shared.consumer.pause_after``): the messages arriving
-    meanwhile make one batch, so a patient is rewritten once per twice as many results. The
-    freshness delay this adds is at most the time a batch takes (next to nothing on a quiet
-    stream); 0 fetches again at once."""
+    meanwhile make one batch, so a patient is rewritten once per twice as many results, for a
+    freshness delay of up to one batch's time. 0 (the default) fetches again at once: since
+    a remembered patient costs what is new since the last batch rather than their whole
+    history, the pause's delay costs the labs benchmark more than its saved work gains
+    (docs/performance.md, "End to end, live")."""
 
     remembered_results: int = Field(default=100_000, ge=0, alias="NEPHROTRACK_OUTCOMES_REMEMBERED_RESULTS")
     """How many eGFR results' worth of patients the live projection keeps in memory between

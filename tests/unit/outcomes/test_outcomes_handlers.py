@@ -540,7 +540,7 @@ def test_the_live_batch_size_is_a_setting_within_bounds(monkeypatch: pytest.Monk
         OutcomesSettings()
 
 
-def test_the_live_consumers_pause_after_a_partial_batch_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert OutcomesSettings().max_pause_seconds == 1.0
-    monkeypatch.setenv("NEPHROTRACK_OUTCOMES_MAX_PAUSE_SECONDS", "0")
+def test_the_live_consumers_pause_after_a_partial_batch_only_when_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
     assert OutcomesSettings().max_pause_seconds == 0.0
+    monkeypatch.setenv("NEPHROTRACK_OUTCOMES_MAX_PAUSE_SECONDS", "1")
+    assert OutcomesSettings().max_pause_seconds == 1.0
