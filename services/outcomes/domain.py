@@ -22,9 +22,8 @@ import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import asdict
 from datetime import UTC, date, datetime
-from functools import cached_property
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, overload
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -50,14 +49,37 @@ from services.outcomes.endpoints import EndpointKind
 from services.outcomes.measurements import Measurement, years_between
 from shared.events import DomainEvent
 
+_Value = TypeVar("_Value")
 _COUNTED = attrgetter("counted")
 _ORDER_KEY = attrgetter("order_key")
+
+
+class _Derived(Generic[_Value]):
+    """A value an ``EgfrPoint`` derives from its fields — with its other derived values, on the
+    first access of any — and keeps in its ``__dict__``, which answers from then on. The live
+    projection keeps a patient's points between batches and computes their outcome with every
+    batch; a rebuild makes fresh points at each checkpoint, where ``functools.cached_property``
+    (a lock on every first access in Python 3.11, once per value) showed. Frozen models only."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _Derived[_Value]: ...
+    @overload
+    def __get__(self, instance: EgfrPoint, owner: type | None = None) -> _Value: ...
+    def __get__(self, instance: EgfrPoint | None, owner: type | None = None) -> _Value | _Derived[_Value]:
+        if instance is None:
+            return self
+        derived = instance.derive()
+        instance.__dict__.update(derived)
+        return derived[self.name]  # type: ignore[no-any-return]
 
 
 class EgfrPoint(BaseModel):
     """The effective eGFR of one lab result id, as the labs service last published it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ignored_types=(_Derived,))
 
     result_id: str
     egfr: float
@@ -67,26 +89,19 @@ class EgfrPoint(BaseModel):
     source: Source
     derived_from: Literal["creatinine", "reported"]
 
-    # Cached: the live projection keeps a patient's points between batches and computes their
-    # outcome with every batch (the point is frozen; nothing copies it with changes).
+    collected_on: ClassVar[_Derived[date]] = _Derived()
+    """The UTC calendar date: the contract compares dates, never times of day."""
+    order_key: ClassVar[_Derived[tuple[datetime, str]]] = _Derived()
+    """The order of "latest": collection time, then (for equal times) the result id, so the
+    choice is deterministic whatever order the results arrived in."""
+    measurement: ClassVar[_Derived[Measurement]] = _Derived()
+    """As the v2 definitions read a counted value (endpoints, slopes)."""
 
-    @cached_property
-    def collected_on(self) -> date:
-        """The UTC calendar date: the contract compares dates, never times of day."""
-        return self.collected_at.astimezone(UTC).date()
-
-    @cached_property
-    def order_key(self) -> tuple[datetime, str]:
-        """The order of "latest": collection time, then (for equal times) the result id, so
-        the choice is deterministic whatever order the results arrived in. The time as a naive
-        UTC datetime: the same order as the aware one, without an offset looked up per
-        comparison (the outcome sorts every counted result with every batch)."""
-        return (self.collected_at.astimezone(UTC).replace(tzinfo=None), self.result_id)
-
-    @cached_property
-    def measurement(self) -> Measurement:
-        """As the v2 definitions read a counted value (endpoints, slopes)."""
-        return Measurement(self.result_id, self.egfr, self.collected_at, self.collected_on)
+    def derive(self) -> dict[str, Any]:
+        """The derived values above, by name."""
+        day = self.collected_at.astimezone(UTC).date()
+        return {"collected_on": day, "order_key": (self.collected_at, self.result_id),
+                "measurement": Measurement(self.result_id, self.egfr, self.collected_at, day)}
 
 
 class UrinePoint(BaseModel):

@@ -30,7 +30,7 @@ from pydantic import AwareDatetime, TypeAdapter
 from contracts.enrollment import AdverseEventReported, AdverseEventUpdated, PatientDataErased
 from contracts.labs import EgfrComputed, UrineResultMeasured
 from services.outcomes import domain
-from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome
+from services.outcomes.domain import EgfrPoint, PatientFacts
 from services.outcomes.incoming import Incoming
 from services.outcomes.timeline import timeline_row
 from services.outcomes.wire import Meta
@@ -62,35 +62,35 @@ def _json_datetime(moment: datetime) -> str:
     return text if offset else text[:-6] + "Z"
 
 
-def _egfr_member(result_id: str, fact: domain.EgfrFact, as_read: Mapping[str, tuple[domain.EgfrFact, Any]]) -> str:
-    """One eGFR point as a member of the eGFR map in the canonical facts JSON
-    (``"<result id>":{…}``), as ``PatientFacts.model_dump(mode="json")`` has it — or, for a
-    point unchanged since its row was read (``as_read``: the tuple read, and the point in JSON
-    form), as it was read: pydantic dropped an offset's odd seconds when it was written, and a
-    point is written again as it was, whether by the live projection or by a rebuild."""
+def _egfr_point_json(result_id: str, fact: domain.EgfrFact, as_read: Mapping[str, tuple[domain.EgfrFact, Any]]) -> dict[str, Any]:
+    """One eGFR point as ``PatientFacts.model_dump(mode="json")`` has it, straight from the
+    recorder's tuple — or, for a point unchanged since its row was read (``as_read``: the tuple
+    read, and the point in JSON form), as it was read: a point is written again as it was."""
     read = as_read.get(result_id)
     if read is not None and read[0] is fact:
-        point = read[1]
-    else:
-        value, collected_at, status, counted, source, derived_from = fact
-        point = {"collected_at": _json_datetime(collected_at), "counted": counted, "derived_from": derived_from,
-                 "egfr": value, "result_id": result_id, "source": source, "status": status}
-    return f"{_canonical(result_id)}:{_canonical(point)}"
+        return read[1]
+    value, collected_at, status, counted, source, derived_from = fact
+    return {"collected_at": _json_datetime(collected_at), "counted": counted, "derived_from": derived_from,
+            "egfr": value, "result_id": result_id, "source": source, "status": status}
 
 
-def _facts_json(facts: PatientFacts, egfr_members: list[str]) -> str:
-    """The facts as ``PatientFacts.model_dump(mode="json")`` in canonical JSON: the eGFR map
-    spliced in from its members' texts (in result id order, as sorting the keys puts them), the
-    rest through pydantic. Set-valued fields come out of a frozenset in hash order; sort them so
-    equal facts are equal strings (every list in the facts dump is a set)."""
+def _egfr_member(result_id: str, fact: domain.EgfrFact, as_read: Mapping[str, tuple[domain.EgfrFact, Any]]) -> str:
+    """One eGFR point as a member of the eGFR map in the canonical facts JSON: ``"<id>":{…}``."""
+    return f"{_canonical(result_id)}:{_canonical(_egfr_point_json(result_id, fact, as_read))}"
+
+
+def _facts_json(facts: PatientFacts, egfr_json: str) -> str:
+    """The facts as ``PatientFacts.model_dump(mode="json")`` in canonical JSON: the eGFR map's
+    (``egfr_json``, made by the caller) spliced in, the rest through pydantic. Set-valued fields
+    come out of a frozenset in hash order; sort them so equal facts are equal strings (every
+    list in the facts dump is a set)."""
     dumped = facts.model_dump(mode="json", exclude={"egfr"})
     for key, value in dumped.items():
         if isinstance(value, list):
             dumped[key] = sorted(value, key=canonical_json)
     dumped["egfr"] = None
-    egfr = "{" + ",".join(egfr_members) + "}"
     return "{" + ",".join(
-        f"{_canonical(key)}:{egfr if key == 'egfr' else _canonical(value)}" for key, value in sorted(dumped.items())
+        f"{_canonical(key)}:{egfr_json if key == 'egfr' else _canonical(value)}" for key, value in sorted(dumped.items())
     ) + "}"
 
 
@@ -136,7 +136,11 @@ class ProjectedPatient:
         self.report_versions = report_versions if report_versions is not None else {}
         self.remembered = remembered
         self._as_read = as_read if as_read is not None else {}
-        self._forget_egfr()
+        self._points: dict[str, EgfrPoint] = {}
+        self._members: dict[str, str] = {}
+        self._order: list[str] = []
+        self._recorded: set[str] | None = None
+        """Result ids recorded since the points were derived; None: none derived yet."""
 
     @classmethod
     def new(cls, subject_id: str) -> ProjectedPatient:
@@ -173,30 +177,29 @@ class ProjectedPatient:
             return self.report_versions.setdefault("adverse_event", {}), event.ae_id
         return None
 
-    def outcome(self) -> PatientOutcome | None:
-        """The contract values, once the enrollment is known (before it there are none)."""
-        return domain.compute_outcome(self.facts) if self.recorder.enrolled else None
-
     def row(self) -> dict[str, Any]:
-        self._derive_egfr()
-        facts = self.recorder.facts(egfr=self._points)
+        facts, egfr_json = self._remembered_facts() if self.remembered else self._facts_once()
         outcome = domain.compute_outcome(facts) if self.recorder.enrolled else None
-        row = {
+        return {
             "subject_id": self.recorder.subject_id,
             "group": self.recorder.enrollment["group"],
-            "facts_json": _facts_json(facts, [self._members[result_id] for result_id in self._order]),
+            "facts_json": _facts_json(facts, egfr_json),
             "outcome_json": canonical_json(outcome.model_dump(mode="json")) if outcome else None,
             "egfr_versions_json": canonical_json(self.egfr_versions),
             "report_versions_json": canonical_json(self.report_versions),
         }
-        if not self.remembered:
-            self._forget_egfr()
-        return row
 
-    def _derive_egfr(self) -> None:
-        """Bring the eGFR results' points and JSON texts up to date: all of them the first time
-        (after a read, a point unchanged since is written as it was read), then those recorded
-        since the last ``row()``."""
+    def _facts_once(self) -> tuple[PatientFacts, str]:
+        """The facts and the eGFR map's JSON, derived from every result and kept by nobody (one
+        encoding of the whole map is cheaper than a text per result to splice)."""
+        as_read, self._as_read = self._as_read, {}
+        egfr = self.recorder.egfr
+        return self.recorder.facts(), _canonical({r: _egfr_point_json(r, fact, as_read) for r, fact in egfr.items()})
+
+    def _remembered_facts(self) -> tuple[PatientFacts, str]:
+        """The facts and the eGFR map's JSON from the points and texts kept, brought up to date:
+        all of them the first time (after a read, a point unchanged since is written as it was
+        read), then those recorded since the last ``row()``."""
         egfr = self.recorder.egfr
         if self._recorded is None:
             as_read, self._as_read = self._as_read, {}
@@ -210,13 +213,8 @@ class ProjectedPatient:
                 self._points[result_id] = domain.egfr_point(result_id, egfr[result_id])
                 self._members[result_id] = _egfr_member(result_id, egfr[result_id], {})
         self._recorded = set()
-
-    def _forget_egfr(self) -> None:
-        self._points: dict[str, EgfrPoint] = {}
-        self._members: dict[str, str] = {}
-        self._order: list[str] = []
-        self._recorded: set[str] | None = None
-        """Result ids recorded since the points were derived; None: none derived yet."""
+        members = self._members
+        return self.recorder.facts(egfr=self._points), "{" + ",".join([members[r] for r in self._order]) + "}"
 
     @classmethod
     def from_row(cls, facts_json: str, egfr_versions_json: str, report_versions_json: str, *,

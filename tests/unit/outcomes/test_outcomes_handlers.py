@@ -381,7 +381,7 @@ async def test_a_checkpoint_writes_and_renews_the_lease_and_a_resumed_rebuild_st
 
     resumed = await claim(store, projection, "again", now=beat)
     assert resumed.resumed and resumed.lease == Lease("again", 2)
-    assert set(resumed.patients) == {SID} and resumed.patients[SID].outcome() is not None
+    assert set(resumed.patients) == {SID} and resumed.patients[SID].row()["outcome_json"] is not None
     assert {s: m.last_sequence for s, m in resumed.marks.items()} == {Feed.STREAMS["enrollment"]: 1, PULSE: 1}
     assert projection.committed.state.rebuild_started_at == NOW  # the same rebuild, resumed
 
