@@ -81,17 +81,15 @@ def _egfr_member(result_id: str, fact: domain.EgfrFact, as_read: Mapping[str, tu
 
 def _facts_json(facts: PatientFacts, egfr_json: str) -> str:
     """The facts as ``PatientFacts.model_dump(mode="json")`` in canonical JSON: the eGFR map's
-    (``egfr_json``, made by the caller) spliced in, the rest through pydantic. Set-valued fields
-    come out of a frozenset in hash order; sort them so equal facts are equal strings (every
-    list in the facts dump is a set)."""
-    dumped = facts.model_dump(mode="json", exclude={"egfr"})
-    for key, value in dumped.items():
-        if isinstance(value, list):
-            dumped[key] = sorted(value, key=canonical_json)
-    dumped["egfr"] = None
-    return "{" + ",".join(
-        f"{_canonical(key)}:{egfr_json if key == 'egfr' else _canonical(value)}" for key, value in sorted(dumped.items())
-    ) + "}"
+    (``egfr_json``, made by the caller) spliced in between the fields that sort before and after
+    it, the rest through pydantic. Set-valued fields come out of a frozenset in hash order; sort
+    them so equal facts are equal strings (every list in the facts dump is a set)."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    for key, value in facts.model_dump(mode="json", exclude={"egfr"}).items():
+        (before if key < "egfr" else after)[key] = sorted(value, key=canonical_json) if isinstance(value, list) else value
+    parts = (_canonical(before)[1:-1], f'"egfr":{egfr_json}', _canonical(after)[1:-1])
+    return "{" + ",".join(part for part in parts if part) + "}"
 
 
 def _read(facts_json: str) -> tuple[domain.FactsRecorder, dict[str, tuple[domain.EgfrFact, Any]]]:
