@@ -37,6 +37,8 @@ LABELS: dict[str, str] = {
     "(the labs stream's `LabResultRejected`)",
     "dependency": "what a service's consumers wait for in an outage: `store`, `broker`, `key_vault` "
     "(shared/outages.py)",
+    "origin": "where a live outcomes batch's patient came from: `remembered` (kept in memory, their row "
+    "unchanged since) or `read` (parsed from their row)",
     "reason": "a lab rejection code (`unknown_loinc`, `unknown_unit`, …: a closed set in the labs service)",
     "grade": "an adverse event's CTCAE v5 grade: `1` … `5`",
     "treatment_related": "`true` when the adverse event names an intervention with a possible, probable or "

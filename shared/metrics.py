@@ -118,6 +118,17 @@ PROJECTION_LAG_SECONDS = Gauge(
     "Outcomes projection: 0 when every source stream is applied up to its head; otherwise how long "
     "the oldest event not yet applied has been waiting (now minus its recorded_at), over all sources.",
 )
+OUTCOMES_REMEMBERED_RESULTS = Gauge(
+    "nephrotrack_outcomes_remembered_results",
+    "Outcomes: eGFR results' worth of patients the live projection keeps in memory between batches "
+    "(at most NEPHROTRACK_OUTCOMES_REMEMBERED_RESULTS; PostgreSQL only).",
+)
+OUTCOMES_PATIENTS_LOCKED = Counter(
+    "nephrotrack_outcomes_patients_locked_total",
+    "Outcomes: patients live batches locked, by origin: remembered (their row unchanged since this "
+    "process wrote it) or read (parsed from their row); PostgreSQL only.",
+    ["origin"],
+)
 DEPENDENCY_UP = Gauge(
     "nephrotrack_dependency_up",
     "0 while the service's consumers are paused waiting for a dependency (store, broker, key_vault) to answer.",

@@ -27,6 +27,7 @@ from services.outcomes.locks import AnalysisLock
 from services.outcomes.projection_store import Lock, ProjectionState, ProjectionStateMissing, ProjectionStore
 from services.outcomes.projector import ProjectedPatient, ProjectionChanges, SourceMark
 from services.outcomes.remembered import RememberedPatients
+from shared import metrics
 from shared.store import SqlUnitOfWork, UnitOfWork
 
 COPY_AT_LEAST = 500
@@ -111,6 +112,7 @@ class SqlProjectionStore(ProjectionStore):
         for subject_id, version in versions:
             if (patient := remembered.take(generation, subject_id, version)) is not None:
                 patients[subject_id] = patient
+        metrics.OUTCOMES_PATIENTS_LOCKED.labels("remembered").inc(len(patients))
         unknown = [s for s in ordered if s not in patients]
         if unknown:
             rows = await connection.execute(
@@ -118,6 +120,7 @@ class SqlProjectionStore(ProjectionStore):
                 .where(mine, p.subject_id.in_(unknown))
             )
             patients.update((row.subject_id, _patient(row, remembered=True)) for row in rows)
+            metrics.OUTCOMES_PATIENTS_LOCKED.labels("read").inc(len(unknown))
         return patients
 
     async def write_changes(

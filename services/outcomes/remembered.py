@@ -13,6 +13,7 @@ nothing behind to trust. SQLite rows carry no version: nothing is remembered the
 from __future__ import annotations
 
 from services.outcomes.projector import ProjectedPatient
+from shared import metrics
 
 
 class RememberedPatients:
@@ -37,6 +38,7 @@ class RememberedPatients:
         if found is None:
             return None
         self._held -= found[1].size
+        metrics.OUTCOMES_REMEMBERED_RESULTS.set(self._held)
         return found[1] if found[0] == version else None
 
     def keep(self, generation: int, subject_id: str, version: str, patient: ProjectedPatient) -> None:
@@ -50,9 +52,11 @@ class RememberedPatients:
         if previous is not None:
             self._held -= previous[1].size
         if patient.size > self.max_results:
+            metrics.OUTCOMES_REMEMBERED_RESULTS.set(self._held)
             return
         self._patients[subject_id] = version, patient
         self._held += patient.size
         while self._held > self.max_results:
             oldest = next(iter(self._patients))
             self._held -= self._patients.pop(oldest)[1].size
+        metrics.OUTCOMES_REMEMBERED_RESULTS.set(self._held)

@@ -69,6 +69,8 @@ ALLOWED_LABELS: dict[str, frozenset[str]] = {
         "nephrotrack_erasure_purge_deleted_messages": {"stream"},
         "nephrotrack_projection_lag_events": {"source"},
         "nephrotrack_projection_lag_seconds": set(),
+        "nephrotrack_outcomes_remembered_results": set(),
+        "nephrotrack_outcomes_patients_locked": {"origin"},
         "process_cpu_seconds": set(),
         "process_virtual_memory_bytes": set(),
         "process_resident_memory_bytes": set(),
@@ -290,6 +292,8 @@ def check_labels(service: str, samples: list[tuple[str, str, dict[str, str]]], p
                     assert value in LAB_CHANNELS, where
                 case "reason":
                     assert WORD.match(value), where
+                case "origin":  # where a live batch's patient came from (services/outcomes/remembered.py)
+                    assert value in {"remembered", "read"}, where
                 case "dependency":  # what consumers wait for in an outage (shared/outages.py)
                     assert value in {"store", "broker", "key_vault"}, where
                 case "stream":  # where the erasure purge deleted messages

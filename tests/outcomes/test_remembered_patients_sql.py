@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.projections import LiveProjection
@@ -27,6 +28,10 @@ async def project(store: EventStore, projection: SqlProjectionStore, source: str
         await LiveProjection(source, projection)(uow, messages)
 
 
+def locked(origin: str) -> float:
+    return REGISTRY.get_sample_value("nephrotrack_outcomes_patients_locked_total", {"origin": origin}) or 0.0
+
+
 def lab(feed: Feed, result_id: str, value: float, collected: str, version: int = 2) -> InboundMessage:
     event = egfr(result_id, value, collected)
     return feed.message("labs", feed.envelope(event, f"labresult-{result_id}", version))
@@ -40,7 +45,9 @@ async def test_a_write_by_another_replica_is_read_not_overwritten(
     await project(outcomes_store, replica, "labs", [lab(feed, "R1", 27.0, "2014-03-01")])
     assert len(replica.remembered) == (1 if backend == "postgresql" else 0)  # SQLite rows have no version
     await project(outcomes_store, other, "pulse", feed.messages("pulse", dose(date(2014, 3, 10))))
+    read_before = locked("read")
     await project(outcomes_store, replica, "labs", [lab(feed, "R2", 39.0, "2020-03-01")])
+    assert locked("read") - read_before == (1 if backend == "postgresql" else 0)  # not taken from memory
     values = await outcome(outcomes_store.engine, SID)
     assert values is not None
     assert (values.pulse_cycles, values.baseline_egfr, values.post_egfr) == (1, 27.0, 39.0)
@@ -75,9 +82,11 @@ async def test_rows_are_those_a_store_remembering_nothing_writes(backend: str, t
             projection = SqlProjectionStore(remembered)
             replay = Feed()
             await project(store, projection, "enrollment", replay.messages("enrollment", enrolled()))
+            taken_before = locked("remembered")
             for n in range(5):
                 await project(store, projection, "labs", [lab(replay, f"R{n}", 30.0 + n, f"201{n}-03-01")])
             await project(store, projection, "labs", [lab(replay, "R2", 20.0, "2012-03-01", version=3)])  # a correction
+            assert locked("remembered") - taken_before == (6 if remembered and backend == "postgresql" else 0)
             rows.append((await generation_rows(store.engine, 1))["outcome_patients"])
         finally:
             await store.close()

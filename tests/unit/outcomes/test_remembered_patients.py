@@ -7,6 +7,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from prometheus_client import REGISTRY
+
 from services.outcomes.projector import ProjectedPatient
 from services.outcomes.remembered import RememberedPatients
 from services.outcomes.wire import Meta
@@ -29,7 +31,9 @@ def test_a_patient_is_handed_out_only_at_the_version_they_were_written_at_and_on
     assert remembered.take(1, "A", "101") is None  # written since by someone else
     assert remembered.take(1, "A", "100") is None  # and forgotten: that answer cannot come back
     remembered.keep(1, "A", "102", a)
+    assert REGISTRY.get_sample_value("nephrotrack_outcomes_remembered_results") == a.size == 4
     assert remembered.take(1, "A", "102") is a
+    assert REGISTRY.get_sample_value("nephrotrack_outcomes_remembered_results") == 0
     assert remembered.take(1, "A", "102") is None  # the batch that took them writes them back
 
 
