@@ -132,8 +132,10 @@ class SqlProjectionStore(ProjectionStore):
         await super().write_changes(uow, generation, changes, patient_rows)
         connection = _connection(uow)
         remembered = self._remembered(connection)
+        if remembered is None:
+            return
         written = {s: patient for s in changes.touched if (patient := changes.patients[s]).remembered}
-        if remembered is None or not written:
+        if not written:
             return
         p = tables.patients.c
         versions = await connection.execute(

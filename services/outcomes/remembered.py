@@ -51,12 +51,10 @@ class RememberedPatients:
         previous = self._patients.pop(subject_id, None)
         if previous is not None:
             self._held -= previous[1].size
-        if patient.size > self.max_results:
-            metrics.OUTCOMES_REMEMBERED_RESULTS.set(self._held)
-            return
-        self._patients[subject_id] = version, patient
-        self._held += patient.size
-        while self._held > self.max_results:
-            oldest = next(iter(self._patients))
-            self._held -= self._patients.pop(oldest)[1].size
+        if patient.size <= self.max_results:  # a patient larger than the whole bound is not kept
+            self._patients[subject_id] = version, patient
+            self._held += patient.size
+            while self._held > self.max_results:
+                oldest = next(iter(self._patients))
+                self._held -= self._patients.pop(oldest)[1].size
         metrics.OUTCOMES_REMEMBERED_RESULTS.set(self._held)
