@@ -16,14 +16,27 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+CANCEL_AGAIN_AFTER_SECONDS = 2.0
+"""How long a cancelled task may take to finish (its ``finally`` clean-up) before it is cancelled
+again: see :func:`cancel_and_wait`."""
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[object] | None]) -> None:
     """Cancel ``tasks`` and wait until each has finished; their own outcome (cancelled, crashed)
-    is dropped, but a cancellation of the caller still propagates."""
-    pending = [task for task in tasks if task is not None]
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
+    is dropped, but a cancellation of the caller still propagates.
+
+    A task still running :data:`CANCEL_AGAIN_AFTER_SECONDS` later is cancelled again: it may
+    have swallowed the cancellation. Python 3.11's ``asyncio.wait_for`` does when the awaited
+    work finishes in the same moment, and nats-py awaits every request that way — a service
+    stopping just as its consumer-lag watcher got an answer from JetStream waited for ever."""
+    pending = {task for task in tasks if task is not None}
+    while pending:
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_AFTER_SECONDS)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved, so that asyncio does not report it as never retrieved
 
 
 async def within(seconds: float | None, awaitable: Awaitable[T]) -> T:

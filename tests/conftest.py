@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import uuid
 import warnings
@@ -143,10 +144,33 @@ async def nats_client(prefix: str) -> AsyncIterator[nats.NATS]:
     await client.drain()
 
 
+_handed_out: set[int] = set()
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port for a server a test starts: free now, never handed out before in this run, and
+    below the range the kernel picks from for port 0 and for outgoing connections. A port from
+    port 0 may be given again to the next caller, or to a connection to PostgreSQL, in the seconds
+    before the server binds it: a CI run lost a fault test to "address already in use"."""
+    high = _first_ephemeral_port()
+    while True:
+        port = random.randrange(max(1024, high - 20_000), high)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 @pytest.fixture

@@ -72,11 +72,15 @@ class Stack:
         return f"http://127.0.0.1:{self.ports[service]}"
 
     async def start(self) -> None:
+        await self.launch()
+        await self.wait_ready(self.services)
+
+    async def launch(self) -> None:
+        """Migrate the databases and start the service processes, without waiting for them."""
         for service, url in self.database_urls.items():
             await asyncio.to_thread(migrate, service, url)
         for service in self.services:
             self.start_service(service)
-        await self.wait_ready(self.services)
 
     def service_env(self, service: str) -> dict[str, str]:
         """The environment of ``service``'s processes (the same for all here; a stack whose broker

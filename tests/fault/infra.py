@@ -126,12 +126,7 @@ class FaultStack(Stack):
     async def start(self, timeout: float = 180.0) -> None:
         """:meth:`Stack.start` with a longer readiness wait: on a busy two-core machine five
         services starting at once can take more than the default 40 s."""
-        from shared.database import migrate
-
-        for service, url in self.database_urls.items():
-            await asyncio.to_thread(migrate, service, url)
-        for service in self.services:
-            self.start_service(service)
+        await self.launch()
         await self.wait_ready(self.services, timeout=timeout)
 
     def start_instance(self, service: str, instance: int) -> str:

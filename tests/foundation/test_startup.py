@@ -1,10 +1,12 @@
 """A service starting while JetStream cannot answer yet — a cluster still electing its meta
 leader, a node still recovering — waits for it instead of exiting (the cluster test saw a service
-exit on `nats: timeout` from the stream API seconds after its three nodes started)."""
+exit on `nats: timeout` from the stream API seconds after its three nodes started); one that
+cannot have its HTTP port exits instead of hanging."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +19,7 @@ from shared.outages import Dependency
 from shared.service import Service
 from tests.fault.infra import NATS_SERVER, NatsServer
 from tests.inprocess import databases
+from tests.stack import Stack
 
 
 async def test_a_step_is_tried_again_while_jetstream_is_not_ready_and_other_errors_pass() -> None:
@@ -108,3 +111,23 @@ async def test_a_connected_broker_whose_jetstream_cannot_answer_is_an_outage_unt
         assert not service.outages.is_down(Dependency.BROKER)
     finally:
         await service.broker.stop()
+
+
+async def test_a_service_whose_http_port_is_taken_exits_saying_so(tmp_path: Path, prefix: str) -> None:
+    """uvicorn cannot bind the port after the service has started, so the service stops at once.
+    Its consumer-lag watcher was then asking JetStream, and the stop waited for ever on it (a CI
+    run's fault test waited 180 s for a service that was neither ready nor gone)."""
+    stack = Stack(tmp_path, prefix, ["outcomes"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", stack.ports["outcomes"]))
+        taken.listen()
+        await stack.launch()
+        process = stack.processes["outcomes"]
+        try:
+            deadline = time.monotonic() + 30
+            while process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert process.poll() not in (None, 0), stack.log("outcomes")
+            assert "address already in use" in stack.log("outcomes")
+        finally:
+            await stack.stop()
