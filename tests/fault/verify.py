@@ -93,6 +93,22 @@ async def read_stream(nats_url: str, stream: str) -> list[tuple[str, bytes, dict
         await client.close()
 
 
+async def dead_letters(nats_url: str) -> list[str]:
+    """What the consumers dead-lettered (every ``*_DLQ`` stream of the test's own NATS server),
+    each as its subject and error. No input of a fault run is undecodable, so every dead letter
+    is a message the live projections lost to a fault they should have waited out."""
+    client = await nats.connect(**nats_connect_options(nats_url, connect_timeout=5, max_reconnect_attempts=3))
+    try:
+        streams = [info.config.name for info in await client.jetstream().streams_info()]
+    finally:
+        await client.close()
+    return [
+        f"{headers.get('Nephrotrack-Original-Subject', subject)}: {headers.get('Nephrotrack-Error', '?')}"
+        for stream in streams if stream.endswith("_DLQ")
+        for subject, _, headers in await read_stream(nats_url, stream)
+    ]
+
+
 async def rejections(nats_url: str) -> dict[str, list[dict[str, Any]]]:
     """``labs.rejected`` by message id: the refusals' payloads (reason, code, source, raw)."""
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -285,12 +301,42 @@ async def snapshot(http: httpx.AsyncClient, outcomes_url: str, subject_ids: list
     return {"cohorts": cohorts, "patients": patients, "csv": csv}
 
 
+async def settled(nats_url: str, quiet_for: float = 3.0, timeout: float = 180) -> None:
+    """Wait until nothing more is on its way to the live projections: every durable consumer of
+    the test's own NATS server (the services'; the key mirrors' watchers are ephemeral) has had
+    every message delivered and acknowledged, and no stream has grown, for ``quiet_for`` seconds.
+    Every accepted input may be visible (:func:`converge`) while another event is not applied
+    yet — one a SIGKILLed outcomes process had been given is delivered again only after the
+    consumer's ack wait — and a snapshot taken then lacks an event the rebuild reads."""
+    client = await nats.connect(**nats_connect_options(nats_url, connect_timeout=5, max_reconnect_attempts=3))
+    js = client.jetstream()
+    deadline = time.monotonic() + timeout
+    quiet_since, last = time.monotonic(), None
+    try:
+        while True:
+            streams = await js.streams_info()
+            heads = {info.config.name: info.state.last_seq for info in streams}
+            busy = [f"{c.name}: {c.num_pending} pending, {c.num_ack_pending} unacknowledged"
+                    for info in streams for c in await js.consumers_info(info.config.name)
+                    if c.config.durable_name and (c.num_pending or c.num_ack_pending)]
+            if heads != last or busy:
+                quiet_since, last = time.monotonic(), heads
+            elif time.monotonic() - quiet_since >= quiet_for:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the consumers did not settle in {timeout}s: {busy}")
+            await asyncio.sleep(0.5)
+    finally:
+        await client.close()
+
+
 async def rebuild_and_compare(target: Target, subject_ids: list[str], timeout: float = 300) -> list[str]:
     """Rebuild the outcomes projection from the JetStream log (blue/green, ``POST
     /v1/admin/rebuild``), and return how the rebuilt projection differs from the live one it
     replaced (empty: identical)."""
     url = target.url("outcomes")
     async with httpx.AsyncClient(headers=target.headers, timeout=60) as http:
+        await settled(target.reading_nats_url)
         before = await snapshot(http, url, subject_ids)
         status = (await http.get(f"{url}/v1/admin/rebuild")).json()
         generation = status["active_generation"]
@@ -319,9 +365,17 @@ def _differences(before: Any, after: Any, path: str = "") -> list[str]:
         return out
     if isinstance(before, list) and isinstance(after, list):
         if len(before) != len(after):
-            return [f"{path}: {len(before)} items live, {len(after)} rebuilt"]
+            return [f"{path}: {len(before)} items live, {len(after)} rebuilt{_unmatched(before, after)}"]
         out = []
         for i, (a, b) in enumerate(zip(before, after, strict=True)):
             out += _differences(a, b, f"{path}[{i}]")
         return out
     return [] if before == after else [f"{path}: live {before!r}, rebuilt {after!r}"]
+
+
+def _unmatched(before: list[Any], after: list[Any], shown: int = 3) -> str:
+    """The items of one list that the other lacks (a few of each), to say which event differs."""
+    live = Counter(json.dumps(item, sort_keys=True) for item in before)
+    rebuilt = Counter(json.dumps(item, sort_keys=True) for item in after)
+    only_live, only_rebuilt = list((live - rebuilt).elements()), list((rebuilt - live).elements())
+    return f"; only live: {only_live[:shown]}; only rebuilt: {only_rebuilt[:shown]}"
