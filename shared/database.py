@@ -27,7 +27,8 @@ SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICES_DIR = Path(__file__).parent.parent / "services"
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 10, plan_each_run: bool = True) -> AsyncEngine:
+    """``plan_each_run=False`` leaves PostgreSQL's plan cache as it is (:data:`POSTGRES_SETTINGS`)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
@@ -40,7 +41,8 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     # then discards every connection of the pool older than the failure, and the failure is a
     # store outage (shared/outages.py) that consumers and requests wait out and retry.
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, connect_args={"server_settings": POSTGRES_SETTINGS},
+        url, pool_size=pool_size, max_overflow=pool_size,
+        connect_args={"server_settings": POSTGRES_SETTINGS if plan_each_run else {}},
     )
 
 

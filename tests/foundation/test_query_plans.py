@@ -14,7 +14,8 @@ from sqlalchemy import text
 
 from shared.database import analyze_stale_tables, create_engine, one_of
 from shared.schema import events, inbox
-from shared.store import EventStore
+from shared.store import EventStore, PostgresEventStore
+from tests.foundation.test_event_store import things
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -56,6 +57,22 @@ async def test_every_service_connection_plans_each_run(database_url: str) -> Non
             assert await connection.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
     finally:
         await engine.dispose()
+
+
+async def test_a_lone_append_is_planned_once_and_its_plan_kept(store: EventStore) -> None:
+    """A lone append's one statement has one good plan whatever its values: its connections
+    keep PostgreSQL's plan cache (a generic plan after five runs), where planning it for each run
+    cost 0.10–0.12 ms of server CPU per append."""
+    assert isinstance(store, PostgresEventStore)
+    for n in range(8):
+        await store.append(f"lone-{n}", things(n), 0)
+    async with store._lone_append_engine().connect() as connection:
+        assert await connection.scalar(text("SHOW plan_cache_mode")) == "auto"
+        generic, custom = (await connection.execute(text(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE 'WITH head AS%'"
+        ))).one()
+    assert generic >= 3 and custom <= 5, (generic, custom)
+    assert [e.stream_version for e in await store.read_stream("lone-7")] == [1]
 
 
 async def test_batch_reads_use_the_index_once_the_tables_are_analysed(store: EventStore) -> None:
