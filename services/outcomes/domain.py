@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from bisect import bisect_left, insort
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, date, datetime
 from operator import attrgetter
@@ -198,6 +199,16 @@ class PatientFacts(BaseModel):
         """Counted eGFRs, oldest first. ``counted`` is the labs service's decision (it is
         false for preliminary results); outcomes does not second-guess it."""
         return sorted(filter(_COUNTED, self.egfr.values()), key=_ORDER_KEY)
+
+
+def keep_counted(counted: list[EgfrPoint], old: EgfrPoint | None, new: EgfrPoint) -> None:
+    """Bring ``counted`` (a patient's :meth:`PatientFacts.counted_points`, kept between batches)
+    up to date with one result's new point, in place: sorting all of them again in every batch
+    was a sixth of the live projection's CPU."""
+    if old is not None and old.counted:
+        del counted[bisect_left(counted, old.order_key, key=_ORDER_KEY)]
+    if new.counted:
+        insort(counted, new, key=_ORDER_KEY)
 
 
 class PatientOutcome(BaseModel):
@@ -466,14 +477,16 @@ def _change(post: float | None, baseline: float | None) -> tuple[float | None, f
     return post - baseline, pct, post <= 0.6 * baseline
 
 
-def compute_outcome(facts: PatientFacts) -> PatientOutcome:
-    """Every contract value of one patient, from the facts alone (see module docstring)."""
+def compute_outcome(facts: PatientFacts, counted_points: Sequence[EgfrPoint] | None = None) -> PatientOutcome:
+    """Every contract value of one patient, from the facts alone (see module docstring);
+    ``counted_points``: their :meth:`PatientFacts.counted_points`, when the caller keeps them."""
     if not facts.enrolled:
         raise PatientNotEnrolled(f"{facts.subject_id} has no enrollment yet")
     start = facts.treatment_start
     # Sorted once, each collection date computed once (a checkpoint computes every patient's
     # outcome: sorting three times and converting time zones per comparison showed there).
-    counted = [(p.collected_on, p) for p in facts.counted_points()]
+    points = facts.counted_points() if counted_points is None else counted_points
+    counted = [(p.collected_on, p) for p in points]
     baseline, baseline_source = _baseline(facts, start, counted)
     after = [(day, p) for day, p in counted if start is not None and day > start]
     post_on, post = after[-1] if after else (None, None)

@@ -124,7 +124,7 @@ class ProjectedPatient:
     patient."""
 
     __slots__ = ("recorder", "egfr_versions", "report_versions", "remembered", "_points", "_members", "_order",
-                 "_recorded", "_as_read")
+                 "_counted", "_recorded", "_as_read")
 
     def __init__(self, facts: PatientFacts | domain.FactsRecorder, egfr_versions: dict[str, int] | None = None,
                  report_versions: dict[str, dict[str, int]] | None = None, *, remembered: bool = False,
@@ -137,6 +137,7 @@ class ProjectedPatient:
         self._points: dict[str, EgfrPoint] = {}
         self._members: dict[str, str] = {}
         self._order: list[str] = []
+        self._counted: list[EgfrPoint] = []
         self._recorded: set[str] | None = None
         """Result ids recorded since the points were derived; None: none derived yet."""
 
@@ -176,8 +177,12 @@ class ProjectedPatient:
         return None
 
     def row(self) -> dict[str, Any]:
-        facts, egfr_json = self._remembered_facts() if self.remembered else self._facts_once()
-        outcome = domain.compute_outcome(facts) if self.recorder.enrolled else None
+        if self.remembered:
+            facts, egfr_json = self._remembered_facts()
+            counted: list[EgfrPoint] | None = self._counted
+        else:
+            (facts, egfr_json), counted = self._facts_once(), None
+        outcome = domain.compute_outcome(facts, counted) if self.recorder.enrolled else None
         return {
             "subject_id": self.recorder.subject_id,
             "group": self.recorder.enrollment["group"],
@@ -197,22 +202,27 @@ class ProjectedPatient:
     def _remembered_facts(self) -> tuple[PatientFacts, str]:
         """The facts and the eGFR map's JSON from the points and texts kept, brought up to date:
         all of them the first time (after a read, a point unchanged since is written as it was
-        read), then those recorded since the last ``row()``."""
+        read), then those recorded since the last ``row()``; the counted points in order with them."""
         egfr = self.recorder.egfr
         if self._recorded is None:
             as_read, self._as_read = self._as_read, {}
             self._order = sorted(egfr)
             self._points = {result_id: domain.egfr_point(result_id, egfr[result_id]) for result_id in self._order}
             self._members = {result_id: _egfr_member(result_id, egfr[result_id], as_read) for result_id in self._order}
+            facts = self.recorder.facts(egfr=self._points)
+            self._counted = facts.counted_points()
         else:
             for result_id in self._recorded:
-                if result_id not in self._points:
+                old = self._points.get(result_id)
+                if old is None:
                     insort(self._order, result_id)
-                self._points[result_id] = domain.egfr_point(result_id, egfr[result_id])
+                point = self._points[result_id] = domain.egfr_point(result_id, egfr[result_id])
+                domain.keep_counted(self._counted, old, point)
                 self._members[result_id] = _egfr_member(result_id, egfr[result_id], {})
+            facts = self.recorder.facts(egfr=self._points)
         self._recorded = set()
         members = self._members
-        return self.recorder.facts(egfr=self._points), "{" + ",".join([members[r] for r in self._order]) + "}"
+        return facts, "{" + ",".join([members[r] for r in self._order]) + "}"
 
     @classmethod
     def from_row(cls, facts_json: str, egfr_versions_json: str, report_versions_json: str, *,

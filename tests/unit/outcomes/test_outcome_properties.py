@@ -25,7 +25,7 @@ from outcome_events import (
 
 from contracts.enrollment import AdverseEventReported, AdverseEventUpdated
 from contracts.labs import EgfrComputed, UrineResultMeasured
-from services.outcomes.domain import PatientOutcome, compute_outcome, fold
+from services.outcomes.domain import EgfrPoint, PatientFacts, PatientOutcome, compute_outcome, fold, keep_counted
 from services.outcomes.projector import ProjectedPatient
 from services.outcomes.statistics import all_cohorts, cohort_summary
 from services.outcomes.wire import Meta
@@ -217,3 +217,20 @@ def test_cohort_numbers_are_numpy_statistics_of_the_defined_values(patients, gro
 def test_cohort_numbers_do_not_depend_on_patient_order(pair):
     patients, shuffled = pair
     assert all_cohorts(shuffled) == all_cohorts(patients)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["r1", "r2", "r3", "r4", "r5"]), days,
+                          st.integers(min_value=0, max_value=23), offsets, st.booleans()), max_size=40))
+def test_counted_points_kept_between_batches_are_those_sorted_afresh(updates) -> None:
+    """``keep_counted``, one result's new point at a time (a first point, a correction that moves
+    it in time or stops it counting), leaves the list ``counted_points`` would sort afresh."""
+    points: dict[str, EgfrPoint] = {}
+    counted: list[EgfrPoint] = []
+    for result_id, day, hour, offset, is_counted in updates:
+        collected = datetime(day.year, day.month, day.day, hour, tzinfo=offset)
+        new = EgfrPoint(result_id=result_id, egfr=40.0, collected_at=collected, status="final",
+                        counted=is_counted, source="broker", derived_from="creatinine")
+        keep_counted(counted, points.get(result_id), new)
+        points[result_id] = new
+        assert counted == PatientFacts(subject_id=SID, egfr=points).counted_points()
