@@ -203,8 +203,8 @@ class PatientFacts(BaseModel):
 
 def keep_counted(counted: list[EgfrPoint], old: EgfrPoint | None, new: EgfrPoint) -> None:
     """Bring ``counted`` (a patient's :meth:`PatientFacts.counted_points`, kept between batches)
-    up to date with one result's new point, in place: sorting all of them again in every batch
-    was a sixth of the live projection's CPU."""
+    up to date with one result's new point, in place: sorting every point again in every batch
+    led the live projection's profile (docs/performance.md)."""
     if old is not None and old.counted:
         del counted[bisect_left(counted, old.order_key, key=_ORDER_KEY)]
     if new.counted:

@@ -148,9 +148,9 @@ class PostgresEventStore(SqlEventStore):
     def _lone_append_engine(self) -> AsyncEngine:
         """Connections of their own for lone appends, opened on the first: autocommit, and
         PostgreSQL's plan cache left as it is. :data:`_APPEND` has one good plan whatever its
-        values (a unique-index lookup, then inserts); planning it for each run, as every other
-        statement of a service is (``shared.database.POSTGRES_SETTINGS``), cost 0.10–0.12 ms of
-        server CPU per append (docs/performance.md)."""
+        values (a unique-index lookup, then inserts), and planning it for each run, as every
+        other statement of a service is (``shared.database.POSTGRES_SETTINGS``), was a tenth of
+        an append's time (docs/performance.md)."""
         if self._lone_appends is None:
             url = self.engine.url.render_as_string(hide_password=False)
             engine = create_engine(url, pool_size=self.engine.pool.size(), plan_each_run=False)
