@@ -103,14 +103,6 @@ def fill(database_url: str, prefix: str, total: int) -> dict:
 
 # --- the outcomes service as a process -----------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _process_peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -141,8 +133,10 @@ async def query_latencies(database_url: str, prefix: str, tmp: str) -> tuple[dic
     """({path: latencies of REQUESTS requests}, the cohorts' sizes, outcomes peak RSS): ``/healthz``,
     ``/v1/cohorts`` and the endpoints of every group with patients, interleaved round by round (the
     order rotating) on one keep-alive connection, so that all of them see the same machine."""
+    from tests.conftest import free_port
+
     key = secrets.token_urlsafe(24)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": NATS_URL, "NEPHROTRACK_SUBJECT_PREFIX": prefix,
         "DATABASE_URL_OUTCOMES": database_url, "NEPHROTRACK_OUTCOMES_PORT": str(port),

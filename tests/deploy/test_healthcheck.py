@@ -14,6 +14,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.conftest import free_port
 from tests.deploy.conftest import CONTRACT_PORTS, DEPLOY
 
 SCRIPT = DEPLOY / "healthcheck.py"
@@ -94,12 +95,7 @@ def test_readyz_is_probed_with_the_operator_key() -> None:
 
 
 def test_unreachable_service_is_unhealthy() -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
-    result = _run(f"http://127.0.0.1:{port}/healthz")
+    result = _run(f"http://127.0.0.1:{free_port()}/healthz")  # nothing listens there
     assert result.returncode == 1 and "unreachable" in result.stderr
 
 

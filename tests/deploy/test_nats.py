@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import free_port
 from tests.deploy.conftest import DEPLOY, SERVICES, find_tool, skip_loudly
 
 NATS_DIR = DEPLOY / "nats"
@@ -41,12 +41,6 @@ def _nats_server() -> str:
 
 def _password_variables() -> list[str]:
     return sorted(set(re.findall(r"\$(NATS_\w+_PASSWORD)\b", ACCOUNTS.read_text())))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -132,7 +126,7 @@ def _start(
 ) -> RunningServer:
     """Start nats-server on free ports; wait until `ready` answers (a lone cluster node is not
     healthy until its peers join, so cluster nodes wait for /varz only)."""
-    client_port, monitor_port = _free_port(), _free_port()
+    client_port, monitor_port = free_port(), free_port()
     argv = [_nats_server(), "-c", str(config), "-a", "127.0.0.1", "-p", str(client_port), "-m", str(monitor_port), *(extra or [])]
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**_base_env(), **env})
     server = RunningServer(process, client_port, monitor_port, log)
@@ -432,7 +426,7 @@ async def test_the_real_services_start_under_their_own_users(
 
     monkeypatch.delenv("NEPHROTRACK_SUBJECT_PREFIX", raising=False)  # the prefix the permissions name
     monkeypatch.setenv("NEPHROTRACK_HOST", "127.0.0.1")
-    monkeypatch.setenv("NEPHROTRACK_MLLP_PORT", str(_free_port()))  # labs listens for MLLP at start
+    monkeypatch.setenv("NEPHROTRACK_MLLP_PORT", str(free_port()))  # labs listens for MLLP at start
     monkeypatch.setenv("NEPHROTRACK_VAR", str(tmp_path / "var"))
     started: list[Service] = []
     not_built: list[str] = []
@@ -496,7 +490,7 @@ def test_cluster_forms(tmp_path: Path, passwords: dict[str, str]) -> None:
     from the environment, JetStream elects a meta leader with three peers."""
     (tmp_path / "conf" / "accounts.conf").parent.mkdir(parents=True)
     (tmp_path / "conf" / "accounts.conf").write_text(ACCOUNTS.read_text())
-    route_ports = {node: _free_port() for node in NODES}
+    route_ports = {node: free_port() for node in NODES}
     env = _cluster_env(passwords, {node: ("127.0.0.1", port) for node, port in route_ports.items()})
     servers: list[RunningServer] = []
     try:
