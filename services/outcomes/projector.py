@@ -177,11 +177,8 @@ class ProjectedPatient:
         return None
 
     def row(self) -> dict[str, Any]:
-        if self.remembered:
-            facts, egfr_json = self._remembered_facts()
-            counted: list[EgfrPoint] | None = self._counted
-        else:
-            (facts, egfr_json), counted = self._facts_once(), None
+        facts, egfr_json = self._remembered_facts() if self.remembered else self._facts_once()
+        counted = self._counted if self.remembered else None
         outcome = domain.compute_outcome(facts, counted) if self.recorder.enrolled else None
         return {
             "subject_id": self.recorder.subject_id,
