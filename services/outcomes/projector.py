@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from bisect import insort
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -109,6 +109,12 @@ def _read(facts_json: str) -> tuple[domain.FactsRecorder, dict[str, tuple[domain
     return recorder, as_read
 
 
+LabResultFact = tuple[str, str, int | None, Any]
+"""One lab result's fact as a patient holds it: its kind (``egfr`` or ``urine``), its result id,
+the labs stream version applied (``None``: read from a row written without one) and the
+recorder's value for it."""
+
+
 class ProjectedPatient:
     """One patient's facts (recorded in place: :class:`~services.outcomes.domain.FactsRecorder`)
     plus the guards that make the newest version win whatever the arrival order: per lab result
@@ -175,6 +181,48 @@ class ProjectedPatient:
         if isinstance(event, AdverseEventReported | AdverseEventUpdated):
             return self.report_versions.setdefault("adverse_event", {}), event.ae_id
         return None
+
+    def take_results(self) -> list[LabResultFact]:
+        """Take every lab result's fact (eGFR and urine) and its version out of memory: what a
+        patient holds beyond them does not grow with the log. :meth:`put_results` puts them back
+        (a rebuild keeps them on disk in between: services/outcomes/rebuild/spill.py)."""
+        taken: list[LabResultFact] = []
+        for kind, facts in (("egfr", self.recorder.egfr), ("urine", self.recorder.urine)):
+            if facts:
+                versions = self._result_versions(kind, create=False)
+                taken.extend((kind, key, versions.pop(key, None), value) for key, value in facts.items())
+                facts.clear()
+        self._as_read = {}
+        return taken
+
+    def drop_results(self) -> None:
+        """Drop every lab result's fact and version from memory: those put back to write a row,
+        which are kept elsewhere still (cheaper than taking them again)."""
+        self.recorder.egfr.clear()
+        self.recorder.urine.clear()
+        self.egfr_versions.clear()
+        self.report_versions.get("urine", {}).clear()
+        self._as_read = {}
+
+    def put_results(self, results: Iterable[LabResultFact]) -> None:
+        """Put taken facts back, in the order they were taken: of two for one result the newer
+        version stays, as when they were applied (:meth:`apply`'s guard)."""
+        for kind, key, version, value in results:
+            facts = self.recorder.egfr if kind == "egfr" else self.recorder.urine
+            versions = self._result_versions(kind, create=version is not None)
+            applied = versions.get(key)
+            if applied is not None and (version is None or version <= applied):
+                continue
+            facts[key] = value
+            if version is not None:
+                versions[key] = version
+
+    def _result_versions(self, kind: str, *, create: bool) -> dict[str, int]:
+        """The versions guarding one kind of lab result (an absent urine map is created only
+        to be written to: the row of a patient without urine results has none)."""
+        if kind == "egfr":
+            return self.egfr_versions
+        return self.report_versions.setdefault("urine", {}) if create else self.report_versions.get("urine", {})
 
     def row(self) -> dict[str, Any]:
         facts, egfr_json = self._remembered_facts() if self.remembered else self._facts_once()

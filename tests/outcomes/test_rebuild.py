@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
 
 import nats
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from contracts.enrollment import PatientDataErased
 from services.outcomes import projections
 from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.queries import OutcomesQueries
@@ -28,10 +30,11 @@ from services.outcomes.rebuild.wiring import default_streams
 from services.outcomes.settings import OutcomesSettings
 from shared.broker import Topology
 from shared.database import migrate
+from shared.events import CommandContext, Envelope
 from shared.service import Service
 from shared.store import SqlEventStore, open_store
 from tests.conftest import NATS_URL, drop_database, new_database_url
-from tests.outcomes.mixed_run import mixed_run, publish
+from tests.outcomes.mixed_run import Published, mixed_run, publish
 from tests.outcomes.rows import generation_rows, state
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,18 +113,26 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
                 await publish(js, topology, during, pause=0.01)
 
             resume = asyncio.Event()
+            lab_results_held: list[int] = []
 
             class HeldAfterItsFirstCheckpoint(Rebuild):
                 """Replaying this small log takes a few tenths of a second: without the hold,
                 the rebuild may be over before the live generation answered or anything new was
-                published during it, and the test would prove neither."""
+                published during it, and the test would prove neither. Before each checkpoint it
+                counts the lab results its patients hold in memory: it moves them to disk after
+                every fetch (``spill_every=1``)."""
 
                 async def _flush(self, run):  # type: ignore[no-untyped-def]
+                    lab_results_held.append(sum(
+                        len(p.recorder.egfr) + len(p.recorder.urine) + len(p.egfr_versions)
+                        for p in run.changes.patients.values()
+                    ))
                     await super()._flush(run)
                     await resume.wait()
 
             job = HeldAfterItsFirstCheckpoint(
-                store, nats_client, queries.streams, on_progress=track, flush_every=300, fetch_batch=100
+                store, nats_client, queries.streams, on_progress=track, flush_every=300, fetch_batch=100,
+                spill_every=1,
             )
             rebuilding = asyncio.create_task(job.run())
             publishing = asyncio.create_task(publish_during_rebuild())
@@ -139,6 +150,7 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
             await publishing
             assert final.phase == "done" and final.generation == 2
             assert answered_during_rebuild > 0
+            assert len(lab_results_held) >= 2 and set(lab_results_held) == {0}
             assert applied_by_phase["catching up"] > applied_by_phase["replaying"]  # published meanwhile
             assert (await state(engine)).active_generation == 2
             await publish(js, topology, after)  # the live projection goes on, into the new generation
@@ -203,6 +215,48 @@ async def test_an_interrupted_rebuild_resumes_and_a_second_one_is_refused(
             assert resumed.resumed and resumed.generation == 2 and resumed.phase == "done"
             assert resumed.applied < len(events)  # it did not start over
             assert await generation_rows(engine, 2) == live
+    finally:
+        await store.close()
+        await drop_database(url)
+
+
+async def test_a_patient_erased_during_a_rebuild_leaves_nothing_in_its_scratch_file(
+    backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology
+) -> None:
+    """The rebuild keeps lab results in a scratch file between checkpoints; an erasure published
+    while it runs (read when it catches up) must delete the patient's from it, as from the rows."""
+    url = new_database_url(backend, tmp_path, "outcomes")
+    await asyncio.to_thread(migrate, "outcomes", url)
+    js = nats_client.jetstream()
+    store = sql_store(url)
+    try:
+        async with live_outcomes("outcomes", url):
+            events = mixed_run(patients=3, results=40, seed=5)
+            erased = next(e.envelope.payload["subject_id"] for e in events if e.envelope.event_type == "PatientEnrolled")
+            await publish(js, topology, events)
+            await caught_up(store.engine, js, topology)
+            in_file: list[int] = []
+            replayed, erasure_published = asyncio.Event(), asyncio.Event()
+
+            class ErasedWhileItRuns(Rebuild):
+                async def _flush(self, run):  # type: ignore[no-untyped-def]
+                    in_file.append(run.spill._db.execute(
+                        "SELECT count(*) FROM segments WHERE subject_id = ?", (erased,)).fetchone()[0])
+                    if not replayed.is_set():
+                        replayed.set()
+                        await erasure_published.wait()
+                    await super()._flush(run)
+
+            rebuilding = asyncio.create_task(
+                ErasedWhileItRuns(store, nats_client, default_streams(topology), spill_every=1).run())
+            await replayed.wait()
+            erasure = PatientDataErased(subject_id=erased, erased_on=date(2026, 12, 6))
+            await publish(js, topology, [Published("enrollment", Envelope.wrap(
+                erasure, stream_id=f"erasure-{erased}", stream_version=1, context=CommandContext()))])
+            erasure_published.set()
+            assert (await rebuilding).phase == "done"
+            assert in_file[0] > 0 and in_file[1:] and set(in_file[1:]) == {0}
+            assert erased not in repr(await generation_rows(store.engine, 2))
     finally:
         await store.close()
         await drop_database(url)

@@ -1,10 +1,11 @@
 """One rebuild, from claiming its generation to swapping it in, and its progress.
 
 Patients are few and events are many: the rebuild keeps every patient's facts in memory
-(recorded in place, one small tuple per lab result: ``domain.FactsRecorder``) and streams the
-events past them. Timeline rows go to the database every ``write_every`` events
-(or few seconds), in the background while the next messages are applied (one write in flight
-at most, so at most two batches of rows are ever held). Every ``flush_every`` events (or
+(recorded in place: ``domain.FactsRecorder``) except their lab results, which grow with the log
+and go to a scratch file (:mod:`.spill`), and streams the events past them. Timeline rows go to
+the database every ``write_every`` events (or few seconds), in the background while the next
+messages are applied (one write in flight at most, so at most two batches of rows are ever
+held). Every ``flush_every`` events (or
 ``flush_seconds``) a *checkpoint* writes the touched patients, the remaining timeline rows and
 each stream's position to generation N+1 in one transaction, so an interrupted rebuild resumes
 from those positions (``projection_state.rebuilding_generation`` stays set); timeline rows
@@ -42,6 +43,7 @@ from services.outcomes.projection_store import ProjectionStore
 from services.outcomes.projector import ProjectionChanges
 from services.outcomes.rebuild.lease import Lease, RebuildError
 from services.outcomes.rebuild.reader import FETCH_BATCH, read_up_to, stream_heads
+from services.outcomes.rebuild.spill import SPILL_EVERY, SpilledResults
 from shared.events import utcnow
 from shared.keys import KeyErased, KeyMissing
 from shared.store import EventStore
@@ -57,7 +59,10 @@ checkpoints take at most ``CHECKPOINT_SHARE`` of the time: each one writes every
 since the last, and with lab results arriving round the cohort that is all of them."""
 CHECKPOINT_SHARE = 0.1
 PATIENTS_PER_WRITE = 100
-"""A checkpoint serialises and writes its patients this many at a time (see ``_flush``)."""
+"""A checkpoint serialises and writes its patients this many at a time (see ``_flush``) ..."""
+RESULTS_PER_WRITE = 5_000
+"""... or fewer, holding about this many lab results at once: what a patient holds grows with
+their follow-up, what the rebuild holds should not."""
 WRITE_EVERY_EVENTS = 20_000
 """Timeline rows are written in batches of this many events (bounds the rows held in memory) ..."""
 WRITE_EVERY_SECONDS = 5.0
@@ -106,12 +111,14 @@ class _Run:
     lease: Lease
     resumed: bool
     changes: ProjectionChanges
+    spill: SpilledResults
     started: float = field(default_factory=time.monotonic)
     total: int = 0
     skipped: int = 0
     skipped_erased: int = 0
     last_flush: float = field(default_factory=time.monotonic)
     unflushed: int = 0
+    unspilled: int = 0
     last_write: float = field(default_factory=time.monotonic)
     writer: asyncio.Task[None] | None = None
     checkpoint_seconds: float = 0.0  # how long the last checkpoint took
@@ -141,6 +148,7 @@ class Rebuild:
         fetch_batch: int = FETCH_BATCH,
         write_every: int = WRITE_EVERY_EVENTS,
         write_seconds: float = WRITE_EVERY_SECONDS,
+        spill_every: int = SPILL_EVERY,
     ) -> None:
         self.store = store
         self.nc = nc
@@ -152,6 +160,7 @@ class Rebuild:
         self.fetch_batch = fetch_batch
         self.write_every = write_every
         self.write_seconds = write_seconds
+        self.spill_every = spill_every
         self.owner = uuid.uuid4().hex
         self.progress = RebuildProgress("starting", 0, 0, 0, 0.0)
 
@@ -187,6 +196,9 @@ class Rebuild:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._release())
             raise
+        finally:
+            if run is not None:
+                run.spill.close()
 
     async def _claim(self, restart: bool) -> _Run:
         claimed = await self.store.transact(partial(
@@ -194,9 +206,11 @@ class Rebuild:
         ))
         changes = ProjectionChanges(claimed.patients, self.store.codec.is_erased)
         changes.marks.update(claimed.marks)
+        spill = SpilledResults(self.spill_every)
+        spill.write(claimed.patients)
         log.info("rebuild started", generation=claimed.lease.generation, resumed=claimed.resumed,
                  patients=len(claimed.patients))
-        run = _Run(claimed.lease, claimed.resumed, changes)
+        run = _Run(claimed.lease, claimed.resumed, changes, spill)
         self._report(run, "starting")
         return run
 
@@ -220,6 +234,7 @@ class Rebuild:
         async for messages in read_up_to(self.nc, stream, run.changes.mark(stream).last_sequence, head, self.fetch_batch):
             for sequence, message in messages:
                 self._apply(run, stream, sequence, source, message.data)
+            self._spill(run, len(messages))
             self._report(run, phase)
             if flush:
                 now = time.monotonic()
@@ -249,19 +264,31 @@ class Rebuild:
             run.changes.add(item)
         run.unflushed += 1
 
+    @staticmethod
+    def _spill(run: _Run, applied: int) -> None:
+        """Every ``spill.every`` messages, move the lab results recorded since to disk; an
+        erasure's at once (the patient's results on disk go as their rows do)."""
+        run.unspilled += applied
+        if run.unspilled >= run.spill.every:
+            run.spill.write(run.changes.patients)
+            run.unspilled = 0
+        run.spill.forget(run.changes.erased)
+
     # --- writing ------------------------------------------------------------------------------
 
     async def _flush(self, run: _Run) -> None:
-        """A checkpoint (after the timeline write in flight, if any): the touched patients
-        ``PATIENTS_PER_WRITE`` at a time, each chunk serialised outside any transaction and
-        written in one of its own (held at once, the whole projection's rows were the rebuild's
-        peak memory), then the timeline rows left and the positions."""
+        """A checkpoint (after the timeline write in flight, if any): the touched patients a
+        chunk at a time (a bounded number of patients and of lab results), each chunk given its
+        lab results back, serialised outside any transaction and written in one of its own (held
+        at once, the whole projection's rows were the rebuild's peak memory), then the timeline
+        rows left and the positions."""
         await self._await_writer(run)
         started = time.monotonic()
         touched = sorted(run.changes.touched)
-        chunks = [touched[i : i + PATIENTS_PER_WRITE] for i in range(0, len(touched), PATIENTS_PER_WRITE)]
-        for chunk in chunks:
-            rows = [run.changes.patients[subject_id].row() for subject_id in chunk]
+        for chunk in run.spill.chunks(touched, patients=PATIENTS_PER_WRITE, results=RESULTS_PER_WRITE):
+            patients = {subject_id: run.changes.patients[subject_id] for subject_id in chunk}
+            with run.spill.restored(patients):
+                rows = [patient.row() for patient in patients.values()]
             await self.store.transact(partial(
                 handlers.write_patients, handlers.WritePatients(run.lease, rows),
                 projection=self.projection, clock=utcnow,
@@ -301,10 +328,16 @@ class Rebuild:
     async def _swap(self, run: _Run) -> None:
         await self.store.transact(partial(
             handlers.swap_in, handlers.SwapIn(run.lease, run.changes), projection=self.projection,
-            catch_up=partial(self._replay_all, run, "swapping", flush=False), clock=utcnow,
+            catch_up=partial(self._catch_up, run), clock=utcnow,
         ))
         run.changes.clear()
         log.info("rebuild swapped in", generation=run.generation)
+
+    async def _catch_up(self, run: _Run) -> None:
+        """The swap's replay, up to the heads: its patients are written with their lab results
+        (only those published during the last checkpoint: it came just before)."""
+        await self._replay_all(run, "swapping", flush=False)
+        run.spill.put_back({subject_id: run.changes.patients[subject_id] for subject_id in run.changes.touched})
 
     def _report(self, run: _Run, phase: str) -> None:
         self.progress = RebuildProgress(
