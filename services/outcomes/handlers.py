@@ -73,9 +73,9 @@ class ClaimRebuild:
 class Claimed:
     lease: Lease
     resumed: bool
-    patients: dict[str, ProjectedPatient] = field(default_factory=dict)
     marks: dict[str, SourceMark] = field(default_factory=dict)
-    """What a resumed rebuild had written at its last checkpoint (nothing for a new one)."""
+    """Where a resumed rebuild's last checkpoint left each stream (nothing for a new one); the
+    patients it had written are read a page at a time (:func:`read_rebuilt_patients`)."""
 
 
 async def claim_rebuild(
@@ -89,8 +89,7 @@ async def claim_rebuild(
     ensure_free(state, now)
     if state.rebuilding_generation is not None and not command.restart:
         generation = state.rebuilding_generation
-        patients, marks = await projection.load_generation(uow, generation)
-        claimed = Claimed(Lease(command.owner, generation), True, patients, marks)
+        claimed = Claimed(Lease(command.owner, generation), True, await projection.marks(uow, generation))
     else:
         generation = max(state.active_generation, await projection.newest_generation(uow)) + 1
         await projection.delete_generations_except(uow, state.active_generation)
@@ -98,6 +97,22 @@ async def claim_rebuild(
         claimed = Claimed(Lease(command.owner, generation), False)
     await projection.set_state(uow, rebuild_owner=command.owner, rebuild_heartbeat_at=now)
     return claimed
+
+
+@dataclass(frozen=True)
+class ReadRebuiltPatients:
+    """A page of the patients a resumed rebuild had written: up to ``limit``, after ``after``."""
+
+    lease: Lease
+    after: str = ""
+    limit: int = 100
+
+
+async def read_rebuilt_patients(
+    command: ReadRebuiltPatients, uow: UnitOfWork, *, projection: ProjectionStore
+) -> dict[str, ProjectedPatient]:
+    """Read only: a rebuild that lost its lease meanwhile fails at its next write."""
+    return await projection.patients_page(uow, command.lease.generation, after=command.after, limit=command.limit)
 
 
 @dataclass(frozen=True)

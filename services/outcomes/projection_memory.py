@@ -75,11 +75,11 @@ class MemoryProjectionStore(ProjectionStore):
             rows.setdefault(subject_id, ProjectedPatient.new(subject_id).row())
         return {subject_id: _patient(rows[subject_id]) for subject_id in ordered}
 
-    async def load_generation(
-        self, uow: UnitOfWork, generation: int
-    ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
-        patients = {s: _patient(row) for s, row in self.tables(uow).patients.get(generation, {}).items()}
-        return patients, await self.marks(uow, generation)
+    async def patients_page(
+        self, uow: UnitOfWork, generation: int, *, after: str, limit: int
+    ) -> dict[str, ProjectedPatient]:
+        rows = self.tables(uow).patients.get(generation, {})
+        return {s: _patient(rows[s]) for s in sorted(s for s in rows if s > after)[:limit]}
 
     async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
         return {s: replace(mark) for s, mark in self.tables(uow).sources.get(generation, {}).items()}

@@ -147,17 +147,15 @@ class SqlProjectionStore(ProjectionStore):
     def _remembered(self, connection: AsyncConnection) -> RememberedPatients | None:
         return self.remembered if connection.dialect.name == "postgresql" else None
 
-    async def load_generation(
-        self, uow: UnitOfWork, generation: int
-    ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
+    async def patients_page(
+        self, uow: UnitOfWork, generation: int, *, after: str, limit: int
+    ) -> dict[str, ProjectedPatient]:
         p = tables.patients.c
-        patients = {
-            row.subject_id: _patient(row)
-            for row in await _connection(uow).execute(
-                select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json).where(p.generation == generation)
-            )
-        }
-        return patients, await self.marks(uow, generation)
+        rows = await _connection(uow).execute(
+            select(p.subject_id, p.facts_json, p.egfr_versions_json, p.report_versions_json)
+            .where(p.generation == generation, p.subject_id > after).order_by(p.subject_id).limit(limit)
+        )
+        return {row.subject_id: _patient(row) for row in rows}
 
     async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:
         return {

@@ -59,10 +59,12 @@ class ProjectionStore(ABC):
         of work, in subject order so that two batches never deadlock."""
 
     @abstractmethod
-    async def load_generation(
-        self, uow: UnitOfWork, generation: int
-    ) -> tuple[dict[str, ProjectedPatient], dict[str, SourceMark]]:
-        """Every patient and checkpoint of a generation (a rebuild resuming where it stopped)."""
+    async def patients_page(
+        self, uow: UnitOfWork, generation: int, *, after: str, limit: int
+    ) -> dict[str, ProjectedPatient]:
+        """Up to ``limit`` patients of a generation in subject order, those after ``after``
+        (``""``: from the first). A rebuild resuming where it stopped reads its patients a page
+        at a time: held at once, their rows would be its peak memory."""
 
     @abstractmethod
     async def marks(self, uow: UnitOfWork, generation: int) -> dict[str, SourceMark]:

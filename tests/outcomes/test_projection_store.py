@@ -18,7 +18,7 @@ from services.outcomes.incoming import Incoming
 from services.outcomes.projection_memory import MemoryProjectionStore
 from services.outcomes.projection_sql import SqlProjectionStore, read_state
 from services.outcomes.projection_store import ProjectionState, ProjectionStore
-from services.outcomes.projector import ProjectionChanges
+from services.outcomes.projector import ProjectedPatient, ProjectionChanges
 from services.outcomes.timeline import timeline_row
 from shared.events import CommandContext
 from shared.store import EventStore, SqlEventStore, open_store
@@ -86,7 +86,7 @@ async def scenario(store: EventStore, projection: ProjectionStore, run: dict[str
 
     first = await store.transact(partial(handlers.claim_rebuild, handlers.ClaimRebuild("first"),
                                          projection=projection, clock=at(NOW)))
-    changes = ProjectionChanges(first.patients)
+    changes = ProjectionChanges({})
     for item in run["enrollment"] + run["pulse"]:
         changes.add(item)
     await store.transact(partial(handlers.checkpoint, handlers.Checkpoint(first.lease, changes),
@@ -100,7 +100,14 @@ async def scenario(store: EventStore, projection: ProjectionStore, run: dict[str
 
     second = await store.transact(partial(handlers.claim_rebuild, handlers.ClaimRebuild("second"),
                                           projection=projection, clock=at(NOW + timedelta(seconds=3))))
-    resumed = ProjectionChanges(second.patients)
+    patients: dict[str, ProjectedPatient] = {}  # read back a page of one at a time
+    while page := await store.transact(partial(
+        handlers.read_rebuilt_patients, handlers.ReadRebuiltPatients(second.lease, max(patients, default=""), 1),
+        projection=projection,
+    )):
+        patients.update(page)
+    assert len(patients) > 1
+    resumed = ProjectionChanges(patients)
     resumed.marks.update(second.marks)
     for item in run["labs"]:
         resumed.add(item)

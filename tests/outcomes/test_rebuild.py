@@ -24,6 +24,7 @@ from contracts.enrollment import PatientDataErased
 from services.outcomes import projections
 from services.outcomes.projection_sql import SqlProjectionStore
 from services.outcomes.queries import OutcomesQueries
+from services.outcomes.rebuild import job
 from services.outcomes.rebuild.job import Rebuild, RebuildProgress
 from services.outcomes.rebuild.lease import RebuildBusy
 from services.outcomes.rebuild.wiring import default_streams
@@ -175,8 +176,9 @@ async def test_rebuild_while_publishing_and_serving_equals_the_live_projection(
 
 
 async def test_an_interrupted_rebuild_resumes_and_a_second_one_is_refused(
-    backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology
+    backend: str, tmp_path: Path, nats_client: nats.NATS, topology: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(job, "RESUME_PAGE", 1)  # the resumed one reads its patients back one page per patient
     url = new_database_url(backend, tmp_path, "outcomes")
     await asyncio.to_thread(migrate, "outcomes", url)
     js = nats_client.jetstream()

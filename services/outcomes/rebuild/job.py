@@ -63,6 +63,8 @@ PATIENTS_PER_WRITE = 100
 RESULTS_PER_WRITE = 5_000
 """... or fewer, holding about this many lab results at once: what a patient holds grows with
 their follow-up, what the rebuild holds should not."""
+RESUME_PAGE = 100
+"""A resumed rebuild reads the patients it had written this many at a time."""
 WRITE_EVERY_EVENTS = 20_000
 """Timeline rows are written in batches of this many events (bounds the rows held in memory) ..."""
 WRITE_EVERY_SECONDS = 5.0
@@ -170,6 +172,8 @@ class Rebuild:
         run: _Run | None = None
         try:
             run = await self._claim(restart)
+            if run.resumed:
+                await self._read_back(run)
             await self._replay_all(run, "replaying")
             await self._flush(run)
             await self._replay_all(run, "catching up")  # what arrived meanwhile, outside the lock
@@ -201,18 +205,34 @@ class Rebuild:
                 run.spill.close()
 
     async def _claim(self, restart: bool) -> _Run:
-        claimed = await self.store.transact(partial(
-            handlers.claim_rebuild, handlers.ClaimRebuild(self.owner, restart), projection=self.projection, clock=utcnow,
-        ))
-        changes = ProjectionChanges(claimed.patients, self.store.codec.is_erased)
-        changes.marks.update(claimed.marks)
         spill = SpilledResults(self.spill_every)
-        spill.write(claimed.patients)
-        log.info("rebuild started", generation=claimed.lease.generation, resumed=claimed.resumed,
-                 patients=len(claimed.patients))
+        try:
+            claimed = await self.store.transact(partial(
+                handlers.claim_rebuild, handlers.ClaimRebuild(self.owner, restart), projection=self.projection,
+                clock=utcnow,
+            ))
+        except BaseException:
+            spill.close()
+            raise
+        changes = ProjectionChanges({}, self.store.codec.is_erased)
+        changes.marks.update(claimed.marks)
+        log.info("rebuild started", generation=claimed.lease.generation, resumed=claimed.resumed)
         run = _Run(claimed.lease, claimed.resumed, changes, spill)
         self._report(run, "starting")
         return run
+
+    async def _read_back(self, run: _Run) -> None:
+        """The patients a resumed rebuild had written, ``RESUME_PAGE`` at a time, their lab
+        results straight into the scratch file."""
+        after = ""
+        while page := await self.store.transact(partial(
+            handlers.read_rebuilt_patients, handlers.ReadRebuiltPatients(run.lease, after, RESUME_PAGE),
+            projection=self.projection,
+        )):
+            run.spill.write(page)
+            run.changes.patients.update(page)
+            after = max(page)
+        log.info("rebuild resumed", generation=run.generation, patients=len(run.changes.patients))
 
     async def _release(self) -> None:
         await self.store.transact(partial(

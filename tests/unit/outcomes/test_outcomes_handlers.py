@@ -20,6 +20,7 @@ from services.outcomes.handlers import (
     ClaimRebuild,
     DropGenerationsBefore,
     ProjectBatch,
+    ReadRebuiltPatients,
     ReleaseLease,
     SwapIn,
     WritePatients,
@@ -336,7 +337,7 @@ async def test_a_new_rebuild_takes_the_lease_and_a_generation_above_any_there_is
                                                  if (row := timeline_row(i.envelope, i.event, i.source))])
 
     claimed = await claim(store, projection, "me")
-    assert (claimed.lease, claimed.resumed, claimed.patients, claimed.marks) == (Lease("me", 4), False, {}, {})
+    assert (claimed.lease, claimed.resumed, claimed.marks) == (Lease("me", 4), False, {})
     state = projection.committed.state
     assert (state.active_generation, state.rebuilding_generation, state.rebuild_owner) == (1, 4, "me")
     assert state.rebuild_started_at == state.rebuild_heartbeat_at == NOW
@@ -366,8 +367,9 @@ async def test_a_checkpoint_writes_and_renews_the_lease_and_a_resumed_rebuild_st
     store: EventStore, projection: MemoryProjectionStore, feed: Feed
 ) -> None:
     claimed = await claim(store, projection, "me")
-    changes = ProjectionChanges(claimed.patients)
-    for item in [*parsed(feed, "enrollment", enrolled()), *parsed(feed, "pulse", dose(date(2014, 3, 10)))]:
+    changes = ProjectionChanges({})
+    for item in [*parsed(feed, "enrollment", enrolled()), *parsed(feed, "pulse", dose(date(2014, 3, 10))),
+                 *parsed(feed, "enrollment", enrolled(sid="IGA-C-902", group="control"))]:
         changes.add(item)
     beat = NOW + timedelta(seconds=5)
     await run(store, handlers.checkpoint, Checkpoint(claimed.lease, changes), projection=projection, clock=at(beat))
@@ -381,8 +383,11 @@ async def test_a_checkpoint_writes_and_renews_the_lease_and_a_resumed_rebuild_st
 
     resumed = await claim(store, projection, "again", now=beat)
     assert resumed.resumed and resumed.lease == Lease("again", 2)
-    assert set(resumed.patients) == {SID} and resumed.patients[SID].row()["outcome_json"] is not None
-    assert {s: m.last_sequence for s, m in resumed.marks.items()} == {Feed.STREAMS["enrollment"]: 1, PULSE: 1}
+    pages = [await run(store, handlers.read_rebuilt_patients, ReadRebuiltPatients(resumed.lease, after, 1),
+                       projection=projection) for after in ("", SID, "IGA-C-902")]
+    assert [list(page) for page in pages] == [[SID], ["IGA-C-902"], []]  # a page at a time, in order
+    assert pages[0][SID].row()["outcome_json"] is not None
+    assert {s: m.last_sequence for s, m in resumed.marks.items()} == {Feed.STREAMS["enrollment"]: 2, PULSE: 1}
     assert projection.committed.state.rebuild_started_at == NOW  # the same rebuild, resumed
 
 
@@ -415,7 +420,7 @@ async def test_restart_discards_the_interrupted_generation(
     await run(store, handlers.release_lease, ReleaseLease("me"), projection=projection)
 
     again = await claim(store, projection, "me", restart=True)
-    assert (again.lease.generation, again.resumed, again.patients) == (3, False, {})
+    assert (again.lease.generation, again.resumed, again.marks) == (3, False, {})
     assert 2 not in projection.committed.patients and 2 not in projection.committed.timeline
 
 
@@ -509,7 +514,7 @@ async def test_a_rebuild_through_the_handlers_equals_the_live_projection(
         await project(store, projection, items)
 
     claimed = await claim(store, projection, "me")
-    changes = ProjectionChanges(claimed.patients)
+    changes = ProjectionChanges({})
     for item in by_source["enrollment"] + by_source["pulse"]:
         changes.add(item)
     await run(store, handlers.checkpoint, Checkpoint(claimed.lease, changes), projection=projection, clock=at(NOW))
