@@ -5,13 +5,12 @@ Patients are few and events are many: the rebuild keeps every patient's facts in
 and go to a scratch file (:mod:`.spill`), and streams the events past them. Timeline rows go to
 the database every ``write_every`` events (or few seconds), in the background while the next
 messages are applied (one write in flight at most, so at most two batches of rows are ever
-held). Every ``flush_every`` events (or
-``flush_seconds``) a *checkpoint* writes the touched patients, the remaining timeline rows and
-each stream's position to generation N+1 in one transaction, so an interrupted rebuild resumes
-from those positions (``projection_state.rebuilding_generation`` stays set); timeline rows
-written after the last checkpoint are simply written again, which inserting by event id makes a
-no-op. Checkpoints are rare because serialising every patient's facts is the costly part of a
-write. The live projection keeps serving generation N meanwhile. The swap, in ONE transaction
+held). Every ``flush_every`` events (or ``flush_seconds``) a *checkpoint* writes the touched
+patients, the remaining timeline rows and each stream's position to generation N+1, so an
+interrupted rebuild resumes from those positions (``projection_state.rebuilding_generation``
+stays set); timeline rows written after the last checkpoint are simply written again, which
+inserting by event id makes a no-op. Checkpoints are rare because serialising every patient's
+facts is the costly part of a write. The live projection keeps serving generation N meanwhile. The swap, in ONE transaction
 that locks ``projection_state`` (live batches wait, readers do not): apply whatever was
 published since the last checkpoint, up to the streams' current heads, then make N+1 the
 active generation.
