@@ -5,8 +5,7 @@ the file; closing deletes the file."""
 from __future__ import annotations
 
 import sqlite3
-import uuid
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -14,19 +13,11 @@ import pytest
 from contracts.labs import EgfrComputed
 from services.outcomes.projector import ProjectedPatient
 from services.outcomes.rebuild.spill import SpilledResults
-from services.outcomes.wire import Meta
-from tests.unit.outcomes.outcome_events import dose, enrolled, upcr
+from tests.unit.outcomes.outcome_events import dose, egfr, enrolled, meta, upcr
 
 
-def meta(version: int) -> Meta:
-    now = datetime.now(UTC)
-    return Meta(uuid.uuid4(), "test", f"stream-{version}", 1, version, now, now)
-
-
-def egfr(subject_id: str, result: int, value: float) -> EgfrComputed:
-    return EgfrComputed(result_id=f"R-{result}", subject_id=subject_id, egfr=value,
-                        collected_at=datetime(2015, 1, 1 + result % 28, tzinfo=UTC), status="final", counted=True,
-                        source="broker", derived_from="creatinine")
+def numbered_egfr(subject_id: str, number: int, value: float) -> EgfrComputed:
+    return egfr(f"R-{number}", value, f"2015-01-{1 + number % 28:02d}", sid=subject_id)
 
 
 def new_patient(subject_id: str) -> tuple[ProjectedPatient, ProjectedPatient]:
@@ -52,20 +43,22 @@ def test_results_come_back_in_the_order_recorded_across_many_writes() -> None:
             for subject_id, (kept, spilled) in patients.items():
                 version += 1
                 # result 0 is corrected every round: only the newest version may come back
-                for event in (egfr(subject_id, round_, 40.0 + round_), egfr(subject_id, 0, 30.0 + round_),
+                for event in (numbered_egfr(subject_id, round_, 40.0 + round_),
+                              numbered_egfr(subject_id, 0, 30.0 + round_),
                               upcr(f"U-{round_ % 3}", 1.0 + round_, "2015-02-01", sid=subject_id)):
                     kept.apply(meta(version), event)
                     spilled.apply(meta(version), event)
             if round_ % 2:
                 spill.write(spilled_patients)
-                assert not any(p.recorder.egfr or p.egfr_versions or p.recorder.urine for p in spilled_patients.values())
+                held = [p for p in spilled_patients.values() if p.recorder.egfr or p.egfr_versions or p.recorder.urine]
+                assert not held
         assert segments(spill) == {"NT-1": 6, "NT-2": 6, "NT-3": 6}
         assert spill.results_of("NT-2") == 4 + 5 * 5  # distinct results per write: 2 + 2 urine, then 3 + 2
         with spill.restored({"NT-2": spilled_patients["NT-2"]}):
             assert spilled_patients["NT-2"].row() == patients["NT-2"][0].row()
         assert not spilled_patients["NT-2"].recorder.egfr  # out again, still in the file
-        spilled_patients["NT-3"].apply(meta(1_000), egfr("NT-3", 99, 12.5))  # recorded, not written yet
-        patients["NT-3"][0].apply(meta(1_000), egfr("NT-3", 99, 12.5))
+        spilled_patients["NT-3"].apply(meta(1_000), numbered_egfr("NT-3", 99, 12.5))  # recorded, not written yet
+        patients["NT-3"][0].apply(meta(1_000), numbered_egfr("NT-3", 99, 12.5))
         spill.put_back(spilled_patients)
         assert all(spilled.row() == kept.row() for kept, spilled in patients.values())
     finally:
@@ -78,7 +71,7 @@ def test_an_erased_patient_leaves_nothing_in_the_file() -> None:
         patients = {s: new_patient(s)[1] for s in ("NT-1", "NT-2")}
         for subject_id, patient in patients.items():
             for result in range(4):
-                patient.apply(meta(10 + result), egfr(subject_id, result, 50.0))
+                patient.apply(meta(10 + result), numbered_egfr(subject_id, result, 50.0))
         spill.write(patients)
         spill.forget(["NT-1"])
         assert set(segments(spill)) == {"NT-2"} and spill.results_of("NT-1") == 0
@@ -105,9 +98,10 @@ def test_patients_are_chunked_by_their_count_and_by_the_results_they_hold() -> N
         patients = {f"NT-{i}": new_patient(f"NT-{i}")[1] for i in range(6)}
         for i, (subject_id, patient) in enumerate(patients.items()):
             for result in range(i * 10):  # 0, 10, … 50 results
-                patient.apply(meta(10 + result), egfr(subject_id, result, 50.0))
+                patient.apply(meta(10 + result), numbered_egfr(subject_id, result, 50.0))
         spill.write(patients)
-        assert list(spill.chunks(patients, patients=4, results=1_000)) == [["NT-0", "NT-1", "NT-2", "NT-3"], ["NT-4", "NT-5"]]
+        assert list(spill.chunks(patients, patients=4, results=1_000)) == [
+            ["NT-0", "NT-1", "NT-2", "NT-3"], ["NT-4", "NT-5"]]
         assert list(spill.chunks(patients, patients=4, results=35)) == [
             ["NT-0", "NT-1", "NT-2", "NT-3"], ["NT-4"], ["NT-5"]]
         assert list(spill.chunks(patients, patients=100, results=30)) == [

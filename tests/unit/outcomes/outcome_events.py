@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, date, datetime
 
 from contracts.cells import CellsInfused
@@ -18,8 +19,15 @@ from contracts.enrollment import (
 )
 from contracts.labs import EgfrComputed, UrineResultMeasured
 from contracts.pulse import PulseDoseAdministered
+from services.outcomes.wire import Meta
 
 SID = "IGA-A-900"
+
+
+def meta(version: int) -> Meta:
+    """The envelope's metadata of an event at ``version`` in its stream (the projector guards by it)."""
+    now = datetime.now(UTC)
+    return Meta(uuid.uuid4(), "test", f"stream-{version}", 1, version, now, now)
 
 
 def enrolled(group: str = "A", enrolled_on: date = date(2014, 3, 2), baseline: float | None = 27.0,

@@ -5,7 +5,6 @@ written before must still read."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, date, datetime, timedelta, timezone
 
 from hypothesis import given, settings
@@ -14,8 +13,7 @@ from hypothesis import strategies as st
 from contracts.labs import EgfrComputed
 from services.outcomes.domain import PatientFacts
 from services.outcomes.projector import ProjectedPatient, canonical_json
-from services.outcomes.wire import Meta
-from tests.unit.outcomes.outcome_events import SID, adverse_event, biopsy, dose, enrolled, infused, upcr
+from tests.unit.outcomes.outcome_events import SID, adverse_event, biopsy, dose, enrolled, infused, meta, upcr
 
 
 def pydantic_facts_json(facts: PatientFacts) -> str:
@@ -25,11 +23,6 @@ def pydantic_facts_json(facts: PatientFacts) -> str:
         if isinstance(value, list):
             dumped[key] = sorted(value, key=canonical_json)
     return canonical_json(dumped)
-
-
-def meta(version: int) -> Meta:
-    now = datetime.now(UTC)
-    return Meta(uuid.uuid4(), "test", f"stream-{version}", 1, version, now, now)
 
 
 offsets = st.one_of(
