@@ -195,15 +195,6 @@ class ProjectedPatient:
         self._as_read = {}
         return taken
 
-    def drop_results(self) -> None:
-        """Drop every lab result's fact and version from memory: those put back to write a row,
-        which are kept elsewhere still (cheaper than taking them again)."""
-        self.recorder.egfr.clear()
-        self.recorder.urine.clear()
-        self.egfr_versions.clear()
-        self.report_versions.get("urine", {}).clear()
-        self._as_read = {}
-
     def put_results(self, results: Iterable[LabResultFact]) -> None:
         """Put taken facts back, in the order they were taken: of two for one result the newer
         version stays, as when they were applied (:meth:`apply`'s guard)."""
